@@ -1,0 +1,291 @@
+"""``neuroflow.NeuroFlow``: many video streams through one Hugging Face vision model.
+
+One call, top to bottom: check the frames -> embed (layer 0) -> gate -> architecture (encoder on
+the gated tokens, cache) -> readout -> commit the streams' new state.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Hashable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .architectures import GatedFrames, architecture_a, architecture_b, architecture_c
+from .gate import ema_dtype, gate_reference
+from .models import SIGLIP, VisionAdapter
+from .streams import Grid, StreamStore
+from .validation import (
+    check_ema_decay,
+    check_floor_tokens,
+    check_frames,
+    check_settings,
+    check_stream_ids,
+    check_threshold,
+)
+
+STATE_FORMAT = 1
+
+
+@dataclass
+class NeuroFlowOutput:
+    """Outputs for a batch of B frames (one per stream), N patches, T = P + N tokens.
+
+    Attributes:
+        pooler_output: ``[B, D_out]``, same meaning as the model's ``pooler_output`` (None where
+            the model has no pooling, e.g. a ViT built without its pooler).
+        last_hidden_state: ``[B, T, D]``, same meaning as the model's. Architecture C: rebuilt
+            from the cache; A: inactive tokens hold their anchors; B: zeros at tokens not computed.
+        active_mask: ``[B, N]`` bool, patches that went through the encoder this frame.
+        sparsity: ``[B]`` float32, ``1 - N_active / N``.
+        surprise: ``[B, N]`` float32, the gate's ``1 - cos(h, EMA)`` (``inf`` on first frames).
+        first_frame: ``[B]`` bool, frames that started (or restarted) their stream densely.
+    """
+
+    pooler_output: torch.Tensor | None
+    last_hidden_state: torch.Tensor
+    active_mask: torch.Tensor
+    sparsity: torch.Tensor
+    surprise: torch.Tensor
+    first_frame: torch.Tensor
+
+
+class NeuroFlow(nn.Module):
+    """EMA-gated sparse inference for a Hugging Face vision transformer over many video streams.
+
+    Args:
+        vision_model: ``SiglipVisionModel`` (SigLIP and SigLIP 2 FixRes), ``CLIPVisionModel``,
+            ``ViTModel``, ``Dinov2Model`` or ``Dinov2WithRegistersModel``, or a ``SiglipModel`` /
+            ``CLIPModel`` (its vision tower is used). Its weights are used as they are.
+        arch: ``"A"``, ``"B"`` or ``"C"`` (see ``neuroflow.architectures``).
+        threshold: a patch is active when its surprise ``1 - cos`` is strictly above this; in
+            [-1, 2] (below 0 every patch is active every frame).
+        ema_decay: weight of the new frame in the per-patch EMA, in [0, 1].
+        floor_tokens: at least this many patches are active on every later frame (the most
+            surprising ones when too few pass the threshold).
+        cls_readout: for CLS-pooling models under Architecture C: ``"context"`` (default; the last
+            layer attends to every token's cached input) or ``"active"`` (encoder on active tokens
+            only, as for SigLIP). Ignored otherwise.
+        check_finite: reject frames with NaN or Inf (costs one device sync per call).
+
+    Call with ``pixel_values [B, C, H, W]`` (model dtype and device; H and W multiples of the patch
+    size) and ``stream_ids`` (B distinct hashable ids; default ``0..B-1``). A stream that is new,
+    was reset, or arrives at another resolution than before (warning) starts with a dense frame.
+    The module follows the ambient grad mode: wrap inference in ``torch.inference_mode()``.
+    """
+
+    def __init__(
+        self,
+        vision_model: nn.Module,
+        arch: str = "C",
+        threshold: float = 0.35,
+        ema_decay: float = 0.01,
+        floor_tokens: int = 4,
+        cls_readout: str = "context",
+        check_finite: bool = True,
+    ):
+        super().__init__()
+        check_settings(arch, threshold, ema_decay, floor_tokens)
+        if cls_readout not in ("context", "active"):
+            raise ValueError(f"cls_readout must be 'context' or 'active', got {cls_readout!r}")
+        self.adapter = VisionAdapter(vision_model)
+        if arch == "B" and self.adapter.num_prefix == 0 and floor_tokens < 1:
+            raise ValueError("Architecture B on a model without CLS token needs floor_tokens >= 1 (the head needs a token)")
+        self.vision_model = self.adapter.model
+        self.arch = arch
+        self._threshold = float(threshold)
+        self._ema_decay = float(ema_decay)
+        self._floor_tokens = int(floor_tokens)
+        self.cls_readout = cls_readout
+        self.check_finite = check_finite
+        self._streams = StreamStore(self._state_specs, self.adapter.device)
+
+    # -- settings (validated on every change) ------------------------------------------------------
+    @property
+    def threshold(self) -> float:
+        return self._threshold
+
+    @threshold.setter
+    def threshold(self, value: float) -> None:
+        check_threshold(value)
+        self._threshold = float(value)
+
+    @property
+    def ema_decay(self) -> float:
+        return self._ema_decay
+
+    @ema_decay.setter
+    def ema_decay(self, value: float) -> None:
+        check_ema_decay(value)
+        self._ema_decay = float(value)
+
+    @property
+    def floor_tokens(self) -> int:
+        return self._floor_tokens
+
+    @floor_tokens.setter
+    def floor_tokens(self, value: int) -> None:
+        check_floor_tokens(value)
+        if self.arch == "B" and self.adapter.num_prefix == 0 and value < 1:
+            raise ValueError("Architecture B on a model without CLS token needs floor_tokens >= 1")
+        self._floor_tokens = int(value)
+
+    @property
+    def uses_context_readout(self) -> bool:
+        return self.arch == "C" and self.adapter.family != SIGLIP and self.cls_readout == "context"
+
+    # -- streams -----------------------------------------------------------------------------------
+    @property
+    def stream_ids(self) -> list[Hashable]:
+        """Ids of the streams that currently hold state."""
+        return self._streams.stream_ids
+
+    def reset(self, stream_ids: Sequence[Hashable] | None = None) -> None:
+        """Forget the given streams (all streams when None); their next frame is dense.
+
+        Raises ``KeyError`` (and forgets nothing) if an id is not a known stream.
+        """
+        if stream_ids is None:
+            self._streams.clear()
+            return
+        ids = check_stream_ids(stream_ids, len(stream_ids))
+        unknown = [i for i in ids if i not in self._streams]
+        if unknown:
+            raise KeyError(f"unknown stream id(s): {', '.join(map(repr, unknown))}")
+        self._streams.remove(ids)
+
+    def _state_specs(self, grid: Grid) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+        a = self.adapter
+        n = grid[0] * grid[1]
+        t = a.num_prefix + n
+        d = a.hidden_size
+        specs = {"ema": ((n, d), ema_dtype(a.dtype))}
+        if self.arch == "A":
+            specs["anchors"] = ((len(a.layers), t, d), a.dtype)
+        elif self.arch == "C":
+            specs["cache"] = ((t, d), a.dtype)
+            if self.uses_context_readout:
+                specs["context"] = ((t, d), a.dtype)
+        return specs
+
+    # -- the frame path ----------------------------------------------------------------------------
+    def forward(self, pixel_values: torch.Tensor, stream_ids: Sequence[Hashable] | None = None) -> NeuroFlowOutput:
+        a = self.adapter
+        grid = check_frames(pixel_values, a, self.check_finite)
+        ids = check_stream_ids(stream_ids, pixel_values.shape[0])
+        moved = [i for i in ids if i in self._streams and self._streams.grid_of(i) != grid]
+        slot, first = self._streams.lookup(ids, grid)
+
+        embeddings = a.embed(pixel_values)
+        gate = gate_reference(
+            embeddings[:, a.num_prefix :],
+            self._streams.gather("ema", grid, slot),
+            first,
+            self._threshold,
+            self._ema_decay,
+            self._floor_tokens,
+        )
+        frames = GatedFrames.build(a.encoder_input(embeddings), gate.active, a.num_prefix)
+        if self.arch == "A":
+            result = architecture_a(a, frames, self._streams.gather("anchors", grid, slot))
+        elif self.arch == "B":
+            result = architecture_b(a, frames)
+        else:
+            context = self._streams.gather("context", grid, slot) if self.uses_context_readout else None
+            result = architecture_c(a, frames, self._streams.gather("cache", grid, slot), context)
+
+        self._streams.commit(ids, grid, {"ema": gate.ema, **result.state})
+        for i in moved:
+            warnings.warn(
+                f"stream {i!r} changed resolution (patch grid {grid[0]}x{grid[1]}); it was reset and "
+                "this frame ran dense",
+                stacklevel=2,
+            )
+        n = gate.active.shape[1]
+        return NeuroFlowOutput(
+            pooler_output=result.pooler_output,
+            last_hidden_state=result.last_hidden_state,
+            active_mask=gate.active,
+            sparsity=1.0 - gate.counts.float() / n,
+            surprise=gate.surprise,
+            first_frame=first,
+        )
+
+    # -- device moves and persistence --------------------------------------------------------------
+    def _apply(self, fn, recurse=True):
+        super()._apply(fn, recurse)
+        self._streams.apply(fn, self.adapter.device)
+        return self
+
+    def _config(self) -> dict:
+        a = self.adapter
+        return {
+            "arch": self.arch,
+            "family": a.family,
+            "hidden_size": a.hidden_size,
+            "num_layers": len(a.layers),
+            "num_prefix": a.num_prefix,
+            "patch_size": a.patch_size,
+            "cls_readout": self.cls_readout if self.uses_context_readout else None,
+        }
+
+    def stream_state_dict(self) -> dict:
+        """Every stream's state as plain data (tensors on the CPU); see :meth:`load_stream_state_dict`.
+
+        Gate settings are included for reference; loading does not change this engine's settings.
+        """
+        return {
+            "format": STATE_FORMAT,
+            "config": self._config(),
+            "settings": {"threshold": self._threshold, "ema_decay": self._ema_decay, "floor_tokens": self._floor_tokens},
+            **self._streams.state(),
+        }
+
+    def load_stream_state_dict(self, state: dict) -> None:
+        """Replace every stream's state with a :meth:`stream_state_dict` snapshot.
+
+        The snapshot must come from an engine with the same architecture and model geometry;
+        nothing changes if it does not.
+        """
+        if state.get("format") != STATE_FORMAT:
+            raise ValueError(f"unknown stream-state format {state.get('format')!r} (expected {STATE_FORMAT})")
+        mine, theirs = self._config(), state.get("config", {})
+        if mine != theirs:
+            diff = {k: (theirs.get(k), v) for k, v in mine.items() if theirs.get(k) != v}
+            raise ValueError(f"stream state was saved by an incompatible engine (saved vs this): {diff}")
+        self._streams.load(state)
+
+    def save_state(self, path: str | Path) -> None:
+        """Write every stream's state to ``path`` (``torch.save``; ids must be str, int or tuples of them)."""
+        state = self.stream_state_dict()
+        for pool in state["pools"]:
+            for i in pool["ids"]:
+                if not _is_plain_id(i):
+                    raise TypeError(f"stream id {i!r} cannot be saved: use str, int or tuples of them")
+        torch.save(state, path)
+
+    def load_state(self, path: str | Path) -> None:
+        """Restore the streams saved by :meth:`save_state` (loaded with ``weights_only=True``)."""
+        self.load_stream_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+
+    def get_extra_state(self) -> dict:
+        # Makes ``nf.state_dict()`` carry the streams next to the model weights.
+        return self.stream_state_dict()
+
+    def set_extra_state(self, state: dict) -> None:
+        self.load_stream_state_dict(state)
+
+    def extra_repr(self) -> str:
+        return (
+            f"arch={self.arch!r}, family={self.adapter.family!r}, threshold={self._threshold}, "
+            f"ema_decay={self._ema_decay}, floor_tokens={self._floor_tokens}, streams={len(self._streams)}"
+        )
+
+
+def _is_plain_id(i) -> bool:
+    if isinstance(i, (str, int)) and not isinstance(i, bool):
+        return True
+    return isinstance(i, tuple) and all(_is_plain_id(x) for x in i)

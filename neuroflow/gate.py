@@ -1,0 +1,113 @@
+"""The EMA surprise gate, in plain PyTorch: the reference every gate kernel is tested against.
+
+Per stream, per patch i, frame t (``../shared/method.md``):
+
+* first frame after a reset: every patch is active and ``E_i := h_i``;
+* later frames: ``s_i = 1 - cos(h_i, E_i)`` over all D channels, active iff ``s_i > threshold``;
+  when fewer than ``floor_tokens`` pass, the ``floor_tokens`` most surprising patches are taken
+  instead (ties: lower patch index first), then ``E_i := (1 - decay) E_i + decay h_i`` for every
+  patch, active or not.
+
+The EMA is float32 (float64 for a float64 model) whatever the model dtype: with decay 0.01 a
+half-precision EMA rounds the update away.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+COSINE_EPS = 1e-8
+"""Each norm in the cosine is clamped to at least this, so an all-zero embedding has surprise 1."""
+
+FIRST_FRAME_SURPRISE = float("inf")
+"""Surprise reported for first frames: there is no EMA to compare with, every patch is active."""
+
+
+def ema_dtype(model_dtype: torch.dtype) -> torch.dtype:
+    """float32, or float64 for a float64 model."""
+    return torch.float64 if model_dtype == torch.float64 else torch.float32
+
+
+@dataclass
+class GateResult:
+    """What the gate decides for a batch of B frames with N patches each.
+
+    Attributes:
+        ema: ``[B, N, D]`` float32, the EMA after this frame (a new tensor; the input is untouched).
+        surprise: ``[B, N]`` float32, ``1 - cos(h, E)``; ``inf`` on first frames.
+        active: ``[B, N]`` bool, which patches go through the encoder.
+        cu_seqlens: ``[B + 1]`` int32, offsets of each frame's active patches in ``index``.
+        index: ``[T]`` int64, patch index (within its frame) of each active patch; frames in batch
+            order, patches ascending.
+    """
+
+    ema: torch.Tensor
+    surprise: torch.Tensor
+    active: torch.Tensor
+    cu_seqlens: torch.Tensor
+    index: torch.Tensor
+
+    @property
+    def counts(self) -> torch.Tensor:
+        """``[B]`` int64, active patches per frame."""
+        return self.active.sum(dim=1)
+
+    def pack(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Gather the active rows of ``tokens`` ``[B, N, D]`` into ``[T, D]`` (stream-major, ascending)."""
+        rows = torch.repeat_interleave(torch.arange(tokens.shape[0], device=tokens.device), self.counts)
+        return tokens[rows, self.index]
+
+
+def cosine_surprise(h: torch.Tensor, ema: torch.Tensor) -> torch.Tensor:
+    """``1 - cos(h, ema)`` along the last dim, in the EMA's precision. ``[..., D] -> [...]``."""
+    h = h.to(ema.dtype)
+    dot = (h * ema).sum(-1)
+    norms = h.norm(dim=-1).clamp_min(COSINE_EPS) * ema.norm(dim=-1).clamp_min(COSINE_EPS)
+    return 1.0 - dot / norms
+
+
+def select_active(surprise: torch.Tensor, threshold: float, floor_tokens: int) -> torch.Tensor:
+    """Strict threshold with the top-surprise floor. ``[B, N]`` float -> ``[B, N]`` bool."""
+    passed = surprise > threshold
+    k = min(floor_tokens, surprise.shape[1])
+    if k == 0:
+        return passed
+    # A stable descending sort ranks equal surprises by patch index, so the floor is deterministic.
+    order = torch.sort(surprise, dim=1, descending=True, stable=True).indices
+    rank = torch.empty_like(order)
+    rank.scatter_(1, order, torch.arange(surprise.shape[1], device=surprise.device).expand_as(order))
+    short = passed.sum(dim=1, keepdim=True) < k
+    return torch.where(short, rank < k, passed)
+
+
+def gate_reference(
+    h: torch.Tensor,
+    ema: torch.Tensor,
+    first: torch.Tensor,
+    threshold: float,
+    ema_decay: float,
+    floor_tokens: int,
+) -> GateResult:
+    """Gate a batch of frames, one frame per stream.
+
+    Args:
+        h: ``[B, N, D]`` layer-0 patch embeddings (patch embedding + position embedding), any
+            float dtype.
+        ema: ``[B, N, D]`` float32 EMA rows of the frames' streams (ignored where ``first``).
+        first: ``[B]`` bool, True for a stream's first frame after a reset.
+        threshold: surprise threshold (strict ``>``).
+        ema_decay: EMA update weight of the new frame, in [0, 1].
+        floor_tokens: minimum active patches per later frame.
+    """
+    first_rows = first.view(-1, 1)
+    hf = h.to(ema.dtype)
+    surprise = torch.where(first_rows, FIRST_FRAME_SURPRISE, cosine_surprise(hf, ema)).float()
+    active = torch.where(first_rows, True, select_active(surprise, threshold, floor_tokens))
+    new_ema = torch.where(first_rows.unsqueeze(-1), hf, (1.0 - ema_decay) * ema + ema_decay * hf)
+    counts = active.sum(dim=1)
+    cu_seqlens = torch.zeros(h.shape[0] + 1, dtype=torch.int32, device=h.device)
+    cu_seqlens[1:] = torch.cumsum(counts, 0)
+    index = active.nonzero()[:, 1]
+    return GateResult(ema=new_ema, surprise=surprise, active=active, cu_seqlens=cu_seqlens, index=index)

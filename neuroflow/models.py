@@ -1,0 +1,282 @@
+"""What NeuroFlow needs from a Hugging Face vision transformer, found once per model.
+
+A :class:`VisionAdapter` wraps a SigLIP / SigLIP 2 (FixRes), CLIP, ViT or DINOv2 vision model and
+exposes the pieces of its forward pass as separate steps, so the engine can run them on token
+subsets:
+
+    embed (patch embedding + position embedding, prefix tokens)  ->  encoder_input (CLIP's pre-LN)
+    -> layers (each split into :class:`LayerParts`)  ->  readout (final norm + pooling)
+
+The adapter never copies or changes a weight: every step calls the model's own modules.
+Sub-module names differ between model families and between transformers releases, so each part
+is looked up among a short list of known names; a model with none of them is rejected with a
+clear error instead of being run wrongly.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class UnsupportedModelError(TypeError):
+    """The module is not a vision transformer NeuroFlow knows how to split."""
+
+
+def _first_attr(module: nn.Module, names: tuple[str, ...]):
+    for name in names:
+        obj = module
+        for part in name.split("."):
+            obj = getattr(obj, part, None)
+            if obj is None:
+                break
+        if obj is not None:
+            return obj
+    return None
+
+
+def _require_attr(module: nn.Module, names: tuple[str, ...], what: str):
+    obj = _first_attr(module, names)
+    if obj is None:
+        raise UnsupportedModelError(
+            f"{type(module).__name__} has no {what} (looked for {', '.join(names)}); "
+            "NeuroFlow supports pre-LN ViT encoder layers of SigLIP, CLIP, ViT and DINOv2."
+        )
+    return obj
+
+
+@dataclass
+class LayerParts:
+    """The modules of one pre-LN encoder layer.
+
+    The layer computes ``x = x + scale1(o(attn(q(n1 x), k(n1 x), v(n1 x))))`` followed by
+    ``x = x + scale2(mlp(n2 x))``; ``scale1/2`` are DINOv2's layer scales (identity elsewhere).
+    Dropout and drop-path are identities in eval mode, which is the only mode the engine runs.
+    """
+
+    norm1: nn.Module
+    q: nn.Linear
+    k: nn.Linear
+    v: nn.Linear
+    o: nn.Linear
+    num_heads: int
+    scale: float
+    norm2: nn.Module
+    mlp: nn.Module
+    scale1: Callable[[torch.Tensor], torch.Tensor]
+    scale2: Callable[[torch.Tensor], torch.Tensor]
+
+    @property
+    def head_dim(self) -> int:
+        return self.q.out_features // self.num_heads
+
+
+def _identity(x: torch.Tensor) -> torch.Tensor:
+    return x
+
+
+def _layer_parts(layer: nn.Module) -> LayerParts:
+    attn = _require_attr(layer, ("self_attn", "attention"), "attention module")
+    q = _require_attr(attn, ("q_proj", "query", "attention.query"), "query projection")
+    num_heads = _first_attr(attn, ("num_heads", "num_attention_heads", "attention.num_attention_heads"))
+    if num_heads is None:
+        raise UnsupportedModelError(f"cannot find the head count of {type(attn).__name__}")
+    head_dim = q.out_features // num_heads
+    scale = _first_attr(attn, ("scale", "scaling", "attention.scaling"))
+    ls1 = getattr(layer, "layer_scale1", None)
+    ls2 = getattr(layer, "layer_scale2", None)
+    return LayerParts(
+        norm1=_require_attr(layer, ("layer_norm1", "layernorm_before", "norm1"), "first layer norm"),
+        q=q,
+        k=_require_attr(attn, ("k_proj", "key", "attention.key"), "key projection"),
+        v=_require_attr(attn, ("v_proj", "value", "attention.value"), "value projection"),
+        o=_require_attr(attn, ("out_proj", "o_proj", "output.dense"), "attention output projection"),
+        num_heads=int(num_heads),
+        scale=float(scale) if scale is not None else head_dim**-0.5,
+        norm2=_require_attr(layer, ("layer_norm2", "layernorm_after", "norm2"), "second layer norm"),
+        mlp=_require_attr(layer, ("mlp",), "MLP"),
+        scale1=ls1 if ls1 is not None else _identity,
+        scale2=ls2 if ls2 is not None else _identity,
+    )
+
+
+# Families differ only in their prefix tokens, the norm before the encoder and the readout.
+SIGLIP, CLIP, VIT, DINOV2 = "siglip", "clip", "vit", "dinov2"
+
+_FAMILY_BY_CLASS = {
+    "SiglipVisionModel": SIGLIP,
+    "SiglipVisionTransformer": SIGLIP,
+    "CLIPVisionModel": CLIP,
+    "CLIPVisionTransformer": CLIP,
+    "ViTModel": VIT,
+    "Dinov2Model": DINOV2,
+    "Dinov2WithRegistersModel": DINOV2,
+}
+
+
+def _unwrap_vision_tower(model: nn.Module) -> nn.Module:
+    """SiglipModel / CLIPModel / CLIPVisionModelWithProjection -> their vision model."""
+    seen = 0
+    while type(model).__name__ not in _FAMILY_BY_CLASS and hasattr(model, "vision_model") and seen < 3:
+        model = model.vision_model
+        seen += 1
+    return model
+
+
+class VisionAdapter:
+    """Step-by-step access to one Hugging Face vision transformer.
+
+    Attributes:
+        model: the vision module whose modules are called (not copied).
+        family: one of ``"siglip"``, ``"clip"``, ``"vit"``, ``"dinov2"``.
+        patch_size: pixels per patch side.
+        num_prefix: tokens before the patch tokens that are always active (CLS and registers;
+            0 for SigLIP).
+        hidden_size: D.
+        layers: one :class:`LayerParts` per encoder layer.
+    """
+
+    def __init__(self, model: nn.Module):
+        model = _unwrap_vision_tower(model)
+        name = type(model).__name__
+        if name == "Siglip2VisionModel":
+            raise UnsupportedModelError(
+                "Siglip2VisionModel (NaFlex) takes pre-cut patches and is not supported yet; "
+                "SigLIP 2 FixRes checkpoints load as SiglipVisionModel and are supported."
+            )
+        if name not in _FAMILY_BY_CLASS:
+            raise UnsupportedModelError(
+                f"{name} is not a supported vision model; expected one of "
+                f"{', '.join(sorted(_FAMILY_BY_CLASS))} (or a SiglipModel/CLIPModel whose "
+                "vision tower is one of them)."
+            )
+        self.model = model
+        self.family = _FAMILY_BY_CLASS[name]
+        config = model.config
+        patch = config.patch_size
+        self.patch_size = int(patch[0] if isinstance(patch, (tuple, list)) else patch)
+        self.hidden_size = int(config.hidden_size)
+        self.num_channels = int(getattr(config, "num_channels", 3))
+        self.num_registers = int(getattr(config, "num_register_tokens", 0) or 0)
+        self.num_prefix = 0 if self.family == SIGLIP else 1 + self.num_registers
+        layers = _require_attr(model, ("encoder.layers", "encoder.layer", "layers"), "encoder layer list")
+        self.layers = [_layer_parts(layer) for layer in layers]
+        self.embeddings = model.embeddings
+        self.patch_conv = _require_attr(
+            model.embeddings, ("patch_embedding", "patch_embeddings.projection"), "patch-embedding convolution"
+        )
+        self.pre_norm = getattr(model, "pre_layrnorm", None) if self.family == CLIP else None
+        if self.family in (SIGLIP, CLIP):
+            self.final_norm = model.post_layernorm
+        else:
+            self.final_norm = model.layernorm
+        self.head = getattr(model, "head", None) if getattr(model, "use_head", True) else None
+        self.pooler = getattr(model, "pooler", None)
+
+    # -- embed ---------------------------------------------------------------------------------
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.patch_conv.weight.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.patch_conv.weight.device
+
+    def grid(self, height: int, width: int) -> tuple[int, int]:
+        return height // self.patch_size, width // self.patch_size
+
+    def embed(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """Layer-0 embeddings, exactly as the model computes them.
+
+        Args:
+            pixel_values: ``[B, C, H, W]`` in the model dtype; H and W multiples of the patch size.
+        Returns:
+            ``[B, P + N, D]`` model dtype: P prefix tokens (CLS, then registers) followed by the
+            N = (H/p)(W/p) patch tokens in row-major order, position embeddings added
+            (interpolated as the model does for grids other than its native one).
+        """
+        if self.family == DINOV2:
+            return self.embeddings(pixel_values)
+        return self.embeddings(pixel_values, interpolate_pos_encoding=True)
+
+    def encoder_input(self, h: torch.Tensor) -> torch.Tensor:
+        """Per-token transform between the embeddings and the first layer (CLIP's pre-LN)."""
+        return self.pre_norm(h) if self.pre_norm is not None else h
+
+    # -- readout -------------------------------------------------------------------------------
+    def readout(
+        self, z: torch.Tensor, key_padding_mask: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Final norm and pooling, with the meaning of the model's own outputs.
+
+        Args:
+            z: ``[B, T, D]`` last encoder layer outputs (before the final norm), prefix first.
+            key_padding_mask: optional ``[B, T]`` bool, True where a token must be ignored by
+                SigLIP's attention-pooling head (Architecture B with unequal token counts).
+        Returns:
+            ``(last_hidden_state [B, T, D], pooler_output [B, D_out] or None)`` like the model:
+            SigLIP normalises every token and pools with its MAP head; CLIP returns the
+            un-normalised tokens and normalises the CLS token; ViT and DINOv2 normalise every
+            token and pool the CLS token (ViT through its pooler when it has one).
+        """
+        if self.family == CLIP:
+            return z, self.final_norm(z[:, 0])
+        seq = self.final_norm(z)
+        if self.family == SIGLIP:
+            if self.head is None:
+                return seq, None
+            return seq, self._map_head(seq, key_padding_mask)
+        if self.family == VIT:
+            return seq, self.pooler(seq) if self.pooler is not None else None
+        return seq, seq[:, 0]
+
+    def _map_head(self, seq: torch.Tensor, key_padding_mask: torch.Tensor | None) -> torch.Tensor:
+        head = self.head
+        if key_padding_mask is None:
+            return head(seq)
+        probe = head.probe.expand(seq.shape[0], -1, -1)
+        pooled = head.attention(probe, seq, seq, key_padding_mask=key_padding_mask)[0]
+        pooled = pooled + head.mlp(head.layernorm(pooled))
+        return pooled[:, 0]
+
+
+# -- one encoder layer, written out so attention can see a different key set than its queries ------
+
+def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
+    """Non-causal attention. q ``[B, H, Tq, Dh]``, k/v ``[B, H, Tk, Dh]`` -> ``[B, H, Tq, Dh]``."""
+    return F.scaled_dot_product_attention(q, k, v, scale=scale)
+
+
+def _heads(x: torch.Tensor, num_heads: int) -> torch.Tensor:
+    b, t, _ = x.shape
+    return x.view(b, t, num_heads, -1).transpose(1, 2)
+
+
+def attention_block(parts: LayerParts, x: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
+    """``x + scale1(attention)`` for the queries of ``x``.
+
+    Args:
+        x: ``[B, Tq, D]`` residual stream of the tokens being computed.
+        context: ``[B, Tk, D]`` residual stream of the tokens they attend to (default: ``x``).
+    """
+    nx = parts.norm1(x)
+    nc = nx if context is None else parts.norm1(context)
+    q = _heads(parts.q(nx), parts.num_heads)
+    k = _heads(parts.k(nc), parts.num_heads)
+    v = _heads(parts.v(nc), parts.num_heads)
+    o = attend(q, k, v, parts.scale).transpose(1, 2).reshape(x.shape[0], x.shape[1], -1)
+    return x + parts.scale1(parts.o(o))
+
+
+def mlp_block(parts: LayerParts, x: torch.Tensor) -> torch.Tensor:
+    """``x + scale2(mlp(norm2 x))`` for ``x`` ``[..., D]`` (token-wise, any subset)."""
+    return x + parts.scale2(parts.mlp(parts.norm2(x)))
+
+
+def layer_forward(parts: LayerParts, x: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
+    """One encoder layer: ``[B, Tq, D] -> [B, Tq, D]``, attending to ``context`` (default ``x``)."""
+    return mlp_block(parts, attention_block(parts, x, context))

@@ -1,0 +1,22 @@
+from pathlib import Path
+
+from setuptools import setup
+
+setup(
+    name="neuroflow",
+    version="0.1.0",
+    description="EMA-gated sparse Vision Transformer inference for many video streams",
+    long_description=Path(__file__).with_name("README.md").read_text(encoding="utf-8"),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.10",
+    # kernels/ ships inside the package as neuroflow.kernels: a top-level `kernels` would shadow
+    # the Hugging Face package of that name, which transformers imports.
+    packages=["neuroflow", "neuroflow.kernels"],
+    package_dir={"neuroflow": "neuroflow", "neuroflow.kernels": "kernels"},
+    install_requires=["torch>=2.4", "transformers>=5.17", "numpy"],
+    extras_require={
+        "test": ["pytest>=8", "safetensors"],
+        "video": ["av>=12"],
+        "bench": ["matplotlib"],
+    },
+)

@@ -1,0 +1,72 @@
+"""Tiny random-weight models of every supported family, and frames to feed them.
+
+Random weights are for correctness only: sparsity and fidelity measured on them say nothing
+about quality on real checkpoints.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from transformers import (
+    CLIPVisionConfig,
+    CLIPVisionModel,
+    Dinov2Config,
+    Dinov2Model,
+    Dinov2WithRegistersConfig,
+    Dinov2WithRegistersModel,
+    SiglipVisionConfig,
+    SiglipVisionModel,
+    ViTConfig,
+    ViTModel,
+)
+
+from neuroflow.synthetic import static_camera_video
+
+PATCH = 8
+FAMILIES = ("siglip", "clip", "vit", "dinov2", "dinov2_registers")
+
+
+def make_model(family: str, seed: int = 0, dtype: torch.dtype = torch.float32, layers: int = 2):
+    """A tiny eval-mode vision model: D=48 (4 heads of 12), 8-px patches, native 32x32 (4x4 grid)."""
+    torch.manual_seed(seed)
+    common = dict(hidden_size=48, num_hidden_layers=layers, num_attention_heads=4, image_size=32, patch_size=PATCH)
+    if family == "siglip":
+        model = SiglipVisionModel(SiglipVisionConfig(intermediate_size=96, **common))
+    elif family == "clip":
+        model = CLIPVisionModel(CLIPVisionConfig(intermediate_size=96, **common))
+    elif family == "vit":
+        model = ViTModel(ViTConfig(intermediate_size=96, **common))
+    elif family == "dinov2":
+        model = Dinov2Model(Dinov2Config(**common))
+    elif family == "dinov2_registers":
+        model = Dinov2WithRegistersModel(Dinov2WithRegistersConfig(num_register_tokens=2, **common))
+    else:
+        raise ValueError(family)
+    return model.to(dtype).eval()
+
+
+def dense(model, pixel_values):
+    """The unmodified model on full frames (position embeddings interpolated as NeuroFlow does)."""
+    if "Dinov2" in type(model).__name__:
+        return model(pixel_values)
+    return model(pixel_values, interpolate_pos_encoding=True)
+
+
+def as_double(model):
+    return copy.deepcopy(model).double()
+
+
+def video(num_frames: int = 6, height: int = 40, width: int = 48, seed: int = 0, **kw) -> torch.Tensor:
+    """``[F, 3, H, W]`` float32 normalised frames of a synthetic static-camera clip.
+
+    Defaults give a non-square 5x6 patch grid (N = 30, not a power of two).
+    """
+    return static_camera_video(num_frames, height, width, seed=seed, **kw).normalized()
+
+
+@pytest.fixture(params=FAMILIES)
+def family(request):
+    return request.param

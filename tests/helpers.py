@@ -1,0 +1,29 @@
+"""Small helpers shared by the tests."""
+
+from __future__ import annotations
+
+import torch
+
+
+def stream_tensor(nf, stream_id, name: str) -> torch.Tensor:
+    """One stream's state tensor ``name`` from ``nf.stream_state_dict()``."""
+    for pool in nf.stream_state_dict()["pools"]:
+        if stream_id in pool["ids"]:
+            return pool["tensors"][name][pool["ids"].index(stream_id)]
+    raise KeyError(stream_id)
+
+
+def assert_same_state(a: dict, b: dict) -> None:
+    """Two ``stream_state_dict()`` snapshots are identical, bit for bit."""
+    assert a["config"] == b["config"] and a["settings"] == b["settings"]
+    pa = {tuple(p["grid"]): p for p in a["pools"]}
+    pb = {tuple(p["grid"]): p for p in b["pools"]}
+    assert pa.keys() == pb.keys()
+    for grid in pa:
+        ids_a, ids_b = pa[grid]["ids"], pb[grid]["ids"]
+        assert sorted(map(repr, ids_a)) == sorted(map(repr, ids_b))
+        for name in pa[grid]["tensors"]:
+            for i in ids_a:
+                ta = pa[grid]["tensors"][name][ids_a.index(i)]
+                tb = pb[grid]["tensors"][name][ids_b.index(i)]
+                assert torch.equal(ta, tb), f"state {name!r} of stream {i!r} changed"

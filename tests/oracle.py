@@ -1,0 +1,135 @@
+"""An independent, deliberately plain implementation of the method, one stream at a time.
+
+Written from ``../shared/method.md`` with the model's own Hugging Face modules (whole layers,
+heads, norms) and Python loops where they make the rule obvious. It shares no code with the
+package, so agreement means the package implements the method, not that it agrees with itself.
+"""
+
+from __future__ import annotations
+
+import torch
+
+EPS = 1e-8
+
+
+def num_prefix(model) -> int:
+    name = type(model).__name__
+    if name.startswith("Siglip"):
+        return 0
+    return 1 + int(getattr(model.config, "num_register_tokens", 0) or 0)
+
+
+def layers_of(model):
+    for path in ("encoder.layers", "encoder.layer", "layers"):
+        obj = model
+        for part in path.split("."):
+            obj = getattr(obj, part, None)
+        if obj is not None:
+            return list(obj)
+    raise AssertionError("no layers")
+
+
+def embed(model, x):
+    if "Dinov2" in type(model).__name__:
+        return model.embeddings(x)
+    return model.embeddings(x, interpolate_pos_encoding=True)
+
+
+def encoder_input(model, h):
+    return model.pre_layrnorm(h) if hasattr(model, "pre_layrnorm") else h
+
+
+def run_layer(layer, h):
+    out = layer(h, None)
+    return out[0] if isinstance(out, tuple) else out
+
+
+def readout(model, z):
+    """``z [1, T, D]`` final-layer outputs -> (last_hidden_state, pooler_output) as the model defines them."""
+    name = type(model).__name__
+    if name.startswith("Siglip"):
+        seq = model.post_layernorm(z)
+        return seq, model.head(seq)
+    if name.startswith("CLIP"):
+        return z, model.post_layernorm(z[:, 0])
+    seq = model.layernorm(z)
+    if name.startswith("ViT"):
+        return seq, model.pooler(seq) if model.pooler is not None else None
+    return seq, seq[:, 0]
+
+
+def gate_step(patches, ema, threshold, ema_decay, floor_tokens):
+    """One later frame of one stream: (active [N] bool, new ema). Literal rules, Python loops."""
+    h = patches.to(ema.dtype)
+    n = h.shape[0]
+    surprise = []
+    for i in range(n):
+        dot = torch.dot(h[i], ema[i])
+        den = max(h[i].norm().item(), EPS) * max(ema[i].norm().item(), EPS)
+        surprise.append(1.0 - dot.item() / den)
+    active = torch.tensor([s > threshold for s in surprise])
+    if int(active.sum()) < floor_tokens:
+        ranked = sorted(range(n), key=lambda i: (-surprise[i], i))
+        active = torch.zeros(n, dtype=torch.bool)
+        active[ranked[: min(floor_tokens, n)]] = True
+    new_ema = (1.0 - ema_decay) * ema + ema_decay * h
+    return active, new_ema
+
+
+def run_stream(model, frames, arch, threshold, ema_decay, floor_tokens, cls_context=True, masks=None):
+    """Run one stream's frames ``[F, 3, H, W]``; returns one dict per frame.
+
+    ``masks`` (list of ``[N]`` bool) replays given gate decisions instead of deciding, so a
+    float64 run can follow exactly the decisions of a float32 run.
+    """
+    p = num_prefix(model)
+    layers = layers_of(model)
+    ema_dtype = torch.float64 if frames.dtype == torch.float64 else torch.float32
+    ema = cache = context = anchors = None
+    results = []
+    for t in range(frames.shape[0]):
+        emb = embed(model, frames[t : t + 1])[0]  # [T, D]
+        patches = emb[p:]
+        if ema is None:
+            active = torch.ones(patches.shape[0], dtype=torch.bool)
+            ema = patches.to(ema_dtype).clone()
+        else:
+            active, ema = gate_step(patches, ema, threshold, ema_decay, floor_tokens)
+        if masks is not None:
+            active = masks[t]
+        idx = list(range(p)) + [p + i for i in range(patches.shape[0]) if active[i]]
+        x = encoder_input(model, emb[None])  # [1, T, D]
+        if arch == "B":
+            sub = x[:, idx]
+            for layer in layers:
+                sub = run_layer(layer, sub)
+            seq, pooled = readout(model, sub)
+        elif arch == "C":
+            cache = torch.zeros_like(x) if cache is None else cache
+            sub = x[:, idx]
+            if p > 0 and cls_context:
+                for layer in layers[:-1]:
+                    sub = run_layer(layer, sub)
+                context = torch.zeros_like(x) if context is None else context
+                context[:, idx] = sub
+                # Running the unmodified last layer on every token and keeping the computed ones
+                # is exactly "their queries attend to every token's cached input".
+                sub = run_layer(layers[-1], context)[:, idx]
+            else:
+                for layer in layers:
+                    sub = run_layer(layer, sub)
+            cache[:, idx] = sub
+            seq, pooled = readout(model, cache)
+        else:  # A: SigLIP/CLIP layer layout
+            anchors = [torch.zeros_like(x[0]) for _ in layers] if anchors is None else anchors
+            h = x[0]
+            for l, layer in enumerate(layers):
+                a = h + layer.self_attn(layer.layer_norm1(h[None]))[0][0]
+                out = anchors[l].clone()
+                for i in idx:
+                    out[i] = a[i] + layer.mlp(layer.layer_norm2(a[i]))
+                anchors[l] = out
+                h = out
+            seq, pooled = readout(model, h[None])
+        results.append({"active": active, "ema": ema.clone(), "pooled": pooled[0].clone(), "seq": seq[0].clone(), "idx": idx})
+    return results
