@@ -33,10 +33,13 @@ class _Pool:
         if need <= self.capacity:
             return
         new_cap = max(need, 2 * self.capacity, 4)
-        for name, t in self.tensors.items():
-            grown = t.new_zeros((new_cap, *t.shape[1:]))
-            grown[: t.shape[0]] = t
-            self.tensors[name] = grown
+        # State tensors stay ordinary tensors even when created under inference_mode, so later
+        # calls outside it can still write them in place.
+        with torch.inference_mode(False):
+            for name, t in self.tensors.items():
+                grown = t.new_zeros((new_cap, *t.shape[1:]))
+                grown[: t.shape[0]] = t
+                self.tensors[name] = grown
         self.owner.extend([None] * (new_cap - len(self.owner)))
 
 
@@ -129,8 +132,6 @@ class StreamStore:
     def _pool(self, grid: Grid) -> _Pool:
         pool = self._pools.get(grid)
         if pool is None:
-            # State tensors are ordinary tensors even when the first frame runs under
-            # inference_mode, so later calls outside it can still write them in place.
             with torch.inference_mode(False):
                 tensors = {
                     name: torch.zeros((0, *shape), dtype=dtype, device=self._device)

@@ -1,0 +1,96 @@
+"""Stream state: save/restore gives identical continuations, and state follows .to()."""
+
+import pytest
+import torch
+
+from conftest import as_double, dense, make_model, video
+from helpers import assert_same_state, assert_same_up_to_rounding, stream_tensor
+from neuroflow import NeuroFlow
+
+SETTINGS = dict(threshold=0.02, ema_decay=0.2, floor_tokens=3)
+
+
+@pytest.mark.parametrize("family,arch", [("siglip", "A"), ("siglip", "B"), ("siglip", "C"), ("clip", "C"), ("dinov2_registers", "C")])
+def test_saved_state_continues_identically(tmp_path, family, arch):
+    model = make_model(family)
+    clips = torch.stack([video(6, seed=0), video(6, seed=1)], dim=1)  # [F, 2, 3, H, W]
+    ids = ["cam-1", ("site", 7)]
+    first = NeuroFlow(model, arch=arch, **SETTINGS)
+    with torch.inference_mode():
+        for t in range(3):
+            first(clips[t], stream_ids=ids)
+        path = tmp_path / "streams.pt"
+        first.save_state(path)
+        # A fresh engine (as after a process restart) continues from the file.
+        restored = NeuroFlow(make_model(family), arch=arch, **SETTINGS)
+        restored.load_state(path)
+        assert_same_state(first.stream_state_dict(), restored.stream_state_dict())
+        model64 = as_double(model)
+        for t in range(3, 6):
+            a, b = first(clips[t], stream_ids=ids), restored(clips[t], stream_ids=ids)
+            assert torch.equal(a.active_mask, b.active_mask)
+            assert_same_state(first.stream_state_dict(), restored.stream_state_dict())
+            # Same state and inputs; PyTorch's CPU kernels may still round differently between
+            # two module instances (seen: 5e-7 in SigLIP's head), so no bitwise claim on outputs.
+            ref32, ref64 = dense(model, clips[t]), dense(model64, clips[t].double())
+            assert_same_up_to_rounding(b.pooler_output, a.pooler_output, ref32.pooler_output, ref64.pooler_output, "pooled")
+            assert_same_up_to_rounding(b.last_hidden_state, a.last_hidden_state, ref32.last_hidden_state,
+                                       ref64.last_hidden_state, "tokens")
+
+
+def test_module_state_dict_carries_streams():
+    model, frames = make_model("siglip"), video(3)
+    nf = NeuroFlow(model, **SETTINGS)
+    with torch.inference_mode():
+        nf(frames[0:1], stream_ids=["s"])
+        nf(frames[1:2], stream_ids=["s"])
+    sd = nf.state_dict()
+    other = NeuroFlow(make_model("siglip", seed=1), **SETTINGS)
+    other.load_state_dict(sd)  # weights and streams
+    assert_same_state(nf.stream_state_dict(), other.stream_state_dict())
+    with torch.inference_mode():
+        a, b = nf(frames[2:3], stream_ids=["s"]), other(frames[2:3], stream_ids=["s"])
+        ref32, ref64 = dense(model, frames[2:3]), dense(as_double(model), frames[2:3].double())
+    assert torch.equal(a.active_mask, b.active_mask)
+    assert_same_up_to_rounding(b.pooler_output, a.pooler_output, ref32.pooler_output, ref64.pooler_output, "pooled")
+
+
+def test_incompatible_state_is_rejected_and_nothing_changes(tmp_path):
+    frames = video(2)
+    c = NeuroFlow(make_model("siglip"), arch="C", **SETTINGS)
+    b = NeuroFlow(make_model("siglip"), arch="B", **SETTINGS)
+    with torch.inference_mode():
+        c(frames[0:1], stream_ids=["s"])
+        b(frames[0:1], stream_ids=["t"])
+    before = b.stream_state_dict()
+    with pytest.raises(ValueError, match="incompatible"):
+        b.load_stream_state_dict(c.stream_state_dict())
+    assert_same_state(before, b.stream_state_dict())
+    with pytest.raises(TypeError, match="cannot be saved"):
+        c.reset()
+        with torch.inference_mode():
+            c(frames[0:1], stream_ids=[frozenset({1})])
+        c.save_state(tmp_path / "x.pt")
+
+
+def test_state_moves_with_dtype_and_keeps_ema_float32():
+    model, frames = make_model("siglip"), video(3)
+    nf = NeuroFlow(model, **SETTINGS)
+    with torch.inference_mode():
+        nf(frames[0:1], stream_ids=["s"])
+    nf.to(torch.bfloat16)
+    assert stream_tensor(nf, "s", "ema").dtype == torch.float32
+    assert stream_tensor(nf, "s", "cache").dtype == torch.bfloat16
+    with torch.inference_mode():
+        out = nf(frames[1:2].bfloat16(), stream_ids=["s"])
+    assert out.pooler_output.dtype == torch.bfloat16 and not out.first_frame.any()
+
+
+def test_state_written_under_inference_mode_is_usable_outside_it():
+    model, frames = make_model("siglip"), video(3)
+    nf = NeuroFlow(model, **SETTINGS)
+    with torch.inference_mode():
+        nf(frames[0:1])
+    with torch.no_grad():
+        out = nf(frames[1:2])
+    assert not out.first_frame.any()
