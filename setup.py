@@ -15,7 +15,7 @@ setup(
     package_dir={"neuroflow": "neuroflow", "neuroflow.kernels": "kernels"},
     install_requires=["torch>=2.4", "transformers>=5.17", "numpy"],
     extras_require={
-        "test": ["pytest>=8", "setuptools>=64"],
+        "test": ["pytest>=8", "setuptools>=64", "triton>=3.6"],
         "video": ["av>=12"],
         "bench": ["matplotlib"],
     },

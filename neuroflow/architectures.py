@@ -1,8 +1,8 @@
 """Architectures A, B and C: what runs after the gate, and what each stream remembers.
 
-Every function takes the frames after the gate (:class:`GatedFrames`) and the state rows of their
-streams, and returns the model outputs plus the new state rows; nothing is written in place, so
-the engine commits state only once a whole call has succeeded.
+Each function takes the gate's packed tokens (:class:`Segments` tells which rows belong to which
+stream and where they sit in its token grid) and the streams' state, and returns the model
+outputs; state tensors are pool tensors updated in place at the batch's slots.
 
 * **A** (MLP gating): attention over all tokens at every layer, the MLP only for computed tokens;
   an inactive token's output at layer l is its layer-l output from the last frame it was active
@@ -24,98 +24,97 @@ from dataclasses import dataclass
 import torch
 
 from .encoder import run_layer_with_context, run_layers
+from .fused_gate import cache_scatter
 from .models import VisionAdapter, attention_block, mlp_block
 
 
 @dataclass
-class GatedFrames:
-    """A batch of B frames after the gate, in the model's token layout (prefix first).
+class Segments:
+    """Where the packed tokens of B streams belong.
 
     Attributes:
-        tokens: ``[B, T, D]`` model dtype, encoder inputs of every token (T = P + N).
-        computed: ``[B, T]`` bool, tokens computed this frame (prefix tokens and active patches).
-        positions: B tensors ``[T_b]`` int64, ascending positions of the computed tokens.
+        cu_seqlens: ``[B + 1]`` int32 (device), offsets of each stream's rows.
+        index: ``[T]`` int32 (device), position of each row in its stream's token grid.
+        lengths: the B segment lengths on the host.
+        tokens: T_tok, tokens per frame (prefix + patches).
     """
 
-    tokens: torch.Tensor
-    computed: torch.Tensor
-    positions: list[torch.Tensor]
+    cu_seqlens: torch.Tensor
+    index: torch.Tensor
+    lengths: list[int]
+    tokens: int
 
-    @classmethod
-    def build(cls, tokens: torch.Tensor, active: torch.Tensor, num_prefix: int) -> "GatedFrames":
-        prefix = torch.ones(active.shape[0], num_prefix, dtype=torch.bool, device=active.device)
-        computed = torch.cat([prefix, active], dim=1)
-        positions = [row.nonzero().flatten() for row in computed]
-        return cls(tokens=tokens, computed=computed, positions=positions)
+    def split(self, packed: torch.Tensor) -> list[torch.Tensor]:
+        """``[T, D]`` -> B tensors ``[T_b, D]``."""
+        return list(torch.split(packed, self.lengths))
 
-    def rows(self, full: torch.Tensor) -> list[torch.Tensor]:
-        """The computed tokens of ``full`` ``[B, T, D]``: B tensors ``[T_b, D]``."""
-        return [full[b, pos] for b, pos in enumerate(self.positions)]
-
-    def write(self, full: torch.Tensor, rows: list[torch.Tensor]) -> torch.Tensor:
-        """A copy of ``full`` ``[B, T, D]`` with each stream's computed positions set from ``rows``."""
-        out = full.clone()
-        for b, (pos, row) in enumerate(zip(self.positions, rows)):
-            out[b, pos] = row.to(out.dtype)
-        return out
+    def positions(self) -> list[torch.Tensor]:
+        return [p.long() for p in torch.split(self.index, self.lengths)]
 
 
 @dataclass
 class ArchResult:
     last_hidden_state: torch.Tensor
     pooler_output: torch.Tensor | None
-    state: dict[str, torch.Tensor]
 
 
-def architecture_a(adapter: VisionAdapter, frames: GatedFrames, anchors: torch.Tensor) -> ArchResult:
-    """Args: anchors ``[B, L, T, D]``: each token's layer outputs from its last active frame."""
-    x = frames.tokens
-    keep = frames.computed
+def architecture_a(adapter: VisionAdapter, tokens: torch.Tensor, computed: torch.Tensor, anchors: torch.Tensor) -> tuple[ArchResult, torch.Tensor]:
+    """Args:
+    tokens: ``[B, T, D]`` encoder inputs of every token.
+    computed: ``[B, T]`` bool, tokens computed this frame (prefix and active patches).
+    anchors: ``[B, L, T, D]`` each token's layer outputs from its last active frame.
+    Returns the outputs and the new anchors.
+    """
+    x = tokens
     new_anchors = anchors.clone()
     for layer, parts in enumerate(adapter.layers):
         h = attention_block(parts, x)
         out = anchors[:, layer].clone()
-        out[keep] = mlp_block(parts, h[keep]).to(out.dtype)
+        out[computed] = mlp_block(parts, h[computed]).to(out.dtype)
         new_anchors[:, layer] = out
         x = out
     seq, pooled = adapter.readout(x)
-    return ArchResult(seq, pooled, {"anchors": new_anchors})
+    return ArchResult(seq, pooled), new_anchors
 
 
-def architecture_b(adapter: VisionAdapter, frames: GatedFrames) -> ArchResult:
+def architecture_b(adapter: VisionAdapter, packed: torch.Tensor, segments: Segments) -> ArchResult:
     """``last_hidden_state`` is the full grid with zeros at tokens that were not computed."""
-    z_rows = run_layers(adapter.layers, frames.rows(frames.tokens))
-    batch, tokens, dim = frames.tokens.shape
-    longest = max(r.shape[0] for r in z_rows)
-    z = frames.tokens.new_zeros(batch, longest, dim)
+    z_rows = run_layers(adapter.layers, segments.split(packed))
+    batch, dim = len(z_rows), packed.shape[-1]
+    longest = max(segments.lengths)
+    z = packed.new_zeros(batch, longest, dim)
     pad = torch.ones(batch, longest, dtype=torch.bool, device=z.device)
     for b, r in enumerate(z_rows):
         z[b, : r.shape[0]] = r
         pad[b, : r.shape[0]] = False
     seq, pooled = adapter.readout(z, key_padding_mask=pad if pad.any() else None)
-    full = frames.tokens.new_zeros(batch, tokens, seq.shape[-1])
-    full = frames.write(full, [seq[b, : r.shape[0]] for b, r in enumerate(z_rows)])
-    return ArchResult(full, pooled, {})
+    full = seq.new_zeros(batch, segments.tokens, seq.shape[-1])
+    for b, pos in enumerate(segments.positions()):
+        full[b, pos] = seq[b, : pos.shape[0]]
+    return ArchResult(full, pooled)
 
 
 def architecture_c(
-    adapter: VisionAdapter, frames: GatedFrames, cache: torch.Tensor, context: torch.Tensor | None = None
+    adapter: VisionAdapter,
+    packed: torch.Tensor,
+    segments: Segments,
+    slot: torch.Tensor,
+    cache: torch.Tensor,
+    context: torch.Tensor | None = None,
 ) -> ArchResult:
     """Args:
-    cache: ``[B, T, D]`` final-layer outputs (before the final norm) from each token's last active frame.
-    context: ``[B, T, D]`` inputs to the last layer, likewise; given only for the full-context
-        last layer of CLS models, None otherwise.
+    slot: ``[B]`` int64, the streams' rows in the pools.
+    cache: ``[S, T, D]`` pool of final-layer outputs (before the final norm), updated in place.
+    context: ``[S, T, D]`` pool of inputs to the last layer, updated in place; given only for the
+        full-context last layer of CLS models.
     """
-    rows = frames.rows(frames.tokens)
-    state = {}
+    rows = segments.split(packed)
     if context is None:
         z_rows = run_layers(adapter.layers, rows)
     else:
         y_rows = run_layers(adapter.layers[:-1], rows)
-        context = frames.write(context, y_rows)
-        z_rows = run_layer_with_context(adapter.layers[-1], y_rows, context)
-        state["context"] = context
-    cache = frames.write(cache, z_rows)
-    state["cache"] = cache
-    seq, pooled = adapter.readout(cache)
-    return ArchResult(seq, pooled, state)
+        cache_scatter(context, slot, torch.cat(y_rows), segments.cu_seqlens, segments.index)
+        z_rows = run_layer_with_context(adapter.layers[-1], y_rows, context[slot])
+    cache_scatter(cache, slot, torch.cat(z_rows), segments.cu_seqlens, segments.index)
+    seq, pooled = adapter.readout(cache[slot])
+    return ArchResult(seq, pooled)

@@ -1,7 +1,7 @@
 """``neuroflow.NeuroFlow``: many video streams through one Hugging Face vision model.
 
-One call, top to bottom: check the frames -> embed (layer 0) -> gate -> architecture (encoder on
-the gated tokens, cache) -> readout -> commit the streams' new state.
+One call, top to bottom: check the frames -> admit the streams -> gate (layer-0 embedding, EMA,
+threshold, packing) -> architecture (encoder on the gated tokens, cache) -> readout.
 """
 
 from __future__ import annotations
@@ -14,8 +14,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .architectures import GatedFrames, architecture_a, architecture_b, architecture_c
-from .gate import ema_dtype, gate_reference
+from . import fused_gate
+from .architectures import Segments, architecture_a, architecture_b, architecture_c
+from .gate import ema_dtype
 from .models import SIGLIP, VisionAdapter
 from .streams import Grid, StreamStore
 from .validation import (
@@ -173,43 +174,55 @@ class NeuroFlow(nn.Module):
 
     # -- the frame path ----------------------------------------------------------------------------
     def forward(self, pixel_values: torch.Tensor, stream_ids: Sequence[Hashable] | None = None) -> NeuroFlowOutput:
-        a = self.adapter
-        grid = check_frames(pixel_values, a, self.check_finite)
+        grid = check_frames(pixel_values, self.adapter, self.check_finite)
         ids = check_stream_ids(stream_ids, pixel_values.shape[0])
         moved = [i for i in ids if i in self._streams and self._streams.grid_of(i) != grid]
-        slot, first = self._streams.lookup(ids, grid)
-
-        embeddings = a.embed(pixel_values)
-        gate = gate_reference(
-            embeddings[:, a.num_prefix :],
-            self._streams.gather("ema", grid, slot),
-            first,
-            self._threshold,
-            self._ema_decay,
-            self._floor_tokens,
-        )
-        frames = GatedFrames.build(a.encoder_input(embeddings), gate.active, a.num_prefix)
-        if self.arch == "A":
-            result = architecture_a(a, frames, self._streams.gather("anchors", grid, slot))
-        elif self.arch == "B":
-            result = architecture_b(a, frames)
-        else:
-            context = self._streams.gather("context", grid, slot) if self.uses_context_readout else None
-            result = architecture_c(a, frames, self._streams.gather("cache", grid, slot), context)
-
-        self._streams.commit(ids, grid, {"ema": gate.ema, **result.state})
+        slot, first = self._streams.admit(ids, grid)
+        try:
+            out = self._run(pixel_values, grid, slot, first)
+        except BaseException:
+            # The ops update state in place; a batch that fails half-way is forgotten whole, so
+            # its streams restart cleanly with a dense frame (other streams are untouched).
+            self._streams.remove([i for i in ids if i in self._streams])
+            raise
         for i in moved:
             warnings.warn(
                 f"stream {i!r} changed resolution (patch grid {grid[0]}x{grid[1]}); it was reset and "
                 "this frame ran dense",
                 stacklevel=2,
             )
+        return out
+
+    def _run(self, pixel_values: torch.Tensor, grid: Grid, slot: torch.Tensor, first: torch.Tensor) -> NeuroFlowOutput:
+        a, store = self.adapter, self._streams
+        conv = a.patch_conv
+        gate = fused_gate.gate(
+            pixel_values, conv.weight, conv.bias, a.position_embeddings(grid), a.prefix_tokens(grid),
+            store.tensor("ema", grid), slot, first, self._threshold, self._ema_decay, self._floor_tokens,
+        )
         n = gate.active.shape[1]
+        counts = gate.active.sum(dim=1)
+        if self.arch == "A":
+            tokens = a.encoder_input(a.embed(pixel_values))
+            computed = torch.cat([torch.ones_like(gate.active[:, : a.num_prefix]), gate.active], dim=1)
+            result, anchors = architecture_a(a, tokens, computed, store.tensor("anchors", grid)[slot])
+            store.write("anchors", grid, slot, anchors)
+        else:
+            # The per-stream encoder needs the segment lengths on the host (one sync).
+            lengths = (counts + a.num_prefix).tolist()
+            total = sum(lengths)
+            segments = Segments(gate.cu_seqlens, gate.index[:total], lengths, a.num_prefix + n)
+            packed = a.encoder_input(gate.packed[:total])
+            if self.arch == "B":
+                result = architecture_b(a, packed, segments)
+            else:
+                context = store.tensor("context", grid) if self.uses_context_readout else None
+                result = architecture_c(a, packed, segments, slot, store.tensor("cache", grid), context)
         return NeuroFlowOutput(
             pooler_output=result.pooler_output,
             last_hidden_state=result.last_hidden_state,
             active_mask=gate.active,
-            sparsity=1.0 - gate.counts.float() / n,
+            sparsity=1.0 - counts.float() / n,
             surprise=gate.surprise,
             first_frame=first,
         )

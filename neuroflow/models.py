@@ -203,6 +203,37 @@ class VisionAdapter:
             return self.embeddings(pixel_values)
         return self.embeddings(pixel_values, interpolate_pos_encoding=True)
 
+    def position_embeddings(self, grid: tuple[int, int]) -> torch.Tensor:
+        """Position embeddings of the patch tokens for a ``(gh, gw)`` grid: ``[N, D]`` model dtype.
+
+        Calls the model's own ``interpolate_pos_encoding`` (which only reads the shape of its first
+        argument), so they are exactly what :meth:`embed` adds.
+        """
+        gh, gw = grid
+        n_pe = gh * gw + (0 if self.family == SIGLIP else 1)
+        shape_only = torch.empty(1, n_pe, self.hidden_size, dtype=self.dtype, device=self.device)
+        pe = self.embeddings.interpolate_pos_encoding(shape_only, gh * self.patch_size, gw * self.patch_size)
+        pe = pe.reshape(-1, self.hidden_size)
+        return pe if self.family == SIGLIP else pe[1:]
+
+    def prefix_tokens(self, grid: tuple[int, int]) -> torch.Tensor:
+        """Layer-0 embeddings of the prefix tokens: ``[P, D]`` model dtype (CLS + its position
+        embedding, then registers, which carry none); ``[0, D]`` for SigLIP."""
+        if self.family == SIGLIP:
+            return self.patch_conv.weight.new_zeros(0, self.hidden_size)
+        gh, gw = grid
+        shape_only = torch.empty(1, gh * gw + 1, self.hidden_size, dtype=self.dtype, device=self.device)
+        pe_cls = self.embeddings.interpolate_pos_encoding(shape_only, gh * self.patch_size, gw * self.patch_size)
+        pe_cls = pe_cls.reshape(-1, self.hidden_size)[0]
+        if self.family == CLIP:
+            cls = self.embeddings.class_embedding
+        else:
+            cls = self.embeddings.cls_token.reshape(-1)
+        tokens = [(cls + pe_cls)[None]]
+        if self.num_registers:
+            tokens.append(self.embeddings.register_tokens.reshape(self.num_registers, self.hidden_size))
+        return torch.cat(tokens).to(self.dtype)
+
     def encoder_input(self, h: torch.Tensor) -> torch.Tensor:
         """Per-token transform between the embeddings and the first layer (CLIP's pre-LN)."""
         return self.pre_norm(h) if self.pre_norm is not None else h

@@ -5,8 +5,8 @@ one ``[capacity, ...]`` tensor and gives every stream a slot (a row), so a batch
 writes its streams' rows with one gather and one scatter per tensor: the layout the gate kernels
 take (``ema[S, N, D]`` plus a per-frame slot index).
 
-Reads never change anything; :meth:`StreamStore.commit` is the only write, called once a frame has
-been fully computed, so a call that fails leaves every stream as it was.
+A call first admits its streams (:meth:`StreamStore.admit`), then its ops update their rows in
+place; the engine drops the batch's streams if anything fails after admission.
 """
 
 from __future__ import annotations
@@ -73,30 +73,12 @@ class StreamStore:
         where = self._where.get(stream_id)
         return where[0] if where else None
 
-    def lookup(self, ids: list[Hashable], grid: Grid) -> tuple[torch.Tensor, torch.Tensor]:
-        """Slots of ``ids`` in the pool of ``grid``.
+    def admit(self, ids: list[Hashable], grid: Grid) -> tuple[torch.Tensor, torch.Tensor]:
+        """Give every stream of ``ids`` a slot in the pool of ``grid``.
 
-        Returns ``(slot [B] int64, first [B] bool)``: ``first`` is True (and ``slot`` -1) for a
-        stream that is unknown or known at another grid; both start over with a dense frame.
-        """
-        slots = [self._where[i][1] if self.grid_of(i) == grid else -1 for i in ids]
-        slot = torch.tensor(slots, dtype=torch.int64, device=self._device)
-        return slot, slot < 0
-
-    def gather(self, name: str, grid: Grid, slot: torch.Tensor) -> torch.Tensor:
-        """Rows ``[B, ...]`` of state ``name`` (zeros where ``slot`` is -1). A copy."""
-        shape, dtype = self._specs_for(grid)[name]
-        pool = self._pools.get(grid)
-        if pool is None:
-            return torch.zeros((slot.shape[0], *shape), dtype=dtype, device=self._device)
-        rows = pool.tensors[name].index_select(0, slot.clamp_min(0))
-        return rows.masked_fill((slot < 0).view(-1, *[1] * len(shape)), 0)
-
-    # -- writes ----------------------------------------------------------------------------------
-    def commit(self, ids: list[Hashable], grid: Grid, values: dict[str, torch.Tensor]) -> None:
-        """Store ``values[name][b]`` as the state of stream ``ids[b]`` at ``grid``.
-
-        Streams new to this grid get a slot (leaving the pool of their old grid).
+        A stream that is unknown, or known at another grid (its old state is dropped), gets a
+        fresh zeroed slot and starts over with a dense frame.
+        Returns ``(slot [B] int64, first [B] bool)``.
         """
         for i in ids:
             if i in self._where and self._where[i][0] != grid:
@@ -111,9 +93,18 @@ class StreamStore:
             pool.owner[s] = i
             self._where[i] = (grid, s)
         slot = torch.tensor([self._where[i][1] for i in ids], dtype=torch.int64, device=self._device)
+        first = torch.tensor([i in new for i in ids], dtype=torch.bool, device=self._device)
+        return slot, first
+
+    def tensor(self, name: str, grid: Grid) -> torch.Tensor:
+        """The live ``[capacity, ...]`` pool tensor ``name`` of ``grid`` (ops write it in place)."""
+        return self._pools[grid].tensors[name]
+
+    def write(self, name: str, grid: Grid, slot: torch.Tensor, rows: torch.Tensor) -> None:
+        """Set rows ``slot`` of state ``name`` to ``rows``."""
+        t = self.tensor(name, grid)
         with torch.no_grad():
-            for name, t in pool.tensors.items():
-                t.index_copy_(0, slot, values[name].detach().to(t.dtype))
+            t.index_copy_(0, slot, rows.detach().to(t.dtype))
 
     def remove(self, ids: list[Hashable]) -> None:
         for i in ids:
@@ -186,4 +177,6 @@ class StreamStore:
         self.clear()
         for grid, ids, tensors in checked:
             if ids:
-                self.commit(ids, grid, {n: t.to(self._device) for n, t in tensors.items()})
+                slot, _ = self.admit(ids, grid)
+                for name, t in tensors.items():
+                    self.write(name, grid, slot, t.to(self._device))

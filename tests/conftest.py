@@ -6,11 +6,19 @@ about quality on real checkpoints.
 
 from __future__ import annotations
 
-import copy
+import os
 
-import pytest
-import torch
-from transformers import (
+# Triton binds a kernel to its interpreter when the kernel's module is imported, so the
+# interpreter is switched on before anything can import one. Which path each call takes is
+# decided per call from the same variable (neuroflow.dispatch): the `triton_path` fixture turns
+# the kernels on, every other test runs the PyTorch reference path.
+os.environ["TRITON_INTERPRET"] = "1"
+
+import copy  # noqa: E402
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+from transformers import (  # noqa: E402
     CLIPVisionConfig,
     CLIPVisionModel,
     Dinov2Config,
@@ -23,7 +31,8 @@ from transformers import (
     ViTModel,
 )
 
-from neuroflow.synthetic import static_camera_video
+from neuroflow import dispatch  # noqa: E402
+from neuroflow.synthetic import static_camera_video  # noqa: E402
 
 PATCH = 8
 FAMILIES = ("siglip", "clip", "vit", "dinov2", "dinov2_registers")
@@ -70,3 +79,18 @@ def video(num_frames: int = 6, height: int = 40, width: int = 48, seed: int = 0,
 @pytest.fixture(params=FAMILIES)
 def family(request):
     return request.param
+
+
+@pytest.fixture(autouse=True)
+def _reference_path_by_default(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    monkeypatch.delenv(dispatch.STRICT_ENV, raising=False)
+    dispatch.clear()
+
+
+@pytest.fixture
+def triton_path(monkeypatch):
+    """Route CPU tensors through the Triton kernels (interpreter)."""
+    pytest.importorskip("triton")
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    dispatch.clear()

@@ -1,0 +1,246 @@
+"""Triton kernels of the fused EMA gate and the cache scatter (launchers: ``neuroflow/fused_gate.py``).
+
+The gate takes two launches and no host synchronisation:
+
+1. :func:`gate_embed_kernel`, one program per (block of BLOCK_P patches, frame): patch embedding
+   as a ``[BLOCK_P, C*p*p] x [C*p*p, D]`` tensor-core product read straight from the frame,
+   + bias + position embedding, then, per D tile, the cosine terms against the stream's EMA and
+   the in-place EMA update; finally the surprise, the block's count of patches over the
+   threshold, and the block's ``KF`` most surprising patches (candidates for the floor rule).
+2. :func:`gate_pack_kernel`, same grid: from the block counts it derives every frame's active
+   count (threshold rule, or the floor when too few pass: the floor's patches are the top of the
+   candidates), the frame's offset in the packed batch (``cu_seqlens``), and each active patch's
+   place; writes the active mask, the token index, the prefix tokens, and the packed embeddings
+   of the active patches, recomputing them for blocks that hold any.
+
+Why recompute instead of keeping the ``[B, N, D]`` embedding: writing it would move as many bytes
+as reading the pixels again (``D`` outputs vs ``C*p*p`` inputs per patch, equal for p=16, D=768)
+and must be done for every patch, while the recomputation touches only blocks with an active
+patch, which at the sparsities the gate is for is a small fraction of the frame.
+"""
+
+import triton
+import triton.language as tl
+
+# Default launch configurations for the GPU: (BLOCK_P, BLOCK_D, BLOCK_K, num_warps, num_stages).
+# BLOCK_P = 64 rows lets sm_90 use wgmma; BLOCK_D x BLOCK_K tiles of the weight stay in L2 across
+# the programs of a frame. The scatter copies BLOCK_T tokens x BLOCK_D channels per step.
+GATE_CONFIG = {"BLOCK_P": 64, "BLOCK_D": 32, "BLOCK_K": 64, "num_warps": 8, "num_stages": 2}
+SCATTER_CONFIG = {"BLOCK_T": 16, "BLOCK_D": 128, "num_warps": 4, "num_stages": 1}
+
+
+@triton.jit
+def _embed_tile(
+    px_frame, w_ptr, b_ptr, pe_ptr, p_off, offs_p, p_mask, offs_d, d_mask,
+    sx_c, sx_h, sx_w, D, K,
+    PATCH: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_K: tl.constexpr,
+    HAS_BIAS: tl.constexpr, IEEE: tl.constexpr,
+):
+    """Layer-0 embeddings of BLOCK_P patches x BLOCK_D channels, fp32, rounded through the model
+    dtype exactly where the model rounds (after the convolution, after the position embedding).
+
+    px_frame: the frame's first pixel; p_off: [BLOCK_P] int32 offset of each patch's top-left pixel.
+    """
+    acc = tl.zeros((BLOCK_P, BLOCK_D), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        k_mask = offs_k < K
+        # Column k of a patch is (channel, row, col) in the conv weight's [C, p, p] order.
+        k_off = (offs_k // (PATCH * PATCH)) * sx_c + ((offs_k // PATCH) % PATCH) * sx_h + (offs_k % PATCH) * sx_w
+        a = tl.load(px_frame + (p_off[:, None] + k_off[None, :]), mask=p_mask[:, None] & k_mask[None, :], other=0.0)
+        w = tl.load(w_ptr + (offs_d[None, :] * K + offs_k[:, None]), mask=k_mask[:, None] & d_mask[None, :], other=0.0)
+        if IEEE:
+            acc = tl.dot(a, w, acc, input_precision="ieee")
+        else:
+            acc = tl.dot(a, w, acc)
+    dt = w_ptr.dtype.element_ty
+    if HAS_BIAS:
+        acc += tl.load(b_ptr + offs_d, mask=d_mask, other=0.0).to(tl.float32)[None, :]
+    pe = tl.load(pe_ptr + (offs_p[:, None] * D + offs_d[None, :]), mask=p_mask[:, None] & d_mask[None, :], other=0.0)
+    h = acc.to(dt).to(tl.float32) + pe.to(tl.float32)
+    return h.to(dt).to(tl.float32)
+
+
+@triton.jit
+def gate_embed_kernel(
+    px_ptr, w_ptr, b_ptr, pe_ptr, ema_ptr, slot_ptr, first_ptr,
+    surprise_ptr, bcount_ptr, cand_val_ptr, cand_idx_ptr,
+    sx_b, sx_c, sx_h, sx_w,
+    N, D, K, GW, NB, threshold, decay,
+    PATCH: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_K: tl.constexpr,
+    KF: tl.constexpr, HAS_BIAS: tl.constexpr, IEEE: tl.constexpr,
+):
+    """Embed, compare with the EMA, update the EMA in place.
+
+    px_ptr: frames [B, C, H, W] (strides sx_*), model dtype. w_ptr: patch weight [D, K], K = C*p*p,
+    model dtype. b_ptr: bias [D] (unused without HAS_BIAS). pe_ptr: position embeddings [N, D].
+    ema_ptr: EMA pool [S, N, D] fp32, updated in place at row slot_ptr[frame] (int64 [B]).
+    first_ptr: [B] int8, 1 for a stream's first frame (EMA := h, every patch passes).
+    surprise_ptr: out [B, N] fp32 (inf on first frames). bcount_ptr: out [B, NB] int32, patches
+    over the threshold per block. cand_val_ptr / cand_idx_ptr: out [B, NB, KF] fp32 / int32, the
+    block's KF most surprising patches (ties: lower index), -inf / N where the block has fewer.
+    """
+    pid = tl.program_id(0)
+    frame = tl.program_id(1).to(tl.int64)
+    offs_p = pid * BLOCK_P + tl.arange(0, BLOCK_P)
+    p_mask = offs_p < N
+    p_off = (offs_p // GW) * PATCH * sx_h + (offs_p % GW) * PATCH * sx_w
+    px_frame = px_ptr + frame * sx_b
+    slot = tl.load(slot_ptr + frame)
+    first = tl.load(first_ptr + frame) != 0
+    ema_slot = ema_ptr + slot * N * D
+
+    dot = tl.zeros((BLOCK_P,), dtype=tl.float32)
+    hh = tl.zeros((BLOCK_P,), dtype=tl.float32)
+    ee = tl.zeros((BLOCK_P,), dtype=tl.float32)
+    for d0 in range(0, D, BLOCK_D):
+        offs_d = d0 + tl.arange(0, BLOCK_D)
+        d_mask = offs_d < D
+        h = _embed_tile(px_frame, w_ptr, b_ptr, pe_ptr, p_off, offs_p, p_mask, offs_d, d_mask,
+                        sx_c, sx_h, sx_w, D, K, PATCH, BLOCK_P, BLOCK_D, BLOCK_K, HAS_BIAS, IEEE)
+        m2 = p_mask[:, None] & d_mask[None, :]
+        e_off = offs_p[:, None] * D + offs_d[None, :]
+        e = tl.load(ema_slot + e_off, mask=m2, other=0.0)
+        dot += tl.sum(h * e, axis=1)
+        hh += tl.sum(h * h, axis=1)
+        ee += tl.sum(e * e, axis=1)
+        new_e = tl.where(first, h, (1.0 - decay) * e + decay * h)
+        tl.store(ema_slot + e_off, new_e, mask=m2)
+
+    # Same clamp as neuroflow.gate.COSINE_EPS: each norm at least 1e-8.
+    den = tl.maximum(tl.sqrt(hh), 1e-8) * tl.maximum(tl.sqrt(ee), 1e-8)
+    s = 1.0 - dot / den
+    s = tl.where(first, float("inf"), s)
+    tl.store(surprise_ptr + frame * N + offs_p, s, mask=p_mask)
+    passed = tl.where(first, p_mask, p_mask & (s > threshold))
+    tl.store(bcount_ptr + frame * NB + pid, tl.sum(passed.to(tl.int32), axis=0))
+
+    # The block's KF best (surprise desc, index asc): the frame's floor_tokens <= KF best patches
+    # are always among the union of these lists.
+    work = tl.where(p_mask, s, float("-inf"))
+    cand = cand_val_ptr + (frame * NB + pid) * KF
+    cidx = cand_idx_ptr + (frame * NB + pid) * KF
+    for j in tl.static_range(KF):
+        best = tl.max(work, axis=0)
+        at = tl.min(tl.where((work == best) & p_mask, offs_p, N), axis=0)
+        tl.store(cand + j, best)
+        tl.store(cidx + j, at)
+        work = tl.where(offs_p == at, float("-inf"), work)
+
+
+@triton.jit
+def gate_pack_kernel(
+    px_ptr, w_ptr, b_ptr, pe_ptr, prefix_ptr, first_ptr,
+    surprise_ptr, bcount_ptr, cand_val_ptr, cand_idx_ptr,
+    active_ptr, cu_ptr, index_ptr, packed_ptr,
+    sx_b, sx_c, sx_h, sx_w,
+    B, N, D, K, GW, NB, threshold, floor_k,
+    PATCH: tl.constexpr, NUM_PREFIX: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_K: tl.constexpr, BLOCK_NB: tl.constexpr, BLOCK_C: tl.constexpr, KF: tl.constexpr,
+    HAS_BIAS: tl.constexpr, IEEE: tl.constexpr,
+):
+    """Decide, place and pack the active patches of one block.
+
+    Inputs as in :func:`gate_embed_kernel` (its outputs surprise/bcount/cand_*), plus
+    prefix_ptr: [NUM_PREFIX, D] model dtype (CLS and register tokens, position embedding
+    included), floor_k = min(floor_tokens, N) <= KF.
+    Outputs: active_ptr [B, N] int8; cu_ptr [B + 1] int32 (segment = NUM_PREFIX prefix tokens, then
+    the active patches in ascending order); index_ptr [B*(NUM_PREFIX+N)] int32, token position
+    within the frame (prefix j -> j, patch n -> NUM_PREFIX + n); packed_ptr [B*(NUM_PREFIX+N), D]
+    model dtype. Rows past cu[B] are not written.
+    """
+    pid = tl.program_id(0)
+    frame = tl.program_id(1)
+    offs_nb = tl.arange(0, BLOCK_NB)
+
+    # Offset of this frame: every earlier frame's segment length. A frame's active count follows
+    # from its passed count alone: passed if at least floor_k passed, else floor_k.
+    seg_start = 0
+    for f in range(0, frame):
+        passed_f = tl.sum(tl.load(bcount_ptr + f * NB + offs_nb, mask=offs_nb < NB, other=0), axis=0)
+        seg_start += NUM_PREFIX + tl.maximum(passed_f, floor_k)
+    row_counts = tl.load(bcount_ptr + frame * NB + offs_nb, mask=offs_nb < NB, other=0)
+    passed = tl.sum(row_counts, axis=0)
+    count = tl.maximum(passed, floor_k)
+    if pid == 0:
+        tl.store(cu_ptr + frame + 1, seg_start + NUM_PREFIX + count)
+        if frame == 0:
+            tl.store(cu_ptr, 0)
+        for j in range(0, NUM_PREFIX):
+            tl.store(index_ptr + seg_start + j, j)
+            for d0 in range(0, D, BLOCK_D):
+                offs_d = d0 + tl.arange(0, BLOCK_D)
+                v = tl.load(prefix_ptr + j * D + offs_d, mask=offs_d < D)
+                tl.store(packed_ptr + (seg_start + j).to(tl.int64) * D + offs_d, v, mask=offs_d < D)
+
+    offs_p = pid * BLOCK_P + tl.arange(0, BLOCK_P)
+    p_mask = offs_p < N
+    s = tl.load(surprise_ptr + frame * N + offs_p, mask=p_mask, other=float("-inf"))
+    first = tl.load(first_ptr + frame) != 0
+    if passed >= floor_k:
+        active = tl.where(first, p_mask, p_mask & (s > threshold))
+        before = tl.sum(tl.where(offs_nb < pid, row_counts, 0), axis=0)
+        pos = before + tl.cumsum(active.to(tl.int32), axis=0) - 1
+    else:
+        # Floor: the frame's floor_k best among all blocks' candidates, picked in order.
+        offs_c = tl.arange(0, BLOCK_C)
+        c_mask = offs_c < NB * KF
+        cv = tl.load(cand_val_ptr + frame * NB * KF + offs_c, mask=c_mask, other=float("-inf"))
+        ci = tl.load(cand_idx_ptr + frame * NB * KF + offs_c, mask=c_mask, other=N)
+        hit = tl.zeros((BLOCK_P,), dtype=tl.int32)
+        pos = tl.zeros((BLOCK_P,), dtype=tl.int32)
+        for j in tl.static_range(KF):
+            best = tl.max(cv, axis=0)
+            at = tl.min(tl.where(cv == best, ci, N), axis=0)
+            chosen = (j < floor_k).to(tl.int32)
+            hit += tl.where(offs_p == at, chosen, 0)
+            # Selected patches are placed in index order: each one before this patch shifts it.
+            pos += tl.where(at < offs_p, chosen, 0)
+            cv = tl.where(ci == at, float("-inf"), cv)
+            ci = tl.where(ci == at, N, ci)
+        active = p_mask & (hit > 0)
+
+    tl.store(active_ptr + frame * N + offs_p, active.to(tl.int8), mask=p_mask)
+    dest = seg_start + NUM_PREFIX + pos
+    tl.store(index_ptr + dest, NUM_PREFIX + offs_p, mask=active)
+
+    if tl.sum(active.to(tl.int32), axis=0) > 0:
+        p_off = (offs_p // GW) * PATCH * sx_h + (offs_p % GW) * PATCH * sx_w
+        px_frame = px_ptr + frame.to(tl.int64) * sx_b
+        rows = packed_ptr + dest[:, None].to(tl.int64) * D
+        for d0 in range(0, D, BLOCK_D):
+            offs_d = d0 + tl.arange(0, BLOCK_D)
+            d_mask = offs_d < D
+            h = _embed_tile(px_frame, w_ptr, b_ptr, pe_ptr, p_off, offs_p, p_mask, offs_d, d_mask,
+                            sx_c, sx_h, sx_w, D, K, PATCH, BLOCK_P, BLOCK_D, BLOCK_K, HAS_BIAS, IEEE)
+            tl.store(rows + offs_d[None, :], h.to(packed_ptr.dtype.element_ty), mask=active[:, None] & d_mask[None, :])
+
+
+@triton.jit
+def cache_scatter_kernel(
+    src_ptr, cache_ptr, slot_ptr, cu_ptr, index_ptr,
+    B, T_TOK, D, src_stride,
+    BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_B: tl.constexpr,
+):
+    """cache[slot[b], index[t]] = src[t] for every packed token t < cu[B] of frame b.
+
+    src_ptr: [T_cap, D] (row stride src_stride), any float dtype. cache_ptr: [S, T_TOK, D]
+    contiguous. slot_ptr: [B] int64. cu_ptr: [B + 1] int32. index_ptr: [T_cap] int32 token
+    positions. Rows of src past cu[B] are ignored.
+    """
+    offs_t = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
+    offs_b = tl.arange(0, BLOCK_B)
+    ends = tl.load(cu_ptr + 1 + offs_b, mask=offs_b < B, other=2147483647)
+    total = tl.load(cu_ptr + B)
+    t_mask = offs_t < total
+    # Frame of token t: how many segments end at or before it.
+    frame = tl.sum((ends[None, :] <= offs_t[:, None]).to(tl.int32), axis=1)
+    slot = tl.load(slot_ptr + frame, mask=t_mask, other=0)
+    pos = tl.load(index_ptr + offs_t, mask=t_mask, other=0)
+    dst = cache_ptr + (slot * T_TOK + pos)[:, None] * D
+    src = src_ptr + offs_t[:, None].to(tl.int64) * src_stride
+    for d0 in range(0, D, BLOCK_D):
+        offs_d = d0 + tl.arange(0, BLOCK_D)
+        m = t_mask[:, None] & (offs_d < D)[None, :]
+        v = tl.load(src + offs_d[None, :], mask=m)
+        tl.store(dst + offs_d[None, :], v.to(cache_ptr.dtype.element_ty), mask=m)

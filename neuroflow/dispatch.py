@@ -1,0 +1,94 @@
+"""Which implementation of an op runs: the Triton kernel or the PyTorch reference, never silently.
+
+Rules, the same for every op:
+
+* CUDA tensors -> Triton kernel.
+* CPU tensors with ``TRITON_INTERPRET=1`` -> the same Triton kernel, run by Triton's interpreter
+  (slow; lets the whole engine run through its kernels without a GPU, as the tests do).
+* CPU tensors otherwise -> PyTorch reference (the designated CPU path, not a fallback).
+* When the Triton path is expected but cannot run (Triton missing, a shape or setting the kernel
+  does not support), the reference runs instead and that is a *fallback*: it is recorded with its
+  reason, and with ``NEUROFLOW_STRICT=1`` it raises :class:`FallbackError` instead.
+
+Every call records the path it took in :data:`last_path` (op -> ``"triton"`` or ``"reference"``)
+and counts it in :data:`counts`, so tests and benchmarks can assert what ran.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from collections import Counter
+
+import torch
+
+STRICT_ENV = "NEUROFLOW_STRICT"
+TRITON = "triton"
+REFERENCE = "reference"
+
+last_path: dict[str, str] = {}
+"""op name -> the path its most recent call took."""
+
+counts: Counter = Counter()
+"""(op name, path) -> number of calls."""
+
+fallbacks: list[tuple[str, str]] = []
+"""(op name, reason) for every fallback since the last :func:`clear`."""
+
+
+class FallbackError(RuntimeError):
+    """Raised in strict mode when an op would fall back from Triton to the reference."""
+
+
+def strict() -> bool:
+    return os.environ.get(STRICT_ENV, "0") not in ("", "0", "false", "False")
+
+
+def interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+@functools.lru_cache(maxsize=1)
+def triton_import_error() -> str | None:
+    """None when Triton imports, else why not."""
+    try:
+        import triton  # noqa: F401
+        import triton.language  # noqa: F401
+    except Exception as exc:  # pragma: no cover - depends on the machine
+        return f"triton is not importable ({type(exc).__name__}: {exc})"
+    return None
+
+
+def wants_triton(device: torch.device) -> bool:
+    """Whether tensors on ``device`` are meant to take the Triton path."""
+    return device.type == "cuda" or (device.type == "cpu" and interpreting())
+
+
+def choose(op: str, device: torch.device, unsupported: str | None = None) -> str:
+    """Pick and record the path for one call of ``op``.
+
+    Args:
+        device: where the op's tensors live.
+        unsupported: why the kernel cannot take this call (None when it can).
+    Returns:
+        :data:`TRITON` or :data:`REFERENCE`.
+    """
+    path = REFERENCE
+    if wants_triton(device):
+        reason = triton_import_error() or unsupported
+        if reason is None:
+            path = TRITON
+        else:
+            if strict():
+                raise FallbackError(f"{op}: the Triton path cannot run ({reason}) and {STRICT_ENV}=1 forbids a fallback")
+            fallbacks.append((op, reason))
+    last_path[op] = path
+    counts[(op, path)] += 1
+    return path
+
+
+def clear() -> None:
+    """Forget recorded paths, counts and fallbacks."""
+    last_path.clear()
+    counts.clear()
+    fallbacks.clear()

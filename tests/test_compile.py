@@ -1,0 +1,23 @@
+"""Every kernel's default configurations compile for sm_80 and sm_90 (no GPU needed): shared memory
+within the limit, no register spills, tensor-core instructions where tl.dot is used."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+
+def test_default_configs_compile_for_sm80_and_sm90():
+    pytest.importorskip("triton")
+    # A kernel defined under the interpreter cannot be compiled: a fresh process without it.
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    done = subprocess.run([sys.executable, "-m", "neuroflow.compile_check"], env=env, capture_output=True, text=True)
+    reports = [json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")]
+    failed = [f"{r['case']} sm_{r['sm']}: {'; '.join(r['problems'])}" for r in reports if r["problems"]]
+    assert not failed, "\n".join(failed)
+    assert done.returncode == 0, done.stderr[-2000:]
+    kernels = {r["case"].split()[0] for r in reports}
+    assert {"gate_embed", "gate_pack", "cache_scatter"} <= kernels, kernels
+    assert {r["sm"] for r in reports} == {80, 90}
