@@ -1,0 +1,123 @@
+"""Microbenchmark: the fused gate against the unfused PyTorch chain.
+
+    python bench/bench_gate.py [--quick] [--sizes 224 448 ...] [--streams 1 8 ...] [--out bench/results]
+
+Workload: SigLIP-base geometry (patch 16, D = 768), frames of a synthetic static-camera video, each
+stream's EMA warmed up on the previous frame (so most patches are inactive, as in deployment),
+threshold 0.35, decay 0.01, floor 4. Per configuration (resolution x streams):
+
+* ``fused``: ``neuroflow.fused_gate.gate`` through its Triton kernels (GPU only);
+* ``unfused``: ``neuroflow.fused_gate.gate_reference``, the PyTorch chain (conv, add, cosine,
+  compare, sort, gather, EMA update);
+* effective bandwidth = bytes the gate must move (pixels + EMA read + EMA write + packed
+  survivors) / time, and, on a GPU, its share of the measured device-to-device copy bandwidth.
+
+The fused result is checked against the reference (masks equal, offsets equal) before it is
+timed; a configuration whose check fails reports no speedup. On the CPU only the unfused chain
+runs (no kernel timing exists without a GPU) in float32.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+
+from common import RESULTS, environment, markdown_table, median_ms, write_results
+from neuroflow import dispatch, fused_gate
+from neuroflow.synthetic import static_camera_video
+
+PATCH, DIM = 16, 768
+
+
+def copy_bandwidth_gbs(device: torch.device) -> float:
+    """Device-to-device copy bandwidth (read + write bytes / time) for a 1 GiB buffer."""
+    src = torch.empty(1 << 28, dtype=torch.float32, device=device)
+    dst = torch.empty_like(src)
+    ms = median_ms(lambda: dst.copy_(src), device)
+    return 2 * src.numel() * 4 / (ms * 1e-3) / 1e9
+
+
+def make_case(size: int, streams: int, dtype: torch.dtype, device: torch.device):
+    g = torch.Generator().manual_seed(size + streams)
+    n = (size // PATCH) ** 2
+    clip = torch.stack([static_camera_video(2, size, size, seed=s).normalized() for s in range(streams)], dim=1)
+    weight = (torch.randn(DIM, 3, PATCH, PATCH, generator=g) * 0.02).to(device, dtype)
+    bias = torch.zeros(DIM, device=device, dtype=dtype)
+    pos = (torch.randn(n, DIM, generator=g) * 0.02).to(device, dtype)
+    prefix = torch.zeros(0, DIM, device=device, dtype=dtype)
+    ema = torch.zeros(streams, n, DIM, device=device)
+    slot = torch.arange(streams, device=device)
+    warm = clip[0].to(device, dtype)
+    fused_gate.gate_reference(warm, weight, bias, pos, prefix, ema, slot, torch.ones(streams, dtype=torch.bool, device=device), 0.35, 0.01, 4)
+    frames = clip[1].to(device, dtype)
+    return frames, weight, bias, pos, prefix, ema, slot, torch.zeros(streams, dtype=torch.bool, device=device)
+
+
+def run(sizes, stream_counts, device: torch.device, dtype: torch.dtype) -> list[dict]:
+    env = environment(device)
+    on_gpu = device.type == "cuda"
+    copy_gbs = copy_bandwidth_gbs(device) if on_gpu else None
+    records = []
+    for size in sizes:
+        for streams in stream_counts:
+            frames, weight, bias, pos, prefix, ema, slot, first = make_case(size, streams, dtype, device)
+            args = lambda e: (frames, weight, bias, pos, prefix, e, slot, first, 0.35, 0.01, 4)  # noqa: E731
+            ref = fused_gate.gate_reference(*args(ema.clone()))
+            n = pos.shape[0]
+            survivors = int(ref.cu_seqlens[-1])
+            bytes_moved = frames.numel() * frames.element_size() + 2 * ema.numel() * 4 + survivors * DIM * frames.element_size()
+            rec = {**env, "bench": "gate", "dtype": str(dtype).removeprefix("torch."), "size": size, "streams": streams,
+                   "patches": n, "sparsity": 1 - survivors / (streams * n), "bytes": bytes_moved}
+            work = ema.clone()
+            rec["unfused_ms"] = median_ms(lambda: fused_gate.gate_reference(*args(work)), device)
+            rec["unfused_gbs"] = bytes_moved / (rec["unfused_ms"] * 1e-3) / 1e9
+            if on_gpu:
+                out = fused_gate.gate(*args(ema.clone()))
+                ok = dispatch.last_path["gate"] == dispatch.TRITON and torch.equal(out.active, ref.active) \
+                    and torch.equal(out.cu_seqlens, ref.cu_seqlens)
+                rec["check"] = "ok" if ok else "FAILED"
+                if ok:
+                    rec["fused_ms"] = median_ms(lambda: fused_gate.gate(*args(work)), device)
+                    rec["fused_gbs"] = bytes_moved / (rec["fused_ms"] * 1e-3) / 1e9
+                    rec["copy_gbs"] = copy_gbs
+                    rec["share_of_copy_bw"] = rec["fused_gbs"] / copy_gbs
+                    rec["speedup"] = rec["unfused_ms"] / rec["fused_ms"]
+            records.append(rec)
+            print(f"{size:5d} px x {streams:2d} streams: unfused {rec['unfused_ms']:.2f} ms"
+                  + (f", fused {rec['fused_ms']:.3f} ms ({rec['speedup']:.1f}x)" if "fused_ms" in rec else ""), flush=True)
+            del frames, ema, work
+    return records
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--quick", action="store_true", help="224/448 px, 1 and 8 streams")
+    p.add_argument("--sizes", type=int, nargs="+")
+    p.add_argument("--streams", type=int, nargs="+")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--out", default=None)
+    args = p.parse_args(argv)
+    device = torch.device(args.device)
+    on_gpu = device.type == "cuda"
+    dtype = torch.float16 if on_gpu else torch.float32
+    sizes = args.sizes or ([224, 448] if args.quick or not on_gpu else [224, 448, 896, 1792])
+    streams = args.streams or ([1, 8] if args.quick or not on_gpu else [1, 8, 32])
+    records = run(sizes, streams, device, dtype)
+    columns = [("size", "px"), ("streams", "streams"), ("sparsity", "sparsity"), ("unfused_ms", "unfused ms"),
+               ("unfused_gbs", "unfused GB/s"), ("fused_ms", "fused ms"), ("fused_gbs", "fused GB/s"),
+               ("share_of_copy_bw", "share of copy BW"), ("speedup", "fused speedup"), ("check", "check")]
+    table = markdown_table(records, columns)
+    env = records[0]
+    header = (f"# Gate microbenchmark\n\n{env['device']}, {env['dtype']}, torch {env['torch']}, triton {env['triton']}, "
+              f"commit {env['commit']}, {env['time']}"
+              + ("" if on_gpu else "\n\nCPU: only the unfused PyTorch chain runs; no kernel timing exists without a GPU."))
+    print("\n" + header + "\n\n" + table)
+    write_results("gate", records, table, Path(args.out) if args.out else RESULTS, header=header)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

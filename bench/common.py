@@ -1,0 +1,87 @@
+"""What every benchmark script shares: run metadata, timing, and writing results.
+
+Results go to ``bench/results/<name>.jsonl`` (one JSON record per configuration, appended, each
+with device, dtype, versions, commit and time stamp) and ``bench/results/<name>.md`` (the readable
+table of the latest run, overwritten).
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import platform
+import statistics
+import subprocess
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "bench" / "results"
+
+
+def environment(device: torch.device) -> dict:
+    """Device name and software versions, for labelling every record."""
+    try:
+        import triton
+
+        triton_version = triton.__version__
+    except ImportError:
+        triton_version = None
+    try:
+        import transformers
+
+        transformers_version = transformers.__version__
+    except ImportError:
+        transformers_version = None
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True,
+                                check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        commit = None
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+    return {
+        "device": name,
+        "torch": torch.__version__,
+        "triton": triton_version,
+        "transformers": transformers_version,
+        "commit": commit,
+        "time": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+    }
+
+
+def median_ms(fn, device: torch.device, warmup: int = 2, repeat: int = 10) -> float:
+    """Median wall time of ``fn()`` in ms: ``triton.testing.do_bench`` on CUDA, perf_counter on CPU."""
+    if device.type == "cuda":
+        import triton.testing
+
+        return float(triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median"))
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeat):
+        start = time.perf_counter()
+        fn()
+        times.append(1e3 * (time.perf_counter() - start))
+    return statistics.median(times)
+
+
+def markdown_table(rows: list[dict], columns: list[tuple[str, str]]) -> str:
+    """``columns``: (record key, header). Floats are shown with 3 significant digits."""
+    def cell(v):
+        if isinstance(v, float):
+            return f"{v:.3g}"
+        return "" if v is None else str(v)
+
+    lines = ["| " + " | ".join(h for _, h in columns) + " |", "|" + "---|" * len(columns)]
+    lines += ["| " + " | ".join(cell(r.get(k)) for k, _ in columns) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def write_results(name: str, records: list[dict], table: str, out: Path = RESULTS, header: str = "") -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    with open(out / f"{name}.jsonl", "a") as f:
+        for r in records:
+            f.write(json.dumps(r) + "\n")
+    (out / f"{name}.md").write_text(f"{header}\n\n{table}\n" if header else table + "\n")
