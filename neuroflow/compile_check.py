@@ -22,7 +22,7 @@ import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
-LAUNCHER_MODULES = ("neuroflow.fused_gate",)
+LAUNCHER_MODULES = ("neuroflow.fused_gate", "neuroflow.varlen")
 """Modules whose ``compile_cases()`` list the kernels' default configurations."""
 
 SHARED_LIMIT = {80: 166_912, 90: 232_448}

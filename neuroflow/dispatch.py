@@ -59,6 +59,43 @@ def triton_import_error() -> str | None:
     return None
 
 
+def interpreter_problem() -> str | None:
+    """Why Triton's interpreter cannot run kernels in this process, or None.
+
+    ``triton.language`` defines its helpers (``tl.sum``, ``tl.max``, ...) with ``@triton.jit`` when
+    it is first imported; imported without ``TRITON_INTERPRET=1`` they are compiled-only functions
+    that the interpreter refuses to call, whatever the variable says later.
+    """
+    from triton.language import standard
+    from triton.runtime.interpreter import InterpretedFunction
+
+    helper = getattr(standard, "sum", None)
+    if helper is not None and not isinstance(helper, InterpretedFunction):
+        return "triton was first imported without TRITON_INTERPRET=1, so its interpreter cannot run kernels"
+    return None
+
+
+@functools.lru_cache(maxsize=None)
+def _wrapped(fn, interpreted: bool):
+    from triton.runtime.interpreter import InterpretedFunction
+    from triton.runtime.jit import JITFunction
+
+    if interpreted:
+        return fn if isinstance(fn, InterpretedFunction) else InterpretedFunction(fn.fn)
+    return fn if isinstance(fn, JITFunction) else JITFunction(fn.fn)
+
+
+def launchable(kernel, device: torch.device):
+    """``kernel`` (a ``@triton.jit`` function) in the form that runs on ``device``.
+
+    ``@triton.jit`` decides between a compiled and an interpreted function when the kernel's module
+    is imported (``TRITON_INTERPRET`` at that moment), and a compiled one cannot be launched on CPU
+    tensors. Re-wrapping the same Python function lets the choice follow the tensors' device, so
+    the order in which modules were imported does not matter.
+    """
+    return _wrapped(kernel, device.type == "cpu")
+
+
 def wants_triton(device: torch.device) -> bool:
     """Whether tensors on ``device`` are meant to take the Triton path."""
     return device.type == "cuda" or (device.type == "cpu" and interpreting())
@@ -76,6 +113,8 @@ def choose(op: str, device: torch.device, unsupported: str | None = None) -> str
     path = REFERENCE
     if wants_triton(device):
         reason = triton_import_error() or unsupported
+        if reason is None and device.type == "cpu":
+            reason = interpreter_problem()
         if reason is None:
             path = TRITON
         else:

@@ -110,6 +110,8 @@ def gate(
         unsupported = f"floor of {min(floor_tokens, n)} tokens (the kernel keeps at most {MAX_FLOOR} candidates)"
     elif not ema.is_contiguous():
         unsupported = "non-contiguous EMA pool"
+    elif frames.device.type == "cpu" and frames.dtype == torch.bfloat16:
+        unsupported = "bfloat16 under the Triton interpreter (its bf16 arithmetic is broken)"
     if dispatch.choose("gate", frames.device, unsupported) == dispatch.REFERENCE:
         return gate_reference(frames, weight, bias, pos_embed, prefix, ema, slot, first, threshold, ema_decay, floor_tokens)
     return _gate_triton(frames, weight, bias, pos_embed, prefix, ema, slot, first, threshold, ema_decay,
@@ -172,8 +174,10 @@ def _gate_triton(frames, weight, bias, pos_embed, prefix, ema, slot, first, thre
     cand_idx = _empty(b, nb, kf, dtype=torch.int32, device=dev)
     grid = (nb, b)
     launch = dict(num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+    embed = dispatch.launchable(gate_embed_kernel, dev)
+    pack = dispatch.launchable(gate_pack_kernel, dev)
     sx = frames.stride()
-    gate_embed_kernel[grid](
+    embed[grid](
         frames, w2, bias_arg, pe, ema, slot, first_i8, surprise, bcount, cand_val, cand_idx,
         sx[0], sx[1], sx[2], sx[3], n, d, k, frames.shape[3] // p, nb, float(threshold), float(ema_decay),
         PATCH=p, BLOCK_P=cfg["BLOCK_P"], BLOCK_D=cfg["BLOCK_D"], BLOCK_K=cfg["BLOCK_K"], KF=kf,
@@ -184,7 +188,7 @@ def _gate_triton(frames, weight, bias, pos_embed, prefix, ema, slot, first, thre
     cu = _empty(b + 1, dtype=torch.int32, device=dev)
     index = _empty(cap, dtype=torch.int32, device=dev)
     packed = _empty(cap, d, dtype=frames.dtype, device=dev)
-    gate_pack_kernel[grid](
+    pack[grid](
         frames, w2, bias_arg, pe, prefix.to(frames.dtype).contiguous(), first_i8, surprise, bcount, cand_val, cand_idx,
         active, cu, index, packed,
         sx[0], sx[1], sx[2], sx[3], b, n, d, k, frames.shape[3] // p, nb, float(threshold), floor_k,
@@ -218,7 +222,7 @@ def cache_scatter(cache: torch.Tensor, slot: torch.Tensor, src: torch.Tensor, cu
     if dispatch.interpreting():
         cfg.update(BLOCK_T=max(16, _next_pow2(cap)), BLOCK_D=_next_pow2(cache.shape[2]))
     grid = (triton_cdiv(cap, cfg["BLOCK_T"]),)
-    cache_scatter_kernel[grid](
+    dispatch.launchable(cache_scatter_kernel, cache.device)[grid](
         src, cache, slot.to(torch.int64), cu_seqlens, index, b, cache.shape[1], cache.shape[2], src.stride(0),
         BLOCK_T=cfg["BLOCK_T"], BLOCK_D=cfg["BLOCK_D"], BLOCK_B=_next_pow2(b),
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],

@@ -1,0 +1,352 @@
+"""Microbenchmark of the varlen attention kernel against PyTorch SDPA and flash-attn.
+
+    python bench/bench_varlen_attention.py [--quick] [--out bench/results]
+
+Workloads (fixed seed):
+
+* ``active-N``: 32 streams, each with 2%-30% of N patch tokens active (N = 784: 224 px / 8 or
+  448 px / 16; N = 3136: 448 px / 8); the active tokens of a stream attend to each other.
+* ``cache-N``: the same active queries attend to all N cached keys/values of their stream, read
+  in place from a ``[32 * N, H, Dh]`` cache through ``kv_start``.
+* ``long-L``: one segment of L tokens (L = 512, 1024, 4096).
+
+Head dims 64 (12 heads, ViT-B) and 72 (16 heads, SigLIP so400m). On a GPU, fp16: the Triton
+kernel, SDPA on the same work padded to a rectangle with a key padding mask (the padding copies
+are not timed, which favours SDPA), SDPA called per segment, and ``flash_attn_varlen_func`` when
+it imports. Every method's output is checked against the float64 reference under the project's
+tolerance policy first; no speedup is reported for a method whose check failed, and none at all
+for a configuration whose kernel check failed.
+
+On the CPU there is no kernel timing (the Triton interpreter measures Python, not the kernel):
+only the PyTorch reference and padded / per-segment SDPA run, in fp32, on small shapes, timed
+with ``time.perf_counter`` medians.
+
+Writes one JSON line per configuration to ``<out>/varlen_attention.jsonl`` (appended) and the
+readable table to ``<out>/varlen_attention.md`` (overwritten), and prints the table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+try:
+    from neuroflow import dispatch
+    from neuroflow.testing import assert_close
+    from neuroflow.varlen import launch_config, varlen_attention, varlen_attention_reference
+except ImportError as exc:  # pragma: no cover - only without an installed package
+    sys.exit(f"neuroflow is not importable ({exc}); run `pip install -e .` in the repository first")
+
+ROOT = Path(__file__).resolve().parents[1]
+SEED = 20240611
+STREAMS = 32
+ACTIVE_FRACTION = (0.02, 0.30)
+MIN_ACTIVE = 4  # the gate's default floor_tokens
+HEADS = {64: 12, 72: 16}
+
+
+@dataclass
+class Workload:
+    name: str
+    len_q: list[int]
+    len_k: list[int]
+    uses_cache: bool  # keys read through kv_start from a [streams * tokens] cache
+
+
+def gate_mix(tokens: int, generator: torch.Generator) -> list[int]:
+    """Active-token counts of STREAMS streams with 2%-30% of ``tokens`` active (at least the floor)."""
+    lo, hi = ACTIVE_FRACTION
+    fractions = lo + (hi - lo) * torch.rand(STREAMS, generator=generator)
+    return [max(MIN_ACTIVE, round(f * tokens)) for f in fractions.tolist()]
+
+
+def workloads(on_gpu: bool, quick: bool) -> list[Workload]:
+    g = torch.Generator().manual_seed(SEED)
+    mixes = {n: gate_mix(n, g) for n in (784, 3136)}
+    if on_gpu:
+        tokens, longs = ((784,), (1024,)) if quick else ((784, 3136), (512, 1024, 4096))
+    else:  # the CPU times only PyTorch paths: keep the shapes small
+        tokens, longs = ((784,), (512,)) if quick else ((784, 3136), (512, 1024))
+    out = []
+    for n in tokens:
+        active = mixes[n]
+        out.append(Workload(f"active-{n}", active, active, False))
+        out.append(Workload(f"cache-{n}", active, [n] * STREAMS, True))
+    for length in longs:
+        out.append(Workload(f"long-{length}", [length], [length], False))
+    return out
+
+
+def cu_seqlens(lengths: list[int], device) -> torch.Tensor:
+    offsets = [0]
+    for n in lengths:
+        offsets.append(offsets[-1] + n)
+    return torch.tensor(offsets, dtype=torch.int32, device=device)
+
+
+def attention_flops(w: Workload, heads: int, head_dim: int) -> int:
+    """Two matmuls (QK^T and PV) of 2 flops per multiply-add each."""
+    return 4 * heads * head_dim * sum(a * b for a, b in zip(w.len_q, w.len_k))
+
+
+def make_inputs(w: Workload, heads: int, head_dim: int, dtype, device, generator):
+    cu_q, cu_k = cu_seqlens(w.len_q, device), cu_seqlens(w.len_k, device)
+
+    def rnd(rows):
+        return torch.randn(rows, heads, head_dim, generator=generator).to(device=device, dtype=dtype)
+
+    q, k, v = rnd(sum(w.len_q)), rnd(sum(w.len_k)), rnd(sum(w.len_k))
+    kv_start = cu_k[:-1].clone() if w.uses_cache else None
+    return q, k, v, cu_q, cu_k, kv_start
+
+
+def padded(x: torch.Tensor, lengths: list[int]) -> torch.Tensor:
+    """Packed ``[T, H, D]`` -> ``[B, H, max_len, D]`` with zero rows after each segment."""
+    out = x.new_zeros(len(lengths), max(lengths), *x.shape[1:])
+    start = 0
+    for b, n in enumerate(lengths):
+        out[b, :n] = x[start : start + n]
+        start += n
+    return out.transpose(1, 2).contiguous()
+
+
+def unpadded(x: torch.Tensor, lengths: list[int]) -> torch.Tensor:
+    """``[B, H, max_len, D]`` -> packed ``[T, H, D]``."""
+    x = x.transpose(1, 2)
+    return torch.cat([x[b, :n] for b, n in enumerate(lengths)])
+
+
+def methods(w: Workload, q, k, v, cu_q, cu_k, kv_start, on_gpu: bool) -> dict:
+    """name -> zero-argument callable returning the packed ``[Tq, H, D]`` output."""
+    max_q, max_k = max(w.len_q), max(w.len_k)
+    qp, kp, vp = padded(q, w.len_q), padded(k, w.len_k), padded(v, w.len_k)
+    key_ok = torch.arange(max_k, device=q.device)[None, :] < torch.tensor(w.len_k, device=q.device)[:, None]
+    mask = key_ok[:, None, None, :]  # [B, 1, 1, max_k]: True = attend
+    starts_q = cu_q.tolist()
+    starts_k = cu_k.tolist()
+
+    def sdpa_padded():
+        return F.scaled_dot_product_attention(qp, kp, vp, attn_mask=mask)
+
+    def sdpa_per_segment():
+        out = torch.empty_like(q)
+        for b in range(len(w.len_q)):
+            qs, ks = slice(starts_q[b], starts_q[b + 1]), slice(starts_k[b], starts_k[b + 1])
+            qb, kb, vb = (x.transpose(0, 1)[None] for x in (q[qs], k[ks], v[ks]))  # [1, H, L, D]
+            out[qs] = F.scaled_dot_product_attention(qb, kb, vb)[0].transpose(0, 1)
+        return out
+
+    out = {}
+    if on_gpu:
+        out["triton"] = lambda: varlen_attention(q, k, v, cu_q, cu_k, max_q, max_k, kv_start=kv_start)
+    else:
+        out["reference"] = lambda: varlen_attention_reference(q, k, v, cu_q, cu_k, max_q, max_k, kv_start=kv_start)
+    out["sdpa_padded"] = (sdpa_padded, lambda o: unpadded(o, w.len_q))
+    out["sdpa_per_segment"] = sdpa_per_segment
+    if on_gpu and q.dtype in (torch.float16, torch.bfloat16):
+        try:
+            from flash_attn import flash_attn_varlen_func
+        except Exception:  # not installed, or built for another torch
+            flash_attn_varlen_func = None
+        if flash_attn_varlen_func is not None:
+            # The workloads' keys are contiguous per segment (kv_start == cu_seqlens_k[:-1]), so
+            # flash-attn's packed layout sees the same keys as the kernel's cache path.
+            out["flash_attn"] = lambda: flash_attn_varlen_func(q, k, v, cu_q, cu_k, max_q, max_k)
+    return out
+
+
+def time_ms(fn, on_gpu: bool, quick: bool) -> float:
+    if on_gpu:
+        import triton.testing
+
+        return float(triton.testing.do_bench(fn, warmup=10 if quick else 25, rep=30 if quick else 100, return_mode="median"))
+    fn()  # warm-up
+    samples = []
+    for _ in range(3 if quick else 7):
+        start = time.perf_counter()
+        fn()
+        samples.append((time.perf_counter() - start) * 1e3)
+    return statistics.median(samples)
+
+
+def git_commit() -> str | None:
+    """What ``git rev-parse HEAD`` prints, read from the repository's files (no git process, so it
+    also works where git is not installed), or None; ``NEUROFLOW_GIT_COMMIT`` overrides it."""
+    if os.environ.get("NEUROFLOW_GIT_COMMIT"):
+        return os.environ["NEUROFLOW_GIT_COMMIT"]
+    git = ROOT / ".git"
+    try:
+        if git.is_file():  # a worktree: "gitdir: <path>"
+            git = (ROOT / git.read_text().split(":", 1)[1].strip()).resolve()
+        common = git
+        if (git / "commondir").is_file():
+            common = (git / (git / "commondir").read_text().strip()).resolve()
+        head = (git / "HEAD").read_text().strip()
+        if not head.startswith("ref:"):
+            return head
+        ref = head.split(":", 1)[1].strip()
+        for base in (git, common):
+            if (base / ref).is_file():
+                return (base / ref).read_text().strip()
+        packed = common / "packed-refs"
+        if packed.is_file():
+            for line in packed.read_text().splitlines():
+                if line.endswith(" " + ref):
+                    return line.split()[0]
+    except OSError:
+        pass
+    return None
+
+
+def environment(on_gpu: bool) -> dict:
+    """Labels of every record; the same keys as bench/common.py's (``time`` is the UTC timestamp)."""
+    versions = {}
+    for module in ("triton", "transformers"):
+        try:
+            versions[module] = __import__(module).__version__
+        except Exception:
+            versions[module] = None
+    device = torch.cuda.get_device_name() if on_gpu else f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+    return dict(
+        device=device,
+        torch=torch.__version__,
+        **versions,
+        commit=git_commit(),
+        time=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+    )
+
+
+def run_config(w: Workload, head_dim: int, dtype, on_gpu: bool, quick: bool, env: dict) -> dict:
+    device = "cuda" if on_gpu else "cpu"
+    heads = HEADS[head_dim]
+    g = torch.Generator().manual_seed(SEED + head_dim)
+    q, k, v, cu_q, cu_k, kv_start = make_inputs(w, heads, head_dim, dtype, device, g)
+    max_q, max_k = max(w.len_q), max(w.len_k)
+    reference = varlen_attention_reference(q.double(), k.double(), v.double(), cu_q, cu_k, max_q, max_k, kv_start=kv_start)
+    baseline = varlen_attention_reference(q, k, v, cu_q, cu_k, max_q, max_k, kv_start=kv_start)
+    flops = attention_flops(w, heads, head_dim)
+    results = {}
+    for name, spec in methods(w, q, k, v, cu_q, cu_k, kv_start, on_gpu).items():
+        fn, to_packed = spec if isinstance(spec, tuple) else (spec, lambda o: o)
+        entry = dict(ms=None, tflops=None, correct=False, error=None)
+        try:
+            assert_close(to_packed(fn()), reference, baseline, what=name)  # correctness first
+            if name == "triton" and dispatch.last_path.get("varlen_attention") != "triton":
+                raise RuntimeError(f"the launcher fell back to the reference: {dispatch.fallbacks[-1:]}")
+            entry["correct"] = True
+        except AssertionError as exc:
+            entry["error"] = str(exc)
+        except Exception as exc:  # a method that cannot run this shape
+            entry["error"] = f"{type(exc).__name__}: {exc}"
+        if entry["correct"]:
+            entry["ms"] = time_ms(fn, on_gpu, quick)
+            entry["tflops"] = flops / (entry["ms"] * 1e-3) / 1e12
+        results[name] = entry
+    speedup = {}
+    kernel = results.get("triton")
+    if kernel is not None:
+        for name, entry in results.items():
+            if name != "triton":
+                # None unless both the kernel and the other method passed their checks.
+                ok = kernel["correct"] and entry["correct"]
+                speedup[name] = entry["ms"] / kernel["ms"] if ok else None
+    return dict(
+        workload=w.name,
+        streams=len(w.len_q),
+        heads=heads,
+        head_dim=head_dim,
+        dtype=str(dtype).removeprefix("torch."),
+        total_q=sum(w.len_q),
+        total_k=sum(w.len_k),
+        max_q=max_q,
+        max_k=max_k,
+        gflop=flops / 1e9,
+        kernel_config=launch_config(max_q, head_dim) if on_gpu else None,
+        methods=results,
+        speedup=speedup,
+        **env,
+    )
+
+
+def fmt_time(entry: dict | None) -> str:
+    if entry is None:
+        return "-"
+    if not entry["correct"]:
+        return "FAILED check"
+    return f"{entry['ms']:.3f} ({entry['tflops']:.2f})"
+
+
+def table(records: list[dict], on_gpu: bool) -> str:
+    names = ["triton", "sdpa_padded", "sdpa_per_segment", "flash_attn"] if on_gpu else ["reference", "sdpa_padded", "sdpa_per_segment"]
+    head = ["workload", "d", "H", "Tq / Tk", "GFLOP"] + [f"{n} ms (TFLOP/s)" for n in names]
+    if on_gpu:
+        head += [f"x {n}" for n in names[1:]]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in records:
+        row = [r["workload"], str(r["head_dim"]), str(r["heads"]), f"{r['total_q']} / {r['total_k']}", f"{r['gflop']:.2f}"]
+        row += [fmt_time(r["methods"].get(n)) for n in names]
+        if on_gpu:
+            for n in names[1:]:
+                ratio = r["speedup"].get(n)
+                row.append("-" if n not in r["methods"] else ("n/a" if ratio is None else f"{ratio:.2f}x"))
+        lines.append("| " + " | ".join(row) + " |")
+    env = records[0] if records else {}
+    notes = [
+        f"device: {env.get('device')}, dtype: {env.get('dtype')}, torch {env.get('torch')}, triton {env.get('triton')}, "
+        f"commit {env.get('commit')}, {env.get('time')}",
+        "times are medians in ms, TFLOP/s in brackets; `x name` = name's time / the kernel's time; "
+        "n/a = no speedup reported because a correctness check failed; sdpa_padded excludes the padding copies.",
+    ]
+    if not on_gpu:
+        notes.append(
+            "NO KERNEL TIMING: this machine has no CUDA GPU, and the Triton interpreter would time Python, "
+            "not the kernel. Only the PyTorch paths (fp32) were timed."
+        )
+    return "\n".join(lines) + "\n\n" + "\n".join(f"- {n}" for n in notes) + "\n"
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="fewer shapes and repetitions")
+    parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results", help="output folder")
+    args = parser.parse_args(argv)
+
+    on_gpu = torch.cuda.is_available()
+    dtype = torch.float16 if on_gpu else torch.float32
+    head_dims = (64,) if (args.quick and not on_gpu) else (64, 72)
+    env = environment(on_gpu)
+    if not on_gpu:
+        print("No CUDA GPU: timing only the PyTorch reference and SDPA paths in fp32; no kernel timing exists here.")
+    records = []
+    for w in workloads(on_gpu, args.quick):
+        for head_dim in head_dims:
+            record = run_config(w, head_dim, dtype, on_gpu, args.quick, env)
+            records.append(record)
+            kernel = record["methods"].get("triton")
+            if kernel is not None and not kernel["correct"]:
+                print(f"{w.name} d{head_dim}: kernel FAILED its correctness check; no speedup reported: {kernel['error']}")
+            print(f"done {w.name} d{head_dim}", flush=True)
+    args.out.mkdir(parents=True, exist_ok=True)
+    with open(args.out / "varlen_attention.jsonl", "a") as f:
+        for r in records:
+            f.write(json.dumps(r) + "\n")
+    text = table(records, on_gpu)
+    (args.out / "varlen_attention.md").write_text("# varlen attention microbenchmark\n\n" + text)
+    print(text)
+    failed = [r for r in records if "triton" in r["methods"] and not r["methods"]["triton"]["correct"]]
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
