@@ -1,8 +1,8 @@
 """Architectures A, B and C: what runs after the gate, and what each stream remembers.
 
-Each function takes the gate's packed tokens (:class:`Segments` tells which rows belong to which
-stream and where they sit in its token grid) and the streams' state, and returns the model
-outputs; state tensors are pool tensors updated in place at the batch's slots.
+B and C take the gate's packed tokens (:class:`neuroflow.encoder.Packed` tells which rows belong
+to which stream and where they sit in its token grid), A the full token grid; all return the
+model outputs, and state tensors are pool tensors updated in place at the batch's slots.
 
 * **A** (MLP gating): attention over all tokens at every layer, the MLP only for computed tokens;
   an inactive token's output at layer l is its layer-l output from the last frame it was active
@@ -12,8 +12,8 @@ outputs; state tensors are pool tensors updated in place at the batch's slots.
   outputs (before the final norm) is overwritten at their positions and the readout sees the
   whole cache. For models that pool a CLS token, the CLS token would otherwise see only the
   active patches, so by default the *last* layer runs with full context: each stream also caches
-  every token's input to the last layer, and the last layer's queries (CLS, registers, active
-  patches) attend to all of them (fresh for computed tokens, last-active for the rest). See
+  every token's key and value at the last layer, and the last layer's queries (CLS, registers,
+  active patches) attend to all of them (fresh for computed tokens, last-active for the rest). See
   ``README.md`` ("Architecture C for CLS models").
 """
 
@@ -23,33 +23,9 @@ from dataclasses import dataclass
 
 import torch
 
-from .encoder import run_layer_with_context, run_layers
+from .encoder import Packed, packed_layer_cached_kv, run_packed
 from .fused_gate import cache_scatter
 from .models import VisionAdapter, attention_block, mlp_block
-
-
-@dataclass
-class Segments:
-    """Where the packed tokens of B streams belong.
-
-    Attributes:
-        cu_seqlens: ``[B + 1]`` int32 (device), offsets of each stream's rows.
-        index: ``[T]`` int32 (device), position of each row in its stream's token grid.
-        lengths: the B segment lengths on the host.
-        tokens: T_tok, tokens per frame (prefix + patches).
-    """
-
-    cu_seqlens: torch.Tensor
-    index: torch.Tensor
-    lengths: list[int]
-    tokens: int
-
-    def split(self, packed: torch.Tensor) -> list[torch.Tensor]:
-        """``[T, D]`` -> B tensors ``[T_b, D]``."""
-        return list(torch.split(packed, self.lengths))
-
-    def positions(self) -> list[torch.Tensor]:
-        return [p.long() for p in torch.split(self.index, self.lengths)]
 
 
 @dataclass
@@ -77,44 +53,36 @@ def architecture_a(adapter: VisionAdapter, tokens: torch.Tensor, computed: torch
     return ArchResult(seq, pooled), new_anchors
 
 
-def architecture_b(adapter: VisionAdapter, packed: torch.Tensor, segments: Segments) -> ArchResult:
-    """``last_hidden_state`` is the full grid with zeros at tokens that were not computed."""
-    z_rows = run_layers(adapter.layers, segments.split(packed))
-    batch, dim = len(z_rows), packed.shape[-1]
-    longest = max(segments.lengths)
-    z = packed.new_zeros(batch, longest, dim)
-    pad = torch.ones(batch, longest, dtype=torch.bool, device=z.device)
-    for b, r in enumerate(z_rows):
-        z[b, : r.shape[0]] = r
-        pad[b, : r.shape[0]] = False
-    seq, pooled = adapter.readout(z, key_padding_mask=pad if pad.any() else None)
-    full = seq.new_zeros(batch, segments.tokens, seq.shape[-1])
-    for b, pos in enumerate(segments.positions()):
-        full[b, pos] = seq[b, : pos.shape[0]]
+def architecture_b(adapter: VisionAdapter, x: torch.Tensor, packed: Packed) -> ArchResult:
+    """Args: x ``[T, D]`` packed encoder inputs. ``last_hidden_state`` is the full grid with zeros
+    at tokens that were not computed."""
+    z = run_packed(adapter.layers, x, packed)
+    seq, pooled = adapter.readout_packed(z, packed.cu_seqlens, packed.max_seqlen)
+    full = seq.new_zeros(len(packed.lengths), packed.tokens, seq.shape[-1])
+    full[packed.frame_of(), packed.index.long()] = seq
     return ArchResult(full, pooled)
 
 
 def architecture_c(
     adapter: VisionAdapter,
-    packed: torch.Tensor,
-    segments: Segments,
+    x: torch.Tensor,
+    packed: Packed,
     slot: torch.Tensor,
     cache: torch.Tensor,
-    context: torch.Tensor | None = None,
+    last_kv: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> ArchResult:
     """Args:
+    x: ``[T, D]`` packed encoder inputs.
     slot: ``[B]`` int64, the streams' rows in the pools.
-    cache: ``[S, T, D]`` pool of final-layer outputs (before the final norm), updated in place.
-    context: ``[S, T, D]`` pool of inputs to the last layer, updated in place; given only for the
-        full-context last layer of CLS models.
+    cache: ``[S, T_tok, D]`` pool of final-layer outputs (before the final norm), updated in place.
+    last_kv: ``[S, T_tok, D]`` pools of the last layer's keys and values, updated in place; given
+        only for the full-context last layer of CLS models.
     """
-    rows = segments.split(packed)
-    if context is None:
-        z_rows = run_layers(adapter.layers, rows)
+    if last_kv is None:
+        z = run_packed(adapter.layers, x, packed)
     else:
-        y_rows = run_layers(adapter.layers[:-1], rows)
-        cache_scatter(context, slot, torch.cat(y_rows), segments.cu_seqlens, segments.index)
-        z_rows = run_layer_with_context(adapter.layers[-1], y_rows, context[slot])
-    cache_scatter(cache, slot, torch.cat(z_rows), segments.cu_seqlens, segments.index)
+        y = run_packed(adapter.layers[:-1], x, packed)
+        z = packed_layer_cached_kv(adapter.layers[-1], y, packed, slot, *last_kv)
+    cache_scatter(cache, slot, z, packed.cu_seqlens, packed.index)
     seq, pooled = adapter.readout(cache[slot])
     return ArchResult(seq, pooled)

@@ -1,59 +1,102 @@
-"""The encoder on token subsets: every stream runs its own tokens through the model's layers.
+"""The encoder on packed tokens: every stream's computed tokens in one ``[T, D]`` sequence.
 
-Reference path: streams with equal token counts are stacked into one ``[b, T, D]`` batch, so the
-layers see ordinary dense batches and no mask is involved; attention never mixes streams.
-(The packed varlen path, where all streams share one sequence with ``cu_seqlens``, replaces
-this grouping on the GPU.)
+Token-wise ops (layer norms, projections, MLP) run on the packed rows directly; attention runs
+through :func:`neuroflow.varlen.varlen_attention` with ``cu_seqlens``, so it only mixes tokens of
+the same stream (the Triton kernel on CUDA, the per-segment reference on the CPU).
 """
 
 from __future__ import annotations
 
-from collections import defaultdict
+from dataclasses import dataclass
 
 import torch
 
-from .models import LayerParts, layer_forward
+from .fused_gate import cache_scatter
+from .models import LayerParts, mlp_block
+from .varlen import varlen_attention
 
 
-def _groups(lengths: list[int]) -> dict[int, list[int]]:
-    groups: dict[int, list[int]] = defaultdict(list)
-    for row, n in enumerate(lengths):
-        groups[n].append(row)
-    return groups
+@dataclass
+class Packed:
+    """Where the packed tokens of B streams belong.
+
+    Attributes:
+        cu_seqlens: ``[B + 1]`` int32 (device), offsets of each stream's rows.
+        index: ``[T]`` int32 (device), position of each row in its stream's token grid.
+        lengths: the B segment lengths on the host.
+        tokens: T_tok, tokens per frame (prefix + patches).
+    """
+
+    cu_seqlens: torch.Tensor
+    index: torch.Tensor
+    lengths: list[int]
+    tokens: int
+
+    @property
+    def total(self) -> int:
+        return sum(self.lengths)
+
+    @property
+    def max_seqlen(self) -> int:
+        return max(self.lengths)
+
+    def frame_of(self) -> torch.Tensor:
+        """``[T]`` int64 (device): the stream (batch row) of each packed row."""
+        b = len(self.lengths)
+        counts = (self.cu_seqlens[1:] - self.cu_seqlens[:-1]).long()
+        return torch.repeat_interleave(torch.arange(b, device=counts.device), counts, output_size=self.total)
+
+    def first_rows(self) -> torch.Tensor:
+        """``[B]`` int64 (device): the first row of each stream (its CLS token when it has one)."""
+        return self.cu_seqlens[:-1].long()
 
 
-def run_layers(layers: list[LayerParts], rows: list[torch.Tensor]) -> list[torch.Tensor]:
-    """Run ``layers`` on each row's own tokens.
+def _heads(x: torch.Tensor, parts: LayerParts) -> torch.Tensor:
+    return x.view(x.shape[0], parts.num_heads, -1)
+
+
+def packed_layer(parts: LayerParts, x: torch.Tensor, packed: Packed) -> torch.Tensor:
+    """One encoder layer on ``x`` ``[T, D]``; attention within each stream's segment."""
+    nx = parts.norm1(x)
+    cu = packed.cu_seqlens
+    o = varlen_attention(_heads(parts.q(nx), parts), _heads(parts.k(nx), parts), _heads(parts.v(nx), parts),
+                         cu, cu, packed.max_seqlen, packed.max_seqlen, scale=parts.scale)
+    x = x + parts.scale1(parts.o(o.reshape(x.shape[0], -1)))
+    return mlp_block(parts, x)
+
+
+def run_packed(layers: list[LayerParts], x: torch.Tensor, packed: Packed) -> torch.Tensor:
+    """``layers`` on packed tokens ``[T, D]`` -> ``[T, D]``."""
+    for parts in layers:
+        x = packed_layer(parts, x, packed)
+    return x
+
+
+def packed_layer_cached_kv(
+    parts: LayerParts, x: torch.Tensor, packed: Packed, slot: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor
+) -> torch.Tensor:
+    """One layer whose queries are the packed tokens and whose keys/values are every token of
+    their stream: fresh for the packed tokens (written into the caches first), cached for the rest.
 
     Args:
-        rows: B tensors ``[T_b, D]``, one per stream (the tokens it computes this frame).
-    Returns:
-        B tensors ``[T_b, D]``, the rows after the last layer.
+        x: ``[T, D]`` packed residual stream.
+        slot: ``[B]`` int64, each stream's row in the caches.
+        k_cache, v_cache: ``[S, T_tok, H * Dh]`` per-stream keys / values of this layer, updated in
+            place at the packed tokens' positions and read in place by the attention.
     """
-    out: list[torch.Tensor | None] = [None] * len(rows)
-    for _, members in _groups([r.shape[0] for r in rows]).items():
-        x = torch.stack([rows[i] for i in members])
-        for parts in layers:
-            x = layer_forward(parts, x)
-        for j, i in enumerate(members):
-            out[i] = x[j]
-    return out  # type: ignore[return-value]
-
-
-def run_layer_with_context(parts: LayerParts, rows: list[torch.Tensor], context: torch.Tensor) -> list[torch.Tensor]:
-    """One layer whose queries are each row's tokens and whose keys/values are its full context.
-
-    Args:
-        rows: B tensors ``[T_b, D]``: the residual stream of the tokens computed this frame.
-        context: ``[B, T, D]``: the residual stream of every token of each stream (computed
-            tokens already written in).
-    Returns:
-        B tensors ``[T_b, D]``.
-    """
-    out: list[torch.Tensor | None] = [None] * len(rows)
-    for _, members in _groups([r.shape[0] for r in rows]).items():
-        x = torch.stack([rows[i] for i in members])
-        y = layer_forward(parts, x, context=context[members])
-        for j, i in enumerate(members):
-            out[i] = y[j]
-    return out  # type: ignore[return-value]
+    nx = parts.norm1(x)
+    k, v = parts.k(nx), parts.v(nx)
+    cache_scatter(k_cache, slot, k, packed.cu_seqlens, packed.index)
+    cache_scatter(v_cache, slot, v, packed.cu_seqlens, packed.index)
+    t_tok = packed.tokens
+    b = len(packed.lengths)
+    cu_k = torch.arange(b + 1, dtype=torch.int32, device=x.device) * t_tok
+    heads, head_dim = parts.num_heads, parts.head_dim
+    o = varlen_attention(
+        _heads(parts.q(nx), parts),
+        k_cache.view(-1, heads, head_dim),
+        v_cache.view(-1, heads, head_dim),
+        packed.cu_seqlens, cu_k, packed.max_seqlen, t_tok, scale=parts.scale, kv_start=slot * t_tok,
+    )
+    x = x + parts.scale1(parts.o(o.reshape(x.shape[0], -1)))
+    return mlp_block(parts, x)

@@ -15,7 +15,8 @@ import torch
 from torch import nn
 
 from . import fused_gate
-from .architectures import Segments, architecture_a, architecture_b, architecture_c
+from .architectures import architecture_a, architecture_b, architecture_c
+from .encoder import Packed
 from .gate import ema_dtype
 from .models import SIGLIP, VisionAdapter
 from .streams import Grid, StreamStore
@@ -169,7 +170,9 @@ class NeuroFlow(nn.Module):
         elif self.arch == "C":
             specs["cache"] = ((t, d), a.dtype)
             if self.uses_context_readout:
-                specs["context"] = ((t, d), a.dtype)
+                width = a.layers[-1].k.out_features
+                specs["last_k"] = ((t, width), a.dtype)
+                specs["last_v"] = ((t, width), a.dtype)
         return specs
 
     # -- the frame path ----------------------------------------------------------------------------
@@ -208,16 +211,17 @@ class NeuroFlow(nn.Module):
             result, anchors = architecture_a(a, tokens, computed, store.tensor("anchors", grid)[slot])
             store.write("anchors", grid, slot, anchors)
         else:
-            # The per-stream encoder needs the segment lengths on the host (one sync).
-            lengths = (counts + a.num_prefix).tolist()
-            total = sum(lengths)
-            segments = Segments(gate.cu_seqlens, gate.index[:total], lengths, a.num_prefix + n)
-            packed = a.encoder_input(gate.packed[:total])
+            # One device->host copy of the offsets: the token count and the longest segment size
+            # the encoder's launches (everything else stays on the device).
+            cu = gate.cu_seqlens.tolist()
+            lengths = [hi - lo for lo, hi in zip(cu, cu[1:])]
+            packed = Packed(gate.cu_seqlens, gate.index[: cu[-1]], lengths, a.num_prefix + n)
+            x = a.encoder_input(gate.packed[: cu[-1]])
             if self.arch == "B":
-                result = architecture_b(a, packed, segments)
+                result = architecture_b(a, x, packed)
             else:
-                context = store.tensor("context", grid) if self.uses_context_readout else None
-                result = architecture_c(a, packed, segments, slot, store.tensor("cache", grid), context)
+                last_kv = (store.tensor("last_k", grid), store.tensor("last_v", grid)) if self.uses_context_readout else None
+                result = architecture_c(a, x, packed, slot, store.tensor("cache", grid), last_kv)
         return NeuroFlowOutput(
             pooler_output=result.pooler_output,
             last_hidden_state=result.last_hidden_state,

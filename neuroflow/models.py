@@ -239,15 +239,11 @@ class VisionAdapter:
         return self.pre_norm(h) if self.pre_norm is not None else h
 
     # -- readout -------------------------------------------------------------------------------
-    def readout(
-        self, z: torch.Tensor, key_padding_mask: torch.Tensor | None = None
-    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def readout(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Final norm and pooling, with the meaning of the model's own outputs.
 
         Args:
             z: ``[B, T, D]`` last encoder layer outputs (before the final norm), prefix first.
-            key_padding_mask: optional ``[B, T]`` bool, True where a token must be ignored by
-                SigLIP's attention-pooling head (Architecture B with unequal token counts).
         Returns:
             ``(last_hidden_state [B, T, D], pooler_output [B, D_out] or None)`` like the model:
             SigLIP normalises every token and pools with its MAP head; CLIP returns the
@@ -258,21 +254,41 @@ class VisionAdapter:
             return z, self.final_norm(z[:, 0])
         seq = self.final_norm(z)
         if self.family == SIGLIP:
-            if self.head is None:
-                return seq, None
-            return seq, self._map_head(seq, key_padding_mask)
+            return seq, self.head(seq) if self.head is not None else None
         if self.family == VIT:
             return seq, self.pooler(seq) if self.pooler is not None else None
         return seq, seq[:, 0]
 
-    def _map_head(self, seq: torch.Tensor, key_padding_mask: torch.Tensor | None) -> torch.Tensor:
+    def readout_packed(self, z: torch.Tensor, cu_seqlens: torch.Tensor, max_seqlen: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """:meth:`readout` for B streams whose tokens are packed: ``z`` ``[T, D]`` in segments
+        ``cu_seqlens`` (int32 ``[B + 1]``, prefix tokens first in each). Returns ``(tokens [T, D],
+        pooler_output [B, D_out] or None)``; SigLIP's head attends within each segment only."""
+        first = cu_seqlens[:-1].long()
+        if self.family == CLIP:
+            return z, self.final_norm(z[first])
+        seq = self.final_norm(z)
+        if self.family == SIGLIP:
+            return seq, self._map_head_packed(seq, cu_seqlens, max_seqlen) if self.head is not None else None
+        if self.family == VIT:
+            return seq, self.pooler(seq[first][:, None]) if self.pooler is not None else None
+        return seq, seq[first]
+
+    def _map_head_packed(self, seq: torch.Tensor, cu_seqlens: torch.Tensor, max_seqlen: int) -> torch.Tensor:
+        """SigLIP's attention-pooling head (one learned probe query per stream) on packed tokens."""
+        from .varlen import varlen_attention
+
         head = self.head
-        if key_padding_mask is None:
-            return head(seq)
-        probe = head.probe.expand(seq.shape[0], -1, -1)
-        pooled = head.attention(probe, seq, seq, key_padding_mask=key_padding_mask)[0]
-        pooled = pooled + head.mlp(head.layernorm(pooled))
-        return pooled[:, 0]
+        mha = head.attention
+        d, h = self.hidden_size, mha.num_heads
+        wq, wk, wv = mha.in_proj_weight.split(d)
+        bq, bk, bv = mha.in_proj_bias.split(d) if mha.in_proj_bias is not None else (None, None, None)
+        b = cu_seqlens.shape[0] - 1
+        q = F.linear(head.probe.reshape(1, d), wq, bq).expand(b, d).reshape(b, h, d // h)
+        k = F.linear(seq, wk, bk).view(-1, h, d // h)
+        v = F.linear(seq, wv, bv).view(-1, h, d // h)
+        cu_q = torch.arange(b + 1, dtype=torch.int32, device=seq.device)
+        pooled = mha.out_proj(varlen_attention(q.contiguous(), k, v, cu_q, cu_seqlens, 1, max_seqlen).reshape(b, d))
+        return pooled + head.mlp(head.layernorm(pooled))
 
 
 # -- one encoder layer, written out so attention can see a different key set than its queries ------

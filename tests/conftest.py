@@ -39,9 +39,10 @@ FAMILIES = ("siglip", "clip", "vit", "dinov2", "dinov2_registers")
 
 
 def make_model(family: str, seed: int = 0, dtype: torch.dtype = torch.float32, layers: int = 2):
-    """A tiny eval-mode vision model: D=48 (4 heads of 12), 8-px patches, native 32x32 (4x4 grid)."""
+    """A tiny eval-mode vision model: D=48 (2 heads of 24: padded inside the kernels), 8-px patches,
+    native 32x32 (4x4 grid)."""
     torch.manual_seed(seed)
-    common = dict(hidden_size=48, num_hidden_layers=layers, num_attention_heads=4, image_size=32, patch_size=PATCH)
+    common = dict(hidden_size=48, num_hidden_layers=layers, num_attention_heads=2, image_size=32, patch_size=PATCH)
     if family == "siglip":
         model = SiglipVisionModel(SiglipVisionConfig(intermediate_size=96, **common))
     elif family == "clip":
