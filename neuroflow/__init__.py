@@ -6,11 +6,17 @@
 
 from .compat import NeuroFlowSiglipVisionArchA, NeuroFlowSiglipVisionArchB, NeuroFlowSiglipVisionArchC
 from .engine import NeuroFlow, NeuroFlowOutput
+from .hf_attention import ATTENTION_NAME, packed_segments
+from .hf_attention import register as register_attention
 from .models import UnsupportedModelError, VisionAdapter
 
 __version__ = "0.1.0"
 
+# attn_implementation="neuroflow_varlen" works as soon as neuroflow is imported.
+register_attention()
+
 __all__ = [
+    "ATTENTION_NAME",
     "NeuroFlow",
     "NeuroFlowOutput",
     "NeuroFlowSiglipVisionArchA",
@@ -18,5 +24,7 @@ __all__ = [
     "NeuroFlowSiglipVisionArchC",
     "UnsupportedModelError",
     "VisionAdapter",
+    "packed_segments",
+    "register_attention",
     "__version__",
 ]
