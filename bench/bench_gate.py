@@ -88,7 +88,6 @@ def run(sizes, stream_counts, device: torch.device, dtype: torch.dtype) -> list[
             records.append(rec)
             print(f"{size:5d} px x {streams:2d} streams: unfused {rec['unfused_ms']:.2f} ms"
                   + (f", fused {rec['fused_ms']:.3f} ms ({rec['speedup']:.1f}x)" if "fused_ms" in rec else ""), flush=True)
-            del frames, ema, work
     return records
 
 

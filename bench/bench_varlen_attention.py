@@ -28,18 +28,14 @@ readable table to ``<out>/varlen_attention.md`` (overwritten), and prints the ta
 from __future__ import annotations
 
 import argparse
-import datetime
-import json
-import os
-import platform
-import statistics
 import sys
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+
+from common import RESULTS, environment, median_ms, write_results
 
 try:
     from neuroflow import dispatch
@@ -48,7 +44,6 @@ try:
 except ImportError as exc:  # pragma: no cover - only without an installed package
     sys.exit(f"neuroflow is not importable ({exc}); run `pip install -e .` in the repository first")
 
-ROOT = Path(__file__).resolve().parents[1]
 SEED = 20240611
 STREAMS = 32
 ACTIVE_FRACTION = (0.02, 0.30)
@@ -167,64 +162,7 @@ def methods(w: Workload, q, k, v, cu_q, cu_k, kv_start, on_gpu: bool) -> dict:
 
 
 def time_ms(fn, on_gpu: bool, quick: bool) -> float:
-    if on_gpu:
-        import triton.testing
-
-        return float(triton.testing.do_bench(fn, warmup=10 if quick else 25, rep=30 if quick else 100, return_mode="median"))
-    fn()  # warm-up
-    samples = []
-    for _ in range(3 if quick else 7):
-        start = time.perf_counter()
-        fn()
-        samples.append((time.perf_counter() - start) * 1e3)
-    return statistics.median(samples)
-
-
-def git_commit() -> str | None:
-    """What ``git rev-parse HEAD`` prints, read from the repository's files (no git process, so it
-    also works where git is not installed), or None; ``NEUROFLOW_GIT_COMMIT`` overrides it."""
-    if os.environ.get("NEUROFLOW_GIT_COMMIT"):
-        return os.environ["NEUROFLOW_GIT_COMMIT"]
-    git = ROOT / ".git"
-    try:
-        if git.is_file():  # a worktree: "gitdir: <path>"
-            git = (ROOT / git.read_text().split(":", 1)[1].strip()).resolve()
-        common = git
-        if (git / "commondir").is_file():
-            common = (git / (git / "commondir").read_text().strip()).resolve()
-        head = (git / "HEAD").read_text().strip()
-        if not head.startswith("ref:"):
-            return head
-        ref = head.split(":", 1)[1].strip()
-        for base in (git, common):
-            if (base / ref).is_file():
-                return (base / ref).read_text().strip()
-        packed = common / "packed-refs"
-        if packed.is_file():
-            for line in packed.read_text().splitlines():
-                if line.endswith(" " + ref):
-                    return line.split()[0]
-    except OSError:
-        pass
-    return None
-
-
-def environment(on_gpu: bool) -> dict:
-    """Labels of every record; the same keys as bench/common.py's (``time`` is the UTC timestamp)."""
-    versions = {}
-    for module in ("triton", "transformers"):
-        try:
-            versions[module] = __import__(module).__version__
-        except Exception:
-            versions[module] = None
-    device = torch.cuda.get_device_name() if on_gpu else f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
-    return dict(
-        device=device,
-        torch=torch.__version__,
-        **versions,
-        commit=git_commit(),
-        time=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-    )
+    return median_ms(fn, torch.device("cuda" if on_gpu else "cpu"), warmup=1, repeat=3 if quick else 7, quick=quick)
 
 
 def run_config(w: Workload, head_dim: int, dtype, on_gpu: bool, quick: bool, env: dict) -> dict:
@@ -319,13 +257,13 @@ def table(records: list[dict], on_gpu: bool) -> str:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="fewer shapes and repetitions")
-    parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results", help="output folder")
+    parser.add_argument("--out", type=Path, default=RESULTS, help="output folder")
     args = parser.parse_args(argv)
 
     on_gpu = torch.cuda.is_available()
     dtype = torch.float16 if on_gpu else torch.float32
     head_dims = (64,) if (args.quick and not on_gpu) else (64, 72)
-    env = environment(on_gpu)
+    env = environment(torch.device("cuda" if on_gpu else "cpu"))
     if not on_gpu:
         print("No CUDA GPU: timing only the PyTorch reference and SDPA paths in fp32; no kernel timing exists here.")
     records = []
@@ -337,12 +275,8 @@ def main(argv=None) -> int:
             if kernel is not None and not kernel["correct"]:
                 print(f"{w.name} d{head_dim}: kernel FAILED its correctness check; no speedup reported: {kernel['error']}")
             print(f"done {w.name} d{head_dim}", flush=True)
-    args.out.mkdir(parents=True, exist_ok=True)
-    with open(args.out / "varlen_attention.jsonl", "a") as f:
-        for r in records:
-            f.write(json.dumps(r) + "\n")
     text = table(records, on_gpu)
-    (args.out / "varlen_attention.md").write_text("# varlen attention microbenchmark\n\n" + text)
+    write_results("varlen_attention", records, text, args.out, header="# varlen attention microbenchmark")
     print(text)
     failed = [r for r in records if "triton" in r["methods"] and not r["methods"]["triton"]["correct"]]
     return 1 if failed else 0

@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import datetime
 import json
+import os
 import platform
 import statistics
-import subprocess
 import time
 from pathlib import Path
 
@@ -19,6 +19,35 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "bench" / "results"
+
+
+def git_commit() -> str | None:
+    """What ``git rev-parse HEAD`` prints, read from the repository's files (no git process, so it
+    also works where git is not installed), or None; ``NEUROFLOW_GIT_COMMIT`` overrides it."""
+    if os.environ.get("NEUROFLOW_GIT_COMMIT"):
+        return os.environ["NEUROFLOW_GIT_COMMIT"]
+    git = ROOT / ".git"
+    try:
+        if git.is_file():  # a worktree: "gitdir: <path>"
+            git = (ROOT / git.read_text().split(":", 1)[1].strip()).resolve()
+        common = git
+        if (git / "commondir").is_file():
+            common = (git / (git / "commondir").read_text().strip()).resolve()
+        head = (git / "HEAD").read_text().strip()
+        if not head.startswith("ref:"):
+            return head
+        ref = head.split(":", 1)[1].strip()
+        for base in (git, common):
+            if (base / ref).is_file():
+                return (base / ref).read_text().strip()
+        packed = common / "packed-refs"
+        if packed.is_file():
+            for line in packed.read_text().splitlines():
+                if line.endswith(" " + ref):
+                    return line.split()[0]
+    except OSError:
+        pass
+    return None
 
 
 def environment(device: torch.device) -> dict:
@@ -35,11 +64,7 @@ def environment(device: torch.device) -> dict:
         transformers_version = transformers.__version__
     except ImportError:
         transformers_version = None
-    try:
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True,
-                                check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        commit = None
+    commit = git_commit()
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
     return {
         "device": name,
@@ -51,12 +76,13 @@ def environment(device: torch.device) -> dict:
     }
 
 
-def median_ms(fn, device: torch.device, warmup: int = 2, repeat: int = 10) -> float:
+def median_ms(fn, device: torch.device, warmup: int = 2, repeat: int = 10, quick: bool = False) -> float:
     """Median wall time of ``fn()`` in ms: ``triton.testing.do_bench`` on CUDA, perf_counter on CPU."""
     if device.type == "cuda":
         import triton.testing
 
-        return float(triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median"))
+        return float(triton.testing.do_bench(fn, warmup=10 if quick else 25, rep=30 if quick else 100,
+                                             return_mode="median"))
     for _ in range(warmup):
         fn()
     times = []

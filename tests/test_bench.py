@@ -25,3 +25,9 @@ def test_gate_benchmark_writes_records(tmp_path):
     assert rec["size"] == 64 and rec["streams"] == 2 and rec["unfused_ms"] > 0
     assert {"device", "dtype", "torch", "commit", "time", "bytes"} <= rec.keys()
     assert (tmp_path / "gate.md").read_text().count("| 64 |") == 1
+
+
+def test_varlen_attention_benchmark_writes_records(tmp_path):
+    records = run_script("bench_varlen_attention.py", "--quick", out=tmp_path)
+    assert records and all({"device", "torch", "commit", "time"} <= r.keys() for r in records)
+    assert (tmp_path / "varlen_attention.md").is_file()

@@ -21,6 +21,8 @@ def test_engine_through_kernels_matches_reference_path(monkeypatch, family, arch
             monkeypatch.setenv("TRITON_INTERPRET", "1")
             a = kernels(frames[t], stream_ids=["x", "y"])
             assert dispatch.last_path["gate"] == dispatch.TRITON
+            if arch != "A":  # A attends over every token with dense attention
+                assert dispatch.last_path["varlen_attention"] == dispatch.TRITON
             if arch == "C":
                 assert dispatch.last_path["cache_scatter"] == dispatch.TRITON
             monkeypatch.setenv("TRITON_INTERPRET", "0")
