@@ -1,4 +1,4 @@
-"""Architectures A, B and C: what runs after the gate, and what each stream remembers.
+"""Architectures A, B, C and KV: what runs after the gate, and what each stream remembers.
 
 B and C take the gate's packed tokens (:class:`neuroflow.encoder.Packed` tells which rows belong
 to which stream and where they sit in its token grid), A the full token grid; all return the
@@ -15,6 +15,11 @@ model outputs, and state tensors are pool tensors updated in place at the batch'
   every token's key and value at the last layer, and the last layer's queries (CLS, registers,
   active patches) attend to all of them (fresh for computed tokens, last-active for the rest). See
   ``README.md`` ("Architecture C for CLS models").
+* **KV** (cached context): as C, but at *every* layer the computed tokens' queries attend to the
+  keys and values of all tokens of their stream: fresh for computed tokens (written into a
+  per-stream, per-layer cache), last-active for the others. Equivalent to running every layer on
+  all tokens with inactive tokens frozen at their last-active inputs; the pooled token sees every
+  patch at every layer.
 """
 
 from __future__ import annotations
@@ -84,5 +89,34 @@ def architecture_c(
         y = run_packed(adapter.layers[:-1], x, packed)
         z = packed_layer_cached_kv(adapter.layers[-1], y, packed, slot, *last_kv)
     cache_scatter(cache, slot, z, packed.cu_seqlens, packed.index)
+    seq, pooled = adapter.readout(cache[slot])
+    return ArchResult(seq, pooled)
+
+
+def architecture_kv(
+    adapter: VisionAdapter,
+    x: torch.Tensor,
+    packed: Packed,
+    slot: torch.Tensor,
+    cache: torch.Tensor,
+    keys: torch.Tensor,
+    values: torch.Tensor,
+) -> ArchResult:
+    """Cached context: at every layer the computed tokens attend to every token of their stream.
+
+    Args:
+        x: ``[T, D]`` packed encoder inputs.
+        slot: ``[B]`` int64, the streams' rows in the pools.
+        cache: ``[S, T_tok, D]`` pool of final-layer outputs, updated in place (read out as in C).
+        keys, values: ``[S, L, T_tok, H * Dh]`` pools of every layer's keys and values, updated in
+            place at the computed tokens and read in place by the attention.
+    """
+    num_layers = len(adapter.layers)
+    s, _, t_tok, width = keys.shape
+    k_rows, v_rows = keys.view(s * num_layers, t_tok, width), values.view(s * num_layers, t_tok, width)
+    for layer, parts in enumerate(adapter.layers):
+        # Layer l of stream slot s lives at row s * L + l of the flattened pools.
+        x = packed_layer_cached_kv(parts, x, packed, slot * num_layers + layer, k_rows, v_rows)
+    cache_scatter(cache, slot, x, packed.cu_seqlens, packed.index)
     seq, pooled = adapter.readout(cache[slot])
     return ArchResult(seq, pooled)

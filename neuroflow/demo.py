@@ -18,6 +18,7 @@ import time
 
 import torch
 
+from . import dispatch
 from .engine import NeuroFlow
 from .synthetic import static_camera_video
 
@@ -96,14 +97,15 @@ def run(args: argparse.Namespace) -> list[dict]:
     for r in rows:
         print(f"| {r['arch']} | {r['sparsity']:.1%} | {r['ms']:.1f} | {r['dense_ms']:.1f} | {r['speedup']:.2f}x | "
               f"{r['fidelity']:.4f} |")
-    print(f"\n(first frame excluded; one batch = {args.streams} stream(s); pure-PyTorch reference path)")
+    paths = ", ".join(f"{op}: {path}" for op, path in sorted(dispatch.last_path.items()))
+    print(f"\n(first frame excluded; one batch = {args.streams} stream(s); paths taken: {paths})")
     return rows
 
 
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m neuroflow.demo", description=__doc__.split("\n\n")[0])
     p.add_argument("--model", help="local Hugging Face checkpoint folder (default: random-weight SigLIP-base)")
-    p.add_argument("--arch", nargs="+", default=["A", "B", "C"], choices=["A", "B", "C"])
+    p.add_argument("--arch", nargs="+", default=["A", "B", "C", "KV"], choices=["A", "B", "C", "KV"])
     p.add_argument("--frames", type=int, default=10)
     p.add_argument("--streams", type=int, default=2)
     p.add_argument("--size", type=int, default=224, help="frame side in pixels (multiple of the patch size)")

@@ -73,30 +73,31 @@ def run_packed(layers: list[LayerParts], x: torch.Tensor, packed: Packed) -> tor
 
 
 def packed_layer_cached_kv(
-    parts: LayerParts, x: torch.Tensor, packed: Packed, slot: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor
+    parts: LayerParts, x: torch.Tensor, packed: Packed, rows: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor
 ) -> torch.Tensor:
     """One layer whose queries are the packed tokens and whose keys/values are every token of
     their stream: fresh for the packed tokens (written into the caches first), cached for the rest.
 
     Args:
         x: ``[T, D]`` packed residual stream.
-        slot: ``[B]`` int64, each stream's row in the caches.
-        k_cache, v_cache: ``[S, T_tok, H * Dh]`` per-stream keys / values of this layer, updated in
-            place at the packed tokens' positions and read in place by the attention.
+        rows: ``[B]`` int64, each stream's row in the caches.
+        k_cache, v_cache: ``[R, T_tok, H * Dh]`` keys / values of this layer (any float dtype: the
+            attention runs in it), updated in place at the packed tokens' positions and read in
+            place by the attention.
     """
     nx = parts.norm1(x)
     k, v = parts.k(nx), parts.v(nx)
-    cache_scatter(k_cache, slot, k, packed.cu_seqlens, packed.index)
-    cache_scatter(v_cache, slot, v, packed.cu_seqlens, packed.index)
+    cache_scatter(k_cache, rows, k, packed.cu_seqlens, packed.index)
+    cache_scatter(v_cache, rows, v, packed.cu_seqlens, packed.index)
     t_tok = packed.tokens
     b = len(packed.lengths)
     cu_k = torch.arange(b + 1, dtype=torch.int32, device=x.device) * t_tok
     heads, head_dim = parts.num_heads, parts.head_dim
     o = varlen_attention(
-        _heads(parts.q(nx), parts),
+        _heads(parts.q(nx), parts).to(k_cache.dtype),
         k_cache.view(-1, heads, head_dim),
         v_cache.view(-1, heads, head_dim),
-        packed.cu_seqlens, cu_k, packed.max_seqlen, t_tok, scale=parts.scale, kv_start=slot * t_tok,
+        packed.cu_seqlens, cu_k, packed.max_seqlen, t_tok, scale=parts.scale, kv_start=rows * t_tok,
     )
-    x = x + parts.scale1(parts.o(o.reshape(x.shape[0], -1)))
+    x = x + parts.scale1(parts.o(o.to(x.dtype).reshape(x.shape[0], -1)))
     return mlp_block(parts, x)

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from . import fused_gate
-from .architectures import architecture_a, architecture_b, architecture_c
+from .architectures import architecture_a, architecture_b, architecture_c, architecture_kv
 from .encoder import Packed
 from .gate import ema_dtype
 from .models import SIGLIP, VisionAdapter
@@ -62,7 +62,7 @@ class NeuroFlow(nn.Module):
         vision_model: ``SiglipVisionModel`` (SigLIP and SigLIP 2 FixRes), ``CLIPVisionModel``,
             ``ViTModel``, ``Dinov2Model`` or ``Dinov2WithRegistersModel``, or a ``SiglipModel`` /
             ``CLIPModel`` (its vision tower is used). Its weights are used as they are.
-        arch: ``"A"``, ``"B"`` or ``"C"`` (see ``neuroflow.architectures``).
+        arch: ``"A"``, ``"B"``, ``"C"`` or ``"KV"`` (cached context; see ``neuroflow.architectures``).
         threshold: a patch is active when its surprise ``1 - cos`` is strictly above this; in
             [-1, 2] (below 0 every patch is active every frame).
         ema_decay: weight of the new frame in the per-patch EMA, in [0, 1].
@@ -72,6 +72,9 @@ class NeuroFlow(nn.Module):
             layer attends to every token's cached input) or ``"active"`` (encoder on active tokens
             only, as for SigLIP). Ignored otherwise.
         check_finite: reject frames with NaN or Inf (costs one device sync per call).
+        cache_dtype: dtype of the key/value caches (KV, and C's context readout), e.g.
+            ``torch.float16`` on a GPU; attention over them runs in that dtype. Default: the
+            model's dtype.
 
     Call with ``pixel_values [B, C, H, W]`` (model dtype and device; H and W multiples of the patch
     size) and ``stream_ids`` (B distinct hashable ids; default ``0..B-1``). A stream that is new,
@@ -88,6 +91,7 @@ class NeuroFlow(nn.Module):
         floor_tokens: int = 4,
         cls_readout: str = "context",
         check_finite: bool = True,
+        cache_dtype: torch.dtype | None = None,
     ):
         super().__init__()
         check_settings(arch, threshold, ema_decay, floor_tokens)
@@ -103,6 +107,9 @@ class NeuroFlow(nn.Module):
         self._floor_tokens = int(floor_tokens)
         self.cls_readout = cls_readout
         self.check_finite = check_finite
+        if cache_dtype is not None and not (isinstance(cache_dtype, torch.dtype) and cache_dtype.is_floating_point):
+            raise ValueError(f"cache_dtype must be a floating torch.dtype, got {cache_dtype!r}")
+        self.cache_dtype = cache_dtype
         self._streams = StreamStore(self._state_specs, self.adapter.device)
 
     # -- settings (validated on every change) ------------------------------------------------------
@@ -165,15 +172,31 @@ class NeuroFlow(nn.Module):
         t = a.num_prefix + n
         d = a.hidden_size
         specs = {"ema": ((n, d), ema_dtype(a.dtype))}
+        kv_dtype = self.cache_dtype or a.dtype
+        width = a.layers[-1].k.out_features
         if self.arch == "A":
             specs["anchors"] = ((len(a.layers), t, d), a.dtype)
-        elif self.arch == "C":
+        elif self.arch in ("C", "KV"):
             specs["cache"] = ((t, d), a.dtype)
-            if self.uses_context_readout:
-                width = a.layers[-1].k.out_features
-                specs["last_k"] = ((t, width), a.dtype)
-                specs["last_v"] = ((t, width), a.dtype)
+        if self.arch == "KV":
+            specs["kv_k"] = ((len(a.layers), t, width), kv_dtype)
+            specs["kv_v"] = ((len(a.layers), t, width), kv_dtype)
+        elif self.uses_context_readout:
+            specs["last_k"] = ((t, width), kv_dtype)
+            specs["last_v"] = ((t, width), kv_dtype)
         return specs
+
+    def state_bytes_per_stream(self, height: int, width: int) -> dict[str, int]:
+        """Bytes of state one stream holds at an ``height x width`` frame size, per state tensor
+        (``ema``; ``anchors`` for A; ``cache`` for C and KV; ``kv_k``/``kv_v``, all layers, for KV;
+        ``last_k``/``last_v`` for C's context readout), plus ``"total"``."""
+        grid = self.adapter.grid(height, width)
+        out = {
+            name: int(torch.Size(shape).numel()) * torch.empty(0, dtype=dtype).element_size()
+            for name, (shape, dtype) in self._state_specs(grid).items()
+        }
+        out["total"] = sum(out.values())
+        return out
 
     # -- the frame path ----------------------------------------------------------------------------
     def forward(self, pixel_values: torch.Tensor, stream_ids: Sequence[Hashable] | None = None) -> NeuroFlowOutput:
@@ -219,6 +242,9 @@ class NeuroFlow(nn.Module):
             x = a.encoder_input(gate.packed[: cu[-1]])
             if self.arch == "B":
                 result = architecture_b(a, x, packed)
+            elif self.arch == "KV":
+                result = architecture_kv(a, x, packed, slot, store.tensor("cache", grid), store.tensor("kv_k", grid),
+                                         store.tensor("kv_v", grid))
             else:
                 last_kv = (store.tensor("last_k", grid), store.tensor("last_v", grid)) if self.uses_context_readout else None
                 result = architecture_c(a, x, packed, slot, store.tensor("cache", grid), last_kv)
@@ -247,6 +273,7 @@ class NeuroFlow(nn.Module):
             "num_prefix": a.num_prefix,
             "patch_size": a.patch_size,
             "cls_readout": self.cls_readout if self.uses_context_readout else None,
+            "cache_dtype": str(self.cache_dtype) if self.cache_dtype is not None else None,
         }
 
     def stream_state_dict(self) -> dict:

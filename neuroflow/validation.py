@@ -9,7 +9,7 @@ import torch
 
 from .models import VisionAdapter
 
-ARCHITECTURES = ("A", "B", "C")
+ARCHITECTURES = ("A", "B", "C", "KV")
 
 
 def check_settings(arch: str, threshold: float, ema_decay: float, floor_tokens: int) -> None:

@@ -85,7 +85,7 @@ def run_stream(model, frames, arch, threshold, ema_decay, floor_tokens, cls_cont
     p = num_prefix(model)
     layers = layers_of(model)
     ema_dtype = torch.float64 if frames.dtype == torch.float64 else torch.float32
-    ema = cache = context = anchors = None
+    ema = cache = context = anchors = inputs = None
     results = []
     for t in range(frames.shape[0]):
         emb = embed(model, frames[t : t + 1])[0]  # [T, D]
@@ -104,6 +104,17 @@ def run_stream(model, frames, arch, threshold, ema_decay, floor_tokens, cls_cont
             for layer in layers:
                 sub = run_layer(layer, sub)
             seq, pooled = readout(model, sub)
+        elif arch == "KV":
+            # Every layer sees every token, inactive ones frozen at the input they had when last
+            # active: the unmodified layer on the whole cached input, keeping the computed rows.
+            cache = torch.zeros_like(x) if cache is None else cache
+            inputs = [torch.zeros_like(x) for _ in layers] if inputs is None else inputs
+            sub = x[:, idx]
+            for layer, layer_inputs in zip(layers, inputs):
+                layer_inputs[:, idx] = sub
+                sub = run_layer(layer, layer_inputs)[:, idx]
+            cache[:, idx] = sub
+            seq, pooled = readout(model, cache)
         elif arch == "C":
             cache = torch.zeros_like(x) if cache is None else cache
             sub = x[:, idx]

@@ -78,7 +78,7 @@ def test_settings_out_of_range(engine_with_streams, setting, value):
 
 def test_bad_arch_and_readout():
     model = make_model("siglip")
-    with pytest.raises(ValueError, match="arch must be one of A, B, C"):
+    with pytest.raises(ValueError, match="arch must be one of A, B, C, KV"):
         NeuroFlow(model, arch="D")
     with pytest.raises(ValueError, match="cls_readout"):
         NeuroFlow(model, cls_readout="mean")

@@ -17,7 +17,7 @@ def assert_dense(out, model, model64, x, what):
     assert_close(out.pooler_output, ref64.pooler_output, ref32.pooler_output, f"{what} pooled")
 
 
-@pytest.mark.parametrize("arch", ["A", "B", "C"])
+@pytest.mark.parametrize("arch", ["A", "B", "C", "KV"])
 def test_first_frame_equals_dense(family, arch):
     model = make_model(family)
     frames = video(1, height=40, width=48)  # non-native, non-square grid: PE interpolated
@@ -28,7 +28,7 @@ def test_first_frame_equals_dense(family, arch):
         assert_dense(out, model, as_double(model), x, "first frame")
 
 
-@pytest.mark.parametrize("arch", ["A", "B", "C"])
+@pytest.mark.parametrize("arch", ["A", "B", "C", "KV"])
 def test_negative_threshold_is_dense_every_frame(family, arch):
     model, frames = make_model(family), video(4)
     model64 = as_double(model)
@@ -40,7 +40,7 @@ def test_negative_threshold_is_dense_every_frame(family, arch):
             assert_dense(out, model, model64, frames[t : t + 1], f"frame {t}")
 
 
-@pytest.mark.parametrize("arch", ["A", "C"])
+@pytest.mark.parametrize("arch", ["A", "C", "KV"])
 def test_every_patch_forced_active_equals_dense(family, arch):
     """A floor of N patches forces every patch active whatever the threshold."""
     model, frames = make_model(family), video(4)
@@ -54,7 +54,7 @@ def test_every_patch_forced_active_equals_dense(family, arch):
             assert_dense(out, model, model64, frames[t : t + 1], f"frame {t}")
 
 
-@pytest.mark.parametrize("arch", ["A", "B", "C"])
+@pytest.mark.parametrize("arch", ["A", "B", "C", "KV"])
 def test_batched_streams_equal_single_streams(family, arch):
     """Streams appear, skip frames and disappear; a batch gives what one call per stream gives."""
     model = make_model(family)

@@ -8,7 +8,8 @@ from helpers import assert_same_up_to_rounding
 from neuroflow import NeuroFlow, dispatch
 
 
-@pytest.mark.parametrize("family,arch", [("siglip", "C"), ("siglip", "B"), ("siglip", "A"), ("clip", "C"), ("dinov2_registers", "C")])
+@pytest.mark.parametrize("family,arch", [("siglip", "C"), ("siglip", "B"), ("siglip", "A"), ("clip", "C"),
+                                         ("dinov2_registers", "C"), ("siglip", "KV"), ("dinov2", "KV")])
 def test_engine_through_kernels_matches_reference_path(monkeypatch, family, arch):
     pytest.importorskip("triton")
     model = make_model(family)
@@ -23,7 +24,7 @@ def test_engine_through_kernels_matches_reference_path(monkeypatch, family, arch
             assert dispatch.last_path["gate"] == dispatch.TRITON
             if arch != "A":  # A attends over every token with dense attention
                 assert dispatch.last_path["varlen_attention"] == dispatch.TRITON
-            if arch == "C":
+            if arch in ("C", "KV"):
                 assert dispatch.last_path["cache_scatter"] == dispatch.TRITON
             monkeypatch.setenv("TRITON_INTERPRET", "0")
             b = reference(frames[t], stream_ids=["x", "y"])

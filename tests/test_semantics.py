@@ -21,6 +21,7 @@ CASES = [
     ("siglip", "A"), ("siglip", "B"), ("siglip", "C"),
     ("clip", "A"), ("clip", "B"), ("clip", "C"),
     ("vit", "C"), ("dinov2", "B"), ("dinov2", "C"), ("dinov2_registers", "C"),
+    ("siglip", "KV"), ("clip", "KV"), ("vit", "KV"), ("dinov2", "KV"), ("dinov2_registers", "KV"),
 ]
 
 

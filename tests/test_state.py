@@ -10,7 +10,8 @@ from neuroflow import NeuroFlow
 SETTINGS = dict(threshold=0.02, ema_decay=0.2, floor_tokens=3)
 
 
-@pytest.mark.parametrize("family,arch", [("siglip", "A"), ("siglip", "B"), ("siglip", "C"), ("clip", "C"), ("dinov2_registers", "C")])
+@pytest.mark.parametrize("family,arch", [("siglip", "A"), ("siglip", "B"), ("siglip", "C"), ("clip", "C"),
+                                         ("dinov2_registers", "C"), ("vit", "KV")])
 def test_saved_state_continues_identically(tmp_path, family, arch):
     model = make_model(family)
     clips = torch.stack([video(6, seed=0), video(6, seed=1)], dim=1)  # [F, 2, 3, H, W]
@@ -94,3 +95,21 @@ def test_state_written_under_inference_mode_is_usable_outside_it():
     with torch.no_grad():
         out = nf(frames[1:2])
     assert not out.first_frame.any()
+
+
+def test_cache_memory_report_and_dtype():
+    model = make_model("vit", layers=2)  # D = 48, 2 layers, 1 prefix token
+    full = NeuroFlow(model, arch="KV").state_bytes_per_stream(40, 48)  # 5 x 6 patches
+    tokens, n = 31, 30
+    assert full["ema"] == n * 48 * 4 and full["cache"] == tokens * 48 * 4
+    assert full["kv_k"] == full["kv_v"] == 2 * tokens * 48 * 4
+    assert full["total"] == sum(v for k, v in full.items() if k != "total")
+    half = NeuroFlow(model, arch="KV", cache_dtype=torch.float16)
+    assert half.state_bytes_per_stream(40, 48)["kv_k"] == full["kv_k"] // 2
+    with torch.inference_mode():
+        half(video(1))
+    assert stream_tensor(half, 0, "kv_k").dtype == torch.float16
+    with pytest.raises(ValueError, match="incompatible"):
+        NeuroFlow(model, arch="KV").load_stream_state_dict(half.stream_state_dict())
+    with pytest.raises(ValueError, match="cache_dtype"):
+        NeuroFlow(model, arch="KV", cache_dtype=torch.int8)
