@@ -1,6 +1,6 @@
 from pathlib import Path
 
-from setuptools import setup
+from setuptools import find_packages, setup
 
 setup(
     name="neuroflow",
@@ -11,9 +11,10 @@ setup(
     python_requires=">=3.10",
     # kernels/ ships inside the package as neuroflow.kernels: a top-level `kernels` would shadow
     # the Hugging Face package of that name, which transformers imports.
-    packages=["neuroflow", "neuroflow.kernels"],
+    packages=["neuroflow", *(f"neuroflow.{p}" for p in find_packages("neuroflow")), "neuroflow.kernels"],
     package_dir={"neuroflow": "neuroflow", "neuroflow.kernels": "kernels"},
     install_requires=["torch>=2.4", "transformers>=5.17", "numpy"],
+    entry_points={"console_scripts": ["neuroflow = neuroflow.cli:main"]},
     extras_require={
         "test": ["pytest>=8", "setuptools>=64", "triton>=3.6"],
         "video": ["av>=12"],

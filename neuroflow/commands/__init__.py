@@ -1,0 +1,1 @@
+"""Subcommands of the ``neuroflow`` console command (see ``neuroflow/cli.py``)."""
