@@ -31,6 +31,7 @@ import torch
 from .encoder import Packed, packed_layer_cached_kv, run_packed
 from .fused_gate import cache_scatter
 from .models import VisionAdapter, attention_block, mlp_block
+from .profiling import stage
 
 
 @dataclass
@@ -48,23 +49,27 @@ def architecture_a(adapter: VisionAdapter, tokens: torch.Tensor, computed: torch
     """
     x = tokens
     new_anchors = anchors.clone()
-    for layer, parts in enumerate(adapter.layers):
-        h = attention_block(parts, x)
-        out = anchors[:, layer].clone()
-        out[computed] = mlp_block(parts, h[computed]).to(out.dtype)
-        new_anchors[:, layer] = out
-        x = out
-    seq, pooled = adapter.readout(x)
+    with stage("encoder"):
+        for layer, parts in enumerate(adapter.layers):
+            h = attention_block(parts, x)
+            out = anchors[:, layer].clone()
+            out[computed] = mlp_block(parts, h[computed]).to(out.dtype)
+            new_anchors[:, layer] = out
+            x = out
+    with stage("readout"):
+        seq, pooled = adapter.readout(x)
     return ArchResult(seq, pooled), new_anchors
 
 
 def architecture_b(adapter: VisionAdapter, x: torch.Tensor, packed: Packed) -> ArchResult:
     """Args: x ``[T, D]`` packed encoder inputs. ``last_hidden_state`` is the full grid with zeros
     at tokens that were not computed."""
-    z = run_packed(adapter.layers, x, packed)
-    seq, pooled = adapter.readout_packed(z, packed.cu_seqlens, packed.max_seqlen)
-    full = seq.new_zeros(len(packed.lengths), packed.tokens, seq.shape[-1])
-    full[packed.frame_of(), packed.index.long()] = seq
+    with stage("encoder"):
+        z = run_packed(adapter.layers, x, packed)
+    with stage("readout"):
+        seq, pooled = adapter.readout_packed(z, packed.cu_seqlens, packed.max_seqlen)
+        full = seq.new_zeros(len(packed.lengths), packed.tokens, seq.shape[-1])
+        full[packed.frame_of(), packed.index.long()] = seq
     return ArchResult(full, pooled)
 
 
@@ -83,13 +88,15 @@ def architecture_c(
     last_kv: ``[S, T_tok, D]`` pools of the last layer's keys and values, updated in place; given
         only for the full-context last layer of CLS models.
     """
-    if last_kv is None:
-        z = run_packed(adapter.layers, x, packed)
-    else:
-        y = run_packed(adapter.layers[:-1], x, packed)
-        z = packed_layer_cached_kv(adapter.layers[-1], y, packed, slot, *last_kv)
-    cache_scatter(cache, slot, z, packed.cu_seqlens, packed.index)
-    seq, pooled = adapter.readout(cache[slot])
+    with stage("encoder"):
+        if last_kv is None:
+            z = run_packed(adapter.layers, x, packed)
+        else:
+            y = run_packed(adapter.layers[:-1], x, packed)
+            z = packed_layer_cached_kv(adapter.layers[-1], y, packed, slot, *last_kv)
+    with stage("readout"):
+        cache_scatter(cache, slot, z, packed.cu_seqlens, packed.index)
+        seq, pooled = adapter.readout(cache[slot])
     return ArchResult(seq, pooled)
 
 
@@ -114,9 +121,11 @@ def architecture_kv(
     num_layers = len(adapter.layers)
     s, _, t_tok, width = keys.shape
     k_rows, v_rows = keys.view(s * num_layers, t_tok, width), values.view(s * num_layers, t_tok, width)
-    for layer, parts in enumerate(adapter.layers):
-        # Layer l of stream slot s lives at row s * L + l of the flattened pools.
-        x = packed_layer_cached_kv(parts, x, packed, slot * num_layers + layer, k_rows, v_rows)
-    cache_scatter(cache, slot, x, packed.cu_seqlens, packed.index)
-    seq, pooled = adapter.readout(cache[slot])
+    with stage("encoder"):
+        for layer, parts in enumerate(adapter.layers):
+            # Layer l of stream slot s lives at row s * L + l of the flattened pools.
+            x = packed_layer_cached_kv(parts, x, packed, slot * num_layers + layer, k_rows, v_rows)
+    with stage("readout"):
+        cache_scatter(cache, slot, x, packed.cu_seqlens, packed.index)
+        seq, pooled = adapter.readout(cache[slot])
     return ArchResult(seq, pooled)

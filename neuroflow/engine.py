@@ -19,6 +19,7 @@ from .architectures import architecture_a, architecture_b, architecture_c, archi
 from .encoder import Packed
 from .gate import ema_dtype
 from .models import SIGLIP, VisionAdapter
+from .profiling import stage
 from .streams import Grid, StreamStore
 from .validation import (
     check_ema_decay,
@@ -199,13 +200,32 @@ class NeuroFlow(nn.Module):
         return out
 
     # -- the frame path ----------------------------------------------------------------------------
-    def forward(self, pixel_values: torch.Tensor, stream_ids: Sequence[Hashable] | None = None) -> NeuroFlowOutput:
+    def forward(
+        self,
+        pixel_values: torch.Tensor,
+        stream_ids: Sequence[Hashable] | None = None,
+        active: torch.Tensor | None = None,
+    ) -> NeuroFlowOutput:
+        """Args:
+        pixel_values: ``[B, C, H, W]``, one frame per stream.
+        stream_ids: B distinct hashable ids (default ``0..B-1``).
+        active: optional ``[B, N]`` bool: compute exactly these patches instead of the gate's
+            choice (first frames stay dense; the EMA still updates). For baselines that select
+            patches another way (random dropping, pixel differences) and for training; it runs
+            the gate's reference path.
+        """
         grid = check_frames(pixel_values, self.adapter, self.check_finite)
         ids = check_stream_ids(stream_ids, pixel_values.shape[0])
+        if active is not None:
+            n = grid[0] * grid[1]
+            if active.shape != (pixel_values.shape[0], n) or active.dtype != torch.bool:
+                raise ValueError(f"active must be a bool tensor [B, N] = [{pixel_values.shape[0]}, {n}], "
+                                 f"got {active.dtype} {tuple(active.shape)}")
+            active = active.to(pixel_values.device)
         moved = [i for i in ids if i in self._streams and self._streams.grid_of(i) != grid]
         slot, first = self._streams.admit(ids, grid)
         try:
-            out = self._run(pixel_values, grid, slot, first)
+            out = self._run(pixel_values, grid, slot, first, active)
         except BaseException:
             # The ops update state in place; a batch that fails half-way is forgotten whole, so
             # its streams restart cleanly with a dense frame (other streams are untouched).
@@ -219,17 +239,20 @@ class NeuroFlow(nn.Module):
             )
         return out
 
-    def _run(self, pixel_values: torch.Tensor, grid: Grid, slot: torch.Tensor, first: torch.Tensor) -> NeuroFlowOutput:
+    def _run(self, pixel_values, grid: Grid, slot, first, active) -> NeuroFlowOutput:
         a, store = self.adapter, self._streams
         conv = a.patch_conv
-        gate = fused_gate.gate(
-            pixel_values, conv.weight, conv.bias, a.position_embeddings(grid), a.prefix_tokens(grid),
-            store.tensor("ema", grid), slot, first, self._threshold, self._ema_decay, self._floor_tokens,
-        )
+        with stage("gate"):
+            gate = fused_gate.gate(
+                pixel_values, conv.weight, conv.bias, a.position_embeddings(grid), a.prefix_tokens(grid),
+                store.tensor("ema", grid), slot, first, self._threshold, self._ema_decay, self._floor_tokens,
+                force_active=active,
+            )
         n = gate.active.shape[1]
         counts = gate.active.sum(dim=1)
         if self.arch == "A":
-            tokens = a.encoder_input(a.embed(pixel_values))
+            with stage("gate"):  # A needs every token's embedding, not only the packed ones
+                tokens = a.encoder_input(a.embed(pixel_values))
             computed = torch.cat([torch.ones_like(gate.active[:, : a.num_prefix]), gate.active], dim=1)
             result, anchors = architecture_a(a, tokens, computed, store.tensor("anchors", grid)[slot])
             store.write("anchors", grid, slot, anchors)

@@ -90,6 +90,7 @@ def gate(
     ema_decay: float,
     floor_tokens: int,
     config: dict | None = None,
+    force_active: torch.Tensor | None = None,
 ) -> PackedFrames:
     """Gate and pack a batch of frames, one per stream; updates ``ema`` in place.
 
@@ -101,10 +102,14 @@ def gate(
         ema: ``[S, N, D]`` float32 EMA pool; row ``slot[b]`` belongs to frame b's stream.
         slot: ``[B]`` int64. first: ``[B]`` bool, the stream's first frame (EMA := h).
         config: kernel launch settings (tests); default per device.
+        force_active: optional ``[B, N]`` bool replacing the threshold/floor decision (first frames
+            stay dense); the reference path runs it.
     """
     n, d, p = _check(frames, weight, pos_embed, prefix, ema, slot, first)
     unsupported = None
-    if frames.dtype not in _TRITON_DTYPES or ema.dtype != torch.float32:
+    if force_active is not None:
+        unsupported = "a forced active mask"
+    elif frames.dtype not in _TRITON_DTYPES or ema.dtype != torch.float32:
         unsupported = f"dtype {frames.dtype} with EMA {ema.dtype}"
     elif min(floor_tokens, n) > MAX_FLOOR:
         unsupported = f"floor of {min(floor_tokens, n)} tokens (the kernel keeps at most {MAX_FLOOR} candidates)"
@@ -113,16 +118,18 @@ def gate(
     elif frames.device.type == "cpu" and frames.dtype == torch.bfloat16:
         unsupported = "bfloat16 under the Triton interpreter (its bf16 arithmetic is broken)"
     if dispatch.choose("gate", frames.device, unsupported) == dispatch.REFERENCE:
-        return gate_reference(frames, weight, bias, pos_embed, prefix, ema, slot, first, threshold, ema_decay, floor_tokens)
+        return gate_reference(frames, weight, bias, pos_embed, prefix, ema, slot, first, threshold, ema_decay,
+                              floor_tokens, force_active)
     return _gate_triton(frames, weight, bias, pos_embed, prefix, ema, slot, first, threshold, ema_decay,
                         floor_tokens, n, d, p, config)
 
 
-def gate_reference(frames, weight, bias, pos_embed, prefix, ema, slot, first, threshold, ema_decay, floor_tokens) -> PackedFrames:
+def gate_reference(frames, weight, bias, pos_embed, prefix, ema, slot, first, threshold, ema_decay, floor_tokens,
+                   force_active=None) -> PackedFrames:
     """Same contract as :func:`gate`, as the unfused PyTorch chain."""
     n, d, p = _check(frames, weight, pos_embed, prefix, ema, slot, first)
     h = F.conv2d(frames, weight, bias, stride=p).flatten(2).transpose(1, 2) + pos_embed
-    decided = _decide(h, ema[slot], first, threshold, ema_decay, floor_tokens)
+    decided = _decide(h, ema[slot], first, threshold, ema_decay, floor_tokens, force_active)
     with torch.no_grad():
         ema.index_copy_(0, slot, decided.ema.to(ema.dtype))
     b, num_prefix = frames.shape[0], prefix.shape[0]

@@ -89,6 +89,7 @@ def gate_reference(
     threshold: float,
     ema_decay: float,
     floor_tokens: int,
+    force_active: torch.Tensor | None = None,
 ) -> GateResult:
     """Gate a batch of frames, one frame per stream.
 
@@ -100,11 +101,14 @@ def gate_reference(
         threshold: surprise threshold (strict ``>``).
         ema_decay: EMA update weight of the new frame, in [0, 1].
         floor_tokens: minimum active patches per later frame.
+        force_active: optional ``[B, N]`` bool used instead of the threshold/floor decision on
+            later frames (baselines that choose patches another way).
     """
     first_rows = first.view(-1, 1)
     hf = h.to(ema.dtype)
     surprise = torch.where(first_rows, FIRST_FRAME_SURPRISE, cosine_surprise(hf, ema)).float()
-    active = torch.where(first_rows, True, select_active(surprise, threshold, floor_tokens))
+    chosen = select_active(surprise, threshold, floor_tokens) if force_active is None else force_active
+    active = torch.where(first_rows, True, chosen)
     new_ema = torch.where(first_rows.unsqueeze(-1), hf, (1.0 - ema_decay) * ema + ema_decay * hf)
     counts = active.sum(dim=1)
     cu_seqlens = torch.zeros(h.shape[0] + 1, dtype=torch.int32, device=h.device)

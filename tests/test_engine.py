@@ -176,3 +176,32 @@ def test_cls_context_readout_is_closer_to_dense_than_active_only():
             fid[readout] = sum(cos) / len(cos)
         print(f"{family}: random-weight fidelity context={fid['context']:.5f} active={fid['active']:.5f}")
         assert fid["context"] > fid["active"]
+
+
+def test_forced_active_mask_replaces_the_gate_decision():
+    model, frames = make_model("siglip"), video(3)
+    nf = NeuroFlow(model, threshold=0.02, ema_decay=0.2, floor_tokens=3)
+    n = (frames.shape[-2] // 8) * (frames.shape[-1] // 8)
+    g = torch.Generator().manual_seed(0)
+    with torch.inference_mode():
+        forced = torch.rand(1, n, generator=g) < 0.3
+        first = nf(frames[0:1], active=forced)
+        assert first.active_mask.all()  # first frames stay dense
+        out = nf(frames[1:2], active=forced)
+        assert torch.equal(out.active_mask, forced)
+        with pytest.raises(ValueError, match=r"active must be a bool tensor \[B, N\]"):
+            nf(frames[2:3], active=forced[:, :-1])
+
+
+def test_stage_timer_charges_gate_encoder_and_readout():
+    from neuroflow.profiling import StageTimer
+
+    model, frames = make_model("clip"), video(2)
+    for arch in ("A", "B", "C", "KV"):
+        nf = NeuroFlow(model, arch=arch)
+        with torch.inference_mode():
+            nf(frames[0:1])
+            with StageTimer() as timer:
+                nf(frames[1:2])
+            nf(frames[1:2])  # outside the block: nothing is recorded
+        assert set(timer.ms) == {"gate", "encoder", "readout"} and all(v > 0 for v in timer.ms.values())
