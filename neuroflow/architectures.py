@@ -80,6 +80,7 @@ def architecture_c(
     slot: torch.Tensor,
     cache: torch.Tensor,
     last_kv: tuple[torch.Tensor, torch.Tensor] | None = None,
+    head_kv: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> ArchResult:
     """Args:
     x: ``[T, D]`` packed encoder inputs.
@@ -87,6 +88,8 @@ def architecture_c(
     cache: ``[S, T_tok, D]`` pool of final-layer outputs (before the final norm), updated in place.
     last_kv: ``[S, T_tok, D]`` pools of the last layer's keys and values, updated in place; given
         only for the full-context last layer of CLS models.
+    head_kv: ``[S, T_tok, D]`` pools of SigLIP's pooling-head keys and values (see
+        :func:`_readout_from_cache`), or None.
     """
     with stage("encoder"):
         if last_kv is None:
@@ -94,10 +97,7 @@ def architecture_c(
         else:
             y = run_packed(adapter.layers[:-1], x, packed)
             z = packed_layer_cached_kv(adapter.layers[-1], y, packed, slot, *last_kv)
-    with stage("readout"):
-        cache_scatter(cache, slot, z, packed.cu_seqlens, packed.index)
-        seq, pooled = adapter.readout(cache[slot])
-    return ArchResult(seq, pooled)
+    return _readout_from_cache(adapter, z, packed, slot, cache, head_kv)
 
 
 def architecture_kv(
@@ -108,6 +108,7 @@ def architecture_kv(
     cache: torch.Tensor,
     keys: torch.Tensor,
     values: torch.Tensor,
+    head_kv: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> ArchResult:
     """Cached context: at every layer the computed tokens attend to every token of their stream.
 
@@ -117,6 +118,7 @@ def architecture_kv(
         cache: ``[S, T_tok, D]`` pool of final-layer outputs, updated in place (read out as in C).
         keys, values: ``[S, L, T_tok, H * Dh]`` pools of every layer's keys and values, updated in
             place at the computed tokens and read in place by the attention.
+        head_kv: as for :func:`architecture_c`.
     """
     num_layers = len(adapter.layers)
     s, _, t_tok, width = keys.shape
@@ -125,7 +127,23 @@ def architecture_kv(
         for layer, parts in enumerate(adapter.layers):
             # Layer l of stream slot s lives at row s * L + l of the flattened pools.
             x = packed_layer_cached_kv(parts, x, packed, slot * num_layers + layer, k_rows, v_rows)
+    return _readout_from_cache(adapter, x, packed, slot, cache, head_kv)
+
+
+def _readout_from_cache(adapter, z, packed, slot, cache, head_kv) -> ArchResult:
+    """Write the fresh final-layer outputs ``z`` ``[T, D]`` into the cache and read every token out.
+
+    With ``head_kv`` (SigLIP: ``[S, T_tok, D]`` pools of the pooling head's keys and values), the
+    head's key/value projections run for the fresh tokens only and the probe attends to the cached
+    ones; without it the head projects all T_tok tokens of every stream each frame.
+    """
     with stage("readout"):
-        cache_scatter(cache, slot, x, packed.cu_seqlens, packed.index)
-        seq, pooled = adapter.readout(cache[slot])
-    return ArchResult(seq, pooled)
+        cache_scatter(cache, slot, z, packed.cu_seqlens, packed.index)
+        if head_kv is None:
+            seq, pooled = adapter.readout(cache[slot])
+            return ArchResult(seq, pooled)
+        seq = adapter.final_norm(cache[slot])
+        k_fresh, v_fresh = adapter.head_kv(adapter.final_norm(z))
+        cache_scatter(head_kv[0], slot, k_fresh, packed.cu_seqlens, packed.index)
+        cache_scatter(head_kv[1], slot, v_fresh, packed.cu_seqlens, packed.index)
+        return ArchResult(seq, adapter.map_head_cached(head_kv[0], head_kv[1], slot))

@@ -93,6 +93,7 @@ class NeuroFlow(nn.Module):
         cls_readout: str = "context",
         check_finite: bool = True,
         cache_dtype: torch.dtype | None = None,
+        head_cache: bool = True,
     ):
         super().__init__()
         check_settings(arch, threshold, ema_decay, floor_tokens)
@@ -111,6 +112,7 @@ class NeuroFlow(nn.Module):
         if cache_dtype is not None and not (isinstance(cache_dtype, torch.dtype) and cache_dtype.is_floating_point):
             raise ValueError(f"cache_dtype must be a floating torch.dtype, got {cache_dtype!r}")
         self.cache_dtype = cache_dtype
+        self.head_cache = bool(head_cache)
         self._streams = StreamStore(self._state_specs, self.adapter.device)
 
     # -- settings (validated on every change) ------------------------------------------------------
@@ -142,6 +144,11 @@ class NeuroFlow(nn.Module):
         if self.arch == "B" and self.adapter.num_prefix == 0 and value < 1:
             raise ValueError("Architecture B on a model without CLS token needs floor_tokens >= 1")
         self._floor_tokens = int(value)
+
+    @property
+    def uses_head_cache(self) -> bool:
+        return self.head_cache and self.arch in ("C", "KV") and self.adapter.family == SIGLIP \
+            and self.adapter.head is not None
 
     @property
     def uses_context_readout(self) -> bool:
@@ -185,6 +192,9 @@ class NeuroFlow(nn.Module):
         elif self.uses_context_readout:
             specs["last_k"] = ((t, width), kv_dtype)
             specs["last_v"] = ((t, width), kv_dtype)
+        if self.uses_head_cache:
+            specs["head_k"] = ((t, d), a.dtype)
+            specs["head_v"] = ((t, d), a.dtype)
         return specs
 
     def state_bytes_per_stream(self, height: int, width: int) -> dict[str, int]:
@@ -265,12 +275,15 @@ class NeuroFlow(nn.Module):
             x = a.encoder_input(gate.packed[: cu[-1]])
             if self.arch == "B":
                 result = architecture_b(a, x, packed)
-            elif self.arch == "KV":
-                result = architecture_kv(a, x, packed, slot, store.tensor("cache", grid), store.tensor("kv_k", grid),
-                                         store.tensor("kv_v", grid))
             else:
-                last_kv = (store.tensor("last_k", grid), store.tensor("last_v", grid)) if self.uses_context_readout else None
-                result = architecture_c(a, x, packed, slot, store.tensor("cache", grid), last_kv)
+                head_kv = (store.tensor("head_k", grid), store.tensor("head_v", grid)) if self.uses_head_cache else None
+                if self.arch == "KV":
+                    result = architecture_kv(a, x, packed, slot, store.tensor("cache", grid),
+                                             store.tensor("kv_k", grid), store.tensor("kv_v", grid), head_kv)
+                else:
+                    last_kv = (store.tensor("last_k", grid), store.tensor("last_v", grid)) \
+                        if self.uses_context_readout else None
+                    result = architecture_c(a, x, packed, slot, store.tensor("cache", grid), last_kv, head_kv)
         return NeuroFlowOutput(
             pooler_output=result.pooler_output,
             last_hidden_state=result.last_hidden_state,
@@ -297,6 +310,7 @@ class NeuroFlow(nn.Module):
             "patch_size": a.patch_size,
             "cls_readout": self.cls_readout if self.uses_context_readout else None,
             "cache_dtype": str(self.cache_dtype) if self.cache_dtype is not None else None,
+            "head_cache": self.uses_head_cache,
         }
 
     def stream_state_dict(self) -> dict:

@@ -275,19 +275,46 @@ class VisionAdapter:
 
     def _map_head_packed(self, seq: torch.Tensor, cu_seqlens: torch.Tensor, max_seqlen: int) -> torch.Tensor:
         """SigLIP's attention-pooling head (one learned probe query per stream) on packed tokens."""
+        k, v = self.head_kv(seq)
+        return self._map_head_attend(k, v, cu_seqlens, max_seqlen, None)
+
+    def head_kv(self, seq: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys and values of SigLIP's pooling head for normalised tokens ``[T, D]`` -> 2 x ``[T, D]``.
+        Token-wise, so they can be cached per token and recomputed only for fresh tokens."""
+        mha = self.head.attention
+        d = self.hidden_size
+        _, wk, wv = mha.in_proj_weight.split(d)
+        _, bk, bv = mha.in_proj_bias.split(d) if mha.in_proj_bias is not None else (None, None, None)
+        return F.linear(seq, wk, bk), F.linear(seq, wv, bv)
+
+    def map_head_cached(self, k_cache: torch.Tensor, v_cache: torch.Tensor, slot: torch.Tensor) -> torch.Tensor:
+        """SigLIP's pooling head over every token of B streams from cached keys/values.
+
+        Args:
+            k_cache, v_cache: ``[S, T, D]`` head keys/values of every token (see :meth:`head_kv`).
+            slot: ``[B]`` int64 rows of the streams.
+        Returns: ``[B, D]``.
+        """
+        t = k_cache.shape[1]
+        b = slot.shape[0]
+        cu_k = torch.arange(b + 1, dtype=torch.int32, device=slot.device) * t
+        return self._map_head_attend(k_cache.view(-1, self.hidden_size), v_cache.view(-1, self.hidden_size),
+                                     cu_k, t, slot * t)
+
+    def _map_head_attend(self, k, v, cu_k, max_k, kv_start) -> torch.Tensor:
         from .varlen import varlen_attention
 
         head = self.head
         mha = head.attention
         d, h = self.hidden_size, mha.num_heads
-        wq, wk, wv = mha.in_proj_weight.split(d)
-        bq, bk, bv = mha.in_proj_bias.split(d) if mha.in_proj_bias is not None else (None, None, None)
-        b = cu_seqlens.shape[0] - 1
-        q = F.linear(head.probe.reshape(1, d), wq, bq).expand(b, d).reshape(b, h, d // h)
-        k = F.linear(seq, wk, bk).view(-1, h, d // h)
-        v = F.linear(seq, wv, bv).view(-1, h, d // h)
-        cu_q = torch.arange(b + 1, dtype=torch.int32, device=seq.device)
-        pooled = mha.out_proj(varlen_attention(q.contiguous(), k, v, cu_q, cu_seqlens, 1, max_seqlen).reshape(b, d))
+        b = cu_k.shape[0] - 1
+        wq = mha.in_proj_weight[:d]
+        bq = mha.in_proj_bias[:d] if mha.in_proj_bias is not None else None
+        q = F.linear(head.probe.reshape(1, d), wq, bq).expand(b, d).reshape(b, h, d // h).contiguous()
+        cu_q = torch.arange(b + 1, dtype=torch.int32, device=k.device)
+        o = varlen_attention(q, k.view(-1, h, d // h), v.view(-1, h, d // h), cu_q, cu_k, 1, max_k,
+                             kv_start=kv_start)
+        pooled = mha.out_proj(o.to(k.dtype).reshape(b, d))
         return pooled + head.mlp(head.layernorm(pooled))
 
 

@@ -36,8 +36,11 @@ def static_camera_video(
     noise: float = 0.01,
     drift: float = 0.05,
     seed: int = 0,
+    background: torch.Tensor | None = None,
 ) -> SyntheticVideo:
     """Args:
+    background: optional ``[3, h, w]`` float image in [0, 1] (e.g. a real photograph), resized to
+        the frame size; default: a smooth procedural texture.
     object_size: box side as a fraction of the shorter frame side.
     speed: box motion per frame as a fraction of the frame size.
     noise: standard deviation of per-pixel Gaussian sensor noise.
@@ -46,12 +49,17 @@ def static_camera_video(
     g = torch.Generator().manual_seed(seed)
     yy = torch.linspace(0, 1, height).view(-1, 1)
     xx = torch.linspace(0, 1, width).view(1, -1)
-    background = torch.zeros(3, height, width)
-    for c in range(3):
-        for _ in range(4):
-            fy, fx, phase = (torch.rand(3, generator=g) * torch.tensor([12.0, 12.0, 6.28])).tolist()
-            background[c] += torch.sin(fy * 6.28 * yy + fx * 6.28 * xx + phase)
-    background = 0.5 + 0.12 * background
+    if background is None:
+        background = torch.zeros(3, height, width)
+        for c in range(3):
+            for _ in range(4):
+                fy, fx, phase = (torch.rand(3, generator=g) * torch.tensor([12.0, 12.0, 6.28])).tolist()
+                background[c] += torch.sin(fy * 6.28 * yy + fx * 6.28 * xx + phase)
+        background = 0.5 + 0.12 * background
+    else:
+        background = torch.nn.functional.interpolate(
+            background[None].float(), size=(height, width), mode="bilinear", align_corners=False
+        )[0].clamp(0, 1)
     side = max(2, int(object_size * min(height, width)))
     colors = torch.rand(num_objects, 3, generator=g)
     pos = torch.rand(num_objects, 2, generator=g) * torch.tensor([height - side, width - side])
