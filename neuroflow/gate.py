@@ -68,8 +68,12 @@ def cosine_surprise(h: torch.Tensor, ema: torch.Tensor) -> torch.Tensor:
     return 1.0 - dot / norms
 
 
-def select_active(surprise: torch.Tensor, threshold: float, floor_tokens: int) -> torch.Tensor:
-    """Strict threshold with the top-surprise floor. ``[B, N]`` float -> ``[B, N]`` bool."""
+def select_active(surprise: torch.Tensor, threshold: float | torch.Tensor, floor_tokens: int) -> torch.Tensor:
+    """Strict threshold with the top-surprise floor. ``[B, N]`` float -> ``[B, N]`` bool.
+
+    ``threshold`` is one number or one per frame (``[B]`` tensor)."""
+    if isinstance(threshold, torch.Tensor):
+        threshold = threshold.to(surprise.dtype).view(-1, 1)
     passed = surprise > threshold
     k = min(floor_tokens, surprise.shape[1])
     if k == 0:
@@ -98,8 +102,9 @@ def gate_reference(
             float dtype.
         ema: ``[B, N, D]`` float32 EMA rows of the frames' streams (ignored where ``first``).
         first: ``[B]`` bool, True for a stream's first frame after a reset.
-        threshold: surprise threshold (strict ``>``).
-        ema_decay: EMA update weight of the new frame, in [0, 1].
+        threshold: surprise threshold (strict ``>``); a number, or a ``[B]`` tensor (one per frame,
+            e.g. per-clip settings when training).
+        ema_decay: EMA update weight of the new frame, in [0, 1]; a number or a ``[B]`` tensor.
         floor_tokens: minimum active patches per later frame.
         force_active: optional ``[B, N]`` bool used instead of the threshold/floor decision on
             later frames (baselines that choose patches another way).
@@ -109,6 +114,8 @@ def gate_reference(
     surprise = torch.where(first_rows, FIRST_FRAME_SURPRISE, cosine_surprise(hf, ema)).float()
     chosen = select_active(surprise, threshold, floor_tokens) if force_active is None else force_active
     active = torch.where(first_rows, True, chosen)
+    if isinstance(ema_decay, torch.Tensor):
+        ema_decay = ema_decay.to(ema.dtype).view(-1, 1, 1)
     new_ema = torch.where(first_rows.unsqueeze(-1), hf, (1.0 - ema_decay) * ema + ema_decay * hf)
     counts = active.sum(dim=1)
     cu_seqlens = torch.zeros(h.shape[0] + 1, dtype=torch.int32, device=h.device)

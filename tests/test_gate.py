@@ -75,3 +75,13 @@ def test_packing_order_and_offsets():
     assert g.cu_seqlens.dtype == torch.int32 and g.cu_seqlens.tolist() == [0, 1, 3]
     assert g.index.tolist() == [2, 0, 3]
     assert torch.equal(g.pack(h), torch.stack([h[0, 2], h[1, 0], h[1, 3]]))
+
+
+def test_per_frame_threshold_and_decay():
+    h, ema = torch.randn(2, 6, 4), torch.randn(2, 6, 4)
+    first = torch.tensor([False, False])
+    both = gate_reference(h, ema, first, torch.tensor([0.2, 1.5]), torch.tensor([0.1, 0.5]), floor_tokens=1)
+    for b, (thr, decay) in enumerate([(0.2, 0.1), (1.5, 0.5)]):
+        one = gate_reference(h[b : b + 1], ema[b : b + 1], first[:1], thr, decay, floor_tokens=1)
+        assert torch.equal(both.active[b], one.active[0])
+        assert torch.equal(both.ema[b], one.ema[0])
