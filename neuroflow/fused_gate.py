@@ -109,6 +109,10 @@ def gate(
     unsupported = None
     if force_active is not None:
         unsupported = "a forced active mask"
+    elif torch.is_grad_enabled() and (frames.requires_grad or weight.requires_grad or pos_embed.requires_grad):
+        unsupported = "gradients are needed and the kernel is forward-only"
+    elif isinstance(threshold, torch.Tensor) or isinstance(ema_decay, torch.Tensor):
+        unsupported = "per-frame thresholds or decays"
     elif frames.dtype not in _TRITON_DTYPES or ema.dtype != torch.float32:
         unsupported = f"dtype {frames.dtype} with EMA {ema.dtype}"
     elif min(floor_tokens, n) > MAX_FLOOR:

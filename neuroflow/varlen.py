@@ -230,6 +230,8 @@ def _kernel(interpreted: bool):
 
 def _unsupported(q, k, v, out, num_segments, max_q) -> str | None:
     """Why the kernel cannot take this call, or None."""
+    if torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v)):
+        return "gradients are needed and the kernel is forward-only"
     if not (q.dtype == k.dtype == v.dtype):
         return f"q, k, v dtypes differ ({q.dtype}, {k.dtype}, {v.dtype})"
     if q.dtype not in SUPPORTED_DTYPES:

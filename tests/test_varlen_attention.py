@@ -255,3 +255,13 @@ def test_cuda_matches_reference(dtype, head_dim):
         q = randn(g, sum(len_q), 4, head_dim, dtype=dtype, device="cuda")
         k, v = (randn(g, sum(len_k), 4, head_dim, dtype=dtype, device="cuda") for _ in range(2))
         check(q, k, v, cu_q, cu_k, max(len_q), max(len_k))
+
+
+def test_gradients_take_the_differentiable_reference(triton_path):
+    """The kernel is forward-only: a call that needs gradients must not silently drop them."""
+    q = torch.randn(5, 2, 16, requires_grad=True)
+    cu = torch.tensor([0, 5], dtype=torch.int32)
+    out = varlen_attention(q, q.detach(), q.detach(), cu, cu, 5, 5)
+    assert dispatch.last_path["varlen_attention"] == dispatch.REFERENCE
+    out.sum().backward()
+    assert q.grad is not None and torch.isfinite(q.grad).all()
