@@ -318,39 +318,21 @@ class VisionAdapter:
         return pooled + head.mlp(head.layernorm(pooled))
 
 
-# -- one encoder layer, written out so attention can see a different key set than its queries ------
-
-def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
-    """Non-causal attention. q ``[B, H, Tq, Dh]``, k/v ``[B, H, Tk, Dh]`` -> ``[B, H, Tq, Dh]``."""
-    return F.scaled_dot_product_attention(q, k, v, scale=scale)
-
+# -- the two halves of a pre-LN layer on dense [B, T, D] batches (Architecture A) ------------------
 
 def _heads(x: torch.Tensor, num_heads: int) -> torch.Tensor:
     b, t, _ = x.shape
     return x.view(b, t, num_heads, -1).transpose(1, 2)
 
 
-def attention_block(parts: LayerParts, x: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
-    """``x + scale1(attention)`` for the queries of ``x``.
-
-    Args:
-        x: ``[B, Tq, D]`` residual stream of the tokens being computed.
-        context: ``[B, Tk, D]`` residual stream of the tokens they attend to (default: ``x``).
-    """
+def attention_block(parts: LayerParts, x: torch.Tensor) -> torch.Tensor:
+    """``x + scale1(attention(norm1 x))`` over all tokens of each batch row: ``[B, T, D] -> [B, T, D]``."""
     nx = parts.norm1(x)
-    nc = nx if context is None else parts.norm1(context)
-    q = _heads(parts.q(nx), parts.num_heads)
-    k = _heads(parts.k(nc), parts.num_heads)
-    v = _heads(parts.v(nc), parts.num_heads)
-    o = attend(q, k, v, parts.scale).transpose(1, 2).reshape(x.shape[0], x.shape[1], -1)
+    q, k, v = (_heads(proj(nx), parts.num_heads) for proj in (parts.q, parts.k, parts.v))
+    o = F.scaled_dot_product_attention(q, k, v, scale=parts.scale).transpose(1, 2).reshape(x.shape[0], x.shape[1], -1)
     return x + parts.scale1(parts.o(o))
 
 
 def mlp_block(parts: LayerParts, x: torch.Tensor) -> torch.Tensor:
     """``x + scale2(mlp(norm2 x))`` for ``x`` ``[..., D]`` (token-wise, any subset)."""
     return x + parts.scale2(parts.mlp(parts.norm2(x)))
-
-
-def layer_forward(parts: LayerParts, x: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
-    """One encoder layer: ``[B, Tq, D] -> [B, Tq, D]``, attending to ``context`` (default ``x``)."""
-    return mlp_block(parts, attention_block(parts, x, context))
