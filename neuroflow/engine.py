@@ -40,8 +40,9 @@ class NeuroFlowOutput:
     Attributes:
         pooler_output: ``[B, D_out]``, same meaning as the model's ``pooler_output`` (None where
             the model has no pooling, e.g. a ViT built without its pooler).
-        last_hidden_state: ``[B, T, D]``, same meaning as the model's. Architecture C: rebuilt
-            from the cache; A: inactive tokens hold their anchors; B: zeros at tokens not computed.
+        last_hidden_state: ``[B, T, D]``, same meaning as the model's. Architectures C and KV:
+            rebuilt from the cache; A: inactive tokens hold their anchors; B: zeros at tokens not
+            computed.
         active_mask: ``[B, N]`` bool, patches that went through the encoder this frame.
         sparsity: ``[B]`` float32, ``1 - N_active / N``.
         surprise: ``[B, N]`` float32, the gate's ``1 - cos(h, EMA)`` (``inf`` on first frames).
