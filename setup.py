@@ -16,8 +16,9 @@ setup(
     install_requires=["torch>=2.4", "transformers>=5.17", "numpy"],
     entry_points={"console_scripts": ["neuroflow = neuroflow.cli:main"]},
     extras_require={
-        "test": ["pytest>=8", "setuptools>=64", "triton>=3.6"],
-        "video": ["av>=12"],
+        # The CLI tests run `neuroflow demo` / `neuroflow run`, so "test" carries the "video" packages.
+        "test": ["pytest>=8", "setuptools>=64", "triton>=3.6", "av>=12", "matplotlib>=3.5", "tqdm"],
+        "video": ["av>=12", "matplotlib>=3.5", "tqdm"],
         "bench": ["matplotlib"],
     },
 )

@@ -39,6 +39,6 @@ def test_readme_opens_with_the_two_commands_ci_runs():
     commands = [l for l in lines[:12] if l.startswith("pip install")]
     assert len(commands) == 2, commands
     run_main, run_tests = commands
-    assert "neuroflow.demo" in run_main and "pytest" in run_tests
+    assert run_main.endswith("&& neuroflow demo") and '".[video]"' in run_main and "pytest" in run_tests
     ci = (ROOT / ".ci" / "run").read_text()
     assert run_tests in ci, "`.ci/run` must run the README's test command verbatim"
