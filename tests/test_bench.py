@@ -31,3 +31,24 @@ def test_varlen_attention_benchmark_writes_records(tmp_path):
     records = run_script("bench_varlen_attention.py", "--quick", out=tmp_path)
     assert records and all({"device", "torch", "commit", "time"} <= r.keys() for r in records)
     assert (tmp_path / "varlen_attention.md").is_file()
+
+
+def test_e2e_benchmark_quick_matrix_on_tiny_models(tmp_path):
+    """The whole --quick matrix, tiny random models in place of the base geometries."""
+    from transformers import CLIPVisionConfig, CLIPVisionModel, SiglipVisionConfig, SiglipVisionModel
+
+    tiny = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, image_size=32,
+                patch_size=16)
+    SiglipVisionModel(SiglipVisionConfig(**tiny)).save_pretrained(tmp_path / "siglip")
+    CLIPVisionModel(CLIPVisionConfig(**tiny)).save_pretrained(tmp_path / "clip")
+    out = tmp_path / "out"
+    records = run_script("bench_e2e.py", "--quick", "--device", "cpu", "--model", str(tmp_path / "siglip"),
+                         str(tmp_path / "clip"), out=out)
+    contenders = {r["contender"] for r in records}
+    assert {"dense", "A", "B", "C", "KV", "random", "pixel-diff", "C no head cache", "C separate calls"} <= contenders
+    for r in records:
+        assert r["p50_ms"] > 0 and 0 <= r["sparsity"] <= 1 and -1 <= r["fidelity"] <= 1.0001
+    assert all(r["speedup"] == 1.0 for r in records if r["contender"] == "dense")
+    page = (out / "RESULTS.md").read_text()
+    assert "## cpu" in page and "All configurations" in page
+    assert len(list(out.glob("e2e_*.png"))) == 4
