@@ -125,6 +125,18 @@ def open_video(path: str | Path) -> VideoInfo:
         container.close()
 
 
+def check_decodable(path: str | Path) -> VideoInfo:
+    """:func:`open_video`, then decode the first frame, so that a file that cannot be used fails
+    before any model work. Raises :class:`VideoError` (the message names the file)."""
+    info = open_video(path)
+    first = read_frames(path, max_frames=1)
+    try:
+        next(first)
+    finally:
+        first.close()
+    return info
+
+
 def read_frames(path: str | Path, stride: int = 1, max_frames: int | None = None) -> Iterator[Frame]:
     """Decode ``path``'s first video stream lazily.
 

@@ -38,7 +38,7 @@ import torch
 from ..engine import NeuroFlow
 from ..overlay import Calls, OverlayVideo, Series, plot_timeline
 from ..validation import ARCHITECTURES
-from ..video import Frame, VideoError, VideoInfo, open_video, read_frames
+from ..video import Frame, VideoError, VideoInfo, check_decodable, read_frames
 from ._common import (
     DTYPES,
     CommandError,
@@ -708,12 +708,7 @@ def open_sources(paths: Sequence[Path]) -> list[Source]:
     stems: set[str] = set()
     for path in paths:
         try:
-            info = open_video(path)
-            first = read_frames(path, max_frames=1)
-            try:
-                next(first)
-            finally:
-                first.close()
+            info = check_decodable(path)
         except VideoError as exc:
             errors.append(one_line(exc, limit=1000))
             continue

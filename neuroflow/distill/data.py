@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..video import VideoError, open_video, read_frames
+from ..video import VideoError, check_decodable, read_frames
 from .config import DistillError
 
 VIDEO_EXTENSIONS = (".mp4", ".m4v", ".mov", ".mkv", ".webm", ".avi", ".mpg", ".mpeg", ".ts", ".mts", ".flv",
@@ -120,12 +120,7 @@ def probe_videos(paths: Sequence[Path]) -> list[VideoEntry]:
     entries, errors = [], []
     for path in paths:
         try:
-            info = open_video(path)
-            first = read_frames(path, max_frames=1)
-            try:
-                next(first)
-            finally:
-                first.close()
+            info = check_decodable(path)
             frames = count_frames(path)
         except VideoError as exc:
             errors.append(" ".join(str(exc).split()))
