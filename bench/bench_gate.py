@@ -15,6 +15,9 @@ threshold 0.35, decay 0.01, floor 4. Per configuration (resolution x streams):
 The fused result is checked against the reference (masks equal, offsets equal) before it is
 timed; a configuration whose check fails reports no speedup. On the CPU only the unfused chain
 runs (no kernel timing exists without a GPU) in float32.
+
+Also timed: the cache scatter of the survivors into a ``[S, N, D]`` cache (kernel against the
+reference, checked equal first).
 """
 
 from __future__ import annotations
@@ -85,6 +88,20 @@ def run(sizes, stream_counts, device: torch.device, dtype: torch.dtype) -> list[
                     rec["copy_gbs"] = copy_gbs
                     rec["share_of_copy_bw"] = rec["fused_gbs"] / copy_gbs
                     rec["speedup"] = rec["unfused_ms"] / rec["fused_ms"]
+            # The cache scatter that follows the encoder (Architecture C): survivors into a cache pool.
+            cache = torch.zeros(streams, n, DIM, device=device, dtype=dtype)
+            rows = ref.packed[:survivors]
+            scatter = (cache, slot, rows, ref.cu_seqlens, ref.index)
+            rec["scatter_ref_ms"] = median_ms(lambda: fused_gate.cache_scatter_reference(*scatter), device)
+            if on_gpu:
+                check = cache.clone()
+                fused_gate.cache_scatter(check, *scatter[1:])
+                fused_gate.cache_scatter_reference(cache, *scatter[1:])
+                if dispatch.last_path["cache_scatter"] == dispatch.TRITON and torch.equal(check, cache):
+                    rec["scatter_ms"] = median_ms(lambda: fused_gate.cache_scatter(*scatter), device)
+                    rec["scatter_speedup"] = rec["scatter_ref_ms"] / rec["scatter_ms"]
+                else:
+                    rec["scatter_check"] = "FAILED"
             records.append(rec)
             print(f"{size:5d} px x {streams:2d} streams: unfused {rec['unfused_ms']:.2f} ms"
                   + (f", fused {rec['fused_ms']:.3f} ms ({rec['speedup']:.1f}x)" if "fused_ms" in rec else ""), flush=True)
@@ -107,7 +124,9 @@ def main(argv=None) -> int:
     records = run(sizes, streams, device, dtype)
     columns = [("size", "px"), ("streams", "streams"), ("sparsity", "sparsity"), ("unfused_ms", "unfused ms"),
                ("unfused_gbs", "unfused GB/s"), ("fused_ms", "fused ms"), ("fused_gbs", "fused GB/s"),
-               ("share_of_copy_bw", "share of copy BW"), ("speedup", "fused speedup"), ("check", "check")]
+               ("share_of_copy_bw", "share of copy BW"), ("speedup", "fused speedup"), ("check", "check"),
+               ("scatter_ref_ms", "scatter ref ms"), ("scatter_ms", "scatter kernel ms"),
+               ("scatter_speedup", "scatter speedup")]
     table = markdown_table(records, columns)
     env = records[0]
     header = (f"# Gate microbenchmark\n\n{env['device']}, {env['dtype']}, torch {env['torch']}, triton {env['triton']}, "
