@@ -22,16 +22,17 @@ SUMMARY_COLUMNS = [("workload", "workload"), ("size", "px"), ("streams", "stream
                    ("stage_other_ms", "other"), ("peak_mb", "peak MB")]
 
 
-def _latest_runs(records: list[dict]) -> dict[str, list[dict]]:
-    """device -> the records of its most recent run (a run = one commit + time stamp)."""
+def _latest_runs(records: list[dict]) -> dict[tuple[str, str], list[dict]]:
+    """(device, matrix) -> the records of its most recent run (a run = one time stamp); the quick
+    and the full matrix are kept apart so a quick run does not hide the last full one."""
     by_run: dict[tuple, list[dict]] = {}
     for r in records:
-        by_run.setdefault((r["device"], r["time"]), []).append(r)
-    latest: dict[str, tuple] = {}
-    for device, stamp in by_run:
-        if device not in latest or stamp > latest[device][1]:
-            latest[device] = (device, stamp)
-    return {device: by_run[key] for device, key in latest.items()}
+        by_run.setdefault((r["device"], "quick" if r.get("quick") else "full", r["time"]), []).append(r)
+    latest: dict[tuple[str, str], tuple] = {}
+    for device, matrix, stamp in by_run:
+        if (device, matrix) not in latest or stamp > latest[(device, matrix)][2]:
+            latest[(device, matrix)] = (device, matrix, stamp)
+    return {key: by_run[run] for key, run in latest.items()}
 
 
 def _find(records, **match):
@@ -87,12 +88,14 @@ def _target_rows(records: list[dict]) -> list[dict]:
         rnd = _find(records, workload=kv["workload"], size=kv["size"], streams=kv["streams"], contender="random",
                     threshold=kv["threshold"], model=kv["model"])
         if rnd:
-            rows.append({"target": f"KV fidelity above random dropping ({kv['workload']} {kv['size']} px, thr {kv['threshold']})",
+            rows.append({"target": f"KV fidelity above random dropping ({kv['model'].split()[0]}, {kv['workload']} "
+                                   f"{kv['size']} px, thr {kv['threshold']})",
                          "measured": f"{kv['fidelity']:.4f} vs {rnd[0]['fidelity']:.4f}",
                          "reference": "random weights", "met": "yes" if kv["fidelity"] > rnd[0]["fidelity"] else "no"})
         if c and kv["size"] >= 448:
             ratio = kv["p50_ms"] / c[0]["p50_ms"]
-            rows.append({"target": f"KV within 1.5x of C's time ({kv['workload']} {kv['size']} px, thr {kv['threshold']})",
+            rows.append({"target": f"KV within 1.5x of C's time ({kv['model'].split()[0]}, {kv['workload']} "
+                                   f"{kv['size']} px, thr {kv['threshold']})",
                          "measured": f"{ratio:.2f}x", "reference": "", "met": "yes" if ratio <= 1.5 else "no"})
     return rows
 
@@ -118,13 +121,13 @@ def write_results_page(out: Path = RESULTS, figures: list[str] | None = None) ->
         "",
     ]
     latest = _latest_runs(records)
-    if not any("cpu" not in d for d in latest):
+    if not any("cpu" not in device for device, _ in latest):
         lines += ["No GPU run has been recorded yet: the sessions so far had no GPU.", ""]
-    for device, recs in sorted(latest.items()):
+    for (device, matrix), recs in sorted(latest.items()):
         r0 = recs[0]
-        lines += [f"## {device}", "",
+        lines += [f"## {device}, {matrix} matrix", "",
                   f"{r0['dtype']}, torch {r0['torch']}, triton {r0['triton']}, transformers {r0['transformers']}, "
-                  f"commit {r0['commit']}, {r0['time']}, {'quick' if r0.get('quick') else 'full'} matrix.", ""]
+                  f"commit {r0['commit']}, {r0['time']}.", ""]
         targets = _target_rows(recs)
         if targets:
             lines += ["### Targets", "", markdown_table(targets, [("target", "target"), ("measured", "measured"),

@@ -50,5 +50,5 @@ def test_e2e_benchmark_quick_matrix_on_tiny_models(tmp_path):
         assert r["p50_ms"] > 0 and 0 <= r["sparsity"] <= 1 and -1 <= r["fidelity"] <= 1.0001
     assert all(r["speedup"] == 1.0 for r in records if r["contender"] == "dense")
     page = (out / "RESULTS.md").read_text()
-    assert "## cpu" in page and "All configurations" in page
+    assert "## cpu" in page and "quick matrix" in page and "All configurations" in page
     assert len(list(out.glob("e2e_*.png"))) == 4
