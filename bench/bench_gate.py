@@ -6,18 +6,16 @@ Workload: SigLIP-base geometry (patch 16, D = 768), frames of a synthetic static
 stream's EMA warmed up on the previous frame (so most patches are inactive, as in deployment),
 threshold 0.35, decay 0.01, floor 4. Per configuration (resolution x streams):
 
-* ``fused``: ``neuroflow.fused_gate.gate`` through its Triton kernels (GPU only);
-* ``unfused``: ``neuroflow.fused_gate.gate_reference``, the PyTorch chain (conv, add, cosine,
+* ``fused``: ``neuroflow.ops.gate.gate`` through its Triton kernels (GPU only);
+* ``unfused``: ``neuroflow.reference.gate.gate_reference``, the PyTorch chain (conv, add, cosine,
   compare, sort, gather, EMA update);
 * effective bandwidth = bytes the gate must move (pixels + EMA read + EMA write + packed
   survivors) / time, and, on a GPU, its share of the measured device-to-device copy bandwidth.
 
 The fused result is checked against the reference (masks equal, offsets equal) before it is
 timed; a configuration whose check fails reports no speedup. On the CPU only the unfused chain
-runs (no kernel timing exists without a GPU) in float32.
-
-Also timed: the cache scatter of the survivors into a ``[S, N, D]`` cache (kernel against the
-reference, checked equal first).
+runs (no kernel timing exists without a GPU) in float32. The cache scatter that follows the
+encoder has its own microbenchmark, ``bench/bench_cache_scatter.py``.
 """
 
 from __future__ import annotations
@@ -29,7 +27,9 @@ from pathlib import Path
 import torch
 
 from common import RESULTS, environment, markdown_table, median_ms, write_results
-from neuroflow import dispatch, fused_gate
+from neuroflow import dispatch
+from neuroflow.ops.gate import gate
+from neuroflow.reference.gate import gate_reference
 from neuroflow.synthetic import static_camera_video
 
 PATCH, DIM = 16, 768
@@ -54,7 +54,7 @@ def make_case(size: int, streams: int, dtype: torch.dtype, device: torch.device)
     ema = torch.zeros(streams, n, DIM, device=device)
     slot = torch.arange(streams, device=device)
     warm = clip[0].to(device, dtype)
-    fused_gate.gate_reference(warm, weight, bias, pos, prefix, ema, slot, torch.ones(streams, dtype=torch.bool, device=device), 0.35, 0.01, 4)
+    gate_reference(warm, weight, bias, pos, prefix, ema, slot, torch.ones(streams, dtype=torch.bool, device=device), 0.35, 0.01, 4)
     frames = clip[1].to(device, dtype)
     return frames, weight, bias, pos, prefix, ema, slot, torch.zeros(streams, dtype=torch.bool, device=device)
 
@@ -68,40 +68,26 @@ def run(sizes, stream_counts, device: torch.device, dtype: torch.dtype) -> list[
         for streams in stream_counts:
             frames, weight, bias, pos, prefix, ema, slot, first = make_case(size, streams, dtype, device)
             args = lambda e: (frames, weight, bias, pos, prefix, e, slot, first, 0.35, 0.01, 4)  # noqa: E731
-            ref = fused_gate.gate_reference(*args(ema.clone()))
+            ref = gate_reference(*args(ema.clone()))
             n = pos.shape[0]
             survivors = int(ref.cu_seqlens[-1])
             bytes_moved = frames.numel() * frames.element_size() + 2 * ema.numel() * 4 + survivors * DIM * frames.element_size()
             rec = {**env, "bench": "gate", "dtype": str(dtype).removeprefix("torch."), "size": size, "streams": streams,
                    "patches": n, "sparsity": 1 - survivors / (streams * n), "bytes": bytes_moved}
             work = ema.clone()
-            rec["unfused_ms"] = median_ms(lambda: fused_gate.gate_reference(*args(work)), device)
+            rec["unfused_ms"] = median_ms(lambda: gate_reference(*args(work)), device)
             rec["unfused_gbs"] = bytes_moved / (rec["unfused_ms"] * 1e-3) / 1e9
             if on_gpu:
-                out = fused_gate.gate(*args(ema.clone()))
+                out = gate(*args(ema.clone()))
                 ok = dispatch.last_path["gate"] == dispatch.TRITON and torch.equal(out.active, ref.active) \
                     and torch.equal(out.cu_seqlens, ref.cu_seqlens)
                 rec["check"] = "ok" if ok else "FAILED"
                 if ok:
-                    rec["fused_ms"] = median_ms(lambda: fused_gate.gate(*args(work)), device)
+                    rec["fused_ms"] = median_ms(lambda: gate(*args(work)), device)
                     rec["fused_gbs"] = bytes_moved / (rec["fused_ms"] * 1e-3) / 1e9
                     rec["copy_gbs"] = copy_gbs
                     rec["share_of_copy_bw"] = rec["fused_gbs"] / copy_gbs
                     rec["speedup"] = rec["unfused_ms"] / rec["fused_ms"]
-            # The cache scatter that follows the encoder (Architecture C): survivors into a cache pool.
-            cache = torch.zeros(streams, n, DIM, device=device, dtype=dtype)
-            rows = ref.packed[:survivors]
-            scatter = (cache, slot, rows, ref.cu_seqlens, ref.index)
-            rec["scatter_ref_ms"] = median_ms(lambda: fused_gate.cache_scatter_reference(*scatter), device)
-            if on_gpu:
-                check = cache.clone()
-                fused_gate.cache_scatter(check, *scatter[1:])
-                fused_gate.cache_scatter_reference(cache, *scatter[1:])
-                if dispatch.last_path["cache_scatter"] == dispatch.TRITON and torch.equal(check, cache):
-                    rec["scatter_ms"] = median_ms(lambda: fused_gate.cache_scatter(*scatter), device)
-                    rec["scatter_speedup"] = rec["scatter_ref_ms"] / rec["scatter_ms"]
-                else:
-                    rec["scatter_check"] = "FAILED"
             records.append(rec)
             print(f"{size:5d} px x {streams:2d} streams: unfused {rec['unfused_ms']:.2f} ms"
                   + (f", fused {rec['fused_ms']:.3f} ms ({rec['speedup']:.1f}x)" if "fused_ms" in rec else ""), flush=True)
@@ -124,9 +110,7 @@ def main(argv=None) -> int:
     records = run(sizes, streams, device, dtype)
     columns = [("size", "px"), ("streams", "streams"), ("sparsity", "sparsity"), ("unfused_ms", "unfused ms"),
                ("unfused_gbs", "unfused GB/s"), ("fused_ms", "fused ms"), ("fused_gbs", "fused GB/s"),
-               ("share_of_copy_bw", "share of copy BW"), ("speedup", "fused speedup"), ("check", "check"),
-               ("scatter_ref_ms", "scatter ref ms"), ("scatter_ms", "scatter kernel ms"),
-               ("scatter_speedup", "scatter speedup")]
+               ("share_of_copy_bw", "share of copy BW"), ("speedup", "fused speedup"), ("check", "check")]
     table = markdown_table(records, columns)
     env = records[0]
     header = (f"# Gate microbenchmark\n\n{env['device']}, {env['dtype']}, torch {env['torch']}, triton {env['triton']}, "

@@ -40,7 +40,7 @@ from common import RESULTS, environment, median_ms, write_results
 try:
     from neuroflow import dispatch
     from neuroflow.testing import assert_close
-    from neuroflow.varlen import launch_config, varlen_attention, varlen_attention_reference
+    from neuroflow.ops.varlen_attention import launch_config, varlen_attention, varlen_attention_reference
 except ImportError as exc:  # pragma: no cover - only without an installed package
     sys.exit(f"neuroflow is not importable ({exc}); run `pip install -e .` in the repository first")
 

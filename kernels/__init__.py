@@ -4,6 +4,7 @@ This folder holds only ``@triton.jit`` kernels and their launch configurations; 
 dispatch and the PyTorch references live in ``neuroflow/``. It is never importable as a top-level
 ``kernels`` package: that name belongs to the Hugging Face package that transformers imports.
 
-No kernel has landed yet (see "Not built yet" in README.md): the engine runs its PyTorch
-reference path everywhere.
+One module per op, named as its launcher (``neuroflow/ops/<op>.py``), its reference
+(``neuroflow/reference/<op>.py``), its tests and its benchmark: ``gate``, ``cache_scatter``,
+``varlen_attention``.
 """

@@ -1,6 +1,6 @@
 """NeuroFlow: EMA-gated sparse Vision Transformer inference for video streams.
 
-    decode -> preprocess -> gate (neuroflow.gate) -> encoder (neuroflow.encoder)
+    decode -> preprocess -> gate (neuroflow.ops.gate) -> encoder (neuroflow.encoder)
     -> cache (neuroflow.architectures, neuroflow.streams) -> readout (neuroflow.models)
 """
 

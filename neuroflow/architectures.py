@@ -1,8 +1,10 @@
 """Architectures A, B, C and KV: what runs after the gate, and what each stream remembers.
 
-B and C take the gate's packed tokens (:class:`neuroflow.encoder.Packed` tells which rows belong
-to which stream and where they sit in its token grid), A the full token grid; all return the
-model outputs, and state tensors are pool tensors updated in place at the batch's slots.
+One class per architecture. Each declares its per-stream state tensors (:meth:`state_specs`),
+checks the settings it depends on (:meth:`check`), and runs its step on a batch (:meth:`step`):
+the gate's packed tokens in, the model outputs out, every state write made through the batch's
+:class:`neuroflow.streams.StreamBatch` (so a failure can be rolled back). The engine only looks an
+architecture up by name in :data:`ARCHITECTURES`.
 
 * **A** (MLP gating): attention over all tokens at every layer, the MLP only for computed tokens;
   an inactive token's output at layer l is its layer-l output from the last frame it was active
@@ -25,13 +27,15 @@ model outputs, and state tensors are pool tensors updated in place at the batch'
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 
 from .encoder import Packed, packed_layer_cached_kv, run_packed
-from .fused_gate import cache_scatter
 from .models import VisionAdapter, attention_block, mlp_block
+from .ops.gate import PackedFrames, ema_dtype
 from .profiling import stage
+from .streams import Grid, Specs, StreamBatch
 
 
 @dataclass
@@ -40,110 +44,242 @@ class ArchResult:
     pooler_output: torch.Tensor | None
 
 
-def architecture_a(adapter: VisionAdapter, tokens: torch.Tensor, computed: torch.Tensor, anchors: torch.Tensor) -> tuple[ArchResult, torch.Tensor]:
-    """Args:
-    tokens: ``[B, T, D]`` encoder inputs of every token.
-    computed: ``[B, T]`` bool, tokens computed this frame (prefix and active patches).
-    anchors: ``[B, L, T, D]`` each token's layer outputs from its last active frame.
-    Returns the outputs and the new anchors.
-    """
-    x = tokens
-    new_anchors = anchors.clone()
-    with stage("encoder"):
-        for layer, parts in enumerate(adapter.layers):
-            h = attention_block(parts, x)
-            out = anchors[:, layer].clone()
-            out[computed] = mlp_block(parts, h[computed]).to(out.dtype)
-            new_anchors[:, layer] = out
-            x = out
-    with stage("readout"):
-        seq, pooled = adapter.readout(x)
-    return ArchResult(seq, pooled), new_anchors
-
-
-def architecture_b(adapter: VisionAdapter, x: torch.Tensor, packed: Packed) -> ArchResult:
-    """Args: x ``[T, D]`` packed encoder inputs. ``last_hidden_state`` is the full grid with zeros
-    at tokens that were not computed."""
-    with stage("encoder"):
-        z = run_packed(adapter.layers, x, packed)
-    with stage("readout"):
-        seq, pooled = adapter.readout_packed(z, packed.cu_seqlens, packed.max_seqlen)
-        full = seq.new_zeros(len(packed.lengths), packed.tokens, seq.shape[-1])
-        full[packed.frame_of(), packed.index.long()] = seq
-    return ArchResult(full, pooled)
-
-
-def architecture_c(
-    adapter: VisionAdapter,
-    x: torch.Tensor,
-    packed: Packed,
-    slot: torch.Tensor,
-    cache: torch.Tensor,
-    last_kv: tuple[torch.Tensor, torch.Tensor] | None = None,
-    head_kv: tuple[torch.Tensor, torch.Tensor] | None = None,
-) -> ArchResult:
-    """Args:
-    x: ``[T, D]`` packed encoder inputs.
-    slot: ``[B]`` int64, the streams' rows in the pools.
-    cache: ``[S, T_tok, D]`` pool of final-layer outputs (before the final norm), updated in place.
-    last_kv: ``[S, T_tok, D]`` pools of the last layer's keys and values, updated in place; given
-        only for the full-context last layer of CLS models.
-    head_kv: ``[S, T_tok, D]`` pools of SigLIP's pooling-head keys and values (see
-        :func:`_readout_from_cache`), or None.
-    """
-    with stage("encoder"):
-        if last_kv is None:
-            z = run_packed(adapter.layers, x, packed)
-        else:
-            y = run_packed(adapter.layers[:-1], x, packed)
-            z = packed_layer_cached_kv(adapter.layers[-1], y, packed, slot, *last_kv)
-    return _readout_from_cache(adapter, z, packed, slot, cache, head_kv)
-
-
-def architecture_kv(
-    adapter: VisionAdapter,
-    x: torch.Tensor,
-    packed: Packed,
-    slot: torch.Tensor,
-    cache: torch.Tensor,
-    keys: torch.Tensor,
-    values: torch.Tensor,
-    head_kv: tuple[torch.Tensor, torch.Tensor] | None = None,
-) -> ArchResult:
-    """Cached context: at every layer the computed tokens attend to every token of their stream.
+class Architecture:
+    """Base class: the state every architecture keeps (the gate's EMA) and the packing step.
 
     Args:
-        x: ``[T, D]`` packed encoder inputs.
-        slot: ``[B]`` int64, the streams' rows in the pools.
-        cache: ``[S, T_tok, D]`` pool of final-layer outputs, updated in place (read out as in C).
-        keys, values: ``[S, L, T_tok, H * Dh]`` pools of every layer's keys and values, updated in
-            place at the computed tokens and read in place by the attention.
-        head_kv: as for :func:`architecture_c`.
+        adapter: the model, split into steps.
+        cache_dtype: dtype of key/value caches (KV, C's context readout); default the model's.
+        head_cache: cache SigLIP's pooling-head keys/values per token (C and KV).
+        cls_readout: C on CLS-pooling models: ``"context"`` or ``"active"``.
     """
-    num_layers = len(adapter.layers)
-    s, _, t_tok, width = keys.shape
-    k_rows, v_rows = keys.view(s * num_layers, t_tok, width), values.view(s * num_layers, t_tok, width)
-    with stage("encoder"):
-        for layer, parts in enumerate(adapter.layers):
-            # Layer l of stream slot s lives at row s * L + l of the flattened pools.
-            x = packed_layer_cached_kv(parts, x, packed, slot * num_layers + layer, k_rows, v_rows)
-    return _readout_from_cache(adapter, x, packed, slot, cache, head_kv)
+
+    name: ClassVar[str]
+    needs_all_tokens: ClassVar[bool] = False
+    """Whether the step needs every token's layer-0 embedding, not only the packed ones."""
+
+    def __init__(self, adapter: VisionAdapter, cache_dtype: torch.dtype | None = None, head_cache: bool = True,
+                 cls_readout: str = "context"):
+        self.adapter = adapter
+        self.cache_dtype = cache_dtype
+        self.head_cache = head_cache
+        self.cls_readout = cls_readout
+
+    # -- what a stream remembers -------------------------------------------------------------------
+    def state_specs(self, grid: Grid) -> Specs:
+        a = self.adapter
+        return {"ema": ((grid[0] * grid[1], a.hidden_size), ema_dtype(a.dtype))}
+
+    def _tokens(self, grid: Grid) -> int:
+        return self.adapter.num_prefix + grid[0] * grid[1]
+
+    @property
+    def _kv_dtype(self) -> torch.dtype:
+        return self.cache_dtype or self.adapter.dtype
+
+    @property
+    def _kv_width(self) -> int:
+        return self.adapter.layers[-1].k.out_features
+
+    def check(self, floor_tokens: int) -> None:
+        """Raise ``ValueError`` if the settings cannot work with this architecture and model."""
+
+    def config(self) -> dict:
+        """What a saved stream state depends on besides the model (compared on load)."""
+        return {"arch": self.name}
+
+    # -- the step ----------------------------------------------------------------------------------
+    def step(self, frames: torch.Tensor, gate: PackedFrames, batch: StreamBatch) -> ArchResult:
+        """Run the encoder and readout for one frame per stream. ``frames`` ``[B, C, H, W]``."""
+        raise NotImplementedError
+
+    def encoder_inputs(self, gate: PackedFrames) -> tuple[torch.Tensor, Packed]:
+        """The encoder input ``[T, D]`` and where its rows belong."""
+        # One device->host copy of the offsets: the token count and the longest segment size
+        # the encoder's launches (everything else stays on the device).
+        cu = gate.cu_seqlens.tolist()
+        lengths = [hi - lo for lo, hi in zip(cu, cu[1:])]
+        packed = Packed(gate.cu_seqlens, gate.index[: cu[-1]], lengths, self.adapter.num_prefix + gate.active.shape[1])
+        return self.adapter.encoder_input(gate.packed[: cu[-1]]), packed
+
+    def _readout_from_cache(self, z: torch.Tensor, packed: Packed, batch: StreamBatch) -> ArchResult:
+        """Write the fresh final-layer outputs ``z`` ``[T, D]`` into the cache and read every token
+        out. With the head cache (SigLIP: ``[S, T_tok, D]`` pools of the pooling head's keys and
+        values) the head projects the fresh tokens only and the probe attends to the cached ones."""
+        a = self.adapter
+        with stage("readout"):
+            batch.scatter("cache", z, packed.cu_seqlens, packed.index)
+            cache = batch.rows("cache")
+            if not self._uses_head_cache:
+                seq, pooled = a.readout(cache)
+                return ArchResult(seq, pooled)
+            seq = a.final_norm(cache)
+            k_fresh, v_fresh = a.head_kv(a.final_norm(z))
+            batch.scatter("head_k", k_fresh, packed.cu_seqlens, packed.index)
+            batch.scatter("head_v", v_fresh, packed.cu_seqlens, packed.index)
+            return ArchResult(seq, a.map_head_cached(batch.tensor("head_k"), batch.tensor("head_v"), batch.slot))
+
+    @property
+    def _uses_head_cache(self) -> bool:
+        return False
+
+    def _cache_specs(self, grid: Grid) -> Specs:
+        """The final-layer cache of C and KV, and the pooling head's keys/values when cached."""
+        a, t = self.adapter, self._tokens(grid)
+        specs = {"cache": ((t, a.hidden_size), a.dtype)}
+        if self._uses_head_cache:
+            specs["head_k"] = ((t, a.hidden_size), a.dtype)
+            specs["head_v"] = ((t, a.hidden_size), a.dtype)
+        return specs
 
 
-def _readout_from_cache(adapter, z, packed, slot, cache, head_kv) -> ArchResult:
-    """Write the fresh final-layer outputs ``z`` ``[T, D]`` into the cache and read every token out.
+class ArchA(Architecture):
+    """MLP gating: attention over every token, the MLP only for the computed ones."""
 
-    With ``head_kv`` (SigLIP: ``[S, T_tok, D]`` pools of the pooling head's keys and values), the
-    head's key/value projections run for the fresh tokens only and the probe attends to the cached
-    ones; without it the head projects all T_tok tokens of every stream each frame.
-    """
-    with stage("readout"):
-        cache_scatter(cache, slot, z, packed.cu_seqlens, packed.index)
-        if head_kv is None:
-            seq, pooled = adapter.readout(cache[slot])
-            return ArchResult(seq, pooled)
-        seq = adapter.final_norm(cache[slot])
-        k_fresh, v_fresh = adapter.head_kv(adapter.final_norm(z))
-        cache_scatter(head_kv[0], slot, k_fresh, packed.cu_seqlens, packed.index)
-        cache_scatter(head_kv[1], slot, v_fresh, packed.cu_seqlens, packed.index)
-        return ArchResult(seq, adapter.map_head_cached(head_kv[0], head_kv[1], slot))
+    name = "A"
+    needs_all_tokens = True
+
+    def state_specs(self, grid: Grid) -> Specs:
+        a = self.adapter
+        return {**super().state_specs(grid), "anchors": ((len(a.layers), self._tokens(grid), a.hidden_size), a.dtype)}
+
+    def step(self, frames: torch.Tensor, gate: PackedFrames, batch: StreamBatch) -> ArchResult:
+        a = self.adapter
+        with stage("gate"):  # A needs every token's embedding, not only the packed ones
+            x = a.encoder_input(a.embed(frames))
+        computed = torch.cat([torch.ones_like(gate.active[:, : a.num_prefix]), gate.active], dim=1)
+        anchors = batch.rows("anchors")  # [B, L, T, D]: each token's layer outputs, last active frame
+        new_anchors = anchors.clone()
+        with stage("encoder"):
+            for layer, parts in enumerate(a.layers):
+                h = attention_block(parts, x)
+                out = anchors[:, layer].clone()
+                out[computed] = mlp_block(parts, h[computed]).to(out.dtype)
+                new_anchors[:, layer] = out
+                x = out
+        with stage("readout"):
+            seq, pooled = a.readout(x)
+        batch.write_rows("anchors", new_anchors)
+        return ArchResult(seq, pooled)
+
+
+class ArchB(Architecture):
+    """Elimination: the encoder and the readout see only the computed tokens;
+    ``last_hidden_state`` holds zeros at tokens not computed."""
+
+    name = "B"
+
+    def check(self, floor_tokens: int) -> None:
+        if self.adapter.num_prefix == 0 and floor_tokens < 1:
+            raise ValueError("Architecture B on a model without CLS token needs floor_tokens >= 1 "
+                             "(the pooling head needs at least one token)")
+
+    def step(self, frames: torch.Tensor, gate: PackedFrames, batch: StreamBatch) -> ArchResult:
+        x, packed = self.encoder_inputs(gate)
+        return self.run(x, packed)
+
+    def run(self, x: torch.Tensor, packed: Packed) -> ArchResult:
+        """The encoder and readout on packed inputs ``x`` ``[T, D]`` (also what distillation trains)."""
+        a = self.adapter
+        with stage("encoder"):
+            z = run_packed(a.layers, x, packed)
+        with stage("readout"):
+            seq, pooled = a.readout_packed(z, packed.cu_seqlens, packed.max_seqlen)
+            full = seq.new_zeros(len(packed.lengths), packed.tokens, seq.shape[-1])
+            full[packed.frame_of(), packed.index.long()] = seq
+        return ArchResult(full, pooled)
+
+
+class ArchC(Architecture):
+    """Dual memory: encoder on the computed tokens, readout on the per-stream cache."""
+
+    name = "C"
+
+    @property
+    def _uses_head_cache(self) -> bool:
+        return self.head_cache and self.adapter.has_map_head
+
+    @property
+    def uses_context_readout(self) -> bool:
+        return self.adapter.pools_cls_token and self.cls_readout == "context"
+
+    def config(self) -> dict:
+        return {**super().config(), "cls_readout": self.cls_readout if self.uses_context_readout else None,
+                "cache_dtype": str(self.cache_dtype) if self.cache_dtype is not None else None,
+                "head_cache": self._uses_head_cache}
+
+    def state_specs(self, grid: Grid) -> Specs:
+        specs = {**super().state_specs(grid), **self._cache_specs(grid)}
+        if self.uses_context_readout:
+            t = self._tokens(grid)
+            specs["last_k"] = ((t, self._kv_width), self._kv_dtype)
+            specs["last_v"] = ((t, self._kv_width), self._kv_dtype)
+        return specs
+
+    def step(self, frames: torch.Tensor, gate: PackedFrames, batch: StreamBatch) -> ArchResult:
+        a = self.adapter
+        x, packed = self.encoder_inputs(gate)
+        with stage("encoder"):
+            if not self.uses_context_readout:
+                z = run_packed(a.layers, x, packed)
+            else:
+                y = run_packed(a.layers[:-1], x, packed)
+                z = packed_layer_cached_kv(a.layers[-1], y, packed, batch.slot, batch.tensor("last_k"),
+                                           batch.tensor("last_v"), _kv_writer(batch, "last_k", "last_v", packed))
+        return self._readout_from_cache(z, packed, batch)
+
+
+class ArchKV(Architecture):
+    """Cached context: at every layer the computed tokens attend to every token of their stream
+    (keys/values ``[S, L, T_tok, H * Dh]`` per stream, read in place by the varlen kernel)."""
+
+    name = "KV"
+
+    @property
+    def _uses_head_cache(self) -> bool:
+        return self.head_cache and self.adapter.has_map_head
+
+    def config(self) -> dict:
+        return {**super().config(), "cache_dtype": str(self.cache_dtype) if self.cache_dtype is not None else None,
+                "head_cache": self._uses_head_cache}
+
+    def state_specs(self, grid: Grid) -> Specs:
+        t, num_layers = self._tokens(grid), len(self.adapter.layers)
+        return {
+            **super().state_specs(grid),
+            **self._cache_specs(grid),
+            "kv_k": ((num_layers, t, self._kv_width), self._kv_dtype),
+            "kv_v": ((num_layers, t, self._kv_width), self._kv_dtype),
+        }
+
+    def step(self, frames: torch.Tensor, gate: PackedFrames, batch: StreamBatch) -> ArchResult:
+        a = self.adapter
+        x, packed = self.encoder_inputs(gate)
+        keys, values = batch.tensor("kv_k"), batch.tensor("kv_v")
+        s, num_layers, t_tok, width = keys.shape
+        # Layer l of stream slot s lives at row s * L + l of the flattened pools.
+        k_rows, v_rows = keys.view(s * num_layers, t_tok, width), values.view(s * num_layers, t_tok, width)
+        with stage("encoder"):
+            for layer, parts in enumerate(a.layers):
+                x = packed_layer_cached_kv(parts, x, packed, batch.slot * num_layers + layer, k_rows, v_rows,
+                                           _kv_writer(batch, "kv_k", "kv_v", packed, layer))
+        return self._readout_from_cache(x, packed, batch)
+
+
+def _kv_writer(batch: StreamBatch, k_name: str, v_name: str, packed: Packed, layer: int | None = None):
+    """Writes a layer's fresh keys and values ``[T, H * Dh]`` into the batch's caches."""
+    def write(k: torch.Tensor, v: torch.Tensor) -> None:
+        batch.scatter(k_name, k, packed.cu_seqlens, packed.index, layer)
+        batch.scatter(v_name, v, packed.cu_seqlens, packed.index, layer)
+    return write
+
+
+ARCHITECTURES: dict[str, type[Architecture]] = {cls.name: cls for cls in (ArchA, ArchB, ArchC, ArchKV)}
+"""Architecture name -> class."""
+
+
+def make_architecture(name: str, adapter: VisionAdapter, **options) -> Architecture:
+    """The architecture called ``name`` (``"A"``, ``"B"``, ``"C"`` or ``"KV"``) for ``adapter``."""
+    if name not in ARCHITECTURES:
+        raise ValueError(f"arch must be one of {', '.join(ARCHITECTURES)}, got {name!r}")
+    return ARCHITECTURES[name](adapter, **options)

@@ -1,8 +1,14 @@
 """Compile every kernel's default configurations for real GPUs, on a machine without one.
 
-``python -m neuroflow.compile_check`` compiles each :class:`CompileCase` that the launcher modules
-list (``compile_cases()``) for sm_80 and sm_90 with ``triton.compile`` and a ``GPUTarget``, then
-checks the cubin: dynamic shared memory within the architecture's limit, no local memory (register
+``python -m neuroflow.compile_check`` runs each :class:`CompileCase` that the op modules list
+(``compile_cases()`` in :mod:`neuroflow.ops.gate`, :mod:`neuroflow.ops.cache_scatter`,
+:mod:`neuroflow.ops.varlen_attention`): a call of the launcher itself on CPU tensors inside
+:func:`neuroflow.dispatch.recording_launches`, which records each kernel launch instead of running
+it. Each recorded launch is specialised exactly as Triton's runtime does it for a CUDA target
+(argument types from the values, constexprs, 16-byte divisibility/alignment of pointers and
+integers), so the signature is derived from the kernel's own parameters and the launcher's own
+arguments, never typed out by hand; it is compiled for sm_80 and sm_90 with ``triton.compile``
+and a ``GPUTarget``, then the cubin is checked: dynamic shared memory within the architecture's limit, no local memory (register
 spills), and tensor-core instructions (HMMA on sm_80, HGMMA on sm_90) where the kernel uses
 ``tl.dot``. It prints one JSON line per (case, architecture) and exits 1 if any check fails.
 
@@ -12,7 +18,6 @@ be compiled); ``tests/test_compile.py`` starts it that way.
 
 from __future__ import annotations
 
-import importlib
 import json
 import os
 import re
@@ -22,8 +27,7 @@ import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
-LAUNCHER_MODULES = ("neuroflow.fused_gate", "neuroflow.varlen")
-"""Modules whose ``compile_cases()`` list the kernels' default configurations."""
+from typing import Callable
 
 SHARED_LIMIT = {80: 166_912, 90: 232_448}
 """Largest dynamic shared memory per block (bytes) that a launch may request."""
@@ -33,27 +37,47 @@ TENSOR_CORE_OP = {80: "HMMA", 90: "HGMMA"}
 
 @dataclass
 class CompileCase:
-    """One kernel specialisation to compile.
+    """One launcher call whose kernel launches are compiled.
 
     Attributes:
         name: label for reports (kernel and config).
-        fn: the ``@triton.jit`` function.
-        signature: argument name -> Triton type (``"*fp16"``, ``"i32"``, ``"fp32"``, ``"constexpr"``).
-        constexprs: values of the ``constexpr`` arguments.
-        num_warps, num_stages: launch options of the default config.
+        launch: calls the launcher on CPU tensors (run inside :func:`dispatch.recording_launches`).
         uses_dot: whether the kernel uses ``tl.dot`` (then tensor-core instructions are required).
         tensor_cores: architectures on which tensor-core instructions are required (default: both);
             wgmma needs tiles of at least 64 rows, which small-tile configs do not have.
     """
 
     name: str
-    fn: object
-    signature: dict[str, str]
-    constexprs: dict[str, object]
-    num_warps: int = 4
-    num_stages: int = 2
+    launch: Callable[[], None]
     uses_dot: bool = False
     tensor_cores: tuple[int, ...] = field(default=(80, 90))
+
+
+def recorded_launches(case: CompileCase) -> list:
+    """The :class:`neuroflow.dispatch.Launch` records of one case's launcher call."""
+    from . import dispatch
+
+    with dispatch.recording_launches() as launches:
+        case.launch()
+    if not launches:
+        raise RuntimeError(f"{case.name}: the launcher made no kernel launch (it took the reference path)")
+    return launches
+
+
+def specialise(launch, capability: int):
+    """``(ASTSource, options)`` for one recorded launch, as Triton's JIT builds them for
+    ``sm_<capability>``: the same binder and argument packing as ``JITFunction.run``."""
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource, make_backend
+    from triton.runtime.jit import create_function_from_signature
+
+    fn = launch.kernel
+    backend = make_backend(GPUTarget("cuda", capability, 32))
+    binder = create_function_from_signature(fn.signature, fn.params, backend)
+    kwargs = dict(launch.kwargs)
+    bound, specialization, options = binder(*launch.args, **kwargs)
+    options, signature, constexprs, attrs = fn._pack_args(backend, kwargs, bound, specialization, options)
+    return ASTSource(fn, signature, constexprs, attrs), options
 
 
 def _tool(name: str) -> Path:
@@ -62,18 +86,13 @@ def _tool(name: str) -> Path:
     return Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / name
 
 
-def compile_report(case: CompileCase, capability: int) -> dict:
-    """Compile ``case`` for ``sm_<capability>`` and measure the cubin."""
+def compile_report(case: CompileCase, launch, capability: int) -> dict:
+    """Compile one recorded launch of ``case`` for ``sm_<capability>`` and measure the cubin."""
     import triton
     from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
 
-    src = ASTSource(fn=case.fn, signature=case.signature, constexprs=case.constexprs)
-    compiled = triton.compile(
-        src,
-        target=GPUTarget("cuda", capability, 32),
-        options={"num_warps": case.num_warps, "num_stages": case.num_stages},
-    )
+    src, options = specialise(launch, capability)
+    compiled = triton.compile(src, target=GPUTarget("cuda", capability, 32), options=options.__dict__)
     with tempfile.TemporaryDirectory() as tmp:
         cubin = Path(tmp) / "k.cubin"
         cubin.write_bytes(compiled.asm["cubin"])
@@ -83,7 +102,13 @@ def compile_report(case: CompileCase, capability: int) -> dict:
     regs, stack, static_shared, local = (int(x) for x in res.groups()) if res else (-1, -1, -1, -1)
     return {
         "case": case.name,
+        "kernel": launch.kernel.__name__,
         "sm": capability,
+        "num_warps": options.num_warps,
+        "num_stages": options.num_stages,
+        "signature": {k: v for k, v in src.signature.items() if v != "constexpr"},
+        # Arguments the runtime specialises (16-byte aligned pointers, integers divisible by 16).
+        "divisible_args": sorted(src.fn.arg_names[path[0]] for path in src.attrs),
         "shared_bytes": int(compiled.metadata.shared),
         "registers": regs,
         "stack_bytes": stack,
@@ -111,10 +136,9 @@ def problems(report: dict, case: CompileCase) -> list[str]:
 
 
 def all_cases() -> list[CompileCase]:
-    cases = []
-    for module in LAUNCHER_MODULES:
-        cases.extend(importlib.import_module(module).compile_cases())
-    return cases
+    from .ops import cache_scatter, gate, varlen_attention
+
+    return [*gate.compile_cases(), *cache_scatter.compile_cases(), *varlen_attention.compile_cases()]
 
 
 def main() -> int:
@@ -123,11 +147,12 @@ def main() -> int:
         return 2
     failed = 0
     for case in all_cases():
-        for sm in (80, 90):
-            report = compile_report(case, sm)
-            report["problems"] = problems(report, case)
-            failed += bool(report["problems"])
-            print(json.dumps(report), flush=True)
+        for launch in recorded_launches(case):
+            for sm in (80, 90):
+                report = compile_report(case, launch, sm)
+                report["problems"] = problems(report, case)
+                failed += bool(report["problems"])
+                print(json.dumps(report), flush=True)
     return 1 if failed else 0
 
 

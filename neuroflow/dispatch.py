@@ -16,9 +16,11 @@ and counts it in :data:`counts`, so tests and benchmarks can assert what ran.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 from collections import Counter
+from dataclasses import dataclass, field
 
 import torch
 
@@ -85,6 +87,57 @@ def _wrapped(fn, interpreted: bool):
     return fn if isinstance(fn, JITFunction) else JITFunction(fn.fn)
 
 
+@dataclass
+class Launch:
+    """One kernel launch as a launcher made it: the ``@triton.jit`` function, its grid, positional
+    arguments and keyword arguments (constexprs and ``num_warps``/``num_stages``)."""
+
+    kernel: object
+    grid: tuple
+    args: tuple
+    kwargs: dict = field(default_factory=dict)
+
+
+_recorded: list[Launch] | None = None
+
+
+@contextlib.contextmanager
+def recording_launches():
+    """Inside this block the launchers take their GPU path for CPU tensors (GPU launch configs,
+    no interpreter) and every launch is recorded as a :class:`Launch` instead of run.
+
+    ``neuroflow.compile_check`` compiles exactly those launches for sm_80/sm_90, so what it
+    inspects is the binary the runtime would build from the launcher's own arguments (argument
+    types, constexprs and the runtime's divisibility/alignment specialisation).
+    """
+    global _recorded
+    previous, _recorded = _recorded, []
+    try:
+        yield _recorded
+    finally:
+        _recorded = previous
+
+
+def recording() -> bool:
+    return _recorded is not None
+
+
+def gpu_launch(device: torch.device) -> bool:
+    """Whether a launch on ``device`` uses GPU launch configs: CUDA, or a recorded launch."""
+    return device.type == "cuda" or recording()
+
+
+class _Recorder:
+    def __init__(self, kernel):
+        self.kernel = kernel
+
+    def __getitem__(self, grid):
+        def record(*args, **kwargs):
+            _recorded.append(Launch(self.kernel, tuple(grid), args, kwargs))
+
+        return record
+
+
 def launchable(kernel, device: torch.device):
     """``kernel`` (a ``@triton.jit`` function) in the form that runs on ``device``.
 
@@ -93,12 +146,14 @@ def launchable(kernel, device: torch.device):
     tensors. Re-wrapping the same Python function lets the choice follow the tensors' device, so
     the order in which modules were imported does not matter.
     """
+    if recording():
+        return _Recorder(_wrapped(kernel, False))
     return _wrapped(kernel, device.type == "cpu")
 
 
 def wants_triton(device: torch.device) -> bool:
     """Whether tensors on ``device`` are meant to take the Triton path."""
-    return device.type == "cuda" or (device.type == "cpu" and interpreting())
+    return device.type == "cuda" or recording() or (device.type == "cpu" and interpreting())
 
 
 def choose(op: str, device: torch.device, unsupported: str | None = None) -> str:
@@ -113,7 +168,7 @@ def choose(op: str, device: torch.device, unsupported: str | None = None) -> str
     path = REFERENCE
     if wants_triton(device):
         reason = triton_import_error() or unsupported
-        if reason is None and device.type == "cpu":
+        if reason is None and device.type == "cpu" and not recording():
             reason = interpreter_problem()
         if reason is None:
             path = TRITON

@@ -1,7 +1,7 @@
 """The encoder on packed tokens: every stream's computed tokens in one ``[T, D]`` sequence.
 
 Token-wise ops (layer norms, projections, MLP) run on the packed rows directly; attention runs
-through :func:`neuroflow.varlen.varlen_attention` with ``cu_seqlens``, so it only mixes tokens of
+through :func:`neuroflow.ops.varlen_attention.varlen_attention` with ``cu_seqlens``, so it only mixes tokens of
 the same stream (the Triton kernel on CUDA, the per-segment reference on the CPU).
 """
 
@@ -11,9 +11,10 @@ from dataclasses import dataclass
 
 import torch
 
-from .fused_gate import cache_scatter
+from typing import Callable
+
 from .models import LayerParts, mlp_block
-from .varlen import varlen_attention
+from .ops.varlen_attention import varlen_attention
 
 
 @dataclass
@@ -73,7 +74,13 @@ def run_packed(layers: list[LayerParts], x: torch.Tensor, packed: Packed) -> tor
 
 
 def packed_layer_cached_kv(
-    parts: LayerParts, x: torch.Tensor, packed: Packed, rows: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor
+    parts: LayerParts,
+    x: torch.Tensor,
+    packed: Packed,
+    rows: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    store_kv: Callable[[torch.Tensor, torch.Tensor], None],
 ) -> torch.Tensor:
     """One layer whose queries are the packed tokens and whose keys/values are every token of
     their stream: fresh for the packed tokens (written into the caches first), cached for the rest.
@@ -82,13 +89,14 @@ def packed_layer_cached_kv(
         x: ``[T, D]`` packed residual stream.
         rows: ``[B]`` int64, each stream's row in the caches.
         k_cache, v_cache: ``[R, T_tok, H * Dh]`` keys / values of this layer (any float dtype: the
-            attention runs in it), updated in place at the packed tokens' positions and read in
-            place by the attention.
+            attention runs in it), read in place by the attention.
+        store_kv: writes the fresh keys and values ``[T, H * Dh]`` into ``k_cache``/``v_cache`` at
+            the packed tokens' positions (the caller owns the state, see
+            :class:`neuroflow.streams.StreamBatch`).
     """
     nx = parts.norm1(x)
     k, v = parts.k(nx), parts.v(nx)
-    cache_scatter(k_cache, rows, k, packed.cu_seqlens, packed.index)
-    cache_scatter(v_cache, rows, v, packed.cu_seqlens, packed.index)
+    store_kv(k, v)
     t_tok = packed.tokens
     b = len(packed.lengths)
     cu_k = torch.arange(b + 1, dtype=torch.int32, device=x.device) * t_tok

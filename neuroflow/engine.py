@@ -1,7 +1,8 @@
 """``neuroflow.NeuroFlow``: many video streams through one Hugging Face vision model.
 
-One call, top to bottom: check the frames -> admit the streams -> gate (layer-0 embedding, EMA,
-threshold, packing) -> architecture (encoder on the gated tokens, cache) -> readout.
+One call, top to bottom: check the frames -> open the streams' state (:class:`StreamBatch`) ->
+gate (layer-0 embedding, EMA, threshold, packing) -> architecture (encoder on the gated tokens,
+cache, readout) -> commit the state, or roll it back if anything failed.
 """
 
 from __future__ import annotations
@@ -14,18 +15,15 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from . import fused_gate
-from .architectures import architecture_a, architecture_b, architecture_c, architecture_kv
-from .encoder import Packed
-from .gate import ema_dtype
-from .models import SIGLIP, VisionAdapter
+from .architectures import Architecture, make_architecture
+from .models import VisionAdapter
+from .ops.gate import gate
 from .profiling import stage
-from .streams import Grid, StreamStore
+from .streams import Grid, StreamBatch, StreamStore
 from .validation import (
     check_ema_decay,
     check_floor_tokens,
     check_frames,
-    check_settings,
     check_stream_ids,
     check_threshold,
 )
@@ -77,6 +75,11 @@ class NeuroFlow(nn.Module):
         cache_dtype: dtype of the key/value caches (KV, and C's context readout), e.g.
             ``torch.float16`` on a GPU; attention over them runs in that dtype. Default: the
             model's dtype.
+        head_cache: cache SigLIP's pooling-head keys and values per token (C and KV), so the head
+            projects only fresh tokens.
+        max_streams: keep at most this many streams; when a call would exceed it, the least
+            recently seen streams are evicted (their next frame is dense; :attr:`last_evicted`
+            and :attr:`evictions` report it). None: no limit.
 
     Call with ``pixel_values [B, C, H, W]`` (model dtype and device; H and W multiples of the patch
     size) and ``stream_ids`` (B distinct hashable ids; default ``0..B-1``). A stream that is new,
@@ -95,26 +98,29 @@ class NeuroFlow(nn.Module):
         check_finite: bool = True,
         cache_dtype: torch.dtype | None = None,
         head_cache: bool = True,
+        max_streams: int | None = None,
     ):
         super().__init__()
-        check_settings(arch, threshold, ema_decay, floor_tokens)
+        check_threshold(threshold)
+        check_ema_decay(ema_decay)
+        check_floor_tokens(floor_tokens)
         if cls_readout not in ("context", "active"):
             raise ValueError(f"cls_readout must be 'context' or 'active', got {cls_readout!r}")
+        if cache_dtype is not None and not (isinstance(cache_dtype, torch.dtype) and cache_dtype.is_floating_point):
+            raise ValueError(f"cache_dtype must be a floating torch.dtype, got {cache_dtype!r}")
+        if max_streams is not None and (isinstance(max_streams, bool) or not isinstance(max_streams, int)
+                                        or max_streams < 1):
+            raise ValueError(f"max_streams must be an int >= 1 or None, got {max_streams!r}")
         self.adapter = VisionAdapter(vision_model)
-        if arch == "B" and self.adapter.num_prefix == 0 and floor_tokens < 1:
-            raise ValueError("Architecture B on a model without CLS token needs floor_tokens >= 1 (the head needs a token)")
         self.vision_model = self.adapter.model
-        self.arch = arch
+        self.architecture: Architecture = make_architecture(
+            arch, self.adapter, cache_dtype=cache_dtype, head_cache=bool(head_cache), cls_readout=cls_readout)
+        self.architecture.check(int(floor_tokens))
         self._threshold = float(threshold)
         self._ema_decay = float(ema_decay)
         self._floor_tokens = int(floor_tokens)
-        self.cls_readout = cls_readout
         self.check_finite = check_finite
-        if cache_dtype is not None and not (isinstance(cache_dtype, torch.dtype) and cache_dtype.is_floating_point):
-            raise ValueError(f"cache_dtype must be a floating torch.dtype, got {cache_dtype!r}")
-        self.cache_dtype = cache_dtype
-        self.head_cache = bool(head_cache)
-        self._streams = StreamStore(self._state_specs, self.adapter.device)
+        self._streams = StreamStore(self.architecture.state_specs, self.adapter.device, max_streams)
 
     # -- settings (validated on every change) ------------------------------------------------------
     @property
@@ -142,18 +148,39 @@ class NeuroFlow(nn.Module):
     @floor_tokens.setter
     def floor_tokens(self, value: int) -> None:
         check_floor_tokens(value)
-        if self.arch == "B" and self.adapter.num_prefix == 0 and value < 1:
-            raise ValueError("Architecture B on a model without CLS token needs floor_tokens >= 1")
+        self.architecture.check(value)
         self._floor_tokens = int(value)
 
     @property
-    def uses_head_cache(self) -> bool:
-        return self.head_cache and self.arch in ("C", "KV") and self.adapter.family == SIGLIP \
-            and self.adapter.head is not None
+    def arch(self) -> str:
+        """``"A"``, ``"B"``, ``"C"`` or ``"KV"``."""
+        return self.architecture.name
 
     @property
-    def uses_context_readout(self) -> bool:
-        return self.arch == "C" and self.adapter.family != SIGLIP and self.cls_readout == "context"
+    def cls_readout(self) -> str:
+        return self.architecture.cls_readout
+
+    @property
+    def cache_dtype(self) -> torch.dtype | None:
+        return self.architecture.cache_dtype
+
+    @property
+    def head_cache(self) -> bool:
+        return self.architecture.head_cache
+
+    @property
+    def max_streams(self) -> int | None:
+        return self._streams.max_streams
+
+    @property
+    def last_evicted(self) -> list[Hashable]:
+        """Streams evicted by the most recent call (``max_streams``), least recently seen first."""
+        return list(self._streams.evicted)
+
+    @property
+    def evictions(self) -> int:
+        """Streams evicted since this engine was made."""
+        return self._streams.evictions
 
     # -- streams -----------------------------------------------------------------------------------
     @property
@@ -175,29 +202,6 @@ class NeuroFlow(nn.Module):
             raise KeyError(f"unknown stream id(s): {', '.join(map(repr, unknown))}")
         self._streams.remove(ids)
 
-    def _state_specs(self, grid: Grid) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
-        a = self.adapter
-        n = grid[0] * grid[1]
-        t = a.num_prefix + n
-        d = a.hidden_size
-        specs = {"ema": ((n, d), ema_dtype(a.dtype))}
-        kv_dtype = self.cache_dtype or a.dtype
-        width = a.layers[-1].k.out_features
-        if self.arch == "A":
-            specs["anchors"] = ((len(a.layers), t, d), a.dtype)
-        elif self.arch in ("C", "KV"):
-            specs["cache"] = ((t, d), a.dtype)
-        if self.arch == "KV":
-            specs["kv_k"] = ((len(a.layers), t, width), kv_dtype)
-            specs["kv_v"] = ((len(a.layers), t, width), kv_dtype)
-        elif self.uses_context_readout:
-            specs["last_k"] = ((t, width), kv_dtype)
-            specs["last_v"] = ((t, width), kv_dtype)
-        if self.uses_head_cache:
-            specs["head_k"] = ((t, d), a.dtype)
-            specs["head_v"] = ((t, d), a.dtype)
-        return specs
-
     def state_bytes_per_stream(self, height: int, width: int) -> dict[str, int]:
         """Bytes of state one stream holds at an ``height x width`` frame size, per state tensor
         (``ema``; ``anchors`` for A; ``cache`` for C and KV; ``kv_k``/``kv_v``, all layers, for KV;
@@ -205,10 +209,14 @@ class NeuroFlow(nn.Module):
         grid = self.adapter.grid(height, width)
         out = {
             name: int(torch.Size(shape).numel()) * torch.empty(0, dtype=dtype).element_size()
-            for name, (shape, dtype) in self._state_specs(grid).items()
+            for name, (shape, dtype) in self.architecture.state_specs(grid).items()
         }
         out["total"] = sum(out.values())
         return out
+
+    def state_bytes(self) -> int:
+        """Bytes of stream state this engine holds now (every pool at its capacity)."""
+        return self._streams.state_bytes()
 
     # -- the frame path ----------------------------------------------------------------------------
     def forward(
@@ -234,14 +242,13 @@ class NeuroFlow(nn.Module):
                                  f"got {active.dtype} {tuple(active.shape)}")
             active = active.to(pixel_values.device)
         moved = [i for i in ids if i in self._streams and self._streams.grid_of(i) != grid]
-        slot, first = self._streams.admit(ids, grid)
+        batch = self._streams.begin(ids, grid)
         try:
-            out = self._run(pixel_values, grid, slot, first, active)
+            out = self._step(pixel_values, grid, batch, active)
         except BaseException:
-            # The ops update state in place; a batch that fails half-way is forgotten whole, so
-            # its streams restart cleanly with a dense frame (other streams are untouched).
-            self._streams.remove([i for i in ids if i in self._streams])
+            batch.rollback()
             raise
+        batch.commit()
         for i in moved:
             warnings.warn(
                 f"stream {i!r} changed resolution (patch grid {grid[0]}x{grid[1]}); it was reset and "
@@ -250,48 +257,24 @@ class NeuroFlow(nn.Module):
             )
         return out
 
-    def _run(self, pixel_values, grid: Grid, slot, first, active) -> NeuroFlowOutput:
-        a, store = self.adapter, self._streams
+    def _step(self, pixel_values: torch.Tensor, grid: Grid, batch: StreamBatch, active) -> NeuroFlowOutput:
+        a = self.adapter
         conv = a.patch_conv
         with stage("gate"):
-            gate = fused_gate.gate(
+            gated = gate(
                 pixel_values, conv.weight, conv.bias, a.position_embeddings(grid), a.prefix_tokens(grid),
-                store.tensor("ema", grid), slot, first, self._threshold, self._ema_decay, self._floor_tokens,
-                force_active=active,
+                batch.update_in_place("ema"), batch.slot, batch.first, self._threshold, self._ema_decay,
+                self._floor_tokens, force_active=active,
             )
-        n = gate.active.shape[1]
-        counts = gate.active.sum(dim=1)
-        if self.arch == "A":
-            with stage("gate"):  # A needs every token's embedding, not only the packed ones
-                tokens = a.encoder_input(a.embed(pixel_values))
-            computed = torch.cat([torch.ones_like(gate.active[:, : a.num_prefix]), gate.active], dim=1)
-            result, anchors = architecture_a(a, tokens, computed, store.tensor("anchors", grid)[slot])
-            store.write("anchors", grid, slot, anchors)
-        else:
-            # One device->host copy of the offsets: the token count and the longest segment size
-            # the encoder's launches (everything else stays on the device).
-            cu = gate.cu_seqlens.tolist()
-            lengths = [hi - lo for lo, hi in zip(cu, cu[1:])]
-            packed = Packed(gate.cu_seqlens, gate.index[: cu[-1]], lengths, a.num_prefix + n)
-            x = a.encoder_input(gate.packed[: cu[-1]])
-            if self.arch == "B":
-                result = architecture_b(a, x, packed)
-            else:
-                head_kv = (store.tensor("head_k", grid), store.tensor("head_v", grid)) if self.uses_head_cache else None
-                if self.arch == "KV":
-                    result = architecture_kv(a, x, packed, slot, store.tensor("cache", grid),
-                                             store.tensor("kv_k", grid), store.tensor("kv_v", grid), head_kv)
-                else:
-                    last_kv = (store.tensor("last_k", grid), store.tensor("last_v", grid)) \
-                        if self.uses_context_readout else None
-                    result = architecture_c(a, x, packed, slot, store.tensor("cache", grid), last_kv, head_kv)
+        result = self.architecture.step(pixel_values, gated, batch)
+        n = gated.active.shape[1]
         return NeuroFlowOutput(
             pooler_output=result.pooler_output,
             last_hidden_state=result.last_hidden_state,
-            active_mask=gate.active,
-            sparsity=1.0 - counts.float() / n,
-            surprise=gate.surprise,
-            first_frame=first,
+            active_mask=gated.active,
+            sparsity=1.0 - gated.active.sum(dim=1).float() / n,
+            surprise=gated.surprise,
+            first_frame=batch.first,
         )
 
     # -- device moves and persistence --------------------------------------------------------------
@@ -303,15 +286,12 @@ class NeuroFlow(nn.Module):
     def _config(self) -> dict:
         a = self.adapter
         return {
-            "arch": self.arch,
             "family": a.family,
             "hidden_size": a.hidden_size,
             "num_layers": len(a.layers),
             "num_prefix": a.num_prefix,
             "patch_size": a.patch_size,
-            "cls_readout": self.cls_readout if self.uses_context_readout else None,
-            "cache_dtype": str(self.cache_dtype) if self.cache_dtype is not None else None,
-            "head_cache": self.uses_head_cache,
+            **self.architecture.config(),
         }
 
     def stream_state_dict(self) -> dict:

@@ -13,7 +13,7 @@ Segment boundaries reach the attention in one of two ways:
   modules drop those kwargs (SigLIP, SigLIP 2).
 
 Without either, each batch row is one sequence (ordinary batched attention). Attention runs
-through :func:`neuroflow.varlen.varlen_attention` (the Triton kernel on CUDA, the reference on the
+through :func:`neuroflow.ops.varlen_attention.varlen_attention` (the Triton kernel on CUDA, the reference on the
 CPU, as :mod:`neuroflow.dispatch` decides).
 """
 
@@ -25,7 +25,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .varlen import varlen_attention
+from .ops.varlen_attention import varlen_attention
 
 ATTENTION_NAME = "neuroflow_varlen"
 

@@ -104,18 +104,47 @@ def _layer_parts(layer: nn.Module) -> LayerParts:
     )
 
 
-# Families differ only in their prefix tokens, the norm before the encoder and the readout.
+# Families differ only in their prefix tokens, the norm before the encoder and the readout: one
+# row each in FAMILIES, and nothing else in the package branches on the family.
 SIGLIP, CLIP, VIT, DINOV2 = "siglip", "clip", "vit", "dinov2"
 
-_FAMILY_BY_CLASS = {
-    "SiglipVisionModel": SIGLIP,
-    "SiglipVisionTransformer": SIGLIP,
-    "CLIPVisionModel": CLIP,
-    "CLIPVisionTransformer": CLIP,
-    "ViTModel": VIT,
-    "Dinov2Model": DINOV2,
-    "Dinov2WithRegistersModel": DINOV2,
-}
+
+@dataclass(frozen=True)
+class Family:
+    """What distinguishes one model family.
+
+    Attributes:
+        name: the family's name.
+        classes: transformers class names of its vision models.
+        cls_embedding: attribute of ``model.embeddings`` holding the CLS token (None: no CLS).
+        pre_norm: attribute of the model applied before the first layer (CLIP's pre-LN), or None.
+        final_norm: attribute of the model holding the final norm.
+        interpolates_by_flag: ``embeddings(x)`` needs ``interpolate_pos_encoding=True`` for other
+            grids (DINOv2 always interpolates).
+        pooling: ``"map"`` (SigLIP's attention-pooling head over normalised tokens), ``"norm_cls"``
+            (CLIP: tokens stay un-normalised, the pooled output is the normalised CLS token),
+            ``"pooler"`` (ViT's pooler on the normalised CLS token) or ``"cls"`` (DINOv2: the
+            normalised CLS token).
+    """
+
+    name: str
+    classes: tuple[str, ...]
+    cls_embedding: str | None
+    pre_norm: str | None
+    final_norm: str
+    interpolates_by_flag: bool
+    pooling: str
+
+
+FAMILIES = (
+    Family(SIGLIP, ("SiglipVisionModel", "SiglipVisionTransformer"), None, None, "post_layernorm", True, "map"),
+    Family(CLIP, ("CLIPVisionModel", "CLIPVisionTransformer"), "class_embedding", "pre_layrnorm", "post_layernorm",
+           True, "norm_cls"),
+    Family(VIT, ("ViTModel",), "cls_token", None, "layernorm", True, "pooler"),
+    Family(DINOV2, ("Dinov2Model", "Dinov2WithRegistersModel"), "cls_token", None, "layernorm", False, "cls"),
+)
+
+_FAMILY_BY_CLASS = {cls: fam for fam in FAMILIES for cls in fam.classes}
 
 
 def _unwrap_vision_tower(model: nn.Module) -> nn.Module:
@@ -132,7 +161,8 @@ class VisionAdapter:
 
     Attributes:
         model: the vision module whose modules are called (not copied).
-        family: one of ``"siglip"``, ``"clip"``, ``"vit"``, ``"dinov2"``.
+        family: one of ``"siglip"``, ``"clip"``, ``"vit"``, ``"dinov2"`` (``spec``: its
+            :class:`Family` row).
         patch_size: pixels per patch side.
         num_prefix: tokens before the patch tokens that are always active (CLS and registers;
             0 for SigLIP).
@@ -155,27 +185,37 @@ class VisionAdapter:
                 "vision tower is one of them)."
             )
         self.model = model
-        self.family = _FAMILY_BY_CLASS[name]
+        self.spec = _FAMILY_BY_CLASS[name]
+        self.family = self.spec.name
         config = model.config
         patch = config.patch_size
         self.patch_size = int(patch[0] if isinstance(patch, (tuple, list)) else patch)
         self.hidden_size = int(config.hidden_size)
         self.num_channels = int(getattr(config, "num_channels", 3))
         self.num_registers = int(getattr(config, "num_register_tokens", 0) or 0)
-        self.num_prefix = 0 if self.family == SIGLIP else 1 + self.num_registers
+        has_cls = self.spec.cls_embedding is not None
+        self.num_prefix = int(has_cls) + self.num_registers
         layers = _require_attr(model, ("encoder.layers", "encoder.layer", "layers"), "encoder layer list")
         self.layers = [_layer_parts(layer) for layer in layers]
         self.embeddings = model.embeddings
         self.patch_conv = _require_attr(
             model.embeddings, ("patch_embedding", "patch_embeddings.projection"), "patch-embedding convolution"
         )
-        self.pre_norm = getattr(model, "pre_layrnorm", None) if self.family == CLIP else None
-        if self.family in (SIGLIP, CLIP):
-            self.final_norm = model.post_layernorm
-        else:
-            self.final_norm = model.layernorm
+        self.pre_norm = getattr(model, self.spec.pre_norm, None) if self.spec.pre_norm else None
+        self.final_norm = getattr(model, self.spec.final_norm)
         self.head = getattr(model, "head", None) if getattr(model, "use_head", True) else None
         self.pooler = getattr(model, "pooler", None)
+
+    @property
+    def has_map_head(self) -> bool:
+        """The model pools with SigLIP's attention-pooling (MAP) head (whose keys/values can be
+        cached per token)."""
+        return self.spec.pooling == "map" and self.head is not None
+
+    @property
+    def pools_cls_token(self) -> bool:
+        """The pooled output is read from a CLS token (CLIP, ViT, DINOv2)."""
+        return self.spec.cls_embedding is not None
 
     # -- embed ---------------------------------------------------------------------------------
     @property
@@ -199,9 +239,9 @@ class VisionAdapter:
             N = (H/p)(W/p) patch tokens in row-major order, position embeddings added
             (interpolated as the model does for grids other than its native one).
         """
-        if self.family == DINOV2:
-            return self.embeddings(pixel_values)
-        return self.embeddings(pixel_values, interpolate_pos_encoding=True)
+        if self.spec.interpolates_by_flag:
+            return self.embeddings(pixel_values, interpolate_pos_encoding=True)
+        return self.embeddings(pixel_values)
 
     def position_embeddings(self, grid: tuple[int, int]) -> torch.Tensor:
         """Position embeddings of the patch tokens for a ``(gh, gw)`` grid: ``[N, D]`` model dtype.
@@ -210,25 +250,21 @@ class VisionAdapter:
         argument), so they are exactly what :meth:`embed` adds.
         """
         gh, gw = grid
-        n_pe = gh * gw + (0 if self.family == SIGLIP else 1)
-        shape_only = torch.empty(1, n_pe, self.hidden_size, dtype=self.dtype, device=self.device)
+        cls_row = int(self.pools_cls_token)  # the table holds the CLS token's row first
+        shape_only = torch.empty(1, gh * gw + cls_row, self.hidden_size, dtype=self.dtype, device=self.device)
         pe = self.embeddings.interpolate_pos_encoding(shape_only, gh * self.patch_size, gw * self.patch_size)
-        pe = pe.reshape(-1, self.hidden_size)
-        return pe if self.family == SIGLIP else pe[1:]
+        return pe.reshape(-1, self.hidden_size)[cls_row:]
 
     def prefix_tokens(self, grid: tuple[int, int]) -> torch.Tensor:
         """Layer-0 embeddings of the prefix tokens: ``[P, D]`` model dtype (CLS + its position
         embedding, then registers, which carry none); ``[0, D]`` for SigLIP."""
-        if self.family == SIGLIP:
+        if not self.pools_cls_token:
             return self.patch_conv.weight.new_zeros(0, self.hidden_size)
         gh, gw = grid
         shape_only = torch.empty(1, gh * gw + 1, self.hidden_size, dtype=self.dtype, device=self.device)
         pe_cls = self.embeddings.interpolate_pos_encoding(shape_only, gh * self.patch_size, gw * self.patch_size)
         pe_cls = pe_cls.reshape(-1, self.hidden_size)[0]
-        if self.family == CLIP:
-            cls = self.embeddings.class_embedding
-        else:
-            cls = self.embeddings.cls_token.reshape(-1)
+        cls = getattr(self.embeddings, self.spec.cls_embedding).reshape(-1)
         tokens = [(cls + pe_cls)[None]]
         if self.num_registers:
             tokens.append(self.embeddings.register_tokens.reshape(self.num_registers, self.hidden_size))
@@ -250,12 +286,13 @@ class VisionAdapter:
             un-normalised tokens and normalises the CLS token; ViT and DINOv2 normalise every
             token and pool the CLS token (ViT through its pooler when it has one).
         """
-        if self.family == CLIP:
+        pooling = self.spec.pooling
+        if pooling == "norm_cls":
             return z, self.final_norm(z[:, 0])
         seq = self.final_norm(z)
-        if self.family == SIGLIP:
+        if pooling == "map":
             return seq, self.head(seq) if self.head is not None else None
-        if self.family == VIT:
+        if pooling == "pooler":
             return seq, self.pooler(seq) if self.pooler is not None else None
         return seq, seq[:, 0]
 
@@ -264,12 +301,13 @@ class VisionAdapter:
         ``cu_seqlens`` (int32 ``[B + 1]``, prefix tokens first in each). Returns ``(tokens [T, D],
         pooler_output [B, D_out] or None)``; SigLIP's head attends within each segment only."""
         first = cu_seqlens[:-1].long()
-        if self.family == CLIP:
+        pooling = self.spec.pooling
+        if pooling == "norm_cls":
             return z, self.final_norm(z[first])
         seq = self.final_norm(z)
-        if self.family == SIGLIP:
+        if pooling == "map":
             return seq, self._map_head_packed(seq, cu_seqlens, max_seqlen) if self.head is not None else None
-        if self.family == VIT:
+        if pooling == "pooler":
             return seq, self.pooler(seq[first][:, None]) if self.pooler is not None else None
         return seq, seq[first]
 
@@ -302,7 +340,7 @@ class VisionAdapter:
                                      cu_k, t, slot * t)
 
     def _map_head_attend(self, k, v, cu_k, max_k, kv_start) -> torch.Tensor:
-        from .varlen import varlen_attention
+        from .ops.varlen_attention import varlen_attention
 
         head = self.head
         mha = head.attention

@@ -2,19 +2,26 @@
 
 Every stream lives in the pool of its patch grid ``(gh, gw)``. A pool keeps each state tensor as
 one ``[capacity, ...]`` tensor and gives every stream a slot (a row), so a batch of frames reads and
-writes its streams' rows with one gather and one scatter per tensor: the layout the gate kernels
-take (``ema[S, N, D]`` plus a per-frame slot index).
+writes its streams' rows with one gather and one scatter per tensor: the layout the kernels take
+(``ema[S, N, D]`` plus a per-frame slot index).
 
-A call first admits its streams (:meth:`StreamStore.admit`), then its ops update their rows in
-place; the engine drops the batch's streams if anything fails after admission.
+State changes in one place. A call opens a :class:`StreamBatch` (:meth:`StreamStore.begin`) for
+its streams; the ops read the pools through it and write them only through it, and it keeps what
+each write overwrote. :meth:`StreamBatch.commit` makes the call's streams known (and evicts the
+least recently seen streams past ``max_streams``); :meth:`StreamBatch.rollback` puts every
+overwritten value back and admits no stream, so a failure anywhere in a step leaves every stream's
+state exactly as it was.
 """
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Callable, Hashable
 
 import torch
+
+from .ops.cache_scatter import cache_scatter
 
 Grid = tuple[int, int]
 Specs = dict[str, tuple[tuple[int, ...], torch.dtype]]
@@ -24,10 +31,15 @@ Specs = dict[str, tuple[tuple[int, ...], torch.dtype]]
 class _Pool:
     tensors: dict[str, torch.Tensor]
     owner: list[Hashable | None] = field(default_factory=list)
+    reserved: set[int] = field(default_factory=set)
+    """Slots handed to an open batch for streams it may admit (not owned until commit)."""
 
     @property
     def capacity(self) -> int:
         return len(self.owner)
+
+    def free_slots(self) -> list[int]:
+        return [s for s, o in enumerate(self.owner) if o is None and s not in self.reserved]
 
     def grow(self, need: int) -> None:
         if need <= self.capacity:
@@ -42,21 +54,36 @@ class _Pool:
                 self.tensors[name] = grown
         self.owner.extend([None] * (new_cap - len(self.owner)))
 
+    def clear_slot(self, s: int) -> None:
+        self.owner[s] = None
+        with torch.inference_mode(False), torch.no_grad():
+            for t in self.tensors.values():
+                t[s].zero_()
+
 
 class StreamStore:
     """All streams' state.
 
     Args:
-        specs: state tensor name -> (per-stream shape given the grid, dtype). Called per grid:
+        specs_for: state tensor name -> (per-stream shape given the grid, dtype). Called per grid:
             ``specs_for(grid) -> {name: (shape, dtype)}``.
         device: where new pools are allocated.
+        max_streams: most streams kept; past it the least recently seen ones are evicted when a
+            batch commits (their next frame is dense). None: no limit.
     """
 
-    def __init__(self, specs_for: Callable[[Grid], Specs], device: torch.device):
+    def __init__(self, specs_for: Callable[[Grid], Specs], device: torch.device, max_streams: int | None = None):
         self._specs_for = specs_for
         self._device = torch.device(device)
         self._pools: dict[Grid, _Pool] = {}
-        self._where: dict[Hashable, tuple[Grid, int]] = {}
+        # stream id -> (grid, slot), least recently seen first.
+        self._where: OrderedDict[Hashable, tuple[Grid, int]] = OrderedDict()
+        self.max_streams = max_streams
+        self.evicted: list[Hashable] = []
+        """Ids evicted by the most recent commit (least recently seen first)."""
+        self.evictions = 0
+        """Streams evicted since this store was made."""
+        self._open = False
 
     # -- queries ---------------------------------------------------------------------------------
     def __contains__(self, stream_id: Hashable) -> bool:
@@ -67,54 +94,81 @@ class StreamStore:
 
     @property
     def stream_ids(self) -> list[Hashable]:
+        """Known streams, least recently seen first."""
         return list(self._where)
 
     def grid_of(self, stream_id: Hashable) -> Grid | None:
         where = self._where.get(stream_id)
         return where[0] if where else None
 
-    def admit(self, ids: list[Hashable], grid: Grid) -> tuple[torch.Tensor, torch.Tensor]:
-        """Give every stream of ``ids`` a slot in the pool of ``grid``.
+    def state_bytes(self) -> int:
+        """Bytes held by every pool (capacity included, not only occupied slots)."""
+        return sum(t.numel() * t.element_size() for p in self._pools.values() for t in p.tensors.values())
 
-        A stream that is unknown, or known at another grid (its old state is dropped), gets a
-        fresh zeroed slot and starts over with a dense frame.
-        Returns ``(slot [B] int64, first [B] bool)``.
+    # -- one batch's state ------------------------------------------------------------------------
+    def begin(self, ids: list[Hashable], grid: Grid) -> StreamBatch:
+        """Open the state of a batch of streams (one frame each) at ``grid``.
+
+        A stream that is unknown, or known at another grid (its old state is kept until commit),
+        gets a zeroed slot and starts over with a dense frame. Nothing is admitted before
+        :meth:`StreamBatch.commit`.
         """
-        for i in ids:
-            if i in self._where and self._where[i][0] != grid:
-                self.remove([i])
+        if self._open:
+            raise RuntimeError("a batch of this engine is still open (calls must not overlap)")
         pool = self._pool(grid)
-        new = [i for i in ids if i not in self._where]
-        free = [s for s, o in enumerate(pool.owner) if o is None]
+        new = [i for i in ids if self._where.get(i, (None,))[0] != grid]
+        free = pool.free_slots()
         if len(new) > len(free):
             pool.grow(pool.capacity + len(new) - len(free))
-            free = [s for s, o in enumerate(pool.owner) if o is None]
-        for i, s in zip(new, free):
+            free = pool.free_slots()
+        slots = dict(zip(new, free))
+        pool.reserved.update(slots.values())
+        slot = [slots[i] if i in slots else self._where[i][1] for i in ids]
+        self._open = True
+        return StreamBatch(
+            self, grid, pool, list(ids), slots,
+            torch.tensor(slot, dtype=torch.int64, device=self._device),
+            torch.tensor([i in slots for i in ids], dtype=torch.bool, device=self._device),
+        )
+
+    def _finish(self, batch: StreamBatch, admit: bool) -> None:
+        pool = batch._pool
+        pool.reserved.difference_update(batch.new_slots.values())
+        self._open = False
+        if not admit:
+            for s in batch.new_slots.values():
+                pool.clear_slot(s)
+            self._drop_empty_pool(batch.grid)
+            return
+        for i, s in batch.new_slots.items():
+            if i in self._where:  # known at another grid: its old state goes now
+                self._remove(i)
             pool.owner[s] = i
-            self._where[i] = (grid, s)
-        slot = torch.tensor([self._where[i][1] for i in ids], dtype=torch.int64, device=self._device)
-        first = torch.tensor([i in new for i in ids], dtype=torch.bool, device=self._device)
-        return slot, first
+            self._where[i] = (batch.grid, s)
+        for i in batch.ids:
+            self._where.move_to_end(i)
+        self.evicted = []
+        if self.max_streams is not None:
+            keep = set(batch.ids)
+            for i in [i for i in self._where if i not in keep][: max(0, len(self._where) - self.max_streams)]:
+                self._remove(i)
+                self.evicted.append(i)
+            self.evictions += len(self.evicted)
 
-    def tensor(self, name: str, grid: Grid) -> torch.Tensor:
-        """The live ``[capacity, ...]`` pool tensor ``name`` of ``grid`` (ops write it in place)."""
-        return self._pools[grid].tensors[name]
-
-    def write(self, name: str, grid: Grid, slot: torch.Tensor, rows: torch.Tensor) -> None:
-        """Set rows ``slot`` of state ``name`` to ``rows``."""
-        t = self.tensor(name, grid)
-        with torch.no_grad():
-            t.index_copy_(0, slot, rows.detach().to(t.dtype))
-
+    # -- whole-store changes -----------------------------------------------------------------------
     def remove(self, ids: list[Hashable]) -> None:
         for i in ids:
-            grid, s = self._where.pop(i)
-            pool = self._pools[grid]
-            pool.owner[s] = None
-            for t in pool.tensors.values():
-                t[s].zero_()
-            if all(o is None for o in pool.owner):
-                del self._pools[grid]
+            self._remove(i)
+
+    def _remove(self, i: Hashable) -> None:
+        grid, s = self._where.pop(i)
+        self._pools[grid].clear_slot(s)
+        self._drop_empty_pool(grid)
+
+    def _drop_empty_pool(self, grid: Grid) -> None:
+        pool = self._pools.get(grid)
+        if pool is not None and not pool.reserved and all(o is None for o in pool.owner):
+            del self._pools[grid]
 
     def clear(self) -> None:
         self._pools.clear()
@@ -143,14 +197,15 @@ class StreamStore:
                     pool.tensors[name] = fn(t).to(dtype=specs[name][1])
 
     def state(self) -> dict:
-        """Plain-data snapshot: ``{"pools": [{"grid", "ids", "tensors"}]}`` with occupied rows only."""
+        """Plain-data snapshot: ``{"pools": [{"grid", "ids", "tensors"}]}`` with occupied rows only,
+        ids least recently seen first."""
         pools = []
         for grid, pool in self._pools.items():
-            slots = [s for s, o in enumerate(pool.owner) if o is not None]
-            index = torch.tensor(slots, dtype=torch.int64, device=self._device)
+            ids = [i for i, (g, _) in self._where.items() if g == grid]
+            index = torch.tensor([self._where[i][1] for i in ids], dtype=torch.int64, device=self._device)
             pools.append({
                 "grid": list(grid),
-                "ids": [pool.owner[s] for s in slots],
+                "ids": ids,
                 "tensors": {n: t.index_select(0, index).detach().cpu() for n, t in pool.tensors.items()},
             })
         return {"pools": pools}
@@ -177,6 +232,118 @@ class StreamStore:
         self.clear()
         for grid, ids, tensors in checked:
             if ids:
-                slot, _ = self.admit(ids, grid)
+                batch = self.begin(ids, grid)
                 for name, t in tensors.items():
-                    self.write(name, grid, slot, t.to(self._device))
+                    batch.write_rows(name, t.to(self._device))
+                batch.commit()
+
+
+class StreamBatch:
+    """The state of one call's streams: the only writer of stream state.
+
+    Attributes:
+        grid: the batch's patch grid. ids: its B stream ids, in batch order.
+        slot: ``[B]`` int64, each stream's row in the pools. first: ``[B]`` bool, streams that start
+            (or restart) with a dense frame.
+
+    Reads go through :meth:`tensor` (the live ``[capacity, ...]`` tensor, read in place by kernels).
+    Every write goes through :meth:`write_rows`, :meth:`scatter` or :meth:`update_in_place`, which
+    first keep what they overwrite; :meth:`rollback` restores it in reverse order. The undo of a
+    scatter is one gather of the packed rows' old values (as many rows as the packed batch), the
+    undo of a row write one copy of the batch's rows.
+    """
+
+    def __init__(self, store: StreamStore, grid: Grid, pool: _Pool, ids: list[Hashable],
+                 new_slots: dict[Hashable, int], slot: torch.Tensor, first: torch.Tensor):
+        self._store = store
+        self.grid = grid
+        self._pool = pool
+        self.ids = ids
+        self.new_slots = new_slots
+        self.slot = slot
+        self.first = first
+        self._undo: list[Callable[[], None]] = []
+        self._done = False
+
+    # -- reads -------------------------------------------------------------------------------------
+    def tensor(self, name: str) -> torch.Tensor:
+        """The live ``[capacity, ...]`` pool tensor ``name``: read it, never write it directly."""
+        return self._pool.tensors[name]
+
+    def rows(self, name: str) -> torch.Tensor:
+        """A copy of the batch's rows of ``name``: ``[B, ...]``."""
+        return self.tensor(name).index_select(0, self.slot)
+
+    # -- writes ------------------------------------------------------------------------------------
+    def write_rows(self, name: str, rows: torch.Tensor) -> None:
+        """Set the batch's rows of ``name`` to ``rows`` ``[B, ...]``."""
+        t = self.tensor(name)
+        self._keep_rows(t)
+        with torch.no_grad():
+            t.index_copy_(0, self.slot, rows.detach().to(t.dtype))
+
+    def update_in_place(self, name: str) -> torch.Tensor:
+        """Keep the batch's rows of ``name``, then hand out the live pool for an op that rewrites
+        exactly those rows in place (the gate's EMA update)."""
+        t = self.tensor(name)
+        self._keep_rows(t)
+        return t
+
+    def scatter(self, name: str, src: torch.Tensor, cu_seqlens: torch.Tensor, index: torch.Tensor,
+                layer: int | None = None) -> None:
+        """``state[slot[b], index[t]] = src[t]`` for each packed row t of stream b (see
+        :func:`neuroflow.ops.cache_scatter.cache_scatter`).
+
+        Args:
+            src: ``[T_cap, D]`` packed rows; cu_seqlens: ``[B + 1]`` int32; index: ``[T_cap]`` int32.
+            layer: for per-layer state ``[S, L, T_tok, D]``, the layer written.
+        """
+        t = self.tensor(name)
+        rows = self.slot
+        if layer is not None:
+            num_layers = t.shape[1]
+            t = t.view(t.shape[0] * num_layers, *t.shape[2:])
+            rows = self.slot * num_layers + layer
+        old = _gather_packed(t, rows, cu_seqlens, index)
+        self._undo.append(lambda: cache_scatter(t, rows, old, cu_seqlens, index))
+        cache_scatter(t, rows, src, cu_seqlens, index)
+
+    def _keep_rows(self, t: torch.Tensor) -> None:
+        old = t.index_select(0, self.slot)
+        slot = self.slot
+
+        def restore():
+            with torch.no_grad():
+                t.index_copy_(0, slot, old)
+        self._undo.append(restore)
+
+    # -- end ---------------------------------------------------------------------------------------
+    def commit(self) -> None:
+        """Keep every write; the batch's streams become known (and most recently seen)."""
+        self._end()
+        self._undo.clear()
+        self._store._finish(self, admit=True)
+
+    def rollback(self) -> None:
+        """Undo every write in reverse order; no stream is admitted and none is forgotten."""
+        self._end()
+        with torch.inference_mode(False), torch.no_grad():
+            for restore in reversed(self._undo):
+                restore()
+        self._undo.clear()
+        self._store._finish(self, admit=False)
+
+    def _end(self) -> None:
+        if self._done:
+            raise RuntimeError("this batch was already committed or rolled back")
+        self._done = True
+
+
+def _gather_packed(t: torch.Tensor, rows: torch.Tensor, cu_seqlens: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """``t[rows[frame(r)], index[r]]`` for every packed row r < ``len(index)``, without a host sync:
+    rows past ``cu_seqlens[-1]`` read row 0 of position 0 (they are never written back)."""
+    r = torch.arange(index.shape[0], device=index.device)
+    frame = torch.searchsorted(cu_seqlens[1:].to(torch.int64), r, right=True).clamp_max(rows.shape[0] - 1)
+    valid = r < cu_seqlens[-1]
+    pos = torch.where(valid, index.to(torch.int64), 0)
+    return t[torch.where(valid, rows[frame], 0), pos]

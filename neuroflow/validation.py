@@ -9,18 +9,6 @@ import torch
 
 from .models import VisionAdapter
 
-ARCHITECTURES = ("A", "B", "C", "KV")
-
-
-def check_settings(arch: str, threshold: float, ema_decay: float, floor_tokens: int) -> None:
-    """Validate the gate settings (see ``NeuroFlow`` for their meaning)."""
-    if arch not in ARCHITECTURES:
-        raise ValueError(f"arch must be one of {', '.join(ARCHITECTURES)}, got {arch!r}")
-    check_threshold(threshold)
-    check_ema_decay(ema_decay)
-    check_floor_tokens(floor_tokens)
-
-
 def check_threshold(threshold: float) -> None:
     # Surprise 1 - cos lies in [0, 2]: below 0 every patch passes, at 2 or above none does.
     if not isinstance(threshold, (int, float)) or not -1.0 <= threshold <= 2.0:

@@ -103,25 +103,3 @@ def test_unsupported_models():
                                                     num_attention_heads=2, patch_size=8, num_patches=16))
     with pytest.raises(UnsupportedModelError, match="NaFlex"):
         NeuroFlow(naflex)
-
-
-def test_failure_inside_the_model_forgets_only_that_batch(engine_with_streams, monkeypatch):
-    """State is updated in place as the frame runs, so a failure after the gate (here: in the
-    encoder) forgets the failed batch's streams whole; every other stream is untouched."""
-    nf, frames = engine_with_streams
-    with torch.inference_mode():
-        nf(frames[0:1], stream_ids=["c"])
-    before = {i: stream_tensor(nf, i, "ema").clone() for i in ("c",)}
-    import neuroflow.engine
-
-    def broken(*args, **kwargs):
-        raise RuntimeError("simulated out-of-memory")
-
-    monkeypatch.setattr(neuroflow.engine, "architecture_c", broken)
-    with torch.inference_mode(), pytest.raises(RuntimeError, match="simulated"):
-        nf(torch.stack([frames[1], frames[1], frames[1]]), stream_ids=["a", "b", "new"])
-    assert nf.stream_ids == ["c"]
-    assert torch.equal(stream_tensor(nf, "c", "ema"), before["c"])
-    monkeypatch.undo()
-    with torch.inference_mode():
-        assert nf(frames[1:2], stream_ids=["a"]).first_frame.all()

@@ -1,8 +1,20 @@
-"""The reference gate's rules, one at a time, on hand-made embeddings."""
+"""The gate: its decision reference's rules on hand-made embeddings, then the fused kernels (Triton
+interpreter) against the packing reference.
 
+Fresh random inputs per case; every kernel output is poisoned before the launch (NaN for floats,
+a sentinel for integers) so an element the kernel forgot to write fails the comparison.
+"""
+
+import pytest
 import torch
 
-from neuroflow.gate import cosine_surprise, gate_reference, select_active
+from neuroflow import dispatch
+from neuroflow.ops import gate as gate_op
+from neuroflow.ops.gate import MAX_FLOOR, gate
+from neuroflow.reference.gate import cosine_surprise, gate_decision_reference, gate_reference, select_active
+from neuroflow.testing import assert_close
+
+# -- the decision reference, one rule at a time --------------------------------------------------
 
 
 def _unit(n, d, hot):
@@ -15,10 +27,10 @@ def _unit(n, d, hot):
 def test_threshold_is_strict():
     ema = _unit(3, 4, [0, 0, 0])[None]
     h = _unit(3, 4, [0, 1, 1])[None]  # surprise exactly 0, 1, 1
-    g = gate_reference(h, ema, torch.tensor([False]), threshold=1.0, ema_decay=0.1, floor_tokens=0)
+    g = gate_decision_reference(h, ema, torch.tensor([False]), threshold=1.0, ema_decay=0.1, floor_tokens=0)
     assert g.surprise.tolist() == [[0.0, 1.0, 1.0]]
     assert not g.active.any()
-    g = gate_reference(h, ema, torch.tensor([False]), threshold=0.999, ema_decay=0.1, floor_tokens=0)
+    g = gate_decision_reference(h, ema, torch.tensor([False]), threshold=0.999, ema_decay=0.1, floor_tokens=0)
     assert g.active.tolist() == [[False, True, True]]
 
 
@@ -35,7 +47,7 @@ def test_floor_takes_top_surprise_and_breaks_ties_by_index():
 def test_first_frame_is_dense_and_sets_ema():
     h = torch.randn(2, 5, 8)
     ema = torch.randn(2, 5, 8)
-    g = gate_reference(h, ema, torch.tensor([True, False]), threshold=2.0, ema_decay=0.25, floor_tokens=1)
+    g = gate_decision_reference(h, ema, torch.tensor([True, False]), threshold=2.0, ema_decay=0.25, floor_tokens=1)
     assert g.active[0].all() and g.active[1].sum() == 1
     assert torch.isinf(g.surprise[0]).all() and torch.isfinite(g.surprise[1]).all()
     assert torch.equal(g.ema[0], h[0])
@@ -45,7 +57,7 @@ def test_first_frame_is_dense_and_sets_ema():
 
 def test_every_patch_updates_the_ema_active_or_not():
     h, ema = torch.randn(1, 6, 4), torch.randn(1, 6, 4)
-    g = gate_reference(h, ema, torch.tensor([False]), threshold=0.5, ema_decay=0.1, floor_tokens=0)
+    g = gate_decision_reference(h, ema, torch.tensor([False]), threshold=0.5, ema_decay=0.1, floor_tokens=0)
     assert 0 < g.active.sum() < 6
     assert torch.equal(g.ema, 0.9 * ema + 0.1 * h)
 
@@ -54,7 +66,7 @@ def test_ema_is_float32_for_half_models():
     """With decay 0.01 a half-precision EMA would round the update away; ours must not."""
     ema = torch.ones(1, 1, 8)
     h = torch.full((1, 1, 8), 1.04, dtype=torch.float16)
-    g = gate_reference(h, ema, torch.tensor([False]), threshold=0.35, ema_decay=0.01, floor_tokens=0)
+    g = gate_decision_reference(h, ema, torch.tensor([False]), threshold=0.35, ema_decay=0.01, floor_tokens=0)
     assert g.ema.dtype == torch.float32 and g.surprise.dtype == torch.float32
     exact = 0.99 * ema.double() + 0.01 * h.double()  # 1.0004: below half an fp16 ulp above 1
     assert (exact - 1.0 < torch.finfo(torch.float16).eps / 2).all()
@@ -71,7 +83,7 @@ def test_packing_order_and_offsets():
     ema[0, 2] = -ema[0, 2]
     ema[1, 0] = -ema[1, 0]
     ema[1, 3] = -ema[1, 3]
-    g = gate_reference(h, ema, torch.tensor([False, False]), threshold=0.5, ema_decay=0.0, floor_tokens=0)
+    g = gate_decision_reference(h, ema, torch.tensor([False, False]), threshold=0.5, ema_decay=0.0, floor_tokens=0)
     assert g.cu_seqlens.dtype == torch.int32 and g.cu_seqlens.tolist() == [0, 1, 3]
     assert g.index.tolist() == [2, 0, 3]
     assert torch.equal(g.pack(h), torch.stack([h[0, 2], h[1, 0], h[1, 3]]))
@@ -80,8 +92,161 @@ def test_packing_order_and_offsets():
 def test_per_frame_threshold_and_decay():
     h, ema = torch.randn(2, 6, 4), torch.randn(2, 6, 4)
     first = torch.tensor([False, False])
-    both = gate_reference(h, ema, first, torch.tensor([0.2, 1.5]), torch.tensor([0.1, 0.5]), floor_tokens=1)
+    both = gate_decision_reference(h, ema, first, torch.tensor([0.2, 1.5]), torch.tensor([0.1, 0.5]), floor_tokens=1)
     for b, (thr, decay) in enumerate([(0.2, 0.1), (1.5, 0.5)]):
-        one = gate_reference(h[b : b + 1], ema[b : b + 1], first[:1], thr, decay, floor_tokens=1)
+        one = gate_decision_reference(h[b : b + 1], ema[b : b + 1], first[:1], thr, decay, floor_tokens=1)
         assert torch.equal(both.active[b], one.active[0])
         assert torch.equal(both.ema[b], one.ema[0])
+
+
+# -- the fused kernels against the packing reference ---------------------------------------------
+
+PATCH = 4  # keeps C*p*p small: the interpreter's cost grows with the reduction length
+SENTINEL = -12345
+
+
+def _poisoned(*shape, dtype, device):
+    if dtype.is_floating_point:
+        return torch.full(shape, float("nan"), dtype=dtype, device=device)
+    return torch.full(shape, SENTINEL if dtype != torch.int8 else 77, dtype=dtype, device=device)
+
+
+@pytest.fixture
+def poisoned(monkeypatch):
+    monkeypatch.setattr(gate_op, "_empty", _poisoned)
+
+
+def make_inputs(batch, grid, dim, dtype, prefix, seed, slots=5):
+    g = torch.Generator().manual_seed(seed)
+    gh, gw = grid
+    n = gh * gw
+
+    def rnd(*shape, scale=1.0):
+        return (torch.randn(*shape, generator=g) * scale).to(dtype)
+
+    frames = rnd(batch, 3, gh * PATCH, gw * PATCH)
+    weight = rnd(dim, 3, PATCH, PATCH, scale=0.2)
+    bias = rnd(dim, scale=0.1)
+    pos = rnd(n, dim, scale=0.5)
+    pre = rnd(prefix, dim)
+    ema = torch.randn(slots, n, dim, generator=g)
+    # A later frame resembles its stream's history, so surprises spread over (0, 1).
+    h = torch.nn.functional.conv2d(frames.float(), weight.float(), bias.float(), stride=PATCH).flatten(2).transpose(1, 2)
+    slot = torch.randperm(slots, generator=g)[:batch]
+    ema[slot] = h + pos.float() + 0.8 * torch.randn(batch, n, dim, generator=g) * h.std()
+    return frames, weight, bias, pos, pre, ema, slot
+
+
+def gap_threshold(surprise):
+    """A threshold in the widest gap of the surprises' middle half: no decision is a rounding call."""
+    s = torch.sort(surprise[torch.isfinite(surprise)].flatten().double()).values
+    lo, hi = len(s) // 4, max(len(s) // 4 + 1, 3 * len(s) // 4)
+    gaps = s[lo + 1 : hi + 1] - s[lo:hi]
+    i = lo + int(torch.argmax(gaps))
+    return float((s[i] + s[i + 1]) / 2)
+
+
+def run_both(inputs, first, threshold, decay, floor, config=None):
+    frames, weight, bias, pos, pre, ema, slot = inputs
+    ema_k, ema_r, ema_64 = ema.clone(), ema.clone(), ema.double()
+    out = gate(frames, weight, bias, pos, pre, ema_k, slot, first, threshold, decay, floor, config=config)
+    assert dispatch.last_path["gate"] == dispatch.TRITON
+    ref = gate_reference(frames, weight, bias, pos, pre, ema_r, slot, first, threshold, decay, floor)
+    hp = gate_reference(frames.double(), weight.double(), bias.double(), pos.double(), pre.double(),
+                        ema_64, slot, first, threshold, decay, floor)
+    return out, ref, hp, (ema_k, ema_r, ema_64)
+
+
+def check(out, ref, hp, emas, slot):
+    assert torch.equal(out.active, ref.active), "active masks differ"
+    assert torch.equal(out.cu_seqlens, ref.cu_seqlens)
+    total = int(ref.cu_seqlens[-1])
+    assert torch.equal(out.index[:total], ref.index[:total])
+    finite = torch.isfinite(ref.surprise)
+    assert torch.equal(torch.isfinite(out.surprise), finite) and torch.isinf(out.surprise[~finite]).all()
+    assert_close(out.surprise[finite], hp.surprise[finite].double(), ref.surprise[finite], "surprise")
+    assert_close(out.packed[:total], hp.packed[:total], ref.packed[:total], "packed tokens")
+    ema_k, ema_r, ema_64 = emas
+    assert_close(ema_k, ema_64, ema_r, "EMA pool")
+    others = torch.ones(ema_k.shape[0], dtype=torch.bool)
+    others[slot] = False
+    assert torch.equal(ema_k[others], ema_r[others]), "rows of other streams changed"
+
+
+@pytest.mark.parametrize("grid", [(14, 14), (16, 16), (5, 7)])
+@pytest.mark.parametrize("dim", [64, 384, 768, 1152])
+def test_gate_matches_reference_mixed_batch(triton_path, poisoned, grid, dim):
+    inputs = make_inputs(3, grid, dim, torch.float32, prefix=1, seed=dim + grid[1])
+    first = torch.tensor([False, True, False])
+    probe = gate_reference(*inputs[:5], inputs[5].clone(), inputs[6], first, 0.0, 0.1, 0)
+    thr = gap_threshold(probe.surprise)
+    out, ref, hp, emas = run_both(inputs, first, thr, 0.1, 4)
+    n = grid[0] * grid[1]
+    counts = ref.active.sum(1).tolist()
+    assert counts[1] == n and 4 < counts[0] < n and 4 < counts[2] < n, counts
+    check(out, ref, hp, emas, inputs[6])
+
+
+@pytest.mark.parametrize("case", ["all_active", "floor", "single_survivor", "first_frames"])
+@pytest.mark.parametrize("batch", [1, 3])
+def test_gate_edge_cases(triton_path, poisoned, case, batch):
+    threshold, floor = {"all_active": (-1.0, 4), "floor": (2.0, 4), "single_survivor": (2.0, 1),
+                        "first_frames": (0.3, 4)}[case]
+    inputs = make_inputs(batch, (6, 5), 72, torch.float32, prefix=0, seed=batch)
+    first = torch.full((batch,), case == "first_frames")
+    out, ref, hp, emas = run_both(inputs, first, threshold, 0.25, floor)
+    check(out, ref, hp, emas, inputs[6])
+    expected = {"all_active": 30, "floor": 4, "single_survivor": 1, "first_frames": 30}[case]
+    assert out.active.sum(1).tolist() == [expected] * batch
+
+
+def test_floor_ties_break_by_patch_index(triton_path, poisoned):
+    """Identical patches tie on surprise: the floor must take the lowest indices, as the reference."""
+    frames, weight, bias, pos, pre, ema, slot = make_inputs(2, (4, 8), 64, torch.float32, prefix=2, seed=3)
+    frames = frames[:, :, :PATCH, :PATCH].repeat(1, 1, 4, 8)  # every patch the same pixels
+    pos = torch.zeros_like(pos)
+    ema[:] = torch.randn(64)
+    inputs = (frames, weight, bias, pos, pre, ema, slot)
+    out, ref, hp, emas = run_both(inputs, torch.tensor([False, False]), 2.0, 0.1, 3)
+    check(out, ref, hp, emas, slot)
+    assert out.active[:, :3].all() and out.active.sum() == 6
+
+
+def test_small_tiles_cross_block_placement(triton_path, poisoned):
+    """GPU-sized tiles: several patch blocks, D tiles and K chunks per frame, floor candidates merged
+    across blocks, prefix tokens, a non-power-of-two D."""
+    cfg = {"BLOCK_P": 8, "BLOCK_D": 32, "BLOCK_K": 16}
+    inputs = make_inputs(3, (5, 6), 72, torch.float32, prefix=1, seed=11)
+    first = torch.tensor([False, False, True])
+    probe = gate_reference(*inputs[:5], inputs[5].clone(), inputs[6], first, 0.0, 0.1, 0)
+    thr = gap_threshold(probe.surprise[:1])  # frame 0 by threshold; frame 1 stays under it -> floor
+    inputs[5][inputs[6][1]] = inputs[5][inputs[6][1]] * 0 + 1.0  # frame 1: EMA of ones
+    for floor in (3, 9):
+        out, ref, hp, emas = run_both(inputs, first, max(thr, 0.0), 0.1, floor, config=cfg)
+        check(out, ref, hp, emas, inputs[6])
+
+
+def test_gate_half_precision(triton_path, poisoned):
+    inputs = make_inputs(2, (6, 6), 80, torch.float16, prefix=1, seed=5)
+    first = torch.tensor([False, False])
+    probe = gate_reference(*inputs[:5], inputs[5].clone(), inputs[6], first, 0.0, 0.1, 0)
+    out, ref, hp, emas = run_both(inputs, first, gap_threshold(probe.surprise), 0.1, 2)
+    check(out, ref, hp, emas, inputs[6])
+
+
+def test_reference_path_on_cpu_without_interpreter():
+    inputs = make_inputs(1, (4, 4), 64, torch.float32, prefix=0, seed=0)
+    gate(*inputs, torch.tensor([True]), 0.3, 0.1, 2)
+    assert dispatch.last_path["gate"] == dispatch.REFERENCE
+    assert dispatch.fallbacks == []
+
+
+def test_fallback_is_recorded_and_strict_mode_refuses_it(triton_path, monkeypatch):
+    inputs = make_inputs(1, (5, 5), 64, torch.float32, prefix=0, seed=0)
+    too_many = MAX_FLOOR + 1
+    gate(*inputs, torch.tensor([False]), 2.0, 0.1, too_many)
+    assert dispatch.last_path["gate"] == dispatch.REFERENCE
+    assert dispatch.fallbacks and "floor" in dispatch.fallbacks[-1][1]
+    monkeypatch.setenv(dispatch.STRICT_ENV, "1")
+    with pytest.raises(dispatch.FallbackError, match="floor"):
+        gate(*inputs, torch.tensor([False]), 2.0, 0.1, too_many)

@@ -24,7 +24,7 @@ import torch
 
 from neuroflow import dispatch
 from neuroflow.testing import assert_close
-from neuroflow.varlen import OP, launch_config, varlen_attention, varlen_attention_reference
+from neuroflow.ops.varlen_attention import OP, launch_config, varlen_attention, varlen_attention_reference
 
 ROOT = Path(__file__).resolve().parents[1]
 LENGTHS = [0, 1, 5, 64, 197]
@@ -224,7 +224,8 @@ def test_interpreter_switched_on_after_triton_was_imported_falls_back():
     an error in strict mode) instead of crashing inside Triton."""
     probe = (
         "import os, torch, triton.language\n"
-        "from neuroflow import dispatch, varlen\n"
+        "from neuroflow import dispatch\n"
+        "from neuroflow.ops import varlen_attention as varlen\n"
         "os.environ['TRITON_INTERPRET'] = '1'\n"
         "cu = torch.tensor([0, 3, 7], dtype=torch.int32)\n"
         "q = torch.randn(7, 1, 32)\n"

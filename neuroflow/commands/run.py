@@ -37,7 +37,7 @@ import torch
 
 from ..engine import NeuroFlow
 from ..overlay import Calls, OverlayVideo, Series, plot_timeline
-from ..validation import ARCHITECTURES
+from ..architectures import ARCHITECTURES
 from ..video import Frame, VideoError, VideoInfo, check_decodable, read_frames
 from ._common import (
     DTYPES,

@@ -3,9 +3,9 @@ and the pooled embedding both models are compared on.
 
 Per frame t of the clips (``../shared/method.md``, "Sparse manifold distillation"):
 
-    layer-0 embedding + gate (fused_gate.gate_reference, per-stream threshold and decay)
-    -> Packed (cu_seqlens, token positions)  ->  architecture_b (encoder + readout on the
-    computed tokens only)  ->  pooled output [S, D_out]
+    layer-0 embedding + gate (neuroflow.reference.gate.gate_reference, per-stream threshold and decay)
+    -> Packed (cu_seqlens, token positions)  ->  ArchB.run (encoder + readout on the computed
+    tokens only)  ->  pooled output [S, D_out]
 
 The gate's choice of tokens is not differentiated (a comparison), and neither is the EMA: it is
 state held in a plain float32 tensor owned by :class:`SparseClips` for one step, updated in place
@@ -18,16 +18,13 @@ to those paths on a GPU too (the Triton kernels are forward-only).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from itertools import pairwise
 
 import torch
 
-from ..architectures import ArchResult, architecture_b
+from ..architectures import ArchB, ArchResult
 from ..commands._common import dense_forward
-from ..encoder import Packed
-from ..fused_gate import gate_reference
-from ..gate import ema_dtype
-from ..models import SIGLIP, VisionAdapter
+from ..models import VisionAdapter
+from ..reference.gate import ema_dtype, gate_reference
 from .config import DistillError
 
 
@@ -39,11 +36,13 @@ def check_distillable(adapter: VisionAdapter, floor_tokens: int, where: str) -> 
             first token is a patch that B may not compute), or a floor of 0 on a model without
             prefix token (a frame could reach the head with no token at all).
     """
-    if adapter.family == SIGLIP and adapter.head is None:
+    if adapter.spec.pooling == "map" and not adapter.has_map_head:
         raise DistillError(f"{where}: this SigLIP model has no pooling head (vision_use_head=False), so "
                            "Architecture B has no pooled embedding to distill")
-    if adapter.num_prefix == 0 and floor_tokens < 1:
-        raise DistillError(f"{where}: Architecture B on a model without CLS token needs a floor of at least 1 token, got {floor_tokens}")
+    try:
+        ArchB(adapter).check(floor_tokens)
+    except ValueError as exc:
+        raise DistillError(f"{where}: {exc}, got {floor_tokens}") from None
 
 
 def pooled_of(result: ArchResult) -> torch.Tensor:
@@ -107,6 +106,7 @@ class SparseClips:
         # The gate's state for this step; zeros, though frame 0 overwrites it before any read.
         self.ema = torch.zeros(s, n, adapter.hidden_size, dtype=ema_dtype(adapter.dtype), device=device)
         self.slot = torch.arange(s, device=device)
+        self.arch = ArchB(adapter)
         self.next_t = 0
 
     @property
@@ -128,10 +128,7 @@ class SparseClips:
             self.ema, self.slot, first, self.threshold, self.decay, self.floor_tokens,
         )
         self.next_t += 1
-        cu = gate.cu_seqlens.tolist()  # the one host sync per frame: segment sizes for the encoder
-        lengths = [hi - lo for lo, hi in pairwise(cu)]
-        packed = Packed(gate.cu_seqlens, gate.index[: cu[-1]], lengths, a.num_prefix + gate.active.shape[1])
-        result = architecture_b(a, a.encoder_input(gate.packed[: cu[-1]]), packed)
+        result = self.arch.run(*self.arch.encoder_inputs(gate))
         counts = gate.active.sum(dim=1)
         sparsity = 1.0 - counts.float() / gate.active.shape[1]
         return SparseFrame(pixels, pooled_of(result), sparsity, gate.active)

@@ -1,4 +1,12 @@
-"""The EMA surprise gate, in plain PyTorch: the reference every gate kernel is tested against.
+"""The gate in plain PyTorch: the reference the gate kernels (``kernels/gate.py``, launched by
+:func:`neuroflow.ops.gate.gate`) are tested against.
+
+Two levels, two names:
+
+* :func:`gate_decision_reference`: the decision alone, on given layer-0 embeddings ``[B, N, D]``
+  (surprise, threshold, floor, EMA update, offsets);
+* :func:`gate_reference`: the whole op with :func:`neuroflow.ops.gate.gate`'s contract (patch
+  embedding, decision, in-place EMA update, packing of the computed tokens), as the unfused chain.
 
 Per stream, per patch i, frame t (``../shared/method.md``):
 
@@ -17,6 +25,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 
 COSINE_EPS = 1e-8
 """Each norm in the cosine is clamped to at least this, so an all-zero embedding has surprise 1."""
@@ -31,7 +40,7 @@ def ema_dtype(model_dtype: torch.dtype) -> torch.dtype:
 
 
 @dataclass
-class GateResult:
+class GateDecision:
     """What the gate decides for a batch of B frames with N patches each.
 
     Attributes:
@@ -86,7 +95,7 @@ def select_active(surprise: torch.Tensor, threshold: float | torch.Tensor, floor
     return torch.where(short, rank < k, passed)
 
 
-def gate_reference(
+def gate_decision_reference(
     h: torch.Tensor,
     ema: torch.Tensor,
     first: torch.Tensor,
@@ -94,7 +103,7 @@ def gate_reference(
     ema_decay: float,
     floor_tokens: int,
     force_active: torch.Tensor | None = None,
-) -> GateResult:
+) -> GateDecision:
     """Gate a batch of frames, one frame per stream.
 
     Args:
@@ -121,4 +130,71 @@ def gate_reference(
     cu_seqlens = torch.zeros(h.shape[0] + 1, dtype=torch.int32, device=h.device)
     cu_seqlens[1:] = torch.cumsum(counts, 0)
     index = active.nonzero()[:, 1]
-    return GateResult(ema=new_ema, surprise=surprise, active=active, cu_seqlens=cu_seqlens, index=index)
+    return GateDecision(ema=new_ema, surprise=surprise, active=active, cu_seqlens=cu_seqlens, index=index)
+
+
+@dataclass
+class PackedFrames:
+    """The gate's output for B frames of N patches, P prefix tokens per frame.
+
+    Attributes:
+        surprise: ``[B, N]`` float32, ``1 - cos(h, EMA)`` (``inf`` on first frames).
+        active: ``[B, N]`` bool.
+        cu_seqlens: ``[B + 1]`` int32; segment b = frame b's P prefix tokens then its active patches.
+        index: ``[B * (P + N)]`` int32, position in the frame's token sequence of each packed
+            token (prefix j -> j, patch n -> P + n); rows past ``cu_seqlens[-1]`` are unused.
+        packed: ``[B * (P + N), D]`` model dtype, layer-0 embeddings of the packed tokens; rows past
+            ``cu_seqlens[-1]`` are unused (not written).
+        num_prefix: P.
+    """
+
+    surprise: torch.Tensor
+    active: torch.Tensor
+    cu_seqlens: torch.Tensor
+    index: torch.Tensor
+    packed: torch.Tensor
+    num_prefix: int
+
+    @property
+    def max_seqlen(self) -> int:
+        """Upper bound on a segment's length, known without a device sync."""
+        return self.num_prefix + self.active.shape[1]
+
+
+def check_gate_args(frames, weight, pos_embed, prefix, ema, slot, first) -> tuple[int, int, int]:
+    b, c, h, w = frames.shape
+    d, wc, p, p2 = weight.shape
+    if wc != c or p != p2 or h % p or w % p:
+        raise ValueError(f"frames {tuple(frames.shape)} do not fit a {p}x{p2} patch weight over {wc} channels")
+    n = (h // p) * (w // p)
+    if pos_embed.shape != (n, d) or prefix.shape[1:] != (d,):
+        raise ValueError(f"position embeddings {tuple(pos_embed.shape)} / prefix {tuple(prefix.shape)} do not fit N={n}, D={d}")
+    if ema.dim() != 3 or ema.shape[1:] != (n, d) or not ema.is_floating_point():
+        raise ValueError(f"EMA pool must be [S, {n}, {d}] float, got {tuple(ema.shape)} {ema.dtype}")
+    if slot.shape != (b,) or first.shape != (b,):
+        raise ValueError("slot and first need one entry per frame")
+    return n, d, p
+
+
+def gate_reference(frames, weight, bias, pos_embed, prefix, ema, slot, first, threshold, ema_decay, floor_tokens,
+                   force_active=None) -> PackedFrames:
+    """Same contract as :func:`neuroflow.ops.gate.gate`, as the unfused PyTorch chain (conv, add,
+    cosine, compare, sort, gather)."""
+    n, d, p = check_gate_args(frames, weight, pos_embed, prefix, ema, slot, first)
+    h = F.conv2d(frames, weight, bias, stride=p).flatten(2).transpose(1, 2) + pos_embed
+    decided = gate_decision_reference(h, ema[slot], first, threshold, ema_decay, floor_tokens, force_active)
+    with torch.no_grad():
+        ema.index_copy_(0, slot, decided.ema.to(ema.dtype))
+    b, num_prefix = frames.shape[0], prefix.shape[0]
+    counts = decided.counts + num_prefix
+    cu = torch.zeros(b + 1, dtype=torch.int32, device=frames.device)
+    cu[1:] = torch.cumsum(counts, 0)
+    tokens = torch.cat([prefix.to(h.dtype).expand(b, -1, -1), h], dim=1)  # [B, P + N, D]
+    computed = torch.cat([torch.ones(b, num_prefix, dtype=torch.bool, device=h.device), decided.active], dim=1)
+    rows, pos = computed.nonzero(as_tuple=True)
+    cap = b * (num_prefix + n)
+    packed = tokens.new_empty(cap, d)
+    index = torch.empty(cap, dtype=torch.int32, device=h.device)
+    packed[: rows.shape[0]] = tokens[rows, pos]
+    index[: rows.shape[0]] = pos.to(torch.int32)
+    return PackedFrames(decided.surprise, decided.active, cu, index, packed, num_prefix)
