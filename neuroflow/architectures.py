@@ -31,6 +31,7 @@ from typing import ClassVar
 
 import torch
 
+from .capacity import Fitted
 from .encoder import Packed, packed_layer_cached_kv, run_packed
 from .models import VisionAdapter, attention_block, mlp_block
 from .ops.gate import PackedFrames, ema_dtype
@@ -89,17 +90,26 @@ class Architecture:
         return {"arch": self.name}
 
     # -- the step ----------------------------------------------------------------------------------
-    def step(self, frames: torch.Tensor, gate: PackedFrames, batch: StreamBatch) -> ArchResult:
-        """Run the encoder and readout for one frame per stream. ``frames`` ``[B, C, H, W]``."""
+    def step(self, frames: torch.Tensor, gate: PackedFrames, batch: StreamBatch,
+             fitted: Fitted | None = None) -> ArchResult:
+        """Run the encoder and readout for one frame per stream. ``frames`` ``[B, C, H, W]``;
+        ``fitted``: the gate's tokens packed at a host-known capacity (no host sync), else the
+        exact count is read once."""
         raise NotImplementedError
 
-    def encoder_inputs(self, gate: PackedFrames) -> tuple[torch.Tensor, Packed]:
-        """The encoder input ``[T, D]`` and where its rows belong."""
-        # One device->host copy of the offsets: the token count and the longest segment size
-        # the encoder's launches (everything else stays on the device).
+    def encoder_inputs(self, gate: PackedFrames, fitted: Fitted | None = None) -> tuple[torch.Tensor, Packed]:
+        """The encoder input ``[C, D]`` and where its rows belong.
+
+        With ``fitted`` (the engine's sync-free packing, :func:`neuroflow.capacity.fit_to_capacity`)
+        nothing is read on the host. Without it (distillation, callers of :meth:`run`) the token
+        count is read once: one device->host copy of the offsets.
+        """
+        if fitted is not None:
+            return self.adapter.encoder_input(fitted.tokens), fitted.packed
         cu = gate.cu_seqlens.tolist()
         lengths = [hi - lo for lo, hi in zip(cu, cu[1:])]
-        packed = Packed(gate.cu_seqlens, gate.index[: cu[-1]], lengths, self.adapter.num_prefix + gate.active.shape[1])
+        packed = Packed.exact(gate.cu_seqlens, gate.index[: cu[-1]], lengths,
+                              self.adapter.num_prefix + gate.active.shape[1])
         return self.adapter.encoder_input(gate.packed[: cu[-1]]), packed
 
     def _readout_from_cache(self, z: torch.Tensor, packed: Packed, batch: StreamBatch) -> ArchResult:
@@ -143,18 +153,31 @@ class ArchA(Architecture):
         a = self.adapter
         return {**super().state_specs(grid), "anchors": ((len(a.layers), self._tokens(grid), a.hidden_size), a.dtype)}
 
-    def step(self, frames: torch.Tensor, gate: PackedFrames, batch: StreamBatch) -> ArchResult:
+    def step(self, frames: torch.Tensor, gate: PackedFrames, batch: StreamBatch, fitted: Fitted | None = None) -> ArchResult:
         a = self.adapter
         with stage("gate"):  # A needs every token's embedding, not only the packed ones
             x = a.encoder_input(a.embed(frames))
-        computed = torch.cat([torch.ones_like(gate.active[:, : a.num_prefix]), gate.active], dim=1)
         anchors = batch.rows("anchors")  # [B, L, T, D]: each token's layer outputs, last active frame
         new_anchors = anchors.clone()
+        b, t_tok, d = x.shape
+        if fitted is None:
+            computed = torch.cat([torch.ones_like(gate.active[:, : a.num_prefix]), gate.active], dim=1)
+            rows = computed.flatten().nonzero().flatten()
+            dest = rows
+        else:
+            # The packed rows name the computed tokens: (frame, position) -> flat row, no host read;
+            # padding rows read row 0 and are written to a dump row.
+            packed = fitted.packed
+            flat = packed.frame_of() * t_tok + packed.index.long()
+            valid = packed.valid()
+            rows = torch.where(valid, flat, 0)
+            dest = torch.where(valid, flat, b * t_tok)
         with stage("encoder"):
             for layer, parts in enumerate(a.layers):
-                h = attention_block(parts, x)
-                out = anchors[:, layer].clone()
-                out[computed] = mlp_block(parts, h[computed]).to(out.dtype)
+                h = attention_block(parts, x).reshape(b * t_tok, d)
+                out = torch.cat([anchors[:, layer].reshape(b * t_tok, d), anchors.new_zeros(1, d)])
+                out.index_copy_(0, dest, mlp_block(parts, h[rows]).to(out.dtype))
+                out = out[: b * t_tok].view(b, t_tok, d)
                 new_anchors[:, layer] = out
                 x = out
         with stage("readout"):
@@ -174,8 +197,8 @@ class ArchB(Architecture):
             raise ValueError("Architecture B on a model without CLS token needs floor_tokens >= 1 "
                              "(the pooling head needs at least one token)")
 
-    def step(self, frames: torch.Tensor, gate: PackedFrames, batch: StreamBatch) -> ArchResult:
-        x, packed = self.encoder_inputs(gate)
+    def step(self, frames: torch.Tensor, gate: PackedFrames, batch: StreamBatch, fitted: Fitted | None = None) -> ArchResult:
+        x, packed = self.encoder_inputs(gate, fitted)
         return self.run(x, packed)
 
     def run(self, x: torch.Tensor, packed: Packed) -> ArchResult:
@@ -185,9 +208,12 @@ class ArchB(Architecture):
             z = run_packed(a.layers, x, packed)
         with stage("readout"):
             seq, pooled = a.readout_packed(z, packed.cu_seqlens, packed.max_seqlen)
-            full = seq.new_zeros(len(packed.lengths), packed.tokens, seq.shape[-1])
-            full[packed.frame_of(), packed.index.long()] = seq
-        return ArchResult(full, pooled)
+            b, t_tok = packed.num_frames, packed.tokens
+            # Padding rows (past cu_seqlens[-1]) go to a dump row, so nothing is read on the host.
+            dest = torch.where(packed.valid(), packed.frame_of() * t_tok + packed.index.long(), b * t_tok)
+            full = seq.new_zeros(b * t_tok + 1, seq.shape[-1])
+            full.index_copy_(0, dest, seq)
+        return ArchResult(full[: b * t_tok].view(b, t_tok, -1), pooled)
 
 
 class ArchC(Architecture):
@@ -216,9 +242,9 @@ class ArchC(Architecture):
             specs["last_v"] = ((t, self._kv_width), self._kv_dtype)
         return specs
 
-    def step(self, frames: torch.Tensor, gate: PackedFrames, batch: StreamBatch) -> ArchResult:
+    def step(self, frames: torch.Tensor, gate: PackedFrames, batch: StreamBatch, fitted: Fitted | None = None) -> ArchResult:
         a = self.adapter
-        x, packed = self.encoder_inputs(gate)
+        x, packed = self.encoder_inputs(gate, fitted)
         with stage("encoder"):
             if not self.uses_context_readout:
                 z = run_packed(a.layers, x, packed)
@@ -252,9 +278,9 @@ class ArchKV(Architecture):
             "kv_v": ((num_layers, t, self._kv_width), self._kv_dtype),
         }
 
-    def step(self, frames: torch.Tensor, gate: PackedFrames, batch: StreamBatch) -> ArchResult:
+    def step(self, frames: torch.Tensor, gate: PackedFrames, batch: StreamBatch, fitted: Fitted | None = None) -> ArchResult:
         a = self.adapter
-        x, packed = self.encoder_inputs(gate)
+        x, packed = self.encoder_inputs(gate, fitted)
         keys, values = batch.tensor("kv_k"), batch.tensor("kv_v")
         s, num_layers, t_tok, width = keys.shape
         # Layer l of stream slot s lives at row s * L + l of the flattened pools.

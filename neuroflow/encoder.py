@@ -19,33 +19,46 @@ from .ops.varlen_attention import varlen_attention
 
 @dataclass
 class Packed:
-    """Where the packed tokens of B streams belong.
+    """Where the packed tokens of B streams belong; everything the host needs is known without
+    reading the device (see :mod:`neuroflow.capacity`).
 
     Attributes:
-        cu_seqlens: ``[B + 1]`` int32 (device), offsets of each stream's rows.
-        index: ``[T]`` int32 (device), position of each row in its stream's token grid.
-        lengths: the B segment lengths on the host.
+        cu_seqlens: ``[B + 1]`` int32 (device), offsets of each stream's rows; the real row count
+            ``T = cu_seqlens[-1]`` stays on the device.
+        index: ``[C]`` int32 (device), position of each row in its stream's token grid (rows past
+            ``T`` are padding: never scattered, never attended to).
+        num_frames: B.
         tokens: T_tok, tokens per frame (prefix + patches).
+        capacity: C, rows of the packed buffers (host int, >= T).
+        max_seqlen: host upper bound on a segment's length.
     """
 
     cu_seqlens: torch.Tensor
     index: torch.Tensor
-    lengths: list[int]
+    num_frames: int
     tokens: int
+    capacity: int
+    max_seqlen: int
+
+    @classmethod
+    def exact(cls, cu_seqlens: torch.Tensor, index: torch.Tensor, lengths: list[int], tokens: int) -> "Packed":
+        """Segments of known host ``lengths`` (capacity = their sum, bound = the longest)."""
+        return cls(cu_seqlens, index, len(lengths), tokens, sum(lengths), max(lengths, default=0))
 
     @property
     def total(self) -> int:
-        return sum(self.lengths)
-
-    @property
-    def max_seqlen(self) -> int:
-        return max(self.lengths)
+        """Rows of the packed buffers (the capacity; the real count may be smaller)."""
+        return self.capacity
 
     def frame_of(self) -> torch.Tensor:
-        """``[T]`` int64 (device): the stream (batch row) of each packed row."""
-        b = len(self.lengths)
-        counts = (self.cu_seqlens[1:] - self.cu_seqlens[:-1]).long()
-        return torch.repeat_interleave(torch.arange(b, device=counts.device), counts, output_size=self.total)
+        """``[C]`` int64 (device): the stream (batch row) of each packed row (padding rows past
+        ``cu_seqlens[-1]`` get B - 1; mask them with :meth:`valid`)."""
+        r = torch.arange(self.capacity, device=self.cu_seqlens.device)
+        return torch.searchsorted(self.cu_seqlens[1:].to(torch.int64), r, right=True).clamp_max(self.num_frames - 1)
+
+    def valid(self) -> torch.Tensor:
+        """``[C]`` bool (device): rows that hold a token (before ``cu_seqlens[-1]``)."""
+        return torch.arange(self.capacity, device=self.cu_seqlens.device) < self.cu_seqlens[-1]
 
     def first_rows(self) -> torch.Tensor:
         """``[B]`` int64 (device): the first row of each stream (its CLS token when it has one)."""
@@ -98,7 +111,7 @@ def packed_layer_cached_kv(
     k, v = parts.k(nx), parts.v(nx)
     store_kv(k, v)
     t_tok = packed.tokens
-    b = len(packed.lengths)
+    b = packed.num_frames
     cu_k = torch.arange(b + 1, dtype=torch.int32, device=x.device) * t_tok
     heads, head_dim = parts.num_heads, parts.head_dim
     o = varlen_attention(

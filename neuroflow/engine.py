@@ -15,7 +15,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from . import dispatch
 from .architectures import Architecture, make_architecture
+from .capacity import CapacityPlanner, CapacityWarning, Fitted, HostCount, fit_to_capacity
 from .models import VisionAdapter
 from .ops.gate import gate
 from .profiling import stage
@@ -71,7 +73,13 @@ class NeuroFlow(nn.Module):
         cls_readout: for CLS-pooling models under Architecture C: ``"context"`` (default; the last
             layer attends to every token's cached input) or ``"active"`` (encoder on active tokens
             only, as for SigLIP). Ignored otherwise.
-        check_finite: reject frames with NaN or Inf (costs one device sync per call).
+        check_finite: reject frames with NaN or Inf. ``True``: on the CPU the check runs before
+            anything else (the call raises and no state changes); on a GPU it is *deferred* so the
+            call does not synchronise: a device flag is read at the start of the next call (or
+            :meth:`sync_errors`), which then undoes the bad call's state writes (streams it
+            admitted are forgotten) and raises ``ValueError``; the bad call's outputs are invalid.
+            ``"deferred"`` forces the deferred check on any device, ``"eager"`` the eager one (one
+            device sync per call), ``False`` skips it.
         cache_dtype: dtype of the key/value caches (KV, and C's context readout), e.g.
             ``torch.float16`` on a GPU; attention over them runs in that dtype. Default: the
             model's dtype.
@@ -80,11 +88,22 @@ class NeuroFlow(nn.Module):
         max_streams: keep at most this many streams; when a call would exceed it, the least
             recently seen streams are evicted (their next frame is dense; :attr:`last_evicted`
             and :attr:`evictions` report it). None: no limit.
+        capacity: how many packed rows the encoder runs on (the kernel path; see
+            ``neuroflow.capacity``): ``"auto"`` (default: a power-of-two bucket from the previous
+            call's need, no host sync; an overflow cuts the least surprising patches, is counted
+            in :attr:`overflowed_frames` and warned about with ``CapacityWarning``), ``"exact"``
+            (read the token count on the host: one sync per call), or an int (fixed rows for the
+            frames that are not first frames). The CPU reference path always packs exactly (its
+            reads are free).
+        differentiable: follow the ambient grad mode (for gradients through the engine). By
+            default a call runs under ``torch.no_grad()`` unless ``pixel_values`` requires grad,
+            so weights that require grad (as Hugging Face loads them) do not push the call off
+            the kernel path.
 
     Call with ``pixel_values [B, C, H, W]`` (model dtype and device; H and W multiples of the patch
     size) and ``stream_ids`` (B distinct hashable ids; default ``0..B-1``). A stream that is new,
     was reset, or arrives at another resolution than before (warning) starts with a dense frame.
-    The module follows the ambient grad mode: wrap inference in ``torch.inference_mode()``.
+    Calls run without autograd unless ``pixel_values`` requires grad or ``differentiable=True``.
     """
 
     def __init__(
@@ -99,8 +118,12 @@ class NeuroFlow(nn.Module):
         cache_dtype: torch.dtype | None = None,
         head_cache: bool = True,
         max_streams: int | None = None,
+        capacity: str | int = "auto",
+        differentiable: bool = False,
     ):
         super().__init__()
+        if check_finite not in (True, False, "eager", "deferred"):
+            raise ValueError(f"check_finite must be True, False, 'eager' or 'deferred', got {check_finite!r}")
         check_threshold(threshold)
         check_ema_decay(ema_decay)
         check_floor_tokens(floor_tokens)
@@ -120,7 +143,12 @@ class NeuroFlow(nn.Module):
         self._ema_decay = float(ema_decay)
         self._floor_tokens = int(floor_tokens)
         self.check_finite = check_finite
+        self.differentiable = bool(differentiable)
+        self._planner = CapacityPlanner(capacity)
         self._streams = StreamStore(self.architecture.state_specs, self.adapter.device, max_streams)
+        self._pending: _Pending | None = None
+        self.overflowed_frames = 0
+        """Frames whose active patches did not all fit their capacity bucket (see ``capacity``)."""
 
     # -- settings (validated on every change) ------------------------------------------------------
     @property
@@ -193,6 +221,7 @@ class NeuroFlow(nn.Module):
 
         Raises ``KeyError`` (and forgets nothing) if an id is not a known stream.
         """
+        self.sync_errors()
         if stream_ids is None:
             self._streams.clear()
             return
@@ -219,6 +248,39 @@ class NeuroFlow(nn.Module):
         return self._streams.state_bytes()
 
     # -- the frame path ----------------------------------------------------------------------------
+    @property
+    def capacity(self) -> str | int:
+        return self._planner.mode
+
+    def sync_errors(self) -> None:
+        """Finish the previous call's deferred checks now (waits for that call's gate on a GPU):
+        raises its deferred ``ValueError`` for NaN/Inf frames (after undoing its state writes),
+        counts overflowed frames (``CapacityWarning``). The next call does this by itself."""
+        pending, self._pending = self._pending, None
+        if pending is None:
+            return
+        pending.count.wait()
+        need, cut, *bad = pending.count.values()
+        if pending.plan_key is not None:
+            self._planner.observe(pending.plan_key, need, pending.rest)
+        if cut:
+            self.overflowed_frames += cut
+            warnings.warn(
+                f"{cut} frame(s) needed more packed rows than their capacity bucket "
+                f"({pending.capacity} rows): their least surprising active patches were not computed; "
+                "the bucket grows for the next calls (NeuroFlow(capacity=...) sets it)",
+                CapacityWarning, stacklevel=3)
+        if pending.batch is not None:
+            rows = [b for b, flag in enumerate(bad) if flag]
+            if rows:
+                pending.batch.undo_commit()
+                ids = [pending.batch.ids[b] for b in rows]
+                raise ValueError(
+                    f"pixel_values of the previous call contained NaN or Inf in batch row(s) {rows} "
+                    f"(stream(s) {', '.join(map(repr, ids))}; deferred check_finite): that call's state "
+                    "writes were undone and its outputs are invalid; this call did not run")
+            pending.batch.release()
+
     def forward(
         self,
         pixel_values: torch.Tensor,
@@ -233,7 +295,9 @@ class NeuroFlow(nn.Module):
             patches another way (random dropping, pixel differences) and for training; it runs
             the gate's reference path.
         """
-        grid = check_frames(pixel_values, self.adapter, self.check_finite)
+        self.sync_errors()
+        deferred = self._deferred_finite(pixel_values)
+        grid = check_frames(pixel_values, self.adapter, bool(self.check_finite) and not deferred)
         ids = check_stream_ids(stream_ids, pixel_values.shape[0])
         if active is not None:
             n = grid[0] * grid[1]
@@ -242,13 +306,18 @@ class NeuroFlow(nn.Module):
                                  f"got {active.dtype} {tuple(active.shape)}")
             active = active.to(pixel_values.device)
         moved = [i for i in ids if i in self._streams and self._streams.grid_of(i) != grid]
+        grad = self.differentiable or (torch.is_grad_enabled() and pixel_values.requires_grad)
         batch = self._streams.begin(ids, grid)
         try:
-            out = self._step(pixel_values, grid, batch, active)
+            with torch.set_grad_enabled(torch.is_grad_enabled() and grad):
+                bad = (~torch.isfinite(pixel_values).flatten(1).all(dim=1)) if deferred else None
+                out, fitted, plan_key, capacity = self._step(pixel_values, grid, batch, active)
+                self._pending = self._pending_of(fitted, plan_key, capacity, batch, bad)
         except BaseException:
+            self._pending = None
             batch.rollback()
             raise
-        batch.commit()
+        batch.commit(keep_undo=deferred)
         for i in moved:
             warnings.warn(
                 f"stream {i!r} changed resolution (patch grid {grid[0]}x{grid[1]}); it was reset and "
@@ -257,7 +326,26 @@ class NeuroFlow(nn.Module):
             )
         return out
 
-    def _step(self, pixel_values: torch.Tensor, grid: Grid, batch: StreamBatch, active) -> NeuroFlowOutput:
+    def _deferred_finite(self, pixel_values: torch.Tensor) -> bool:
+        if self.check_finite == "deferred":
+            return True
+        return self.check_finite is True and isinstance(pixel_values, torch.Tensor) and pixel_values.device.type == "cuda"
+
+    def _pending_of(self, fitted, plan_key, capacity, batch, bad) -> _Pending | None:
+        if fitted is None and bad is None:
+            return None
+        zero = torch.zeros((), dtype=torch.int64, device=self.adapter.device)
+        need, cut = (fitted.need, fitted.cut) if fitted is not None else (zero, zero)
+        parts = [need.reshape(1), cut.reshape(1)] + ([bad.to(torch.int64)] if bad is not None else [])
+        return _Pending(HostCount(torch.cat(parts)), plan_key, int(batch.first_count), capacity,
+                        batch if bad is not None else None)
+
+    def _packs_sync_free(self, device: torch.device) -> bool:
+        """Sync-free packing runs where the gate runs its kernel (CUDA, or the interpreter);
+        the CPU reference path reads its counts for free."""
+        return self._planner.mode != "exact" and dispatch.wants_triton(device)
+
+    def _step(self, pixel_values: torch.Tensor, grid: Grid, batch: StreamBatch, active):
         a = self.adapter
         conv = a.patch_conv
         with stage("gate"):
@@ -266,19 +354,30 @@ class NeuroFlow(nn.Module):
                 batch.update_in_place("ema"), batch.slot, batch.first, self._threshold, self._ema_decay,
                 self._floor_tokens, force_active=active,
             )
-        result = self.architecture.step(pixel_values, gated, batch)
-        n = gated.active.shape[1]
-        return NeuroFlowOutput(
+        b, n = gated.active.shape
+        fitted: Fitted | None = None
+        plan_key = capacity = None
+        if self._packs_sync_free(pixel_values.device):
+            plan_key = (b, grid)
+            capacity = self._planner.capacity(plan_key, b, batch.first_count, a.num_prefix, n, self._floor_tokens)
+            with stage("gate"):
+                fitted = fit_to_capacity(gated, batch.first, capacity)
+        result = self.architecture.step(pixel_values, gated, batch, fitted)
+        computed = fitted.active if fitted is not None else gated.active
+        out = NeuroFlowOutput(
             pooler_output=result.pooler_output,
             last_hidden_state=result.last_hidden_state,
-            active_mask=gated.active,
-            sparsity=1.0 - gated.active.sum(dim=1).float() / n,
+            active_mask=computed,
+            sparsity=1.0 - computed.sum(dim=1).float() / n,
             surprise=gated.surprise,
             first_frame=batch.first,
         )
+        return out, fitted, plan_key, capacity
 
     # -- device moves and persistence --------------------------------------------------------------
     def _apply(self, fn, recurse=True):
+        if getattr(self, "_pending", None) is not None:
+            self.sync_errors()
         super()._apply(fn, recurse)
         self._streams.apply(fn, self.adapter.device)
         return self
@@ -299,6 +398,7 @@ class NeuroFlow(nn.Module):
 
         Gate settings are included for reference; loading does not change this engine's settings.
         """
+        self.sync_errors()
         return {
             "format": STATE_FORMAT,
             "config": self._config(),
@@ -312,6 +412,7 @@ class NeuroFlow(nn.Module):
         The snapshot must come from an engine with the same architecture and model geometry;
         nothing changes if it does not.
         """
+        self.sync_errors()
         if state.get("format") != STATE_FORMAT:
             raise ValueError(f"unknown stream-state format {state.get('format')!r} (expected {STATE_FORMAT})")
         mine, theirs = self._config(), state.get("config", {})
@@ -345,6 +446,23 @@ class NeuroFlow(nn.Module):
             f"arch={self.arch!r}, family={self.adapter.family!r}, threshold={self._threshold}, "
             f"ema_decay={self._ema_decay}, floor_tokens={self._floor_tokens}, streams={len(self._streams)}"
         )
+
+
+@dataclass
+class _Pending:
+    """What a call left for the host to learn at the next one: ``[need, cut, bad rows...]`` on
+    their way to the host, the planner key, non-first frames, the capacity used, and the batch
+    (committed with its undo log) when its finiteness check was deferred."""
+
+    count: HostCount
+    plan_key: tuple | None
+    num_first: int
+    capacity: int | None
+    batch: StreamBatch | None
+
+    @property
+    def rest(self) -> int:
+        return (self.plan_key[0] - self.num_first) if self.plan_key is not None else 0
 
 
 def _is_plain_id(i) -> bool:

@@ -265,6 +265,11 @@ class StreamBatch:
         self._undo: list[Callable[[], None]] = []
         self._done = False
 
+    @property
+    def first_count(self) -> int:
+        """How many frames of the batch are first frames (host-known: ``first`` without a read)."""
+        return len(self.new_slots)
+
     # -- reads -------------------------------------------------------------------------------------
     def tensor(self, name: str) -> torch.Tensor:
         """The live ``[capacity, ...]`` pool tensor ``name``: read it, never write it directly."""
@@ -318,11 +323,31 @@ class StreamBatch:
         self._undo.append(restore)
 
     # -- end ---------------------------------------------------------------------------------------
-    def commit(self) -> None:
-        """Keep every write; the batch's streams become known (and most recently seen)."""
+    def commit(self, keep_undo: bool = False) -> None:
+        """Keep every write; the batch's streams become known (and most recently seen).
+
+        ``keep_undo``: keep what the writes overwrote, so :meth:`undo_commit` can still take the
+        batch back (the engine's deferred finiteness check); :meth:`release` drops it."""
         self._end()
-        self._undo.clear()
+        if not keep_undo:
+            self._undo.clear()
         self._store._finish(self, admit=True)
+
+    def undo_commit(self) -> None:
+        """Take back a batch committed with ``keep_undo=True``; must come before any other change
+        to the store. Rows of streams known before the batch get their old values back; streams
+        the batch admitted (new, or moved to this grid) are forgotten; evictions stay."""
+        with torch.inference_mode(False), torch.no_grad():
+            for restore in reversed(self._undo):
+                restore()
+        self._undo.clear()
+        for i in self.new_slots:
+            if i in self._store:
+                self._store._remove(i)
+
+    def release(self) -> None:
+        """Drop what a ``keep_undo`` commit kept."""
+        self._undo.clear()
 
     def rollback(self) -> None:
         """Undo every write in reverse order; no stream is admitted and none is forgotten."""
