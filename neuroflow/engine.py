@@ -267,8 +267,9 @@ class NeuroFlow(nn.Module):
             self.overflowed_frames += cut
             warnings.warn(
                 f"{cut} frame(s) needed more packed rows than their capacity bucket "
-                f"({pending.capacity} rows): their least surprising active patches were not computed; "
-                "the bucket grows for the next calls (NeuroFlow(capacity=...) sets it)",
+                f"({pending.capacity} rows): their least surprising active patches were not computed"
+                + ("; the bucket grows for the next calls" if self._planner.mode == "auto" else
+                   f" (fixed capacity={self._planner.mode})"),
                 CapacityWarning, stacklevel=3)
         if pending.batch is not None:
             rows = [b for b, flag in enumerate(bad) if flag]
