@@ -11,7 +11,10 @@ Rules, the same for every op:
   reason, and with ``NEUROFLOW_STRICT=1`` it raises :class:`FallbackError` instead.
 
 Every call records the path it took in :data:`last_path` (op -> ``"triton"`` or ``"reference"``)
-and counts it in :data:`counts`, so tests and benchmarks can assert what ran.
+and counts it in :data:`counts`, so tests and benchmarks can assert what ran. A fallback also
+warns (:class:`FallbackWarning`) the first time each (op, reason) occurs, and is counted in
+:data:`fallback_counts`; :data:`fallbacks` keeps the latest :data:`MAX_FALLBACK_RECORDS` of them,
+so a long-running engine's records stay bounded.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import os
+import warnings
 from collections import Counter
 from dataclasses import dataclass, field
 
@@ -34,12 +38,38 @@ last_path: dict[str, str] = {}
 counts: Counter = Counter()
 """(op name, path) -> number of calls."""
 
-fallbacks: list[tuple[str, str]] = []
-"""(op name, reason) for every fallback since the last :func:`clear`."""
+MAX_FALLBACK_RECORDS = 256
+
+
+class _Latest(list):
+    """A list that keeps only its latest ``maxlen`` items (compares equal to a plain list)."""
+
+    def __init__(self, maxlen: int):
+        super().__init__()
+        self.maxlen = maxlen
+
+    def append(self, item) -> None:
+        super().append(item)
+        if len(self) > self.maxlen:
+            del self[: len(self) - self.maxlen]
+
+
+fallbacks: list[tuple[str, str]] = _Latest(MAX_FALLBACK_RECORDS)
+"""(op name, reason) of the latest fallbacks since the last :func:`clear` (at most
+:data:`MAX_FALLBACK_RECORDS`)."""
+
+fallback_counts: Counter = Counter()
+"""(op name, reason) -> number of fallbacks since the last :func:`clear`."""
+
+_warned: set[tuple[str, str]] = set()
 
 
 class FallbackError(RuntimeError):
     """Raised in strict mode when an op would fall back from Triton to the reference."""
+
+
+class FallbackWarning(RuntimeWarning):
+    """An op ran its PyTorch reference where its Triton kernel was expected (once per op and reason)."""
 
 
 def strict() -> bool:
@@ -176,6 +206,11 @@ def choose(op: str, device: torch.device, unsupported: str | None = None) -> str
             if strict():
                 raise FallbackError(f"{op}: the Triton path cannot run ({reason}) and {STRICT_ENV}=1 forbids a fallback")
             fallbacks.append((op, reason))
+            fallback_counts[(op, reason)] += 1
+            if (op, reason) not in _warned:
+                _warned.add((op, reason))
+                warnings.warn(f"{op}: running the PyTorch reference instead of the Triton kernel ({reason}); "
+                              f"set {STRICT_ENV}=1 to make this an error", FallbackWarning, stacklevel=3)
     last_path[op] = path
     counts[(op, path)] += 1
     return path
@@ -186,3 +221,5 @@ def clear() -> None:
     last_path.clear()
     counts.clear()
     fallbacks.clear()
+    fallback_counts.clear()
+    _warned.clear()

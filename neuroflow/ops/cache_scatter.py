@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 
 from .. import dispatch
@@ -34,6 +36,13 @@ def cache_scatter(cache: torch.Tensor, slot: torch.Tensor, src: torch.Tensor, cu
     if not dispatch.gpu_launch(cache.device):
         cfg.update(BLOCK_T=max(16, next_pow2(cap)), BLOCK_D=next_pow2(cache.shape[2]))
     grid = (cdiv(cap, cfg["BLOCK_T"]),)
+    # Launch on the cache's GPU, whatever the current device is.
+    guard = torch.cuda.device(cache.device) if cache.device.type == "cuda" else contextlib.nullcontext()
+    with guard:
+        _launch(cache_scatter_kernel, grid, cache, slot, src, cu_seqlens, index, b, cfg)
+
+
+def _launch(cache_scatter_kernel, grid, cache, slot, src, cu_seqlens, index, b, cfg) -> None:
     dispatch.launchable(cache_scatter_kernel, cache.device)[grid](
         src, cache, slot.to(torch.int64), cu_seqlens, index, b, cache.shape[1], cache.shape[2], src.stride(0),
         BLOCK_T=cfg["BLOCK_T"], BLOCK_D=cfg["BLOCK_D"], BLOCK_B=next_pow2(b),

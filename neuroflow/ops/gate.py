@@ -12,6 +12,8 @@ and records it.
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 
 from .. import dispatch
@@ -86,8 +88,14 @@ def gate(
     if dispatch.choose(OP, frames.device, unsupported) == dispatch.REFERENCE:
         return gate_reference(frames, weight, bias, pos_embed, prefix, ema, slot, first, threshold, ema_decay,
                               floor_tokens, force_active)
-    return _gate_triton(frames, weight, bias, pos_embed, prefix, ema, slot, first, threshold, ema_decay,
-                        floor_tokens, n, d, p, config)
+    with _on_device(frames.device):
+        return _gate_triton(frames, weight, bias, pos_embed, prefix, ema, slot, first, threshold, ema_decay,
+                            floor_tokens, n, d, p, config)
+
+
+def _on_device(device: torch.device):
+    """Launch on the tensors' GPU, whatever the current device is."""
+    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
 
 
 def _gate_triton(frames, weight, bias, pos_embed, prefix, ema, slot, first, threshold, ema_decay, floor_tokens,
