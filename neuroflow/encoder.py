@@ -1,7 +1,8 @@
 """The encoder on packed tokens: every stream's computed tokens in one ``[T, D]`` sequence.
 
 Token-wise ops (layer norms, projections, MLP) run on the packed rows directly; attention runs
-through :func:`neuroflow.ops.varlen_attention.varlen_attention` with ``cu_seqlens``, so it only mixes tokens of
+through the registered op ``torch.ops.neuroflow.varlen_attention`` (:mod:`neuroflow.ops.library`;
+the Python launcher when a gradient is needed) with ``cu_seqlens``, so it only mixes tokens of
 the same stream (the Triton kernel on CUDA, the per-segment reference on the CPU).
 """
 
@@ -14,7 +15,7 @@ import torch
 from typing import Callable
 
 from .models import LayerParts, mlp_block
-from .ops.varlen_attention import varlen_attention
+from .ops.library import attend
 
 
 @dataclass
@@ -73,7 +74,7 @@ def packed_layer(parts: LayerParts, x: torch.Tensor, packed: Packed) -> torch.Te
     """One encoder layer on ``x`` ``[T, D]``; attention within each stream's segment."""
     nx = parts.norm1(x)
     cu = packed.cu_seqlens
-    o = varlen_attention(_heads(parts.q(nx), parts), _heads(parts.k(nx), parts), _heads(parts.v(nx), parts),
+    o = attend(_heads(parts.q(nx), parts), _heads(parts.k(nx), parts), _heads(parts.v(nx), parts),
                          cu, cu, packed.max_seqlen, packed.max_seqlen, scale=parts.scale)
     x = x + parts.scale1(parts.o(o.reshape(x.shape[0], -1)))
     return mlp_block(parts, x)
@@ -114,7 +115,7 @@ def packed_layer_cached_kv(
     b = packed.num_frames
     cu_k = torch.arange(b + 1, dtype=torch.int32, device=x.device) * t_tok
     heads, head_dim = parts.num_heads, parts.head_dim
-    o = varlen_attention(
+    o = attend(
         _heads(parts.q(nx), parts).to(k_cache.dtype),
         k_cache.view(-1, heads, head_dim),
         v_cache.view(-1, heads, head_dim),
