@@ -18,6 +18,8 @@ from torch import nn
 from . import dispatch
 from .architectures import Architecture, make_architecture
 from .capacity import CapacityPlanner, CapacityWarning, Fitted, HostCount, fit_to_capacity
+from .graphs import StepGraphs
+from .profiling import _active as _active_timer
 from .models import VisionAdapter
 from .ops.gate import gate
 from .profiling import stage
@@ -95,6 +97,10 @@ class NeuroFlow(nn.Module):
             (read the token count on the host: one sync per call), or an int (fixed rows for the
             frames that are not first frames). The CPU reference path always packs exactly (its
             reads are free).
+        cuda_graphs: capture the steady-state step in a CUDA graph per batch size, grid,
+            capacity bucket and pool layout, and replay it (see ``neuroflow.graphs``: first
+            frames, ``active=``, gradients and the first call of each key run eagerly; outputs
+            are copies; every graph holds its own memory pool).
         differentiable: follow the ambient grad mode (for gradients through the engine). By
             default a call runs under ``torch.no_grad()`` unless ``pixel_values`` requires grad,
             so weights that require grad (as Hugging Face loads them) do not push the call off
@@ -120,6 +126,7 @@ class NeuroFlow(nn.Module):
         max_streams: int | None = None,
         capacity: str | int = "auto",
         differentiable: bool = False,
+        cuda_graphs: bool = False,
     ):
         super().__init__()
         if check_finite not in (True, False, "eager", "deferred"):
@@ -145,6 +152,8 @@ class NeuroFlow(nn.Module):
         self.check_finite = check_finite
         self.differentiable = bool(differentiable)
         self._planner = CapacityPlanner(capacity)
+        self.cuda_graphs = bool(cuda_graphs)
+        self._graphs = StepGraphs()
         self._streams = StreamStore(self.architecture.state_specs, self.adapter.device, max_streams)
         self._pending: _Pending | None = None
         self.overflowed_frames = 0
@@ -347,6 +356,36 @@ class NeuroFlow(nn.Module):
         return self._planner.mode != "exact" and dispatch.wants_triton(device)
 
     def _step(self, pixel_values: torch.Tensor, grid: Grid, batch: StreamBatch, active):
+        b, n = pixel_values.shape[0], grid[0] * grid[1]
+        plan_key = capacity = None
+        if self._packs_sync_free(pixel_values.device):
+            plan_key = (b, grid)
+            capacity = self._planner.capacity(plan_key, b, batch.first_count, self.adapter.num_prefix, n,
+                                              self._floor_tokens)
+        if self._graphable(pixel_values, batch, active, capacity):
+            key = (b, grid, capacity, self._threshold, self._ema_decay, self._floor_tokens,
+                   tuple((name, t.data_ptr(), t.shape[0]) for name, t in batch._pool.tensors.items()))
+
+            def step(pixels):
+                out, fitted = self._step_body(pixels, grid, batch, None, capacity)
+                return (out.pooler_output, out.last_hidden_state, out.active_mask, out.sparsity, out.surprise,
+                        fitted.need, fitted.cut)
+
+            replayed = self._graphs.run(key, pixel_values, batch, step)
+            if replayed is not None:
+                pooled, seq, computed, sparsity, surprise, need, cut = replayed
+                out = NeuroFlowOutput(pooled, seq, computed, sparsity, surprise, batch.first)
+                return out, _Counts(need, cut), plan_key, capacity
+        out, fitted = self._step_body(pixel_values, grid, batch, active, capacity)
+        return out, fitted, plan_key, capacity
+
+    def _graphable(self, pixel_values, batch, active, capacity) -> bool:
+        return (self.cuda_graphs and pixel_values.device.type == "cuda" and capacity is not None
+                and active is None and batch.first_count == 0 and not torch.is_grad_enabled()
+                and _active_timer.get() is None)
+
+    def _step_body(self, pixel_values: torch.Tensor, grid: Grid, batch: StreamBatch, active,
+                   capacity: int | None) -> tuple[NeuroFlowOutput, Fitted | None]:
         a = self.adapter
         conv = a.patch_conv
         with stage("gate"):
@@ -355,12 +394,9 @@ class NeuroFlow(nn.Module):
                 batch.update_in_place("ema"), batch.slot, batch.first, self._threshold, self._ema_decay,
                 self._floor_tokens, force_active=active,
             )
-        b, n = gated.active.shape
+        n = gated.active.shape[1]
         fitted: Fitted | None = None
-        plan_key = capacity = None
-        if self._packs_sync_free(pixel_values.device):
-            plan_key = (b, grid)
-            capacity = self._planner.capacity(plan_key, b, batch.first_count, a.num_prefix, n, self._floor_tokens)
+        if capacity is not None:
             with stage("gate"):
                 fitted = fit_to_capacity(gated, batch.first, capacity)
         result = self.architecture.step(pixel_values, gated, batch, fitted)
@@ -373,12 +409,14 @@ class NeuroFlow(nn.Module):
             surprise=gated.surprise,
             first_frame=batch.first,
         )
-        return out, fitted, plan_key, capacity
+        return out, fitted
 
     # -- device moves and persistence --------------------------------------------------------------
     def _apply(self, fn, recurse=True):
         if getattr(self, "_pending", None) is not None:
             self.sync_errors()
+        if hasattr(self, "_graphs"):
+            self._graphs.clear()  # they hold the old weights' and pools' addresses
         super()._apply(fn, recurse)
         self._streams.apply(fn, self.adapter.device)
         return self
@@ -447,6 +485,14 @@ class NeuroFlow(nn.Module):
             f"arch={self.arch!r}, family={self.adapter.family!r}, threshold={self._threshold}, "
             f"ema_decay={self._ema_decay}, floor_tokens={self._floor_tokens}, streams={len(self._streams)}"
         )
+
+
+@dataclass
+class _Counts:
+    """The device counts a replayed step leaves (as :class:`~neuroflow.capacity.Fitted` does)."""
+
+    need: torch.Tensor
+    cut: torch.Tensor
 
 
 @dataclass

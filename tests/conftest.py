@@ -77,6 +77,10 @@ def video(num_frames: int = 6, height: int = 40, width: int = 48, seed: int = 0,
     return static_camera_video(num_frames, height, width, seed=seed, **kw).normalized()
 
 
+def pytest_configure(config):
+    config.addinivalue_line("markers", "cuda: needs a CUDA GPU (skipped without one; bench/gpu_suite.py runs them)")
+
+
 @pytest.fixture(params=FAMILIES)
 def family(request):
     return request.param
