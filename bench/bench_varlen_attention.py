@@ -48,7 +48,7 @@ SEED = 20240611
 STREAMS = 32
 ACTIVE_FRACTION = (0.02, 0.30)
 MIN_ACTIVE = 4  # the gate's default floor_tokens
-HEADS = {64: 12, 72: 16}
+HEADS = {64: 12, 72: 16, 80: 16}
 
 
 @dataclass
@@ -158,6 +158,12 @@ def methods(w: Workload, q, k, v, cu_q, cu_k, kv_start, on_gpu: bool) -> dict:
             # The workloads' keys are contiguous per segment (kv_start == cu_seqlens_k[:-1]), so
             # flash-attn's packed layout sees the same keys as the kernel's cache path.
             out["flash_attn"] = lambda: flash_attn_varlen_func(q, k, v, cu_q, cu_k, max_q, max_k)
+        try:  # torch's own varlen attention (torch >= 2.9, CUDA only)
+            from torch.nn.attention.varlen import varlen_attn
+        except Exception:
+            varlen_attn = None
+        if varlen_attn is not None:
+            out["torch_varlen"] = lambda: varlen_attn(q, k, v, cu_q, cu_k, max_q, max_k)
     return out
 
 
@@ -257,17 +263,23 @@ def table(records: list[dict], on_gpu: bool) -> str:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="fewer shapes and repetitions")
+    parser.add_argument("--tiny", action="store_true",
+                        help="a smoke run (one ragged mix, one long segment, few tokens): checks the script runs")
     parser.add_argument("--out", type=Path, default=RESULTS, help="output folder")
     args = parser.parse_args(argv)
 
     on_gpu = torch.cuda.is_available()
     dtype = torch.float16 if on_gpu else torch.float32
-    head_dims = (64,) if (args.quick and not on_gpu) else (64, 72)
+    head_dims = (64,) if (args.quick and not on_gpu) else (64, 72, 80)
     env = environment(torch.device("cuda" if on_gpu else "cpu"))
     if not on_gpu:
         print("No CUDA GPU: timing only the PyTorch reference and SDPA paths in fp32; no kernel timing exists here.")
     records = []
-    for w in workloads(on_gpu, args.quick):
+    work = workloads(on_gpu, args.quick)
+    if args.tiny:
+        args.quick, head_dims = True, (64,)
+        work = [Workload("active-64", [5, 17, 3, 30], [5, 17, 3, 30], False), Workload("long-64", [64], [64], False)]
+    for w in work:
         for head_dim in head_dims:
             record = run_config(w, head_dim, dtype, on_gpu, args.quick, env)
             records.append(record)

@@ -81,6 +81,15 @@ def pytest_configure(config):
     config.addinivalue_line("markers", "cuda: needs a CUDA GPU (skipped without one; bench/gpu_suite.py runs them)")
 
 
+def pytest_collection_modifyitems(config, items):
+    # Every test skipped for want of a GPU is a CUDA test: `pytest -m cuda` selects them all.
+    for item in items:
+        for mark in item.iter_markers("skipif"):
+            if "cuda" in str(mark.kwargs.get("reason", "")).lower() or "gpu" in str(mark.kwargs.get("reason", "")).lower():
+                item.add_marker(pytest.mark.cuda)
+                break
+
+
 @pytest.fixture(params=FAMILIES)
 def family(request):
     return request.param
