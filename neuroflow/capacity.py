@@ -151,7 +151,9 @@ def fit_to_capacity(gate: PackedFrames, first: torch.Tensor, capacity: int) -> F
     live = torch.arange(capacity, device=dev) < new_cu[-1]
     tokens = torch.where(live[:, None], gate.packed[source], 0)
     index = torch.where(live, gate.index[source], 0)
-    packed = Packed(new_cu, index, num_frames=b, tokens=p + n, capacity=capacity, max_seqlen=p + n)
+    # One segment holds at most what the capacity leaves after the other frames' prefixes.
+    bound = min(p + n, capacity - (b - 1) * p)
+    packed = Packed(new_cu, index, num_frames=b, tokens=p + n, capacity=capacity, max_seqlen=bound)
     return Fitted(tokens, packed, keep, need, cut)
 
 
