@@ -13,8 +13,9 @@ Each real implementation is the launcher (which asks :mod:`neuroflow.dispatch` f
 the kernel or the reference runs exactly as when the function is called directly); each fake
 (meta) implementation gives the output shapes from the input shapes alone: the packed gate
 outputs have the capacity ``B * (P + N)`` rows, never the data-dependent count. The ops are
-forward-only (no autograd formula): :mod:`neuroflow.encoder` calls the varlen op when no gradient
-is needed and the Python function otherwise (distillation's gradient path).
+forward-only (no autograd formula): :mod:`neuroflow.encoder` calls the varlen op while
+``torch.compile`` traces without gradients, and the Python function otherwise (eager steps skip the
+op's dispatch cost; distillation's gradient path keeps the reference's autograd).
 """
 
 from __future__ import annotations
@@ -95,8 +96,11 @@ def _varlen_attention_fake(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, ma
 
 
 def attend(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale=None, kv_start=None):
-    """Varlen attention through the registered op when no gradient is needed (traceable by
-    ``torch.compile``), through the Python launcher otherwise (the reference keeps autograd)."""
-    if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
-        return varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale, kv_start)
-    return varlen_attention_op(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale, kv_start)
+    """Varlen attention as the encoder calls it: through the registered op while ``torch.compile``
+    traces (and no gradient is needed: the op is forward-only), else through the Python launcher
+    directly (same path and result, without the op's per-call dispatch cost in eager steps; the
+    reference keeps autograd for distillation)."""
+    needs_grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
+    if torch.compiler.is_compiling() and not needs_grad:
+        return varlen_attention_op(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale, kv_start)
+    return varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale, kv_start)
