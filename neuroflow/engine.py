@@ -321,8 +321,10 @@ class NeuroFlow(nn.Module):
         try:
             with torch.set_grad_enabled(torch.is_grad_enabled() and grad):
                 bad = (~torch.isfinite(pixel_values).flatten(1).all(dim=1)) if deferred else None
-                out, fitted, plan_key, capacity = self._step(pixel_values, grid, batch, active)
-                self._pending = self._pending_of(fitted, plan_key, capacity, batch, bad)
+                out, count, plan_key, capacity = self._step(pixel_values, grid, batch, active, bad)
+                if count is not None:
+                    self._pending = _Pending(count, plan_key, batch.first_count, capacity,
+                                             batch if bad is not None else None)
         except BaseException:
             self._pending = None
             batch.rollback()
@@ -341,21 +343,21 @@ class NeuroFlow(nn.Module):
             return True
         return self.check_finite is True and isinstance(pixel_values, torch.Tensor) and pixel_values.device.type == "cuda"
 
-    def _pending_of(self, fitted, plan_key, capacity, batch, bad) -> _Pending | None:
+    def _counts(self, fitted: Fitted | None, bad: torch.Tensor | None) -> torch.Tensor | None:
+        """``[need, cut, bad rows...]`` int64 on the device: what the next call learns."""
         if fitted is None and bad is None:
             return None
-        zero = torch.zeros((), dtype=torch.int64, device=self.adapter.device)
-        need, cut = (fitted.need, fitted.cut) if fitted is not None else (zero, zero)
-        parts = [need.reshape(1), cut.reshape(1)] + ([bad.to(torch.int64)] if bad is not None else [])
-        return _Pending(HostCount(torch.cat(parts)), plan_key, int(batch.first_count), capacity,
-                        batch if bad is not None else None)
+        zero = torch.zeros(1, dtype=torch.int64, device=self.adapter.device)
+        need, cut = (fitted.need.reshape(1), fitted.cut.reshape(1)) if fitted is not None else (zero, zero)
+        return torch.cat([need, cut] + ([bad.to(torch.int64)] if bad is not None else []))
 
     def _packs_sync_free(self, device: torch.device) -> bool:
         """Sync-free packing runs where the gate runs its kernel (CUDA, or the interpreter);
         the CPU reference path reads its counts for free."""
         return self._planner.mode != "exact" and dispatch.wants_triton(device)
 
-    def _step(self, pixel_values: torch.Tensor, grid: Grid, batch: StreamBatch, active):
+    def _step(self, pixel_values: torch.Tensor, grid: Grid, batch: StreamBatch, active, bad):
+        """Returns ``(output, HostCount or None, planner key, capacity)``."""
         b, n = pixel_values.shape[0], grid[0] * grid[1]
         plan_key = capacity = None
         if self._packs_sync_free(pixel_values.device):
@@ -367,7 +369,7 @@ class NeuroFlow(nn.Module):
                    tuple((name, t.data_ptr(), t.shape[0]) for name, t in batch._pool.tensors.items()))
 
             def step(pixels):
-                out, fitted = self._step_body(pixels, grid, batch, None, capacity)
+                out, fitted, _ = self._step_body(pixels, grid, batch, None, capacity, None)
                 return (out.pooler_output, out.last_hidden_state, out.active_mask, out.sparsity, out.surprise,
                         fitted.need, fitted.cut)
 
@@ -375,9 +377,11 @@ class NeuroFlow(nn.Module):
             if replayed is not None:
                 pooled, seq, computed, sparsity, surprise, need, cut = replayed
                 out = NeuroFlowOutput(pooled, seq, computed, sparsity, surprise, batch.first)
-                return out, _Counts(need, cut), plan_key, capacity
-        out, fitted = self._step_body(pixel_values, grid, batch, active, capacity)
-        return out, fitted, plan_key, capacity
+                # After a replay the counts exist only once the whole step has run.
+                counts = self._counts(_Counts(need, cut), bad)
+                return out, HostCount(counts), plan_key, capacity
+        out, _, count = self._step_body(pixel_values, grid, batch, active, capacity, bad)
+        return out, count, plan_key, capacity
 
     def _graphable(self, pixel_values, batch, active, capacity) -> bool:
         return (self.cuda_graphs and pixel_values.device.type == "cuda" and capacity is not None
@@ -385,7 +389,11 @@ class NeuroFlow(nn.Module):
                 and _active_timer.get() is None)
 
     def _step_body(self, pixel_values: torch.Tensor, grid: Grid, batch: StreamBatch, active,
-                   capacity: int | None) -> tuple[NeuroFlowOutput, Fitted | None]:
+                   capacity: int | None, bad: torch.Tensor | None | bool
+                   ) -> tuple[NeuroFlowOutput, Fitted | None, HostCount | None]:
+        """The step itself. ``bad``: the deferred finiteness flags, or None; the counts for the
+        next call start their way to the host right after the gate (not under graph capture,
+        where ``bad`` is None and the caller copies them after the replay)."""
         a = self.adapter
         conv = a.patch_conv
         with stage("gate"):
@@ -399,6 +407,10 @@ class NeuroFlow(nn.Module):
         if capacity is not None:
             with stage("gate"):
                 fitted = fit_to_capacity(gated, batch.first, capacity)
+        capturing = pixel_values.device.type == "cuda" and torch.cuda.is_current_stream_capturing()
+        counts = None if capturing else self._counts(fitted, bad)
+        # Recorded before the encoder is queued: the next call waits for this call's gate only.
+        count = HostCount(counts) if counts is not None else None
         result = self.architecture.step(pixel_values, gated, batch, fitted)
         computed = fitted.active if fitted is not None else gated.active
         out = NeuroFlowOutput(
@@ -409,7 +421,7 @@ class NeuroFlow(nn.Module):
             surprise=gated.surprise,
             first_frame=batch.first,
         )
-        return out, fitted
+        return out, fitted, count
 
     # -- device moves and persistence --------------------------------------------------------------
     def _apply(self, fn, recurse=True):

@@ -18,7 +18,9 @@ the model's GPU); the outputs are copied out of the graph's static tensors (so e
 tensors of its own); every graph keeps its own memory pool (at most :data:`MAX_GRAPHS` graphs, the
 least recently used is dropped). The state writes' undo log (rollback, deferred finiteness check)
 is part of the graph: its gathers run in each replay into static buffers, and the replaying call
-gets the captured undo closures, which read those buffers.
+gets the captured undo closures, which read those buffers. After a replay the next call's counts
+(:mod:`neuroflow.capacity`) are copied once the whole replay has run, so the next call waits for
+this replay to finish (eager steps start the copy right after the gate).
 """
 
 from __future__ import annotations
