@@ -94,8 +94,9 @@ def run(sizes, stream_counts, device: torch.device, dtype: torch.dtype) -> list[
     return records
 
 
-def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def parse_sweep(argv, description: str):
+    """The sweep both gate-side microbenchmarks take: ``(args, device, dtype, sizes, streams)``."""
+    p = argparse.ArgumentParser(description=description)
     p.add_argument("--quick", action="store_true", help="224/448 px, 1 and 8 streams")
     p.add_argument("--sizes", type=int, nargs="+")
     p.add_argument("--streams", type=int, nargs="+")
@@ -107,6 +108,12 @@ def main(argv=None) -> int:
     dtype = torch.float16 if on_gpu else torch.float32
     sizes = args.sizes or ([224, 448] if args.quick or not on_gpu else [224, 448, 896, 1792])
     streams = args.streams or ([1, 8] if args.quick or not on_gpu else [1, 8, 32])
+    return args, device, dtype, sizes, streams
+
+
+def main(argv=None) -> int:
+    args, device, dtype, sizes, streams = parse_sweep(argv, __doc__.split("\n\n")[0])
+    on_gpu = device.type == "cuda"
     records = run(sizes, streams, device, dtype)
     columns = [("size", "px"), ("streams", "streams"), ("sparsity", "sparsity"), ("unfused_ms", "unfused ms"),
                ("unfused_gbs", "unfused GB/s"), ("fused_ms", "fused ms"), ("fused_gbs", "fused GB/s"),
