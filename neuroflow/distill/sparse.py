@@ -23,11 +23,11 @@ from itertools import pairwise
 import torch
 
 from ..architectures import ArchResult, architecture_b
-from ..commands._common import dense_forward
 from ..encoder import Packed
 from ..fused_gate import gate_reference
 from ..gate import ema_dtype
 from ..models import SIGLIP, VisionAdapter
+from ..pooling import pooled_output
 from .config import DistillError
 
 
@@ -44,19 +44,6 @@ def check_distillable(adapter: VisionAdapter, floor_tokens: int, where: str) -> 
                            "Architecture B has no pooled embedding to distill")
     if adapter.num_prefix == 0 and floor_tokens < 1:
         raise DistillError(f"{where}: Architecture B on a model without CLS token needs a floor of at least 1 token, got {floor_tokens}")
-
-
-def pooled_of(result: ArchResult) -> torch.Tensor:
-    """The embedding distilled: ``pooler_output`` ``[B, D_out]``, or, for a model without pooling
-    (a ViT built without pooler), its first token (CLS) of ``last_hidden_state``, as
-    :func:`dense_embeddings` takes it from the dense model."""
-    return result.pooler_output if result.pooler_output is not None else result.last_hidden_state[:, 0]
-
-
-def dense_embeddings(adapter: VisionAdapter, frames: torch.Tensor) -> torch.Tensor:
-    """The unmodified model on full frames ``[B, C, H, W]`` -> pooled ``[B, D_out]`` (position
-    embeddings interpolated at other resolutions than the native one). Follows the grad mode."""
-    return dense_forward(adapter, frames)
 
 
 @dataclass
@@ -134,4 +121,4 @@ class SparseClips:
         result = architecture_b(a, a.encoder_input(gate.packed[: cu[-1]]), packed)
         counts = gate.active.sum(dim=1)
         sparsity = 1.0 - counts.float() / gate.active.shape[1]
-        return SparseFrame(pixels, pooled_of(result), sparsity, gate.active)
+        return SparseFrame(pixels, pooled_output(result), sparsity, gate.active)
