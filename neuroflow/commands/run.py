@@ -112,8 +112,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="also save every frame's token grid (last_hidden_state, [frames, tokens, D])")
     p.add_argument("--labels", default=None, metavar="L1,L2,...",
                    help="zero-shot tagging with the checkpoint's text tower (full SigLIP/CLIP folder with tokenizer)")
-    p.add_argument("--label-template", default="a photo of a {}.",
-                   help="prompt for each label (default 'a photo of a {}.')")
+    p.add_argument("--label-template", default="a photo of a {}.", metavar="TEXT",
+                   help="with --labels: the text embedded for each label, {} standing for the label (default "
+                        "'a photo of a {}.', so --labels car embeds 'a photo of a car.')")
     p.add_argument("--label-window", type=float, default=1.0, metavar="SECONDS",
                    help="print and save top labels per window of video time (0: per frame; default 1)")
     p.add_argument("--top-k", type=int, default=3, help="labels printed per frame or window (default 3)")
