@@ -137,7 +137,8 @@ def test_preprocessor_takes_frames_as_read_frames_yields_them():
 
 def test_preprocessor_refuses_other_input_naming_what_it_takes():
     pre = Preprocessor.for_family("siglip", image_size=32)
-    for bad in ([_rgb(8, 8, 0).astype(np.float32)], [torch.zeros(8, 8, 3, dtype=torch.uint8)], [_rgb(8, 8, 0)[..., :2]]):
+    bads = ([_rgb(8, 8, 0).astype(np.float32)], [torch.zeros(8, 8, 3, dtype=torch.uint8)], [_rgb(8, 8, 0)[..., :2]])
+    for bad in bads:
         with pytest.raises(ValueError, match=r"must be a neuroflow.video.Frame or a uint8 \[H, W, 3\] RGB array"):
             pre(bad)
     with pytest.raises(ValueError, match="no frames"):

@@ -123,7 +123,8 @@ def test_other_torch_files_are_not_state_files(tmp_path):
 def test_another_format_version_is_refused(tmp_path, version):
     path = tmp_path / "s.pt"
     torch.save({"format": FORMAT, "version": version, "fingerprint": FINGERPRINT, "state": {}}, path)
-    with pytest.raises(StateFileError, match=rf"format version {version!r}; this NeuroFlow reads version {FORMAT_VERSION}"):
+    expected = rf"format version {version!r}; this NeuroFlow reads version {FORMAT_VERSION}"
+    with pytest.raises(StateFileError, match=expected):
         load_state_file(path, FINGERPRINT)
 
 
@@ -152,7 +153,8 @@ def test_incompatible_settings_are_named(tmp_path):
         load_state_file(path, other(settings__arch="KV", settings__head_cache=False))
     msg = str(err.value)
     assert "saved under incompatible settings" in msg and "model." not in msg
-    assert "settings.arch: 'C' in the file, 'KV' here" in msg and "settings.head_cache: True in the file, False here" in msg
+    assert "settings.arch: 'C' in the file, 'KV' here" in msg
+    assert "settings.head_cache: True in the file, False here" in msg
     with pytest.raises(StateFileError, match="another model under incompatible settings"):
         load_state_file(path, other(settings__arch="B", model__layers=3))
 

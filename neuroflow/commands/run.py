@@ -288,7 +288,8 @@ class RunWriter:
                 row["labels"] = top
                 self.windows.add(stream.name, frame.time, scores[i])
             self.table.add(row)
-            stream.embeddings.add(frame.index, frame.time, pooled_np[i], tokens_np[i] if tokens_np is not None else None)
+            tokens = tokens_np[i] if tokens_np is not None else None
+            stream.embeddings.add(frame.index, frame.time, pooled_np[i], tokens)
             stream.series.time.append(frame.time)
             stream.series.sparsity.append(sparsity[i])
             stream.count += 1
