@@ -1,7 +1,7 @@
-"""The student's differentiable Architecture B forward over S clips run as S parallel streams,
-and the pooled embedding both models are compared on.
+"""The student's differentiable Architecture B forward over S clips run as S parallel streams
+(both models are compared on :func:`neuroflow.pooling.pooled_output`).
 
-Per frame t of the clips (``../shared/method.md``, "Sparse manifold distillation"):
+Per frame t of the clips (the method's sparse manifold distillation):
 
     layer-0 embedding + gate (fused_gate.gate_reference, per-stream threshold and decay)
     -> Packed (cu_seqlens, token positions)  ->  architecture_b (encoder + readout on the
