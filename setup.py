@@ -17,8 +17,9 @@ setup(
     entry_points={"console_scripts": ["neuroflow = neuroflow.cli:main"]},
     extras_require={
         # The CLI tests run `neuroflow demo` / `neuroflow run`, so "test" carries the "video" packages.
-        "test": ["pytest>=8", "setuptools>=64", "triton>=3.6", "av>=12", "matplotlib>=3.5", "tqdm"],
-        "video": ["av>=12", "matplotlib>=3.5", "tqdm"],
+        # scikit-image ships the photos the demo uses as its scenes (else it warns and draws a texture).
+        "test": ["pytest>=8", "setuptools>=64", "triton>=3.6", "av>=12", "matplotlib>=3.5", "tqdm", "scikit-image"],
+        "video": ["av>=12", "matplotlib>=3.5", "tqdm", "scikit-image"],
         "bench": ["matplotlib"],
     },
 )

@@ -16,6 +16,7 @@ contender) for S streams: stream s of a real clip starts ``s * 7`` frames later.
 from __future__ import annotations
 
 import importlib.util
+import warnings
 from pathlib import Path
 
 import torch
@@ -40,6 +41,8 @@ def photo_background() -> torch.Tensor | None:
     try:
         from skimage import data
     except ImportError:
+        warnings.warn("scikit-image is not installed: the synthetic workload uses a procedural background "
+                      "instead of a photograph (pip install scikit-image)", UserWarning, stacklevel=2)
         return None
     return torch.from_numpy(data.astronaut()).permute(2, 0, 1).float() / 255.0
 

@@ -350,11 +350,15 @@ class Preprocessor:
         return top * sy, left * sx, (top + side) * sy, (left + side) * sx
 
     # -- the transform ---------------------------------------------------------------------------
-    def __call__(self, frames: Sequence[np.ndarray], size: int | None = None) -> torch.Tensor:
+    def __call__(self, frames: Sequence[Frame | np.ndarray] | Frame | np.ndarray,
+                 size: int | None = None) -> torch.Tensor:
         """Frames -> model input.
 
         Args:
-            frames: B arrays ``[H, W, 3]`` uint8 RGB (sizes may differ between frames).
+            frames: B frames, each a :class:`Frame` (as :func:`read_frames` yields) or an
+                ``[H, W, 3]`` uint8 RGB array (sizes may differ between frames); a single
+                ``Frame`` or ``[H, W, 3]`` array is a batch of one, a ``[B, H, W, 3]`` array a
+                batch of B.
             size: output side (default :attr:`size`); the caller keeps it a multiple of the
                 model's patch size.
         Returns:
@@ -363,6 +367,9 @@ class Preprocessor:
         side = int(size or self.size)
         if side < 1:
             raise ValueError(f"size must be >= 1, got {side}")
+        if isinstance(frames, Frame) or (isinstance(frames, np.ndarray) and frames.ndim == 3):
+            frames = [frames]
+        frames = [f.rgb if isinstance(f, Frame) else f for f in frames]
         if len(frames) == 0:
             raise ValueError("no frames to preprocess")
         out = torch.empty(len(frames), 3, side, side, dtype=torch.float32)
@@ -371,7 +378,8 @@ class Preprocessor:
         for i, f in enumerate(frames):
             if not (isinstance(f, np.ndarray) and f.dtype == np.uint8 and f.ndim == 3 and f.shape[2] == 3):
                 desc = f"{f.dtype} {f.shape}" if isinstance(f, np.ndarray) else type(f).__name__
-                raise ValueError(f"frame {i} must be a uint8 [H, W, 3] array, got {desc}")
+                raise ValueError(f"frame {i} must be a neuroflow.video.Frame or a uint8 [H, W, 3] RGB array, "
+                                 f"got {desc}")
             groups.setdefault(f.shape, []).append(i)
         for (h, w, _), rows in groups.items():
             x = torch.from_numpy(np.stack([frames[i] for i in rows])).permute(0, 3, 1, 2).contiguous()

@@ -3,6 +3,7 @@
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -52,3 +53,25 @@ def test_e2e_benchmark_quick_matrix_on_tiny_models(tmp_path):
     page = (out / "RESULTS.md").read_text()
     assert "## cpu" in page and "quick matrix" in page and "All configurations" in page
     assert len(list(out.glob("e2e_*.png"))) == 4
+
+
+def test_default_results_folder_is_git_ignored_and_tracked_results_need_out(tmp_path):
+    import argparse
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("bench_common", ROOT / "bench" / "common.py")
+    common = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(common)
+    assert common.DEFAULT_OUT == ROOT / "bench" / "out" and common.RESULTS == ROOT / "bench" / "results"
+    parser = argparse.ArgumentParser()
+    common.add_out_argument(parser)
+    assert parser.parse_args([]).out == common.DEFAULT_OUT
+    assert parser.parse_args(["--out", "bench/results"]).out == Path("bench/results")
+    assert "bench/results" in parser.format_help()
+    if shutil.which("git") and (ROOT / ".git").exists():
+        ignored = subprocess.run(["git", "-C", str(ROOT), "check-ignore", "-q", "bench/out/e2e.jsonl"])
+        assert ignored.returncode == 0, "bench/out/ must be git-ignored"
+        tracked = subprocess.run(["git", "-C", str(ROOT), "check-ignore", "-q", "bench/results/e2e.jsonl"])
+        assert tracked.returncode == 1, "bench/results/ must stay tracked"
+    common.write_results("probe", [{"a": 1}], "| a |", tmp_path)
+    assert (tmp_path / "probe.jsonl").read_text() == '{"a": 1}\n' and (tmp_path / "probe.md").is_file()

@@ -15,6 +15,8 @@ fidelity are correctness signals, not quality figures. --model PATH uses a local
 from __future__ import annotations
 
 import argparse
+import warnings
+from contextlib import nullcontext
 from pathlib import Path
 
 import numpy as np
@@ -23,6 +25,7 @@ import torch.nn.functional as F
 
 from ..overlay import VideoWriter
 from ..synthetic import static_camera_video
+from ..loading import build_default_model
 from ._common import (
     DTYPES,
     CommandError,
@@ -31,7 +34,6 @@ from ._common import (
     pick_device,
     prepare_output_folder,
     quiet_transformers,
-    random_siglip_base,
 )
 from .run import Settings, add_engine_arguments, default_out, open_sources, process, report, summary_lines
 
@@ -83,7 +85,12 @@ def demo_clip(num_frames: int, size: int, seed: int, background: str = "auto") -
         if background == "photo":
             raise CommandError("--background photo needs scikit-image (pip install scikit-image)", code=2)
         frames = clip.frames
-        what = "synthetic texture" + (" (scikit-image not installed)" if background == "auto" else "")
+        what = "synthetic texture"
+        if background == "auto":
+            what += " (scikit-image not installed)"
+            warnings.warn("scikit-image is not installed, so the demo's scene is a synthetic texture instead of a "
+                          "photo: pip install scikit-image (part of neuroflow's 'video' extra), or pass "
+                          "--background texture to choose the texture", UserWarning, stacklevel=2)
     else:
         g = torch.Generator().manual_seed(seed)
         objects = [_photo(SCENES[(seed + k + 1) % len(SCENES)], size) for k in range(clip.boxes.shape[1])]
@@ -113,8 +120,11 @@ def write_clip(path: Path, frames: np.ndarray, fps: float = DEMO_FPS) -> Path:
 # -- the command -----------------------------------------------------------------------------------
 
 def run(args: argparse.Namespace) -> int:
-    if args.quiet:
-        quiet_transformers()
+    with quiet_transformers() if args.quiet else nullcontext():
+        return _run(args)
+
+
+def _run(args: argparse.Namespace) -> int:
     try:
         if args.frames < 2:
             raise CommandError(
@@ -125,7 +135,7 @@ def run(args: argparse.Namespace) -> int:
         device = pick_device(args.device)
         dtype = DTYPES[args.dtype]
         out = prepare_output_folder(args.out or default_out("demo"))
-        loaded = random_siglip_base(dtype, device) if args.model is None else load_model(args.model, dtype, device)
+        loaded = build_default_model(dtype, device) if args.model is None else load_model(args.model, dtype, device)
         if args.size < loaded.patch_size or args.size % loaded.patch_size:
             raise CommandError(f"--size {args.size} is not a multiple of the patch size {loaded.patch_size}", code=2)
         (out / "input").mkdir(exist_ok=True)
