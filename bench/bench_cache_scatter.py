@@ -13,12 +13,11 @@ reference runs (no kernel timing exists without a GPU).
 from __future__ import annotations
 
 import sys
-from pathlib import Path
 
 import torch
 
 from bench_gate import DIM, make_case, parse_sweep
-from common import RESULTS, environment, markdown_table, median_ms, write_results
+from common import add_out_argument, environment, markdown_table, median_ms, write_results
 from neuroflow import dispatch
 from neuroflow.ops.cache_scatter import cache_scatter
 from neuroflow.reference.cache_scatter import cache_scatter_reference
@@ -68,7 +67,7 @@ def main(argv=None) -> int:
               f"triton {env['triton']}, commit {env['commit']}, {env['time']}"
               + ("" if on_gpu else "\n\nCPU: only the PyTorch reference runs; no kernel timing exists without a GPU."))
     print("\n" + header + "\n\n" + table)
-    write_results("cache_scatter", records, table, Path(args.out) if args.out else RESULTS, header=header)
+    write_results("cache_scatter", records, table, args.out, header=header)
     return 0
 
 

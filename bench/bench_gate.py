@@ -26,7 +26,7 @@ from pathlib import Path
 
 import torch
 
-from common import RESULTS, environment, markdown_table, median_ms, write_results
+from common import add_out_argument, environment, markdown_table, median_ms, write_results
 from neuroflow import dispatch
 from neuroflow.ops.gate import gate
 from neuroflow.reference.gate import gate_reference
@@ -101,7 +101,7 @@ def parse_sweep(argv, description: str):
     p.add_argument("--sizes", type=int, nargs="+")
     p.add_argument("--streams", type=int, nargs="+")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--out", default=None)
+    add_out_argument(p)
     args = p.parse_args(argv)
     device = torch.device(args.device)
     on_gpu = device.type == "cuda"
@@ -124,7 +124,7 @@ def main(argv=None) -> int:
               f"commit {env['commit']}, {env['time']}"
               + ("" if on_gpu else "\n\nCPU: only the unfused PyTorch chain runs; no kernel timing exists without a GPU."))
     print("\n" + header + "\n\n" + table)
-    write_results("gate", records, table, Path(args.out) if args.out else RESULTS, header=header)
+    write_results("gate", records, table, args.out, header=header)
     return 0
 
 

@@ -35,7 +35,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from common import RESULTS, environment, median_ms, write_results
+from common import add_out_argument, environment, median_ms, write_results
 
 try:
     from neuroflow import dispatch
@@ -257,7 +257,7 @@ def table(records: list[dict], on_gpu: bool) -> str:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="fewer shapes and repetitions")
-    parser.add_argument("--out", type=Path, default=RESULTS, help="output folder")
+    add_out_argument(parser)
     args = parser.parse_args(argv)
 
     on_gpu = torch.cuda.is_available()

@@ -19,6 +19,7 @@ from .architectures import Architecture, make_architecture
 from .models import VisionAdapter
 from .ops.gate import gate
 from .profiling import stage
+from .state_file import StateFileError, load_state_file, model_fingerprint, save_state_file
 from .streams import Grid, StreamBatch, StreamStore
 from .validation import (
     check_ema_decay,
@@ -26,6 +27,7 @@ from .validation import (
     check_frames,
     check_stream_ids,
     check_threshold,
+    warn_ineffective_settings,
 )
 
 STATE_FORMAT = 1
@@ -119,6 +121,8 @@ class NeuroFlow(nn.Module):
         self._threshold = float(threshold)
         self._ema_decay = float(ema_decay)
         self._floor_tokens = int(floor_tokens)
+        warn_ineffective_settings(threshold=self._threshold)
+        self._warned_floor: set[tuple[int, Grid]] = set()  # (floor, grid) pairs already warned about
         self.check_finite = check_finite
         self._streams = StreamStore(self.architecture.state_specs, self.adapter.device, max_streams)
 
@@ -130,6 +134,7 @@ class NeuroFlow(nn.Module):
     @threshold.setter
     def threshold(self, value: float) -> None:
         check_threshold(value)
+        warn_ineffective_settings(threshold=value)
         self._threshold = float(value)
 
     @property
@@ -241,6 +246,9 @@ class NeuroFlow(nn.Module):
                 raise ValueError(f"active must be a bool tensor [B, N] = [{pixel_values.shape[0]}, {n}], "
                                  f"got {active.dtype} {tuple(active.shape)}")
             active = active.to(pixel_values.device)
+        if (self._floor_tokens, grid) not in self._warned_floor:
+            self._warned_floor.add((self._floor_tokens, grid))
+            warn_ineffective_settings(floor_tokens=self._floor_tokens, num_patches=grid[0] * grid[1])
         moved = [i for i in ids if i in self._streams and self._streams.grid_of(i) != grid]
         batch = self._streams.begin(ids, grid)
         try:
@@ -320,18 +328,34 @@ class NeuroFlow(nn.Module):
             raise ValueError(f"stream state was saved by an incompatible engine (saved vs this): {diff}")
         self._streams.load(state)
 
+    def state_fingerprint(self) -> dict:
+        """What a saved state belongs to: the model (family, geometry, a digest of its weights)
+        and the settings that decide what the state means (architecture and its cache options)."""
+        return {"model": model_fingerprint(self.adapter), "settings": self.architecture.config()}
+
     def save_state(self, path: str | Path) -> None:
-        """Write every stream's state to ``path`` (``torch.save``; ids must be str, int or tuples of them)."""
+        """Write every stream's state to ``path`` with a format version and
+        :meth:`state_fingerprint` (ids must be str, int or tuples of them); see
+        :mod:`neuroflow.state_file`."""
         state = self.stream_state_dict()
         for pool in state["pools"]:
             for i in pool["ids"]:
                 if not _is_plain_id(i):
                     raise TypeError(f"stream id {i!r} cannot be saved: use str, int or tuples of them")
-        torch.save(state, path)
+        save_state_file(path, state, self.state_fingerprint())
 
     def load_state(self, path: str | Path) -> None:
-        """Restore the streams saved by :meth:`save_state` (loaded with ``weights_only=True``)."""
-        self.load_stream_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+        """Restore the streams saved by :meth:`save_state`.
+
+        Raises :class:`neuroflow.state_file.StateFileError` (naming the file and the reason) for a
+        corrupt or truncated file, another format version, another model or incompatible
+        settings; nothing changes then. No code runs on load (``weights_only=True``).
+        """
+        state = load_state_file(path, self.state_fingerprint())
+        try:
+            self.load_stream_state_dict(state)
+        except (ValueError, KeyError, TypeError, AttributeError) as exc:
+            raise StateFileError(f"state file {path}: its streams do not fit this engine ({exc})") from None
 
     def get_extra_state(self) -> dict:
         # Makes ``nf.state_dict()`` carry the streams next to the model weights.

@@ -15,6 +15,7 @@ settings it does not fit: :func:`load_state_file` names every field that differs
 from __future__ import annotations
 
 import hashlib
+import io
 import os
 import pickle
 import struct
@@ -173,11 +174,12 @@ def load_state_file(path: str | Path, expected_fingerprint: dict) -> dict:
         raise FileNotFoundError(f"state file {path}: does not exist")
     if path.is_dir():
         raise StateFileError(f"state file {path}: is a folder, not a file")
+    data = path.read_bytes()  # a real read failure stays an OSError
     try:
-        payload = torch.load(path, map_location="cpu", weights_only=True)
-    except OSError:
-        raise
-    except (pickle.UnpicklingError, RuntimeError, EOFError, zipfile.BadZipFile, ValueError, TypeError,
+        # From memory, so every error below is about the bytes (a truncated zip makes torch's
+        # reader raise OSError EINVAL, which is corruption, not I/O).
+        payload = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, zipfile.BadZipFile, ValueError, TypeError, OSError,
             AttributeError, ImportError, IndexError, KeyError, struct.error, UnicodeDecodeError) as exc:
         reason = " ".join(str(exc).split())[:200] or type(exc).__name__
         raise StateFileError(f"state file {path}: cannot be read: corrupt, truncated or not a file written by "
