@@ -196,20 +196,6 @@ def read_frames(path: str | Path, stride: int = 1, max_frames: int | None = None
 
 # -- preprocessing ---------------------------------------------------------------------------------
 
-_IMAGENET_STANDARD = ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
-_IMAGENET_DEFAULT = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
-_OPENAI_CLIP = ((0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711))
-
-# What each family's published checkpoints ship in preprocessor_config.json (transformers'
-# SiglipImageProcessor, CLIPImageProcessor, ViTImageProcessor; DINOv2 checkpoints use
-# BitImageProcessor with ImageNet statistics and 256 -> 224 crop). Used when a checkpoint has none.
-_FAMILY_DEFAULTS = {
-    "siglip": dict(mean_std=_IMAGENET_STANDARD, resize=224, keep_aspect=False, crop=224, resample="bicubic"),
-    "clip": dict(mean_std=_OPENAI_CLIP, resize=224, keep_aspect=True, crop=224, resample="bicubic"),
-    "vit": dict(mean_std=_IMAGENET_STANDARD, resize=224, keep_aspect=False, crop=224, resample="bilinear"),
-    "dinov2": dict(mean_std=_IMAGENET_DEFAULT, resize=256, keep_aspect=True, crop=224, resample="bicubic"),
-}
-
 # PIL resampling codes as stored in preprocessor_config.json.
 _RESAMPLE = {0: "nearest", 1: "bicubic", 2: "bilinear", 3: "bicubic", 4: "bilinear", 5: "bicubic"}
 # (1 = LANCZOS, 4 = BOX and 5 = HAMMING have no torch equivalent: the closest antialiased kernel.)
@@ -278,9 +264,11 @@ class Preprocessor:
     @classmethod
     def for_family(cls, family: str, image_size: int | None = None) -> Preprocessor:
         """The family's published settings; ``image_size`` (the model config's) replaces their 224."""
-        if family not in _FAMILY_DEFAULTS:
-            raise ValueError(f"unknown model family {family!r}; expected one of {', '.join(_FAMILY_DEFAULTS)}")
-        d = _FAMILY_DEFAULTS[family]
+        from .models import FAMILY_BY_NAME
+
+        if family not in FAMILY_BY_NAME:
+            raise ValueError(f"unknown model family {family!r}; expected one of {', '.join(FAMILY_BY_NAME)}")
+        d = FAMILY_BY_NAME[family].preprocess
         size = int(image_size or d["crop"])
         mean, std = d["mean_std"]
         return cls(size=size, mean=mean, std=std, resize=round(d["resize"] * size / d["crop"]),

@@ -162,10 +162,10 @@ class ZeroShotTagger:
             ) from exc
         model = loaded.model
         self.labels = labels
-        self.family = loaded.family
+        self.sigmoid_scores = loaded.adapter.spec.sigmoid_scores
         text_config = model.config.text_config
         kwargs = dict(truncation=True, return_tensors="pt", max_length=int(text_config.max_position_embeddings))
-        kwargs["padding"] = "max_length" if self.family == "siglip" else True
+        kwargs["padding"] = "max_length" if self.sigmoid_scores else True
         try:
             tokens = tokenizer([template.format(label) for label in labels], **kwargs)
         except Exception as exc:
@@ -189,4 +189,4 @@ class ZeroShotTagger:
             image = self.projection(image.to(self.projection.weight.dtype))
         image = nn.functional.normalize(image.float(), dim=-1)
         logits = self.scale * image @ self.text.T + self.bias
-        return torch.sigmoid(logits) if self.family == "siglip" else torch.softmax(logits, dim=-1)
+        return torch.sigmoid(logits) if self.sigmoid_scores else torch.softmax(logits, dim=-1)
