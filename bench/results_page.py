@@ -1,7 +1,8 @@
 """Regenerates ``bench/RESULTS.md`` from the records under ``bench/results/``.
 
 The page holds, per device, the latest end-to-end run (its table and the targets checked
-against it), the microbenchmarks' latest tables, and the figures of the most recent run.
+against it), the "Real weights" fidelity section (``bench_fidelity.py``: latest run per device),
+the microbenchmarks' latest tables, and the figures of the most recent runs.
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ import json
 from pathlib import Path
 
 from common import RESULTS, ROOT, markdown_table
+from fidelity_report import page_section
 
 PAGE = ROOT / "bench" / "RESULTS.md"
 SPARSITY_MATCH = 0.01
@@ -154,8 +156,12 @@ def write_results_page(out: Path = RESULTS, figures: list[str] | None = None) ->
                                             ("p50 after", "p50 ms after")]), ""]
         lines += ["### All configurations", "", markdown_table(recs, SUMMARY_COLUMNS), "",
                   "Times in ms per call (one frame per stream); stages from a second, synchronised pass.", ""]
+    fidelity = out / "fidelity.jsonl"
+    fidelity_records = [json.loads(line) for line in fidelity.read_text().splitlines() if line.strip()] \
+        if fidelity.is_file() else []
+    lines += page_section(fidelity_records, figure_dir)
     if figures:
-        lines += ["## Figures (most recent run)", ""]
+        lines += ["## Figures (most recent end-to-end run)", ""]
         lines += [f"![{f}]({figure_dir}{f})" for f in figures] + [""]
     for name, title in (("gate", "Gate microbenchmark"), ("varlen_attention", "Varlen attention microbenchmark")):
         md = out / f"{name}.md"

