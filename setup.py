@@ -16,9 +16,13 @@ setup(
     install_requires=["torch>=2.4", "transformers>=5.17", "numpy"],
     entry_points={"console_scripts": ["neuroflow = neuroflow.cli:main"]},
     extras_require={
-        # The CLI tests run `neuroflow demo` / `neuroflow run`, so "test" carries the "video" packages.
-        "test": ["pytest>=8", "setuptools>=64", "triton>=3.6", "av>=12", "matplotlib>=3.5", "tqdm"],
+        # The CLI tests run `neuroflow demo` / `neuroflow run`, so "test" carries the "video" packages;
+        # tests/test_serve.py runs a local Ray, so it carries the "serve" packages too.
+        "test": ["pytest>=8", "setuptools>=64", "triton>=3.6", "av>=12", "matplotlib>=3.5", "tqdm",
+                 "ray[serve]>=2.50,<2.61", "pillow>=9"],
         "video": ["av>=12", "matplotlib>=3.5", "tqdm"],
         "bench": ["matplotlib"],
+        # `neuroflow serve` (neuroflow.serve): Ray Serve front + shard actors; Pillow decodes PNG/JPEG.
+        "serve": ["ray[serve]>=2.50,<2.61", "pillow>=9"],
     },
 )
