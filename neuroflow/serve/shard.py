@@ -38,6 +38,8 @@ def _was_restarted() -> bool:
 
         import ray
 
+        if not ray.is_initialized():  # get_runtime_context() would start a Ray instance
+            return False
         with warnings.catch_warnings():  # Ray 2.60 warns about an attribute it reads internally
             warnings.simplefilter("ignore", DeprecationWarning)
             return bool(ray.get_runtime_context().was_current_actor_reconstructed)
@@ -253,6 +255,16 @@ class Shard:
             self._last_seq[i] = max(s, self._last_seq.get(i, -1))
         dense = [i for i in seq if i not in set(moved)]
         return {"ok": True, "moved": moved, "dense": dense, "error": error}
+
+    async def close(self) -> None:
+        """Stop the batching task and the engine thread (frames still queued are dropped)."""
+        if self._worker is not None:
+            self._worker.cancel()
+            try:
+                await self._worker
+            except asyncio.CancelledError:
+                pass
+        self._executor.shutdown(wait=True)
 
     async def stats(self) -> dict:
         return {

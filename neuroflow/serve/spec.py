@@ -174,8 +174,17 @@ def input_geometry(config: ServeConfig) -> tuple[Preprocessor, int, int]:
     else:
         from transformers import AutoConfig
 
-        hf = AutoConfig.from_pretrained(config.model_folder, local_files_only=True)
+        folder = Path(config.model_folder)
+        if not (folder / "config.json").is_file():
+            raise ValueError(f"model folder {folder}: no config.json (not a checkpoint saved with save_pretrained)")
+        try:
+            hf = AutoConfig.from_pretrained(folder, local_files_only=True)
+        except Exception as exc:
+            raise ValueError(f"model folder {folder}: not a Hugging Face checkpoint ({exc})") from exc
         vision = getattr(hf, "vision_config", hf)
+        if getattr(hf, "model_type", None) not in SUPPORTED_MODEL_TYPES:
+            raise ValueError(f"model folder {folder}: model type {getattr(hf, 'model_type', None)!r} is not a "
+                             f"supported vision model (supported: {', '.join(SUPPORTED_MODEL_TYPES)})")
         family = _family(hf.model_type)
     size = vision.image_size
     native = int(size[0] if isinstance(size, (tuple, list)) else size)
