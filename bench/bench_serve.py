@@ -9,9 +9,9 @@ up, counts the frame as lost. At ``--kill-at`` seconds the process of shard-0 ge
 restarts it and the front resends its frames in flight.
 
 Measured (client side unless noted): frames sent, answered, lost (goal: 0), throughput, latency
-p50/p99/max (request to reply, including retries), the p99 of the frames that were not in flight during the 10 s after the kill, batch sizes
-(frames per engine call, from the replies), restarts and retries (front counters),
-streams that restarted dense after the kill. Writes one JSON record to
+p50/p99/max (request to reply, including retries), the p99 of the frames that were not in flight
+during the 10 s after the kill, batch sizes (frames per engine call, from the replies), restarts
+and retries (front counters), streams that restarted dense after the kill. Writes one JSON record to
 ``bench/results/serve.jsonl`` (appended) and the table to ``bench/results/serve.md``, and prints
 the table. The model has random weights unless ``--model`` is given: only the serving figures
 mean something, not the embeddings. Stops by itself: a watchdog ends the process

@@ -51,8 +51,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     e.add_argument("--floor-tokens", type=int, default=4)
     s = p.add_argument_group("shards and batching")
     s.add_argument("--shards", type=int, default=None,
-                   help="shard count K (default: GPUs in the cluster with --device cuda, else 1)")
+                   help="shard count K (default: GPUs in the cluster / --gpus-per-shard with --device cuda, else 1)")
     s.add_argument("--shard-cpus", type=float, default=1.0, help="CPUs Ray reserves per shard (default 1)")
+    s.add_argument("--gpus-per-shard", type=float, default=1.0,
+                   help="GPUs per shard with --device cuda (default 1; 0.5 puts two shards on each GPU)")
     s.add_argument("--threads", type=int, default=None, help="torch threads per shard (default: torch's)")
     s.add_argument("--max-batch", type=int, default=32, help="most frames per engine call (default 32)")
     s.add_argument("--max-wait-ms", type=float, default=5.0,
@@ -87,7 +89,8 @@ def _config(args):
         model_name=args.model_name, model_folder=args.model, random_config=random_config, seed=args.seed,
         image_size=args.image_size, arch=args.arch, threshold=args.threshold, ema_decay=args.ema_decay,
         floor_tokens=args.floor_tokens, dtype=args.dtype, device=args.device, num_shards=args.shards or 1,
-        shard_cpus=args.shard_cpus, torch_threads=args.threads, max_batch=args.max_batch,
+        shard_cpus=args.shard_cpus, shard_gpus=args.gpus_per_shard, torch_threads=args.threads,
+        max_batch=args.max_batch,
         max_wait_ms=args.max_wait_ms, max_restarts=args.max_restarts, retry_timeout_s=args.retry_timeout,
         app_name=args.app_name,
     )
@@ -137,7 +140,7 @@ def _serve(args) -> int:
     else:
         ray.init(address=args.address, logging_level="WARNING")
     if args.shards is None and config.uses_gpu:
-        config.num_shards = max(1, int(ray.cluster_resources().get("GPU", 0)))
+        config.num_shards = max(1, int(ray.cluster_resources().get("GPU", 0) / config.shard_gpus))
     from ..serve import app
 
     stop = threading.Event()

@@ -50,11 +50,11 @@ def actor_name(config: ServeConfig, shard: str) -> str:
 
 
 def shard_actor(config: ServeConfig, shard: str):
-    """Get or create the named, detached actor of ``shard`` (one GPU each when serving on CUDA)."""
+    """Get or create the named, detached actor of ``shard`` (``shard_gpus`` GPUs each on CUDA)."""
     return ShardActor.options(
         name=actor_name(config, shard), namespace=config.namespace, lifetime="detached", get_if_exists=True,
         max_restarts=config.max_restarts, max_task_retries=0, max_concurrency=10_000,
-        num_cpus=config.shard_cpus, num_gpus=1 if config.uses_gpu else 0,
+        num_cpus=config.shard_cpus, num_gpus=config.shard_gpus if config.uses_gpu else 0,
     ).remote(config, shard)
 
 

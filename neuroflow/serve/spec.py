@@ -42,6 +42,7 @@ class ServeConfig:
         device: ``"cpu"`` or ``"cuda"`` (each GPU shard gets one GPU from Ray: ``num_gpus=1``).
         num_shards: K shard actors, one engine each.
         shard_cpus: CPUs Ray reserves per shard (0 lets shards share CPUs, as in tests).
+        shard_gpus: GPUs Ray reserves per shard on CUDA (1: one GPU each; 0.5: two shards per GPU).
         torch_threads: ``torch.set_num_threads`` in each shard (None: torch's default).
         max_batch: most frames one engine call takes (one per stream).
         max_wait_ms: how long a shard waits after the first queued frame for more to batch.
@@ -67,6 +68,7 @@ class ServeConfig:
     device: str = "cpu"
     num_shards: int = 2
     shard_cpus: float = 1.0
+    shard_gpus: float = 1.0
     torch_threads: int | None = None
     max_batch: int = 32
     max_wait_ms: float = 5.0
@@ -98,6 +100,8 @@ class ServeConfig:
             raise ValueError(f"retry_timeout_s must be >= 0, got {self.retry_timeout_s!r}")
         if not self.shard_cpus >= 0:
             raise ValueError(f"shard_cpus must be >= 0, got {self.shard_cpus!r}")
+        if not 0 < self.shard_gpus <= 1 and not (self.shard_gpus >= 1 and float(self.shard_gpus).is_integer()):
+            raise ValueError(f"shard_gpus must be in (0, 1] or a whole number, got {self.shard_gpus!r}")
         if self.model_folder is not None and not Path(self.model_folder).is_dir():
             raise ValueError(f"model folder {self.model_folder}: does not exist or is not a folder")
         if self.arch not in ARCHITECTURES:  # pragma: no cover - check_settings covers it
