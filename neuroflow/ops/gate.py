@@ -15,10 +15,11 @@ from __future__ import annotations
 import torch
 
 from .. import dispatch
-from ..reference.gate import PackedFrames, check_gate_args, ema_dtype, gate_reference
+from ..gate_settings import GateSettings
+from ..reference.gate import PackedFrames, as_settings, check_age_pool, check_gate_args, ema_dtype, gate_reference
 from ._launch import cdiv, next_pow2
 
-__all__ = ["MAX_FLOOR", "PackedFrames", "ema_dtype", "gate", "gate_reference"]
+__all__ = ["MAX_FLOOR", "GateSettings", "PackedFrames", "ema_dtype", "gate", "gate_reference"]
 
 OP = "gate"
 
@@ -34,18 +35,24 @@ def _empty(*shape: int, dtype: torch.dtype, device: torch.device) -> torch.Tenso
     return torch.empty(*shape, dtype=dtype, device=device)
 
 
-def _unsupported(frames, weight, pos_embed, ema, threshold, ema_decay, floor_tokens, n, force_active) -> str | None:
+def _unsupported(frames, weight, pos_embed, ema, st: GateSettings, n, force_active) -> str | None:
     """Why the kernel cannot take this call, or None."""
     if force_active is not None:
         return "a forced active mask"
     if torch.is_grad_enabled() and (frames.requires_grad or weight.requires_grad or pos_embed.requires_grad):
         return "gradients are needed and the kernel is forward-only"
-    if isinstance(threshold, torch.Tensor) or isinstance(ema_decay, torch.Tensor):
+    if isinstance(st.threshold, torch.Tensor) or isinstance(st.ema_decay, torch.Tensor):
         return "per-frame thresholds or decays"
     if frames.dtype not in _TRITON_DTYPES or ema.dtype != torch.float32:
         return f"dtype {frames.dtype} with EMA {ema.dtype}"
-    if min(floor_tokens, n) > MAX_FLOOR:
-        return f"floor of {min(floor_tokens, n)} tokens (the kernel keeps at most {MAX_FLOOR} candidates)"
+    if min(st.floor_tokens, n) > MAX_FLOOR:
+        return f"floor of {min(st.floor_tokens, n)} tokens (the kernel keeps at most {MAX_FLOOR} candidates)"
+    if not st.is_default_rule:
+        options = [name for name, on in (("reference='computed'", st.reference == "computed"),
+                                          ("max_staleness", st.max_staleness is not None),
+                                          ("budget", st.budget is not None), ("motion_norm", st.motion_norm),
+                                          ("scene_cut", st.scene_cut is not None)) if on]
+        return f"gate options not in the kernel yet: {', '.join(options)}"
     if not ema.is_contiguous():
         return "non-contiguous EMA pool"
     if not dispatch.gpu_launch(frames.device) and frames.dtype == torch.bfloat16:
@@ -62,11 +69,12 @@ def gate(
     ema: torch.Tensor,
     slot: torch.Tensor,
     first: torch.Tensor,
-    threshold: float,
-    ema_decay: float,
-    floor_tokens: int,
+    threshold: GateSettings | float,
+    ema_decay: float | None = None,
+    floor_tokens: int | None = None,
     config: dict | None = None,
     force_active: torch.Tensor | None = None,
+    age: torch.Tensor | None = None,
 ) -> PackedFrames:
     """Gate and pack a batch of frames, one per stream; updates ``ema`` in place.
 
@@ -77,17 +85,23 @@ def gate(
         prefix: ``[P, D]`` layer-0 embeddings of the prefix tokens (P = 0 for SigLIP).
         ema: ``[S, N, D]`` float32 EMA pool; row ``slot[b]`` belongs to frame b's stream.
         slot: ``[B]`` int64. first: ``[B]`` bool, the stream's first frame (EMA := h).
+        threshold: a :class:`GateSettings` (then ``ema_decay`` and ``floor_tokens`` stay None), or
+            the paper's three settings ``threshold, ema_decay, floor_tokens`` as numbers.
         config: kernel launch settings (tests); default per device.
         force_active: optional ``[B, N]`` bool replacing the threshold/floor decision (first frames
             stay dense); the reference path runs it.
+        age: ``[S, N]`` int32 age pool (frames since each patch was last computed), needed exactly
+            when ``max_staleness`` is set; updated in place at the frames' slots like ``ema``.
     """
     n, d, p = check_gate_args(frames, weight, pos_embed, prefix, ema, slot, first)
-    unsupported = _unsupported(frames, weight, pos_embed, ema, threshold, ema_decay, floor_tokens, n, force_active)
+    st = as_settings(threshold, ema_decay, floor_tokens)
+    check_age_pool(st, age, ema)
+    unsupported = _unsupported(frames, weight, pos_embed, ema, st, n, force_active)
     if dispatch.choose(OP, frames.device, unsupported) == dispatch.REFERENCE:
-        return gate_reference(frames, weight, bias, pos_embed, prefix, ema, slot, first, threshold, ema_decay,
-                              floor_tokens, force_active)
-    return _gate_triton(frames, weight, bias, pos_embed, prefix, ema, slot, first, threshold, ema_decay,
-                        floor_tokens, n, d, p, config)
+        return gate_reference(frames, weight, bias, pos_embed, prefix, ema, slot, first, st,
+                              force_active=force_active, age=age)
+    return _gate_triton(frames, weight, bias, pos_embed, prefix, ema, slot, first, st.threshold, st.ema_decay,
+                        st.floor_tokens, n, d, p, config)
 
 
 def _gate_triton(frames, weight, bias, pos_embed, prefix, ema, slot, first, threshold, ema_decay, floor_tokens,
