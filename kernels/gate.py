@@ -28,6 +28,9 @@ import triton.language as tl
 # the programs of a frame.
 GATE_CONFIG = {"BLOCK_P": 64, "BLOCK_D": 32, "BLOCK_K": 64, "num_warps": 8, "num_stages": 2}
 
+SELECT_BLOCK = 1024
+"""Patches per step of :func:`gate_select_kernel`'s passes over a frame (one program per frame)."""
+
 
 @triton.jit
 def _embed_tile(
@@ -69,8 +72,13 @@ def gate_embed_kernel(
     N, D, K, GW, NB, threshold, decay,
     PATCH: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_K: tl.constexpr,
     KF: tl.constexpr, HAS_BIAS: tl.constexpr, IEEE: tl.constexpr,
+    DECIDE: tl.constexpr = True, WRITE_EMA: tl.constexpr = True,
 ):
     """Embed, compare with the EMA, update the EMA in place.
+
+    With the gate options (DECIDE False) the decision is left to :func:`gate_select_kernel`:
+    bcount and cand_* are not written; with ``reference="computed"`` (WRITE_EMA False) the stored
+    reference is not touched here (the pack kernel writes the computed patches' embeddings).
 
     px_ptr: frames [B, C, H, W] (strides sx_*), model dtype. w_ptr: patch weight [D, K], K = C*p*p,
     model dtype. b_ptr: bias [D] (unused without HAS_BIAS). pe_ptr: position embeddings [N, D].
@@ -104,28 +112,190 @@ def gate_embed_kernel(
         dot += tl.sum(h * e, axis=1)
         hh += tl.sum(h * h, axis=1)
         ee += tl.sum(e * e, axis=1)
-        new_e = tl.where(first, h, (1.0 - decay) * e + decay * h)
-        tl.store(ema_slot + e_off, new_e, mask=m2)
+        if WRITE_EMA:
+            new_e = tl.where(first, h, (1.0 - decay) * e + decay * h)
+            tl.store(ema_slot + e_off, new_e, mask=m2)
 
     # Same clamp as neuroflow.gate.COSINE_EPS: each norm at least 1e-8.
     den = tl.maximum(tl.sqrt(hh), 1e-8) * tl.maximum(tl.sqrt(ee), 1e-8)
     s = 1.0 - dot / den
     s = tl.where(first, float("inf"), s)
     tl.store(surprise_ptr + frame * N + offs_p, s, mask=p_mask)
-    passed = tl.where(first, p_mask, p_mask & (s > threshold))
-    tl.store(bcount_ptr + frame * NB + pid, tl.sum(passed.to(tl.int32), axis=0))
+    if DECIDE:
+        passed = tl.where(first, p_mask, p_mask & (s > threshold))
+        tl.store(bcount_ptr + frame * NB + pid, tl.sum(passed.to(tl.int32), axis=0))
 
-    # The block's KF best (surprise desc, index asc): the frame's floor_tokens <= KF best patches
-    # are always among the union of these lists.
-    work = tl.where(p_mask, s, float("-inf"))
-    cand = cand_val_ptr + (frame * NB + pid) * KF
-    cidx = cand_idx_ptr + (frame * NB + pid) * KF
-    for j in tl.static_range(KF):
-        best = tl.max(work, axis=0)
-        at = tl.min(tl.where((work == best) & p_mask, offs_p, N), axis=0)
-        tl.store(cand + j, best)
-        tl.store(cidx + j, at)
-        work = tl.where(offs_p == at, float("-inf"), work)
+        # The block's KF best (surprise desc, index asc): the frame's floor_tokens <= KF best patches
+        # are always among the union of these lists.
+        work = tl.where(p_mask, s, float("-inf"))
+        cand = cand_val_ptr + (frame * NB + pid) * KF
+        cidx = cand_idx_ptr + (frame * NB + pid) * KF
+        for j in tl.static_range(KF):
+            best = tl.max(work, axis=0)
+            at = tl.min(tl.where((work == best) & p_mask, offs_p, N), axis=0)
+            tl.store(cand + j, best)
+            tl.store(cidx + j, at)
+            work = tl.where(offs_p == at, float("-inf"), work)
+
+
+@triton.jit
+def _priority_key(s, age, K, STALE: tl.constexpr):
+    """The gate's ranking as one int64 per patch, larger = earlier: stale patches first (older
+    first), then surprise descending. Surprise maps to an order-preserving 32-bit code (IEEE
+    bits, negatives flipped; -0 taken as +0); stale keys are ``2^32 * (age + 1) + code``, above
+    every non-stale key. Equal keys are broken by patch index by the caller."""
+    s = tl.where(s == 0.0, 0.0, s)
+    bits = s.to(tl.int32, bitcast=True).to(tl.int64)
+    code = tl.where(bits >= 0, bits + 2147483648, -1 - bits)
+    if STALE:
+        code = tl.where(age >= K, (age.to(tl.int64) + 1) * 4294967296 + code, code)
+    return code
+
+
+@triton.jit
+def gate_select_kernel(
+    surprise_ptr, age_ptr, slot_ptr, first_ptr,
+    active_ptr, bcount_ptr, fcount_ptr, cut_ptr,
+    N, NB, threshold, floor_k, budget_k, cut_count, K, age_max,
+    HAS_THR: tl.constexpr, MOTION: tl.constexpr, STALE: tl.constexpr, BUDGET: tl.constexpr,
+    SCENE_CUT: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_P: tl.constexpr,
+):
+    """The gate options' decision for one frame (program = frame), after :func:`gate_embed_kernel`.
+
+    surprise_ptr: [B, N] fp32 raw surprise (inf on first frames), rewritten with the normalised
+    one under MOTION. age_ptr: age pool [S, N] int32 (STALE), row slot_ptr[frame], rewritten with
+    the new ages. first_ptr: [B] int8.
+    Outputs: active_ptr [B, N] int8; bcount_ptr [B, NB] int32 active patches per BLOCK_P block
+    (for the pack kernel's placement); fcount_ptr [B] int32 active patches of the frame; cut_ptr
+    [B] int8, 1 on a scene cut (a keyframe that is not a first frame).
+
+    Rule: k = min(budget_k, max(floor_k, candidates)) with candidates = stale or over the
+    threshold (every patch without one); active = the k first in the ranking of
+    :func:`_priority_key` (ties: lower index). Candidates are a prefix of that ranking, so when
+    k equals their count the mask is theirs; otherwise the k-th key is found by bisection over
+    the frame's key range (about 31 passes, 36 with stale patches) and ties at it are taken in
+    index order. No host synchronisation anywhere.
+    """
+    frame = tl.program_id(0).to(tl.int64)
+    first_v = tl.load(first_ptr + frame)
+    first = first_v != 0
+    s_row = surprise_ptr + frame * N
+    slot = tl.load(slot_ptr + frame)
+    age_row = age_ptr + slot * N
+    offs = tl.arange(0, BLOCK_S)
+
+    # Pass 1: the frame's mean surprise and the raw count over the threshold (scene cut).
+    mean = 0.0
+    raw_pass = 0
+    if MOTION or SCENE_CUT:
+        total = tl.zeros((BLOCK_S,), dtype=tl.float32)
+        over = tl.zeros((BLOCK_S,), dtype=tl.int32)
+        for n0 in range(0, N, BLOCK_S):
+            m = n0 + offs < N
+            s = tl.load(s_row + n0 + offs, mask=m, other=0.0)
+            total += s
+            over += (m & (s > threshold)).to(tl.int32)
+        mean = tl.where(first, 0.0, tl.sum(total, axis=0) / N)  # first frames: inf, unused
+        raw_pass = tl.sum(over, axis=0)
+    cut = first_v < 0  # False
+    if SCENE_CUT:
+        cut = (raw_pass >= cut_count) & (first_v == 0)
+    keyframe = first | cut
+
+    # Pass 2: normalised surprise, candidates, the key range.
+    cand_v = tl.zeros((BLOCK_S,), dtype=tl.int32)
+    lo_v = tl.full((BLOCK_S,), 9223372036854775807, dtype=tl.int64)
+    hi_v = tl.full((BLOCK_S,), -1, dtype=tl.int64)
+    for n0 in range(0, N, BLOCK_S):
+        m = n0 + offs < N
+        s = tl.load(s_row + n0 + offs, mask=m, other=0.0)
+        if MOTION:
+            s = tl.where(first, s, s - mean)
+            tl.store(s_row + n0 + offs, s, mask=m)
+        age = tl.zeros((BLOCK_S,), dtype=tl.int32)
+        if STALE:
+            age = tl.load(age_row + n0 + offs, mask=m, other=0)
+        if HAS_THR:
+            c = s > threshold
+        else:
+            c = m
+        if STALE:
+            c = c | (age >= K)
+        cand_v += (m & c).to(tl.int32)
+        key = _priority_key(s, age, K, STALE)
+        lo_v = tl.minimum(lo_v, tl.where(m, key, 9223372036854775807))
+        hi_v = tl.maximum(hi_v, tl.where(m, key, -1))
+    cand = tl.sum(cand_v, axis=0)
+    k = tl.maximum(cand, floor_k)
+    if BUDGET:
+        k = tl.minimum(k, budget_k)
+    k = tl.where(keyframe, N, k)
+
+    # The k-th largest key v (count(key >= v) >= k > count(key > v)), when the candidates are not
+    # the answer: bisection, invariant count(key >= lo) >= k and count(key >= hi) < k.
+    lo = tl.min(lo_v, axis=0)
+    hi = tl.max(hi_v, axis=0) + 1
+    use_cand = (k == cand) | keyframe
+    if use_cand | (k == 0):
+        hi = lo + 1
+    while hi - lo > 1:
+        mid = lo + (hi - lo) // 2
+        cnt_v = tl.zeros((BLOCK_S,), dtype=tl.int32)
+        for n0 in range(0, N, BLOCK_S):
+            m = n0 + offs < N
+            s = tl.load(s_row + n0 + offs, mask=m, other=0.0)
+            age = tl.zeros((BLOCK_S,), dtype=tl.int32)
+            if STALE:
+                age = tl.load(age_row + n0 + offs, mask=m, other=0)
+            key = _priority_key(s, age, K, STALE)
+            cnt_v += (m & (key >= mid)).to(tl.int32)
+        if tl.sum(cnt_v, axis=0) >= k:
+            lo = mid
+        else:
+            hi = mid
+    v = lo
+
+    # Pass 3, per pack block: the mask, block counts, ties at v in index order, new ages.
+    gt_v = tl.zeros((BLOCK_S,), dtype=tl.int32)
+    if not use_cand:
+        for n0 in range(0, N, BLOCK_S):
+            m = n0 + offs < N
+            s = tl.load(s_row + n0 + offs, mask=m, other=0.0)
+            age = tl.zeros((BLOCK_S,), dtype=tl.int32)
+            if STALE:
+                age = tl.load(age_row + n0 + offs, mask=m, other=0)
+            key = _priority_key(s, age, K, STALE)
+            gt_v += (m & (key > v)).to(tl.int32)
+    need = k - tl.sum(gt_v, axis=0)  # patches taken among the ties at v
+    offs_p = tl.arange(0, BLOCK_P)
+    ties = 0
+    for b in range(0, NB):
+        p = b * BLOCK_P + offs_p
+        m = p < N
+        s = tl.load(s_row + p, mask=m, other=0.0)
+        age = tl.zeros((BLOCK_P,), dtype=tl.int32)
+        if STALE:
+            age = tl.load(age_row + p, mask=m, other=0)
+        if HAS_THR:
+            c = s > threshold
+        else:
+            c = m
+        if STALE:
+            c = c | (age >= K)
+        key = _priority_key(s, age, K, STALE)
+        eq = m & (key == v)
+        rank = ties + tl.cumsum(eq.to(tl.int32), axis=0) - 1
+        ties += tl.sum(eq.to(tl.int32), axis=0)
+        picked = m & ((key > v) | (eq & (rank < need)))
+        act = tl.where(keyframe, m, tl.where(use_cand, m & c, picked))
+        tl.store(active_ptr + frame * N + p, act.to(tl.int8), mask=m)
+        tl.store(bcount_ptr + frame * NB + b, tl.sum(act.to(tl.int32), axis=0))
+        if STALE:
+            start = (p % (K + 1)).to(tl.int32)
+            grown = tl.minimum(age + 1, age_max)
+            tl.store(age_row + p, tl.where(keyframe, start, tl.where(act, 0, grown)), mask=m)
+    tl.store(fcount_ptr + frame, k)
+    tl.store(cut_ptr + frame, cut.to(tl.int8))
 
 
 @triton.jit
@@ -138,6 +308,8 @@ def gate_pack_kernel(
     PATCH: tl.constexpr, NUM_PREFIX: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_K: tl.constexpr, BLOCK_NB: tl.constexpr, BLOCK_C: tl.constexpr, KF: tl.constexpr,
     HAS_BIAS: tl.constexpr, IEEE: tl.constexpr,
+    ema_ptr=None, slot_ptr=None, fcount_ptr=None, cut_ptr=None,
+    SELECTED: tl.constexpr = False, STORE_REF: tl.constexpr = False, REF_ON_CUT_ONLY: tl.constexpr = False,
 ):
     """Decide, place and pack the active patches of one block.
 
@@ -148,6 +320,13 @@ def gate_pack_kernel(
     the active patches in ascending order); index_ptr [B*(NUM_PREFIX+N)] int32, token position
     within the frame (prefix j -> j, patch n -> NUM_PREFIX + n); packed_ptr [B*(NUM_PREFIX+N), D]
     model dtype. Rows past cu[B] are not written.
+
+    SELECTED (the gate options): :func:`gate_select_kernel` has decided; active_ptr is its mask
+    (read, not written), bcount_ptr its per-block active counts, fcount_ptr [B] int32 the frames'
+    counts. STORE_REF: the computed patches' embeddings are written into the reference pool
+    ema_ptr [S, N, D] fp32 at row slot_ptr[frame]: every computed patch (``reference="computed"``)
+    or, with REF_ON_CUT_ONLY (EMA reference), only on scene cuts (cut_ptr [B] int8), where the
+    reference restarts.
     """
     pid = tl.program_id(0)
     frame = tl.program_id(1)
@@ -156,12 +335,18 @@ def gate_pack_kernel(
     # Offset of this frame: every earlier frame's segment length. A frame's active count follows
     # from its passed count alone: passed if at least floor_k passed, else floor_k.
     seg_start = 0
-    for f in range(0, frame):
-        passed_f = tl.sum(tl.load(bcount_ptr + f * NB + offs_nb, mask=offs_nb < NB, other=0), axis=0)
-        seg_start += NUM_PREFIX + tl.maximum(passed_f, floor_k)
     row_counts = tl.load(bcount_ptr + frame * NB + offs_nb, mask=offs_nb < NB, other=0)
-    passed = tl.sum(row_counts, axis=0)
-    count = tl.maximum(passed, floor_k)
+    if SELECTED:
+        for f in range(0, frame):
+            seg_start += NUM_PREFIX + tl.load(fcount_ptr + f)
+        count = tl.load(fcount_ptr + frame)
+        passed = count
+    else:
+        for f in range(0, frame):
+            passed_f = tl.sum(tl.load(bcount_ptr + f * NB + offs_nb, mask=offs_nb < NB, other=0), axis=0)
+            seg_start += NUM_PREFIX + tl.maximum(passed_f, floor_k)
+        passed = tl.sum(row_counts, axis=0)
+        count = tl.maximum(passed, floor_k)
     if pid == 0:
         tl.store(cu_ptr + frame + 1, seg_start + NUM_PREFIX + count)
         if frame == 0:
@@ -177,7 +362,11 @@ def gate_pack_kernel(
     p_mask = offs_p < N
     s = tl.load(surprise_ptr + frame * N + offs_p, mask=p_mask, other=float("-inf"))
     first = tl.load(first_ptr + frame) != 0
-    if passed >= floor_k:
+    if SELECTED:
+        active = p_mask & (tl.load(active_ptr + frame * N + offs_p, mask=p_mask, other=0) != 0)
+        before = tl.sum(tl.where(offs_nb < pid, row_counts, 0), axis=0)
+        pos = before + tl.cumsum(active.to(tl.int32), axis=0) - 1
+    elif passed >= floor_k:
         active = tl.where(first, p_mask, p_mask & (s > threshold))
         before = tl.sum(tl.where(offs_nb < pid, row_counts, 0), axis=0)
         pos = before + tl.cumsum(active.to(tl.int32), axis=0) - 1
@@ -200,10 +389,15 @@ def gate_pack_kernel(
             ci = tl.where(ci == at, N, ci)
         active = p_mask & (hit > 0)
 
-    tl.store(active_ptr + frame * N + offs_p, active.to(tl.int8), mask=p_mask)
+    if not SELECTED:
+        tl.store(active_ptr + frame * N + offs_p, active.to(tl.int8), mask=p_mask)
     dest = seg_start + NUM_PREFIX + pos
     tl.store(index_ptr + dest, NUM_PREFIX + offs_p, mask=active)
 
+    ref_active = active
+    if REF_ON_CUT_ONLY:
+        # The frame's flag as a vector: the interpreter refuses a scalar bool inside a store mask.
+        ref_active = active & ((offs_p * 0 + tl.load(cut_ptr + frame)) != 0)
     if tl.sum(active.to(tl.int32), axis=0) > 0:
         p_off = (offs_p // GW) * PATCH * sx_h + (offs_p % GW) * PATCH * sx_w
         px_frame = px_ptr + frame.to(tl.int64) * sx_b
@@ -214,3 +408,6 @@ def gate_pack_kernel(
             h = _embed_tile(px_frame, w_ptr, b_ptr, pe_ptr, p_off, offs_p, p_mask, offs_d, d_mask,
                             sx_c, sx_h, sx_w, D, K, PATCH, BLOCK_P, BLOCK_D, BLOCK_K, HAS_BIAS, IEEE)
             tl.store(rows + offs_d[None, :], h.to(packed_ptr.dtype.element_ty), mask=active[:, None] & d_mask[None, :])
+            if STORE_REF:
+                ref_rows = ema_ptr + tl.load(slot_ptr + frame) * N * D + offs_p[:, None].to(tl.int64) * D
+                tl.store(ref_rows + offs_d[None, :], h, mask=ref_active[:, None] & d_mask[None, :])

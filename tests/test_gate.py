@@ -463,3 +463,100 @@ def test_op_with_options_matches_decision_reference():
     others[slot] = False
     assert torch.equal(ema_r[others], ema[others]) and torch.equal(age_r[others], age[others])
     assert out.active.sum(1).tolist()[1] == 30 and max(out.active.sum(1).tolist()[::2]) <= 8
+
+
+# -- the gate options in the fused kernels (Triton interpreter) ----------------------------------
+
+def run_both_options(inputs, first, st, age=None, config=None):
+    frames, weight, bias, pos, pre, ema, slot = inputs
+    ema_k, ema_r, ema_64 = ema.clone(), ema.clone(), ema.double()
+    ages = [None if age is None else age.clone() for _ in range(3)]
+    out = gate(frames, weight, bias, pos, pre, ema_k, slot, first, st, config=config, age=ages[0])
+    assert dispatch.last_path["gate"] == dispatch.TRITON and not dispatch.fallbacks
+    ref = gate_reference(frames, weight, bias, pos, pre, ema_r, slot, first, st, age=ages[1])
+    hp = gate_reference(frames.double(), weight.double(), bias.double(), pos.double(), pre.double(),
+                        ema_64, slot, first, st, age=ages[2])
+    assert torch.equal(ref.active, hp.active), "the test's decision is a rounding call: pick other settings"
+    if age is not None:
+        assert torch.equal(ages[0], ages[1]), "ages differ"
+    return out, ref, hp, (ema_k, ema_r, ema_64)
+
+
+KERNEL_OPTION_CASES = {
+    "computed": dict(reference="computed"),
+    "staleness": dict(max_staleness=2),
+    "budget_only": dict(threshold=None, floor_tokens=0, budget=7),
+    "budget_cap": dict(budget=0.2),
+    "floor_above_16": dict(threshold=2.0, floor_tokens=20, budget=25),
+    "motion_norm": dict(motion_norm=True),
+    "scene_cut": dict(scene_cut=0.8),
+    "all_computed": dict(reference="computed", max_staleness=1, budget=9, motion_norm=True, scene_cut=0.9),
+    "all_ema": dict(max_staleness=3, budget=0.5, motion_norm=True, scene_cut=0.4),
+}
+
+
+@pytest.mark.parametrize("case", sorted(KERNEL_OPTION_CASES))
+@pytest.mark.parametrize("tiles", ["one_tile", "small_tiles"])
+def test_gate_options_in_kernel_match_reference(triton_path, poisoned, case, tiles):
+    config = {"BLOCK_P": 8, "BLOCK_D": 32, "BLOCK_K": 16, "BLOCK_S": 16} if tiles == "small_tiles" else None
+    inputs = make_inputs(3, (5, 7), 48, torch.float32, prefix=1, seed=21)
+    first = torch.tensor([False, True, False])
+    probe = gate_reference(*inputs[:5], inputs[5].clone(), inputs[6], first, 0.0, 0.1, 0)
+    opts = dict(KERNEL_OPTION_CASES[case])
+    if "motion_norm" in opts:  # the threshold compares normalised surprises: a gap among those
+        normed = probe.surprise - torch.where(torch.isinf(probe.surprise), 0, probe.surprise).mean(1, keepdim=True)
+        thr = gap_threshold(torch.where(first.view(-1, 1), float("inf"), normed))
+    else:  # frame 0's own gap: 25-75% of it passes (no scene cut at 0.8)
+        thr = gap_threshold(probe.surprise[:1] if case == "scene_cut" else probe.surprise)
+    opts.setdefault("threshold", thr)
+    opts.setdefault("floor_tokens", 3)
+    if case == "scene_cut":  # frame 2 is a scene cut: its stream's reference is unrelated
+        inputs[5][inputs[6][2]] = torch.randn(35, 48)
+    st = GateSettings(ema_decay=0.1, **opts)
+    age = torch.randint(0, 4, (5, 35), dtype=torch.int32) if st.max_staleness else None
+    out, ref, hp, emas = run_both_options(inputs, first, st, age, config)
+    check(out, ref, hp, emas, inputs[6])
+    counts = ref.active.sum(1).tolist()
+    assert counts[1] == 35
+    if case == "scene_cut":
+        assert counts[2] == 35 and counts[0] < 35
+    if st.budget is not None and st.scene_cut is None:
+        assert max(counts[0], counts[2]) <= st.budget_count(35)
+
+
+def test_gate_options_kernel_over_frames(triton_path, poisoned):
+    """Several frames of two streams through the kernels, state carried in the pools (ages,
+    last-computed references), against the reference path carrying its own."""
+    frames, weight, bias, pos, pre, ema, slot = make_inputs(2, (4, 6), 40, torch.float32, prefix=0, seed=8)
+    st = GateSettings(threshold=0.3, ema_decay=0.1, floor_tokens=2, reference="computed", max_staleness=2, budget=10)
+    ema_k, ema_r = ema.clone(), ema.clone()
+    age_k, age_r = torch.zeros(5, 24, dtype=torch.int32), torch.zeros(5, 24, dtype=torch.int32)
+    g = torch.Generator().manual_seed(1)
+    for t in range(5):
+        x = frames + 0.3 * torch.randn(frames.shape, generator=g) * (torch.rand(1, 1, 16, 24, generator=g) > 0.7)
+        first = torch.tensor([t == 0, t == 0])
+        out = gate(x, weight, bias, pos, pre, ema_k, slot, first, st, age=age_k)
+        ref = gate_reference(x, weight, bias, pos, pre, ema_r, slot, first, st, age=age_r)
+        assert torch.equal(out.active, ref.active), f"frame {t}"
+        assert torch.equal(age_k, age_r), f"frame {t} ages"
+        assert torch.equal(out.cu_seqlens, ref.cu_seqlens)
+        assert (ema_k - ema_r).abs().max() < 1e-5
+        ema_k.copy_(ema_r)  # keep the streams' references identical, so decisions stay comparable
+
+
+@pytest.mark.parametrize("config", [None, {"BLOCK_P": 8, "BLOCK_S": 8}])
+def test_budget_ties_in_kernel_take_the_lowest_indices(triton_path, poisoned, config):
+    """Identical patches tie on surprise (and, stale, on age): the kernel's selection at the k-th
+    key takes them in index order, across select chunks and pack blocks, as the reference does."""
+    frames, weight, bias, pos, pre, ema, slot = make_inputs(2, (4, 8), 64, torch.float32, prefix=1, seed=3)
+    frames = frames[:, :, :PATCH, :PATCH].repeat(1, 1, 4, 8)
+    pos = torch.zeros_like(pos)
+    ema[:] = torch.randn(64)
+    inputs = (frames, weight, bias, pos, pre, ema, slot)
+    age = torch.zeros(5, 32, dtype=torch.int32)
+    age[slot[1], 5:20] = 4  # stream 1: patches 5..19 stale with equal ages
+    st = GateSettings(threshold=None, floor_tokens=0, budget=11, max_staleness=3)
+    out, ref, hp, emas = run_both_options(inputs, torch.tensor([False, False]), st, age, config)
+    check(out, ref, hp, emas, slot)
+    assert out.active[0].nonzero().flatten().tolist() == list(range(11))
+    assert out.active[1].nonzero().flatten().tolist() == list(range(5, 16))

@@ -16,7 +16,16 @@ import torch
 
 from .. import dispatch
 from ..gate_settings import GateSettings
-from ..reference.gate import PackedFrames, as_settings, check_age_pool, check_gate_args, ema_dtype, gate_reference
+from ..reference.gate import (
+    AGE_MAX,
+    PackedFrames,
+    as_settings,
+    check_age_pool,
+    check_gate_args,
+    ema_dtype,
+    gate_reference,
+    scene_cut_count,
+)
 from ._launch import cdiv, next_pow2
 
 __all__ = ["MAX_FLOOR", "GateSettings", "PackedFrames", "ema_dtype", "gate", "gate_reference"]
@@ -24,7 +33,8 @@ __all__ = ["MAX_FLOOR", "GateSettings", "PackedFrames", "ema_dtype", "gate", "ga
 OP = "gate"
 
 MAX_FLOOR = 16
-"""Largest ``min(floor_tokens, N)`` the kernel handles (it keeps that many candidates per block)."""
+"""Largest ``min(floor_tokens, N)`` the two-launch kernel path handles (it keeps that many
+candidates per block); with any gate option the select kernel takes any floor."""
 
 _TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
@@ -35,7 +45,7 @@ def _empty(*shape: int, dtype: torch.dtype, device: torch.device) -> torch.Tenso
     return torch.empty(*shape, dtype=dtype, device=device)
 
 
-def _unsupported(frames, weight, pos_embed, ema, st: GateSettings, n, force_active) -> str | None:
+def _unsupported(frames, weight, pos_embed, ema, st: GateSettings, n, force_active, age) -> str | None:
     """Why the kernel cannot take this call, or None."""
     if force_active is not None:
         return "a forced active mask"
@@ -45,14 +55,10 @@ def _unsupported(frames, weight, pos_embed, ema, st: GateSettings, n, force_acti
         return "per-frame thresholds or decays"
     if frames.dtype not in _TRITON_DTYPES or ema.dtype != torch.float32:
         return f"dtype {frames.dtype} with EMA {ema.dtype}"
-    if min(st.floor_tokens, n) > MAX_FLOOR:
+    if st.is_default_rule and min(st.floor_tokens, n) > MAX_FLOOR:
         return f"floor of {min(st.floor_tokens, n)} tokens (the kernel keeps at most {MAX_FLOOR} candidates)"
-    if not st.is_default_rule:
-        options = [name for name, on in (("reference='computed'", st.reference == "computed"),
-                                          ("max_staleness", st.max_staleness is not None),
-                                          ("budget", st.budget is not None), ("motion_norm", st.motion_norm),
-                                          ("scene_cut", st.scene_cut is not None)) if on]
-        return f"gate options not in the kernel yet: {', '.join(options)}"
+    if age is not None and not age.is_contiguous():
+        return "non-contiguous age pool"
     if not ema.is_contiguous():
         return "non-contiguous EMA pool"
     if not dispatch.gpu_launch(frames.device) and frames.dtype == torch.bfloat16:
@@ -96,17 +102,21 @@ def gate(
     n, d, p = check_gate_args(frames, weight, pos_embed, prefix, ema, slot, first)
     st = as_settings(threshold, ema_decay, floor_tokens)
     check_age_pool(st, age, ema)
-    unsupported = _unsupported(frames, weight, pos_embed, ema, st, n, force_active)
+    unsupported = _unsupported(frames, weight, pos_embed, ema, st, n, force_active, age)
     if dispatch.choose(OP, frames.device, unsupported) == dispatch.REFERENCE:
         return gate_reference(frames, weight, bias, pos_embed, prefix, ema, slot, first, st,
                               force_active=force_active, age=age)
-    return _gate_triton(frames, weight, bias, pos_embed, prefix, ema, slot, first, st.threshold, st.ema_decay,
-                        st.floor_tokens, n, d, p, config)
+    return _gate_triton(frames, weight, bias, pos_embed, prefix, ema, slot, first, st, age, n, d, p, config)
 
 
-def _gate_triton(frames, weight, bias, pos_embed, prefix, ema, slot, first, threshold, ema_decay, floor_tokens,
+def _gate_triton(frames, weight, bias, pos_embed, prefix, ema, slot, first, st: GateSettings, age,
                  n, d, p, config) -> PackedFrames:
-    from ..kernels.gate import GATE_CONFIG, gate_embed_kernel, gate_pack_kernel
+    """Two launches for the paper's gate (embed + decide per block, pack); three with any option
+    (embed, :func:`gate_select_kernel` once per frame, pack). No host synchronisation either way."""
+    from ..kernels.gate import GATE_CONFIG, SELECT_BLOCK, gate_embed_kernel, gate_pack_kernel, gate_select_kernel
+
+    threshold, ema_decay, floor_tokens = st.threshold, st.ema_decay, st.floor_tokens
+    options = not st.is_default_rule
 
     dev = frames.device
     cfg = dict(GATE_CONFIG)
@@ -128,6 +138,7 @@ def _gate_triton(frames, weight, bias, pos_embed, prefix, ema, slot, first, thre
     first_i8 = first.to(torch.int8)
     slot = slot.to(torch.int64)
 
+    thr = 0.0 if threshold is None else float(threshold)
     surprise = _empty(b, n, dtype=torch.float32, device=dev)
     bcount = _empty(b, nb, dtype=torch.int32, device=dev)
     cand_val = _empty(b, nb, kf, dtype=torch.float32, device=dev)
@@ -139,21 +150,39 @@ def _gate_triton(frames, weight, bias, pos_embed, prefix, ema, slot, first, thre
     sx = frames.stride()
     embed[grid](
         frames, w2, bias_arg, pe, ema, slot, first_i8, surprise, bcount, cand_val, cand_idx,
-        sx[0], sx[1], sx[2], sx[3], n, d, k, frames.shape[3] // p, nb, float(threshold), float(ema_decay),
+        sx[0], sx[1], sx[2], sx[3], n, d, k, frames.shape[3] // p, nb, thr, float(ema_decay),
         PATCH=p, BLOCK_P=cfg["BLOCK_P"], BLOCK_D=cfg["BLOCK_D"], BLOCK_K=cfg["BLOCK_K"], KF=kf,
-        HAS_BIAS=has_bias, IEEE=ieee, **launch,
+        HAS_BIAS=has_bias, IEEE=ieee, DECIDE=not options, WRITE_EMA=st.reference == "ema", **launch,
     )
     cap = b * (num_prefix + n)
     active = _empty(b, n, dtype=torch.int8, device=dev)
+    fcount = cut = bcount
+    if options:
+        fcount = _empty(b, dtype=torch.int32, device=dev)
+        cut = _empty(b, dtype=torch.int8, device=dev)
+        budget_k = st.budget_count(n)
+        stale_k = st.max_staleness or 1
+        select = dispatch.launchable(gate_select_kernel, dev)
+        select[(b,)](
+            surprise, age if age is not None else bcount, slot, first_i8, active, bcount, fcount, cut,
+            n, nb, thr, floor_k, budget_k or n, scene_cut_count(st.scene_cut, n) if st.scene_cut else n + 1,
+            stale_k, AGE_MAX,
+            HAS_THR=threshold is not None, MOTION=st.motion_norm, STALE=st.max_staleness is not None,
+            BUDGET=budget_k is not None, SCENE_CUT=st.scene_cut is not None,
+            BLOCK_S=min(cfg.get("BLOCK_S", SELECT_BLOCK), next_pow2(n)), BLOCK_P=cfg["BLOCK_P"], num_warps=4,
+        )
     cu = _empty(b + 1, dtype=torch.int32, device=dev)
     index = _empty(cap, dtype=torch.int32, device=dev)
     packed = _empty(cap, d, dtype=frames.dtype, device=dev)
     pack[grid](
         frames, w2, bias_arg, pe, prefix.to(frames.dtype).contiguous(), first_i8, surprise, bcount, cand_val, cand_idx,
         active, cu, index, packed,
-        sx[0], sx[1], sx[2], sx[3], b, n, d, k, frames.shape[3] // p, nb, float(threshold), floor_k,
+        sx[0], sx[1], sx[2], sx[3], b, n, d, k, frames.shape[3] // p, nb, thr, floor_k,
         PATCH=p, NUM_PREFIX=num_prefix, BLOCK_P=cfg["BLOCK_P"], BLOCK_D=cfg["BLOCK_D"], BLOCK_K=cfg["BLOCK_K"],
-        BLOCK_NB=next_pow2(nb), BLOCK_C=next_pow2(nb * kf), KF=kf, HAS_BIAS=has_bias, IEEE=ieee, **launch,
+        BLOCK_NB=next_pow2(nb), BLOCK_C=next_pow2(nb * kf), KF=kf, HAS_BIAS=has_bias, IEEE=ieee,
+        ema_ptr=ema, slot_ptr=slot, fcount_ptr=fcount, cut_ptr=cut, SELECTED=options,
+        STORE_REF=st.reference == "computed" or st.scene_cut is not None,
+        REF_ON_CUT_ONLY=st.reference == "ema" and st.scene_cut is not None, **launch,
     )
     return PackedFrames(surprise, active.bool(), cu, index, packed, num_prefix)
 

@@ -141,8 +141,9 @@ def scene_cut_count(scene_cut: float, n: int) -> int:
     return math.floor(scene_cut * n) + 1
 
 
-AGE_MAX = 2**30
-"""Ages saturate here (a patch starved by a tiny budget must not overflow int32)."""
+AGE_MAX = 2**28
+"""Ages saturate here (a patch starved by a tiny budget must not overflow int32; the kernel's
+ranking key packs ``age + 1`` above 32 bits of surprise into an int64)."""
 
 
 def priority_rank(surprise: torch.Tensor, stale: torch.Tensor | None, age: torch.Tensor | None) -> torch.Tensor:
