@@ -192,21 +192,33 @@ def compile_cases():
     (``python -m neuroflow.compile_check``) at the largest frames the engine is for, so the pack
     kernel's per-frame block tables are full size: SigLIP-base geometry at 1792 px (16-px patches,
     D 768, floor 4) and so400m geometry at 1792 px (14-px patches, D 1152, floor 16), one CLS
-    token, in each dtype the kernel accepts on a GPU. Nothing runs: the launches are recorded."""
+    token, in each dtype the kernel accepts on a GPU; plus the gate options' three-launch path
+    (every option with ``reference="computed"``, and the EMA reference with a scene cut, which
+    writes references only on cuts). Nothing runs: the launches are recorded."""
     from ..compile_check import CompileCase
 
-    def launcher(dtype, patch, dim, floor):
+    def launcher(dtype, patch, dim, settings):
         def run():
             side = 1792 // patch * patch
             n = (side // patch) ** 2
+            age = torch.zeros(3, n, dtype=torch.int32) if settings.max_staleness is not None else None
             gate(torch.empty(2, 3, side, side, dtype=dtype), torch.empty(dim, 3, patch, patch, dtype=dtype),
                  torch.empty(dim, dtype=dtype), torch.empty(n, dim, dtype=dtype), torch.empty(1, dim, dtype=dtype),
-                 torch.empty(3, n, dim), torch.tensor([0, 2]), torch.tensor([False, True]), 0.35, 0.01, floor)
+                 torch.empty(3, n, dim), torch.tensor([0, 2]), torch.tensor([False, True]), settings, age=age)
         return run
 
-    return [
-        CompileCase(f"gate {str(dtype).removeprefix('torch.')} p{patch} d{dim} floor{floor}",
-                    launcher(dtype, patch, dim, floor), uses_dot=True)
-        for dtype in (torch.float16, torch.bfloat16)
-        for patch, dim, floor in ((16, 768, 4), (14, 1152, 16))
+    paper = [(f"gate {str(dtype).removeprefix('torch.')} p{patch} d{dim} floor{floor}", dtype, patch, dim,
+              GateSettings(threshold=0.35, ema_decay=0.01, floor_tokens=floor))
+             for dtype in (torch.float16, torch.bfloat16)
+             for patch, dim, floor in ((16, 768, 4), (14, 1152, 16))]
+    options = [
+        ("gate options computed+stale+budget+motion+cut fp16 p16 d768", torch.float16, 16, 768,
+         GateSettings(threshold=0.1, floor_tokens=4, reference="computed", max_staleness=8, budget=0.1,
+                      motion_norm=True, scene_cut=0.5)),
+        ("gate options ema+budget-only+stale bf16 p14 d1152", torch.bfloat16, 14, 1152,
+         GateSettings(threshold=None, floor_tokens=0, max_staleness=4, budget=512)),
+        ("gate options ema+scene-cut fp16 p16 d768", torch.float16, 16, 768,
+         GateSettings(threshold=0.1, floor_tokens=4, scene_cut=0.5)),
     ]
+    return [CompileCase(name, launcher(dtype, patch, dim, st), uses_dot=True, no_dot=("gate_select_kernel",))
+            for name, dtype, patch, dim, st in paper + options]
