@@ -1,7 +1,7 @@
 """Triton kernels of the fused EMA gate (launcher: ``neuroflow/ops/gate.py``; reference:
 ``neuroflow/reference/gate.py``).
 
-The gate takes two launches and no host synchronisation:
+The paper's gate takes three launches and no host synchronisation:
 
 1. :func:`gate_embed_kernel`, one program per (block of BLOCK_P patches, frame): patch embedding
    as a ``[BLOCK_P, C*p*p] x [C*p*p, D]`` tensor-core product read straight from the frame,
@@ -11,13 +11,21 @@ The gate takes two launches and no host synchronisation:
 2. :func:`gate_pack_kernel`, same grid: from the block counts it derives every frame's active
    count (threshold rule, or the floor when too few pass: the floor's patches are the top of the
    candidates), the frame's offset in the packed batch (``cu_seqlens``), and each active patch's
-   place; writes the active mask, the token index, the prefix tokens, and the packed embeddings
-   of the active patches, recomputing them for blocks that hold any.
+   place; writes the active mask, the token index and the prefix tokens.
+3. :func:`gate_rows_kernel`, one program per (BLOCK_P packed rows, frame): recomputes the
+   embeddings of the active patches only, read through the token index, into their packed rows.
+
+With any gate option (``neuroflow.gate_settings``) :func:`gate_select_kernel` runs between 1 and
+2, one program per frame: the decision needs the whole frame (mean surprise for motion norm, the
+count for a scene cut, a top-k for budgets and floors, the staleness ages), so the embed kernel
+leaves it out and the pack kernel places what the select kernel chose. The rows kernel also
+writes the reference where it changes outside the EMA update (last-computed embeddings, scene
+cuts).
 
 Why recompute instead of keeping the ``[B, N, D]`` embedding: writing it would move as many bytes
 as reading the pixels again (``D`` outputs vs ``C*p*p`` inputs per patch, equal for p=16, D=768)
-and must be done for every patch, while the recomputation touches only blocks with an active
-patch, which at the sparsities the gate is for is a small fraction of the frame.
+and must be done for every patch, while the recomputation touches only the active patches, a
+small fraction of the frame at the sparsities the gate is for.
 """
 
 import triton
@@ -300,18 +308,13 @@ def gate_select_kernel(
 
 @triton.jit
 def gate_pack_kernel(
-    px_ptr, w_ptr, b_ptr, pe_ptr, prefix_ptr, first_ptr,
-    surprise_ptr, bcount_ptr, cand_val_ptr, cand_idx_ptr,
+    prefix_ptr, first_ptr, surprise_ptr, bcount_ptr, cand_val_ptr, cand_idx_ptr, fcount_ptr,
     active_ptr, cu_ptr, index_ptr, packed_ptr,
-    sx_b, sx_c, sx_h, sx_w,
-    B, N, D, K, GW, NB, threshold, floor_k,
-    PATCH: tl.constexpr, NUM_PREFIX: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_D: tl.constexpr,
-    BLOCK_K: tl.constexpr, BLOCK_NB: tl.constexpr, BLOCK_C: tl.constexpr, KF: tl.constexpr,
-    HAS_BIAS: tl.constexpr, IEEE: tl.constexpr,
-    ema_ptr=None, slot_ptr=None, fcount_ptr=None, cut_ptr=None,
-    SELECTED: tl.constexpr = False, STORE_REF: tl.constexpr = False, REF_ON_CUT_ONLY: tl.constexpr = False,
+    B, N, D, NB, threshold, floor_k,
+    NUM_PREFIX: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_NB: tl.constexpr, BLOCK_C: tl.constexpr, KF: tl.constexpr, SELECTED: tl.constexpr,
 ):
-    """Decide, place and pack the active patches of one block.
+    """Decide and place the active patches of one block, and pack the frame's prefix tokens.
 
     Inputs as in :func:`gate_embed_kernel` (its outputs surprise/bcount/cand_*), plus
     prefix_ptr: [NUM_PREFIX, D] model dtype (CLS and register tokens, position embedding
@@ -323,10 +326,7 @@ def gate_pack_kernel(
 
     SELECTED (the gate options): :func:`gate_select_kernel` has decided; active_ptr is its mask
     (read, not written), bcount_ptr its per-block active counts, fcount_ptr [B] int32 the frames'
-    counts. STORE_REF: the computed patches' embeddings are written into the reference pool
-    ema_ptr [S, N, D] fp32 at row slot_ptr[frame]: every computed patch (``reference="computed"``)
-    or, with REF_ON_CUT_ONLY (EMA reference), only on scene cuts (cut_ptr [B] int8), where the
-    reference restarts.
+    counts. The active patches' embeddings are written by :func:`gate_rows_kernel` afterwards.
     """
     pid = tl.program_id(0)
     frame = tl.program_id(1)
@@ -394,20 +394,49 @@ def gate_pack_kernel(
     dest = seg_start + NUM_PREFIX + pos
     tl.store(index_ptr + dest, NUM_PREFIX + offs_p, mask=active)
 
-    ref_active = active
-    if REF_ON_CUT_ONLY:
-        # The frame's flag as a vector: the interpreter refuses a scalar bool inside a store mask.
-        ref_active = active & ((offs_p * 0 + tl.load(cut_ptr + frame)) != 0)
-    if tl.sum(active.to(tl.int32), axis=0) > 0:
-        p_off = (offs_p // GW) * PATCH * sx_h + (offs_p % GW) * PATCH * sx_w
+
+@triton.jit
+def gate_rows_kernel(
+    px_ptr, w_ptr, b_ptr, pe_ptr, cu_ptr, index_ptr, packed_ptr, ema_ptr, slot_ptr, cut_ptr,
+    sx_b, sx_c, sx_h, sx_w,
+    N, D, K, GW,
+    PATCH: tl.constexpr, NUM_PREFIX: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_K: tl.constexpr, HAS_BIAS: tl.constexpr, IEEE: tl.constexpr,
+    STORE_REF: tl.constexpr, REF_ON_CUT_ONLY: tl.constexpr,
+):
+    """Embed the active patches only: program (j, frame) takes packed rows
+    ``cu[frame] + NUM_PREFIX + j*BLOCK_P ...`` of the frame (its j-th BLOCK_P active patches, in
+    the order :func:`gate_pack_kernel` placed them) and recomputes their layer-0 embeddings from
+    the pixels; programs past the frame's active count return at once. So the recomputation costs
+    the active patches, not every block that holds one (at 5% activity nearly every 64-patch
+    block holds one).
+
+    cu_ptr [B + 1] int32 and index_ptr (token position, patch n -> NUM_PREFIX + n) from the pack
+    kernel; packed_ptr [B*(NUM_PREFIX+N), D] model dtype. STORE_REF: also write the embeddings
+    (fp32) into the reference pool ema_ptr [S, N, D] at row slot_ptr[frame] (every computed patch
+    under ``reference="computed"``; with REF_ON_CUT_ONLY only on scene-cut frames, cut_ptr [B] int8).
+    """
+    pid = tl.program_id(0)
+    frame = tl.program_id(1)
+    start = tl.load(cu_ptr + frame) + NUM_PREFIX
+    end = tl.load(cu_ptr + frame + 1)
+    if start + pid * BLOCK_P < end:
+        rows = start + pid * BLOCK_P + tl.arange(0, BLOCK_P)
+        valid = rows < end
+        patch = tl.load(index_ptr + rows, mask=valid, other=NUM_PREFIX) - NUM_PREFIX
+        p_off = (patch // GW) * PATCH * sx_h + (patch % GW) * PATCH * sx_w
         px_frame = px_ptr + frame.to(tl.int64) * sx_b
-        rows = packed_ptr + dest[:, None].to(tl.int64) * D
+        out_rows = packed_ptr + rows[:, None].to(tl.int64) * D
+        ref_valid = valid
+        if REF_ON_CUT_ONLY:
+            # The frame's flag as a vector: the interpreter refuses a scalar bool inside a store mask.
+            ref_valid = valid & ((patch * 0 + tl.load(cut_ptr + frame)) != 0)
         for d0 in range(0, D, BLOCK_D):
             offs_d = d0 + tl.arange(0, BLOCK_D)
             d_mask = offs_d < D
-            h = _embed_tile(px_frame, w_ptr, b_ptr, pe_ptr, p_off, offs_p, p_mask, offs_d, d_mask,
+            h = _embed_tile(px_frame, w_ptr, b_ptr, pe_ptr, p_off, patch, valid, offs_d, d_mask,
                             sx_c, sx_h, sx_w, D, K, PATCH, BLOCK_P, BLOCK_D, BLOCK_K, HAS_BIAS, IEEE)
-            tl.store(rows + offs_d[None, :], h.to(packed_ptr.dtype.element_ty), mask=active[:, None] & d_mask[None, :])
+            tl.store(out_rows + offs_d[None, :], h.to(packed_ptr.dtype.element_ty), mask=valid[:, None] & d_mask[None, :])
             if STORE_REF:
-                ref_rows = ema_ptr + tl.load(slot_ptr + frame) * N * D + offs_p[:, None].to(tl.int64) * D
-                tl.store(ref_rows + offs_d[None, :], h, mask=ref_active[:, None] & d_mask[None, :])
+                ref_rows = ema_ptr + tl.load(slot_ptr + frame) * N * D + patch[:, None].to(tl.int64) * D
+                tl.store(ref_rows + offs_d[None, :], h, mask=ref_valid[:, None] & d_mask[None, :])

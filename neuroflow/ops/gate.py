@@ -5,7 +5,7 @@ its stream's EMA, updates the EMA in place, applies the threshold and floor, and
 tokens of every frame (prefix tokens, then active patches in ascending order) into one ``[T, D]``
 batch with ``cu_seqlens``: the input the packed encoder takes.
 
-The Triton path takes two launches and no host synchronisation; the reference with the same
+The Triton path takes three launches (four with any gate option) and no host synchronisation; the reference with the same
 contract is :func:`neuroflow.reference.gate.gate_reference`. :mod:`neuroflow.dispatch` picks one
 and records it.
 """
@@ -111,9 +111,17 @@ def gate(
 
 def _gate_triton(frames, weight, bias, pos_embed, prefix, ema, slot, first, st: GateSettings, age,
                  n, d, p, config) -> PackedFrames:
-    """Two launches for the paper's gate (embed + decide per block, pack); three with any option
-    (embed, :func:`gate_select_kernel` once per frame, pack). No host synchronisation either way."""
-    from ..kernels.gate import GATE_CONFIG, SELECT_BLOCK, gate_embed_kernel, gate_pack_kernel, gate_select_kernel
+    """Three launches for the paper's gate (embed + decide per block, place, embed the active
+    rows); four with any option (:func:`gate_select_kernel` once per frame after the embed).
+    No host synchronisation either way."""
+    from ..kernels.gate import (
+        GATE_CONFIG,
+        SELECT_BLOCK,
+        gate_embed_kernel,
+        gate_pack_kernel,
+        gate_rows_kernel,
+        gate_select_kernel,
+    )
 
     threshold, ema_decay, floor_tokens = st.threshold, st.ema_decay, st.floor_tokens
     options = not st.is_default_rule
@@ -175,13 +183,17 @@ def _gate_triton(frames, weight, bias, pos_embed, prefix, ema, slot, first, st: 
     index = _empty(cap, dtype=torch.int32, device=dev)
     packed = _empty(cap, d, dtype=frames.dtype, device=dev)
     pack[grid](
-        frames, w2, bias_arg, pe, prefix.to(frames.dtype).contiguous(), first_i8, surprise, bcount, cand_val, cand_idx,
-        active, cu, index, packed,
-        sx[0], sx[1], sx[2], sx[3], b, n, d, k, frames.shape[3] // p, nb, thr, floor_k,
+        prefix.to(frames.dtype).contiguous(), first_i8, surprise, bcount, cand_val, cand_idx, fcount,
+        active, cu, index, packed, b, n, d, nb, thr, floor_k,
+        NUM_PREFIX=num_prefix, BLOCK_P=cfg["BLOCK_P"], BLOCK_D=cfg["BLOCK_D"],
+        BLOCK_NB=next_pow2(nb), BLOCK_C=next_pow2(nb * kf), KF=kf, SELECTED=options, **launch,
+    )
+    rows = dispatch.launchable(gate_rows_kernel, dev)
+    rows[grid](
+        frames, w2, bias_arg, pe, cu, index, packed, ema, slot, cut,
+        sx[0], sx[1], sx[2], sx[3], n, d, k, frames.shape[3] // p,
         PATCH=p, NUM_PREFIX=num_prefix, BLOCK_P=cfg["BLOCK_P"], BLOCK_D=cfg["BLOCK_D"], BLOCK_K=cfg["BLOCK_K"],
-        BLOCK_NB=next_pow2(nb), BLOCK_C=next_pow2(nb * kf), KF=kf, HAS_BIAS=has_bias, IEEE=ieee,
-        ema_ptr=ema, slot_ptr=slot, fcount_ptr=fcount, cut_ptr=cut, SELECTED=options,
-        STORE_REF=st.reference == "computed" or st.scene_cut is not None,
+        HAS_BIAS=has_bias, IEEE=ieee, STORE_REF=st.reference == "computed" or st.scene_cut is not None,
         REF_ON_CUT_ONLY=st.reference == "ema" and st.scene_cut is not None, **launch,
     )
     return PackedFrames(surprise, active.bool(), cu, index, packed, num_prefix)
@@ -220,5 +232,5 @@ def compile_cases():
         ("gate options ema+scene-cut fp16 p16 d768", torch.float16, 16, 768,
          GateSettings(threshold=0.1, floor_tokens=4, scene_cut=0.5)),
     ]
-    return [CompileCase(name, launcher(dtype, patch, dim, st), uses_dot=True, no_dot=("gate_select_kernel",))
+    return [CompileCase(name, launcher(dtype, patch, dim, st), uses_dot=True, no_dot=("gate_select_kernel", "gate_pack_kernel"))
             for name, dtype, patch, dim, st in paper + options]
