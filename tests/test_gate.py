@@ -560,3 +560,24 @@ def test_budget_ties_in_kernel_take_the_lowest_indices(triton_path, poisoned, co
     check(out, ref, hp, emas, slot)
     assert out.active[0].nonzero().flatten().tolist() == list(range(11))
     assert out.active[1].nonzero().flatten().tolist() == list(range(5, 16))
+
+
+def test_staleness_in_kernel_spreads_refreshes_on_a_static_clip(triton_path, poisoned):
+    """The same frame again and again: only the staleness rule computes patches, at most
+    ceil(N / (K + 1)) per frame, every patch within K + 1 frames; ages as the reference's."""
+    frames, weight, bias, pos, pre, ema, slot = make_inputs(1, (5, 7), 32, torch.float32, prefix=0, seed=2)
+    k, n = 2, 35
+    st = GateSettings(threshold=0.5, ema_decay=0.1, floor_tokens=0, max_staleness=k)
+    age_k, age_r = torch.zeros(5, n, dtype=torch.int32), torch.zeros(5, n, dtype=torch.int32)
+    ema_r = ema.clone()
+    counts, last = [], torch.zeros(n, dtype=torch.int64)
+    for t in range(7):
+        first = torch.tensor([t == 0])
+        out = gate(frames, weight, bias, pos, pre, ema, slot, first, st, age=age_k)
+        ref = gate_reference(frames, weight, bias, pos, pre, ema_r, slot, first, st, age=age_r)
+        assert torch.equal(out.active, ref.active) and torch.equal(age_k, age_r), f"frame {t}"
+        if t:
+            counts.append(int(out.active.sum()))
+            last[out.active[0]] = t
+            assert (t - last <= k).all()
+    assert max(counts) == math.ceil(n / (k + 1)) and min(counts) >= n // (k + 1), counts
