@@ -12,11 +12,12 @@ reference runs (no kernel timing exists without a GPU).
 
 from __future__ import annotations
 
+import argparse
 import sys
 
 import torch
 
-from bench_gate import DIM, make_case, parse_sweep
+from bench_gate import DIM, make_case
 from common import add_out_argument, environment, markdown_table, median_ms, write_results
 from neuroflow import dispatch
 from neuroflow.ops.cache_scatter import cache_scatter
@@ -56,8 +57,18 @@ def run(sizes, stream_counts, device: torch.device, dtype: torch.dtype) -> list[
 
 
 def main(argv=None) -> int:
-    args, device, dtype, sizes, streams = parse_sweep(argv, __doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--quick", action="store_true", help="224/448 px, 1 and 8 streams")
+    p.add_argument("--sizes", type=int, nargs="+", help="frame sides in pixels")
+    p.add_argument("--streams", type=int, nargs="+", help="stream counts")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    add_out_argument(p)
+    args = p.parse_args(argv)
+    device = torch.device(args.device)
     on_gpu = device.type == "cuda"
+    dtype = torch.float16 if on_gpu else torch.float32
+    sizes = args.sizes or ([224, 448] if args.quick or not on_gpu else [224, 448, 896, 1792])
+    streams = args.streams or ([1, 8] if args.quick or not on_gpu else [1, 8, 32])
     records = run(sizes, streams, device, dtype)
     columns = [("size", "px"), ("streams", "streams"), ("rows", "rows"), ("reference_ms", "reference ms"),
                ("kernel_ms", "kernel ms"), ("kernel_gbs", "kernel GB/s"), ("speedup", "speedup"), ("check", "check")]

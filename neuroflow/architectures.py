@@ -66,9 +66,17 @@ class Architecture:
         self.cls_readout = cls_readout
 
     # -- what a stream remembers -------------------------------------------------------------------
+    track_age: bool = False
+    """Whether streams keep the gate's ``age`` ``[N]`` int32 (set by the engine with ``max_staleness``)."""
+
     def state_specs(self, grid: Grid) -> Specs:
         a = self.adapter
-        return {"ema": ((grid[0] * grid[1], a.hidden_size), ema_dtype(a.dtype))}
+        n = grid[0] * grid[1]
+        # "ema" is the gate's reference: the EMA, or last-computed embeddings (reference="computed").
+        specs = {"ema": ((n, a.hidden_size), ema_dtype(a.dtype))}
+        if self.track_age:
+            specs["age"] = ((n,), torch.int32)
+        return specs
 
     def _tokens(self, grid: Grid) -> int:
         return self.adapter.num_prefix + grid[0] * grid[1]

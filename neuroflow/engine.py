@@ -16,19 +16,13 @@ import torch
 from torch import nn
 
 from .architectures import Architecture, make_architecture
+from .gate_settings import GateSettings
 from .models import VisionAdapter
 from .ops.gate import gate
 from .profiling import stage
 from .state_file import StateFileError, load_state_file, model_fingerprint, save_state_file
 from .streams import Grid, StreamBatch, StreamStore
-from .validation import (
-    check_ema_decay,
-    check_floor_tokens,
-    check_frames,
-    check_stream_ids,
-    check_threshold,
-    warn_ineffective_settings,
-)
+from .validation import check_frames, check_stream_ids, warn_ineffective_settings
 
 STATE_FORMAT = 1
 
@@ -66,7 +60,7 @@ class NeuroFlow(nn.Module):
             ``CLIPModel`` (its vision tower is used). Its weights are used as they are.
         arch: ``"A"``, ``"B"``, ``"C"`` or ``"KV"`` (cached context; see ``neuroflow.architectures``).
         threshold: a patch is active when its surprise ``1 - cos`` is strictly above this; in
-            [-1, 2] (below 0 every patch is active every frame).
+            [-1, 2] (below 0 every patch is active every frame); None only with a ``budget``.
         ema_decay: weight of the new frame in the per-patch EMA, in [0, 1].
         floor_tokens: at least this many patches are active on every later frame (the most
             surprising ones when too few pass the threshold).
@@ -82,6 +76,20 @@ class NeuroFlow(nn.Module):
         max_streams: keep at most this many streams; when a call would exceed it, the least
             recently seen streams are evicted (their next frame is dense; :attr:`last_evicted`
             and :attr:`evictions` report it). None: no limit.
+        reference: what the surprise compares a patch with: ``"ema"`` (default, the paper: the
+            EMA of every frame) or ``"computed"`` (the patch's layer-0 embedding when it was last
+            computed; ``ema_decay`` is then unused and the ``"ema"`` state holds those embeddings).
+        max_staleness: None, or K >= 1: a patch not computed for K frames in a row is computed on
+            the next frame. Streams then keep an ``age`` state ``[N]`` int32, staggered on their
+            first frame (``i mod (K + 1)``) so these refreshes spread over frames.
+        budget: None, an int >= 1 (patches) or a float in (0, 1] (fraction of N): at most this
+            many patches per later frame, the first in the gate's ranking (stale, then most
+            surprising, then lowest index). With ``threshold=None`` exactly that many.
+        motion_norm: subtract the frame's mean surprise before the decision (the reported
+            surprise is then the normalised one).
+        scene_cut: None or a fraction in (0, 1]: a frame where more than this fraction of the
+            patches pass the threshold (raw surprise) is a keyframe: every patch active, the
+            reference restarted (not reported as a first frame).
 
     Call with ``pixel_values [B, C, H, W]`` (model dtype and device; H and W multiples of the patch
     size) and ``stream_ids`` (B distinct hashable ids; default ``0..B-1``). A stream that is new,
@@ -93,7 +101,7 @@ class NeuroFlow(nn.Module):
         self,
         vision_model: nn.Module,
         arch: str = "C",
-        threshold: float = 0.35,
+        threshold: float | None = 0.35,
         ema_decay: float = 0.01,
         floor_tokens: int = 4,
         cls_readout: str = "context",
@@ -101,11 +109,16 @@ class NeuroFlow(nn.Module):
         cache_dtype: torch.dtype | None = None,
         head_cache: bool = True,
         max_streams: int | None = None,
+        reference: str = "ema",
+        max_staleness: int | None = None,
+        budget: int | float | None = None,
+        motion_norm: bool = False,
+        scene_cut: float | None = None,
     ):
         super().__init__()
-        check_threshold(threshold)
-        check_ema_decay(ema_decay)
-        check_floor_tokens(floor_tokens)
+        settings = GateSettings(threshold=threshold, ema_decay=ema_decay, floor_tokens=floor_tokens,
+                                reference=reference, max_staleness=max_staleness, budget=budget,
+                                motion_norm=motion_norm, scene_cut=scene_cut)
         if cls_readout not in ("context", "active"):
             raise ValueError(f"cls_readout must be 'context' or 'active', got {cls_readout!r}")
         if cache_dtype is not None and not (isinstance(cache_dtype, torch.dtype) and cache_dtype.is_floating_point):
@@ -117,44 +130,96 @@ class NeuroFlow(nn.Module):
         self.vision_model = self.adapter.model
         self.architecture: Architecture = make_architecture(
             arch, self.adapter, cache_dtype=cache_dtype, head_cache=bool(head_cache), cls_readout=cls_readout)
-        self.architecture.check(int(floor_tokens))
-        self._threshold = float(threshold)
-        self._ema_decay = float(ema_decay)
-        self._floor_tokens = int(floor_tokens)
-        warn_ineffective_settings(threshold=self._threshold)
+        self.architecture.check(settings.floor_tokens)
+        self.architecture.track_age = max_staleness is not None
+        self._gate = _normalised(settings)
+        warn_ineffective_settings(threshold=self._gate.threshold)
         self._warned_floor: set[tuple[int, Grid]] = set()  # (floor, grid) pairs already warned about
         self.check_finite = check_finite
         self._streams = StreamStore(self.architecture.state_specs, self.adapter.device, max_streams)
 
     # -- settings (validated on every change) ------------------------------------------------------
     @property
-    def threshold(self) -> float:
-        return self._threshold
+    def gate_settings(self) -> GateSettings:
+        """The gate's settings as one frozen value (what the engine passes to the gate op)."""
+        return self._gate
+
+    def _set_gate(self, **changes) -> None:
+        self._gate = _normalised(self._gate.replace(**changes))
+
+    @property
+    def threshold(self) -> float | None:
+        return self._gate.threshold
 
     @threshold.setter
-    def threshold(self, value: float) -> None:
-        check_threshold(value)
-        warn_ineffective_settings(threshold=value)
-        self._threshold = float(value)
+    def threshold(self, value: float | None) -> None:
+        self._set_gate(threshold=value)
+        warn_ineffective_settings(threshold=self._gate.threshold)
 
     @property
     def ema_decay(self) -> float:
-        return self._ema_decay
+        return self._gate.ema_decay
 
     @ema_decay.setter
     def ema_decay(self, value: float) -> None:
-        check_ema_decay(value)
-        self._ema_decay = float(value)
+        self._set_gate(ema_decay=value)
 
     @property
     def floor_tokens(self) -> int:
-        return self._floor_tokens
+        return self._gate.floor_tokens
 
     @floor_tokens.setter
     def floor_tokens(self, value: int) -> None:
-        check_floor_tokens(value)
+        GateSettings(floor_tokens=value)  # the type and range check, before the architecture's
         self.architecture.check(value)
-        self._floor_tokens = int(value)
+        self._set_gate(floor_tokens=value)
+
+    @property
+    def reference(self) -> str:
+        """``"ema"`` or ``"computed"``; switching keeps the stored state and reads it the new way."""
+        return self._gate.reference
+
+    @reference.setter
+    def reference(self, value: str) -> None:
+        self._set_gate(reference=value)
+
+    @property
+    def max_staleness(self) -> int | None:
+        return self._gate.max_staleness
+
+    @max_staleness.setter
+    def max_staleness(self, value: int | None) -> None:
+        # Turning staleness on or off adds or drops a state tensor: only without streams.
+        new = self._gate.replace(max_staleness=value)
+        if (value is None) != (self._gate.max_staleness is None) and len(self._streams):
+            raise ValueError("max_staleness can switch between None and a number only without streams "
+                             "(it adds or drops the 'age' state): call reset() first")
+        self._gate = _normalised(new)
+        self.architecture.track_age = value is not None
+
+    @property
+    def budget(self) -> int | float | None:
+        return self._gate.budget
+
+    @budget.setter
+    def budget(self, value: int | float | None) -> None:
+        self._set_gate(budget=value)
+
+    @property
+    def motion_norm(self) -> bool:
+        return self._gate.motion_norm
+
+    @motion_norm.setter
+    def motion_norm(self, value: bool) -> None:
+        self._set_gate(motion_norm=value)
+
+    @property
+    def scene_cut(self) -> float | None:
+        return self._gate.scene_cut
+
+    @scene_cut.setter
+    def scene_cut(self, value: float | None) -> None:
+        self._set_gate(scene_cut=value)
 
     @property
     def arch(self) -> str:
@@ -246,9 +311,10 @@ class NeuroFlow(nn.Module):
                 raise ValueError(f"active must be a bool tensor [B, N] = [{pixel_values.shape[0]}, {n}], "
                                  f"got {active.dtype} {tuple(active.shape)}")
             active = active.to(pixel_values.device)
-        if (self._floor_tokens, grid) not in self._warned_floor:
-            self._warned_floor.add((self._floor_tokens, grid))
-            warn_ineffective_settings(floor_tokens=self._floor_tokens, num_patches=grid[0] * grid[1])
+        floor = self._gate.floor_tokens
+        if (floor, grid) not in self._warned_floor:
+            self._warned_floor.add((floor, grid))
+            warn_ineffective_settings(floor_tokens=floor, num_patches=grid[0] * grid[1])
         moved = [i for i in ids if i in self._streams and self._streams.grid_of(i) != grid]
         batch = self._streams.begin(ids, grid)
         try:
@@ -271,8 +337,8 @@ class NeuroFlow(nn.Module):
         with stage("gate"):
             gated = gate(
                 pixel_values, conv.weight, conv.bias, a.position_embeddings(grid), a.prefix_tokens(grid),
-                batch.update_in_place("ema"), batch.slot, batch.first, self._threshold, self._ema_decay,
-                self._floor_tokens, force_active=active,
+                batch.update_in_place("ema"), batch.slot, batch.first, self._gate, force_active=active,
+                age=batch.update_in_place("age") if self._gate.max_staleness is not None else None,
             )
         result = self.architecture.step(pixel_values, gated, batch)
         n = gated.active.shape[1]
@@ -310,7 +376,7 @@ class NeuroFlow(nn.Module):
         return {
             "format": STATE_FORMAT,
             "config": self._config(),
-            "settings": {"threshold": self._threshold, "ema_decay": self._ema_decay, "floor_tokens": self._floor_tokens},
+            "settings": self._gate.as_dict(),
             **self._streams.state(),
         }
 
@@ -366,9 +432,19 @@ class NeuroFlow(nn.Module):
 
     def extra_repr(self) -> str:
         return (
-            f"arch={self.arch!r}, family={self.adapter.family!r}, threshold={self._threshold}, "
-            f"ema_decay={self._ema_decay}, floor_tokens={self._floor_tokens}, streams={len(self._streams)}"
+            f"arch={self.arch!r}, family={self.adapter.family!r}, threshold={self._gate.threshold}, "
+            f"ema_decay={self._gate.ema_decay}, floor_tokens={self._gate.floor_tokens}"
+            + "".join(f", {k}={v!r}" for k, v in self._gate.as_dict().items()
+                      if k not in ("threshold", "ema_decay", "floor_tokens") and v != GateSettings.__dataclass_fields__[k].default)
+            + f", streams={len(self._streams)}"
         )
+
+
+def _normalised(st: GateSettings) -> GateSettings:
+    """Numbers as plain Python types (threshold and decay as float, floor as int), so settings
+    compare and print the same however they were given."""
+    return st.replace(threshold=None if st.threshold is None else float(st.threshold),
+                      ema_decay=float(st.ema_decay), floor_tokens=int(st.floor_tokens))
 
 
 def _is_plain_id(i) -> bool:

@@ -8,22 +8,16 @@ from collections.abc import Hashable, Sequence
 
 import torch
 
+from .gate_settings import (  # noqa: F401  (the engine's checks, re-exported)
+    check_budget,
+    check_ema_decay,
+    check_floor_tokens,
+    check_max_staleness,
+    check_reference,
+    check_scene_cut,
+    check_threshold,
+)
 from .models import VisionAdapter
-
-def check_threshold(threshold: float) -> None:
-    # Surprise 1 - cos lies in [0, 2]: below 0 every patch passes, at 2 or above none does.
-    if not isinstance(threshold, (int, float)) or not -1.0 <= threshold <= 2.0:
-        raise ValueError(f"threshold must be a number in [-1, 2] (surprise is 1 - cos), got {threshold!r}")
-
-
-def check_ema_decay(ema_decay: float) -> None:
-    if not isinstance(ema_decay, (int, float)) or not 0.0 <= ema_decay <= 1.0:
-        raise ValueError(f"ema_decay must be a number in [0, 1], got {ema_decay!r}")
-
-
-def check_floor_tokens(floor_tokens: int) -> None:
-    if isinstance(floor_tokens, bool) or not isinstance(floor_tokens, int) or floor_tokens < 0:
-        raise ValueError(f"floor_tokens must be an int >= 0, got {floor_tokens!r}")
 
 
 def warn_ineffective_settings(*, threshold: float | None = None, floor_tokens: int | None = None,

@@ -28,6 +28,15 @@ def test_gate_benchmark_writes_records(tmp_path):
     assert (tmp_path / "gate.md").read_text().count("| 64 |") == 1
 
 
+def test_gate_benchmark_option_configurations(tmp_path):
+    records = run_script("bench_gate.py", "--sizes", "64", "--streams", "2", "--device", "cpu",
+                         "--options", "paper", "budget_only10pct", "all", out=tmp_path)
+    assert [r["options"] for r in records] == ["paper", "budget_only10pct", "all"]
+    assert records[1]["settings"]["threshold"] is None and records[1]["settings"]["budget"] == 0.1
+    # The budget alone computes exactly 10% of the 16 patches per stream: 2 of 16.
+    assert records[1]["sparsity"] == 1 - 2 / 16
+
+
 def test_varlen_attention_benchmark_writes_records(tmp_path):
     records = run_script("bench_varlen_attention.py", "--quick", out=tmp_path)
     assert records and all({"device", "torch", "commit", "time"} <= r.keys() for r in records)
