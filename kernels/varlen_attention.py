@@ -38,7 +38,17 @@ def _config(upper: int | None, width: int, elem: int) -> dict:
     # Wide heads (128) and fp32 operands halve the key tile on the larger query tiles: the
     # largest that compiles without spills on sm_80 (255-register cap).
     narrow_n = (width == 128 and block_m >= 64) or (elem == 4 and width > 64)
-    return dict(BLOCK_M=block_m, BLOCK_N=32 if narrow_n else 64, num_warps=8 if block_m == 128 else 4,
+    # A head-dim tail (width not a power of two) adds a [BLOCK_M, 16]-output dot to the chain of
+    # dots, and Triton then lays the whole chain's warps along M: with more warps than 16-row
+    # slices of the tile, every warp would compute the same rows. Small tiles with a tail
+    # therefore get one warp per 16 rows.
+    has_tail = width & (width - 1) != 0
+    warps = 8 if block_m == 128 else (block_m // 16 if has_tail and block_m < 64 else 4)
+    if has_tail and block_m < 64:
+        # One or two warps hold the whole key/value tile: 32 keys per step (16 for fp32), one
+        # stage (the int8 path's conversions and fp32 operands spill otherwise).
+        return dict(BLOCK_M=block_m, BLOCK_N=16 if elem == 4 else 32, num_warps=warps, num_stages=1)
+    return dict(BLOCK_M=block_m, BLOCK_N=32 if narrow_n else 64, num_warps=warps,
                 num_stages=2 if block_m <= 32 or elem == 4 else 3)
 
 
@@ -208,7 +218,7 @@ def varlen_attention_fwd_kernel(
         qk = tl.dot(q0, k0, input_precision=DOT_PRECISION)
         if DH1 > 0:
             k1 = tl.load(k1_ptrs, mask=n_valid[None, :] & d1_valid[:, None], other=0.0).to(q0.dtype)
-            qk = tl.dot(q1, k1, qk, input_precision=DOT_PRECISION)
+            qk += tl.dot(q1, k1, input_precision=DOT_PRECISION)
         if KV_SCALED:
             k_scale = tl.load(ks_ptrs, mask=n_valid, other=0.0).to(tl.float32)
             qk = qk * (k_scale * qk_scale)[None, :]
