@@ -76,14 +76,15 @@ def _width_key(head_dim: int) -> int:
 
 
 def launch_schedule(max_seqlen_q: int, head_dim: int, dtype: torch.dtype = torch.float16,
-                    interpreting: bool = False) -> list[tuple[int, int | None, dict]]:
+                    interpreting: bool = False, kv_dtype: torch.dtype | None = None) -> list[tuple[int, int | None, dict]]:
     """The launches of one call: ``(lo, hi, config)`` per segment-length class that a query
     segment of at most ``max_seqlen_q`` tokens can fall in (class: ``lo < length <= hi``,
     ``hi=None`` unbounded).
 
     On a GPU: the classes of ``neuroflow.kernels.varlen_attention.SEG_CLASSES`` with their
-    entries of ``DEFAULT_CONFIGS`` (by head-dim tile and q's element size). Under the
-    interpreter: one class with large tiles (see :data:`INTERPRETER_BLOCK_N`).
+    entries of ``DEFAULT_CONFIGS`` (by head-dim tile and q's element size); with 8-bit
+    ``kv_dtype`` at most two pipeline stages and, for fp32 queries and 64-row tiles, 32 keys per
+    step (the dequantisation's registers spill otherwise). Under the interpreter: one class with large tiles (see :data:`INTERPRETER_BLOCK_N`).
     """
     if interpreting:
         block_m = min(INTERPRETER_MAX_BLOCK_M, max(16, next_pow2(max_seqlen_q)))
@@ -95,7 +96,12 @@ def launch_schedule(max_seqlen_q: int, head_dim: int, dtype: torch.dtype = torch
     for hi in SEG_CLASSES:
         if lo >= max(1, max_seqlen_q):
             break
-        out.append((lo, hi, dict(DEFAULT_CONFIGS[(hi, _width_key(head_dim), elem)])))
+        cfg = dict(DEFAULT_CONFIGS[(hi, _width_key(head_dim), elem)])
+        if kv_dtype in KV_8BIT_DTYPES:
+            cfg["num_stages"] = min(cfg["num_stages"], 2)
+            if elem == 4 or cfg["BLOCK_M"] == 64:
+                cfg["BLOCK_N"] = min(cfg["BLOCK_N"], 32)
+        out.append((lo, hi, cfg))
         lo = hi if hi is not None else lo
     return out
 
@@ -183,13 +189,13 @@ def _align(q, *tensors) -> int:
     return vec
 
 
-def _schedule(config, max_q: int, head_dim: int, dtype: torch.dtype, interpreted: bool):
+def _schedule(config, max_q: int, head_dim: int, dtype: torch.dtype, interpreted: bool, kv_dtype: torch.dtype):
     """The launch schedule, with ``config`` (a dict for one class over every length, or a list of
     ``(lo, hi, dict)`` classes) overriding the default."""
     if config is None:
-        return launch_schedule(max_q, head_dim, dtype, interpreting=interpreted)
+        return launch_schedule(max_q, head_dim, dtype, interpreting=interpreted, kv_dtype=kv_dtype)
     if isinstance(config, dict):
-        base = launch_schedule(max_q, head_dim, dtype, interpreting=interpreted)[-1][2]
+        base = launch_schedule(max_q, head_dim, dtype, interpreting=interpreted, kv_dtype=kv_dtype)[-1][2]
         schedule = [(0, None, {**base, **config})]
     else:
         schedule = [(int(lo), hi, dict(cfg)) for lo, hi, cfg in config]
@@ -272,7 +278,7 @@ def varlen_attention(
         # Free on the CPU (and the interpreter does not catch out-of-bounds accesses); on CUDA a
         # host sync, hence only in debug mode.
         check_varlen_offsets(q, k, cu_seqlens_q, cu_seqlens_k, kv_start, max_q, max_k)
-    schedule = _schedule(config, max_q, q.shape[2], q.dtype, interpreted)
+    schedule = _schedule(config, max_q, q.shape[2], q.dtype, interpreted, k.dtype)
     q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
     if out is None:
         out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
@@ -379,7 +385,7 @@ def compile_cases():
     cases = []
     for dtype, kv_dtype, classes in plan:
         for head_dim in (64, 72, 80):
-            schedule = launch_schedule(256, head_dim, dtype)
+            schedule = launch_schedule(256, head_dim, dtype, kv_dtype=kv_dtype)
             for i in classes:
                 lo, hi, cfg = schedule[i]
                 name = str(dtype).removeprefix("torch.")
