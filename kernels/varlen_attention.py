@@ -98,6 +98,8 @@ def varlen_attention_fwd_kernel(
     HAS_KV_START: tl.constexpr,
     KV_SCALED: tl.constexpr,
     ALIGN: tl.constexpr,
+    KV_ALIGN: tl.constexpr,
+    KV_ALIGN_BYTES: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     SCHED: tl.constexpr,
 ):
@@ -129,9 +131,12 @@ def varlen_attention_fwd_kernel(
         HEAD_DIM: the true head dim; DH0: the largest power of two <= HEAD_DIM (>= 16); DH1: 0,
             or the power of two (>= 16) covering the HEAD_DIM - DH0 remaining columns.
         ALIGN: 16 bytes in elements of Q (8 for fp16/bf16, 4 for fp32) when the launcher has
-            checked that every base pointer is 16-byte aligned and every stride a multiple of 16
-            bytes, else 1. Triton only specialises strides divisible by 16 elements, so without
-            this hint a head dim of 72 would compile to scalar loads.
+            checked that the base pointers of Q and Out are 16-byte aligned and their strides
+            multiples of 16 bytes, else 1. Triton only specialises strides divisible by 16
+            elements, so without this hint a head dim of 72 would compile to scalar loads.
+        KV_ALIGN, KV_ALIGN_BYTES: the same for K and V: every K/V base pointer and stride is a
+            multiple of KV_ALIGN_BYTES bytes (a power of two <= 16; an int8 cache with head dim
+            72 gives 8), i.e. of KV_ALIGN elements of K (1: no hint).
         DOT_PRECISION: ``"tf32"``: fp32 inputs run on TF32 tensor cores (10-bit mantissa
             operands, fp32 accumulation); it does not apply to fp16/bf16 operands.
         SCHED: segments read per step of the work-item lookup.
@@ -186,12 +191,13 @@ def varlen_attention_fwd_kernel(
     if ALIGN > 1:
         q_base = tl.multiple_of(q_base, 16)
         o_base = tl.multiple_of(o_base, 16)
-        k_base = tl.multiple_of(k_base, 16)
-        v_base = tl.multiple_of(v_base, 16)
         q_rows = tl.multiple_of(q_rows, [ALIGN])
         o_rows = tl.multiple_of(o_rows, [ALIGN])
-        k_rows = tl.multiple_of(k_rows, [ALIGN])
-        v_rows = tl.multiple_of(v_rows, [ALIGN])
+    if KV_ALIGN > 1:
+        k_base = tl.multiple_of(k_base, KV_ALIGN_BYTES)
+        v_base = tl.multiple_of(v_base, KV_ALIGN_BYTES)
+        k_rows = tl.multiple_of(k_rows, [KV_ALIGN])
+        v_rows = tl.multiple_of(v_rows, [KV_ALIGN])
     # K is read transposed ([DH, BLOCK_N]) so that q @ k needs no in-register transpose.
     k0_ptrs = k_base + k_rows[None, :] + offs_d0[:, None]
     v0_ptrs = v_base + v_rows[:, None] + offs_d0[None, :]

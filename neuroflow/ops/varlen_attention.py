@@ -175,18 +175,30 @@ def _unsupported(q, k, v, out, k_scale, num_segments, max_q) -> str | None:
     return None
 
 
-def _align(q, *tensors) -> int:
-    """16 bytes in elements of q when every base pointer is 16-byte aligned and every (used)
-    stride of q, k, v and out is a multiple of that many elements (the kernel's multiple_of
-    hints then hold for each tensor in its own elements), else 1."""
-    vec = 16 // q.element_size()
-    for t in (q, *tensors):
-        if t.data_ptr() % 16:
-            return 1
-        for size, stride in zip(t.shape[:2], t.stride()[:2]):
-            if size > 1 and stride % vec:
-                return 1
-    return vec
+def _align_bytes(*tensors) -> int:
+    """The largest power of two <= 16 dividing every base address and (used) stride in bytes."""
+    align = 16
+    for t in tensors:
+        values = [t.data_ptr()] + [stride * t.element_size() for size, stride in zip(t.shape[:2], t.stride()[:2])
+                                   if size > 1]
+        for value in values:
+            while value % align:
+                align //= 2
+    return align
+
+
+def _align(q, out) -> int:
+    """16 bytes in elements of q when q's and out's base pointers are 16-byte aligned and their
+    (used) strides multiples of 16 bytes (the kernel's ALIGN hint), else 1."""
+    return 16 // q.element_size() if _align_bytes(q, out) == 16 else 1
+
+
+def _kv_align(k, v) -> tuple[int, int]:
+    """``(KV_ALIGN, KV_ALIGN_BYTES)``: the alignment every K/V base pointer and stride has, in
+    elements of k and in bytes (``(1, 1)`` below one element)."""
+    align = _align_bytes(k, v)
+    elems = align // k.element_size()
+    return (elems, align) if elems > 1 else (1, 1)
 
 
 def _schedule(config, max_q: int, head_dim: int, dtype: torch.dtype, interpreted: bool, kv_dtype: torch.dtype):
@@ -305,6 +317,7 @@ def _launch(q, k, v, out, cu_seqlens_q, cu_seqlens_k, kv_start, k_scale, v_scale
     ks = k_scale if scaled else cu_q  # placeholders: never read without KV_SCALED
     vs = v_scale if scaled else cu_q
     dh0, dh1 = head_dim_split(head_dim)
+    kv_align = _kv_align(k, v)
     kernel = _kernel(q.device)
     launches = []
     for lo, hi, cfg in schedule:
@@ -323,7 +336,7 @@ def _launch(q, k, v, out, cu_seqlens_q, cu_seqlens_k, kv_start, k_scale, v_scale
             HEAD_DIM=head_dim, DH0=dh0, DH1=dh1,
             BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"],
             HAS_KV_START=kv_start is not None, KV_SCALED=scaled,
-            ALIGN=_align(q, k, v, out),
+            ALIGN=_align(q, out), KV_ALIGN=kv_align[0], KV_ALIGN_BYTES=kv_align[1],
             # fp32 runs on TF32 tensor cores; no effect on fp16/bf16 operands.
             DOT_PRECISION="tf32",
             SCHED=SCHED_BLOCK if not interpreted else max(16, min(SCHED_BLOCK, next_pow2(num_segments))),
