@@ -46,7 +46,10 @@ def _config(upper: int | None, width: int, elem: int) -> dict:
     warps = 8 if block_m == 128 else (block_m // 16 if has_tail and block_m < 64 else 4)
     if has_tail and block_m < 64:
         # One or two warps hold the whole key/value tile: 32 keys per step (16 for fp32), one
-        # stage (the int8 path's conversions and fp32 operands spill otherwise).
+        # stage (the int8 path's conversions and fp32 operands spill otherwise). fp32 operands
+        # do not fit one warp's registers at all: the 16-row class runs 32-row tiles on 2 warps.
+        if elem == 4 and block_m == 16:
+            block_m, warps = 32, 2
         return dict(BLOCK_M=block_m, BLOCK_N=16 if elem == 4 else 32, num_warps=warps, num_stages=1)
     return dict(BLOCK_M=block_m, BLOCK_N=32 if narrow_n else 64, num_warps=warps,
                 num_stages=2 if block_m <= 32 or elem == 4 else 3)
@@ -74,6 +77,7 @@ def varlen_attention_fwd_kernel(
     KvStart,
     KScale,
     VScale,
+    Lse,
     num_segments,
     seg_lo,
     seg_hi,
@@ -89,6 +93,11 @@ def varlen_attention_fwd_kernel(
     stride_ksh,
     stride_vst,
     stride_vsh,
+    stride_os,
+    stride_ls,
+    stride_lt,
+    stride_lh,
+    num_splits,
     qk_scale,
     HEAD_DIM: tl.constexpr,
     DH0: tl.constexpr,
@@ -102,12 +111,21 @@ def varlen_attention_fwd_kernel(
     KV_ALIGN_BYTES: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     SCHED: tl.constexpr,
+    SPLIT_K: tl.constexpr,
 ):
     """Non-causal attention of each segment's queries over that segment's keys, for the query
     segments of one length class.
 
-    Grid: ``(capacity, H)``: ``capacity`` bounds the class's query tiles (host-known, e.g. from
-    ``q.shape[0]``); programs past the real count exit.
+    Grid: ``(capacity, H)``, or ``(capacity, H, num_splits)`` with SPLIT_K: ``capacity`` bounds
+    the class's query tiles (host-known, e.g. from ``q.shape[0]``); programs past the real count
+    exit.
+
+    SPLIT_K (flash-decoding, for few query tiles over long key segments): program ``(w, h, z)``
+    takes the z-th of ``num_splits`` equal runs of the segment's key blocks and writes its
+    normalised partial output into Out ``[num_splits, Tq, H, HEAD_DIM]`` fp32 (split stride
+    ``stride_os``) and its base-2 log-sum-exp (in ``qk_scale`` units; -inf for no keys) into Lse
+    ``[num_splits, Tq, H]`` fp32 (strides ``stride_ls, stride_lt, stride_lh``); the launcher
+    combines the splits.
 
     Args:
         Q: ``[Tq, H, HEAD_DIM]`` fp16, bf16 or fp32, strides ``(stride_qt, stride_qh, 1)``.
@@ -172,6 +190,12 @@ def varlen_attention_fwd_kernel(
     k_len = tl.load(CuSeqlensK + seg + 1) - k_first
     if HAS_KV_START:
         k_first = tl.load(KvStart + seg)
+    if SPLIT_K:
+        split = tl.program_id(2)
+        per = tl.cdiv(tl.cdiv(k_len, BLOCK_N), num_splits) * BLOCK_N
+        k_lo = tl.minimum(split * per, k_len)
+        k_first += k_lo
+        k_len = tl.minimum(k_len - k_lo, per)
 
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
@@ -182,6 +206,8 @@ def varlen_attention_fwd_kernel(
     # inside a tile stay int32.
     q_base = Q + q_begin.to(tl.int64) * stride_qt + head * stride_qh
     o_base = Out + q_begin.to(tl.int64) * stride_ot + head * stride_oh
+    if SPLIT_K:
+        o_base += split.to(tl.int64) * stride_os
     k_base = K + k_first.to(tl.int64) * stride_kt + head * stride_kh
     v_base = V + k_first.to(tl.int64) * stride_vt + head * stride_vh
     q_rows = offs_m * stride_qt
@@ -257,6 +283,10 @@ def varlen_attention_fwd_kernel(
             vs_ptrs += BLOCK_N * stride_vst
 
     # l_i == 0 only for a segment without keys (acc is 0 there): write zeros instead of 0/0.
+    if SPLIT_K:
+        lse = tl.where(l_i > 0.0, m_i + tl.log2(tl.where(l_i > 0.0, l_i, 1.0)), float("-inf"))
+        lse_ptrs = Lse + split.to(tl.int64) * stride_ls + (q_begin.to(tl.int64) + offs_m) * stride_lt + head * stride_lh
+        tl.store(lse_ptrs, lse, mask=m_valid)
     inv_l = 1.0 / tl.where(l_i > 0.0, l_i, 1.0)
     out0 = o_base + o_rows[:, None] + offs_d0[None, :]
     tl.store(out0, (acc0 * inv_l[:, None]).to(Out.dtype.element_ty), mask=m_valid[:, None])

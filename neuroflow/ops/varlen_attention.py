@@ -53,6 +53,13 @@ _NO_UPPER = 2**31 - 1  # seg_hi of the open-ended class
 INTERPRETER_MAX_BLOCK_M = 128
 INTERPRETER_BLOCK_N = 128
 
+# Split over keys (flash-decoding): when the batch has fewer (segment, head) pairs than the GPU
+# has SMs and key segments can be long (the KV path with one or a few streams: a few active
+# queries attending to all T cached keys), the key blocks are split in up to MAX_SPLITS runs of at
+# least SPLIT_MIN_KEYS keys, aiming at two programs per SM, and the partial results combined.
+SPLIT_MIN_KEYS = 256
+MAX_SPLITS = 16
+
 
 def head_dim_split(head_dim: int) -> tuple[int, int]:
     """The kernel's head-dim parts ``(DH0, DH1)``: DH0 the largest power of two <= head_dim
@@ -189,8 +196,15 @@ def _align_bytes(*tensors) -> int:
 
 def _align(q, out) -> int:
     """16 bytes in elements of q when q's and out's base pointers are 16-byte aligned and their
-    (used) strides multiples of 16 bytes (the kernel's ALIGN hint), else 1."""
-    return 16 // q.element_size() if _align_bytes(q, out) == 16 else 1
+    (used) strides multiples of 16 bytes and of that many elements (the kernel's ALIGN hint:
+    row offsets of both are claimed multiples of it; out may be the fp32 split partials), else 1."""
+    vec = 16 // q.element_size()
+    if _align_bytes(q, out) != 16:
+        return 1
+    for t in (q, out):
+        if any(size > 1 and stride % vec for size, stride in zip(t.shape[:2], t.stride()[:2])):
+            return 1
+    return vec
 
 
 def _kv_align(k, v) -> tuple[int, int]:
@@ -298,13 +312,31 @@ def varlen_attention(
     if num_segments == 0 or max_q == 0 or q.shape[0] == 0 or num_heads == 0:
         return out
 
-    _launch(q, k, v, out, cu_seqlens_q, cu_seqlens_k, kv_start, k_scale, v_scale, scale, max_q, schedule, interpreted)
+    splits = _num_splits(q, num_segments, max_k, schedule)
+    _launch(q, k, v, out, cu_seqlens_q, cu_seqlens_k, kv_start, k_scale, v_scale, scale, max_q, schedule, interpreted,
+            splits)
     return out
 
 
+def _num_splits(q, num_segments: int, max_k: int, schedule) -> int:
+    """Key splits for this call: a ``num_splits`` entry of the config, else (CUDA only) enough
+    to give about two programs per SM when there are fewer (segment, head) pairs than SMs."""
+    forced = [cfg["num_splits"] for _, _, cfg in schedule if "num_splits" in cfg]
+    if forced:
+        return max(1, int(max(forced)))
+    if q.device.type != "cuda" or max_k < 2 * SPLIT_MIN_KEYS:
+        return 1
+    programs = max(1, num_segments * q.shape[1])
+    sms = torch.cuda.get_device_properties(q.device).multi_processor_count
+    if programs >= sms:
+        return 1
+    return max(1, min(MAX_SPLITS, cdiv(2 * sms, programs), max_k // SPLIT_MIN_KEYS))
+
+
 def _launch(q, k, v, out, cu_seqlens_q, cu_seqlens_k, kv_start, k_scale, v_scale, scale, max_q, schedule,
-            interpreted) -> None:
-    """One kernel launch per class of ``schedule`` (checked arguments, non-empty batch)."""
+            interpreted, splits: int = 1) -> None:
+    """One kernel launch per class of ``schedule`` (checked arguments, non-empty batch); with
+    ``splits > 1`` into fp32 partials per key split, then combined into ``out`` (device ops only)."""
     from ..kernels.varlen_attention import SCHED_BLOCK
 
     num_segments = cu_seqlens_q.shape[0] - 1
@@ -319,38 +351,65 @@ def _launch(q, k, v, out, cu_seqlens_q, cu_seqlens_k, kv_start, k_scale, v_scale
     dh0, dh1 = head_dim_split(head_dim)
     kv_align = _kv_align(k, v)
     kernel = _kernel(q.device)
+    split = splits > 1
+    if split:
+        # Rows of no segment must keep out's contents: their Lse stays NaN ("never written").
+        target = torch.zeros(splits, *q.shape, dtype=torch.float32, device=q.device)
+        lse = torch.full((splits, *q.shape[:2]), float("nan"), dtype=torch.float32, device=q.device)
+    else:
+        target, lse = out, cu_q
     launches = []
     for lo, hi, cfg in schedule:
         capacity = _class_capacity(lo, hi, cfg["BLOCK_M"], max_q, num_segments, q.shape[0])
         if capacity == 0:
             continue
+        t_strides = target.stride()[-3:-1]
         args = (
-            q, k, v, out, cu_q, cu_k, kv_start if kv_start is not None else cu_k, ks, vs,
+            q, k, v, target, cu_q, cu_k, kv_start if kv_start is not None else cu_k, ks, vs, lse,
             num_segments, lo, _NO_UPPER if hi is None else hi,
-            q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), out.stride(0), out.stride(1),
+            q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), *t_strides,
             ks.stride(0) if scaled else 0, ks.stride(1) if scaled else 0,
             vs.stride(0) if scaled else 0, vs.stride(1) if scaled else 0,
+            target.stride(0) if split else 0, *(lse.stride() if split else (0, 0, 0)), splits,
             scale * _LOG2E,
         )
         meta = dict(
             HEAD_DIM=head_dim, DH0=dh0, DH1=dh1,
             BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"],
             HAS_KV_START=kv_start is not None, KV_SCALED=scaled,
-            ALIGN=_align(q, out), KV_ALIGN=kv_align[0], KV_ALIGN_BYTES=kv_align[1],
+            ALIGN=_align(q, target if not split else target[0]), KV_ALIGN=kv_align[0], KV_ALIGN_BYTES=kv_align[1],
             # fp32 runs on TF32 tensor cores; no effect on fp16/bf16 operands.
             DOT_PRECISION="tf32",
             SCHED=SCHED_BLOCK if not interpreted else max(16, min(SCHED_BLOCK, next_pow2(num_segments))),
             num_warps=cfg.get("num_warps", 4),
             num_stages=cfg.get("num_stages", 2),
+            SPLIT_K=split,
         )
-        launches.append(((min(capacity, _MAX_GRID_X), num_heads), args, meta))
+        grid = (min(capacity, _MAX_GRID_X), num_heads) + ((splits,) if split else ())
+        launches.append((grid, args, meta))
     if q.device.type == "cuda":
         with torch.cuda.device(q.device):
             for grid, args, meta in launches:
                 kernel[grid](*args, **meta)
+            if split:
+                _combine_splits(target, lse, out)
     else:
         for grid, args, meta in launches:
             kernel[grid](*args, **meta)
+        if split:
+            _combine_splits(target, lse, out)
+
+
+def _combine_splits(partial: torch.Tensor, lse: torch.Tensor, out: torch.Tensor) -> None:
+    """``out`` rows of every segment from the key splits' normalised partials ``[S, Tq, H, Dh]``
+    and base-2 log-sum-exps ``[S, Tq, H]`` (-inf: no keys in that split; NaN: row of no
+    segment, left as it is). A segment without keys gets zeros."""
+    written = ~torch.isnan(lse[0])
+    top = lse.nan_to_num(nan=float("-inf")).amax(0)
+    weight = torch.exp2(lse.nan_to_num(nan=float("-inf")) - torch.where(torch.isfinite(top), top, 0.0))
+    total = weight.sum(0)
+    combined = (weight[..., None] * partial).sum(0) / torch.where(total > 0, total, 1.0)[..., None]
+    out.copy_(torch.where(written[..., None], combined.to(out.dtype), out))
 
 
 # --------------------------------------------------------------------------------------------
@@ -367,12 +426,13 @@ def compile_cases():
     code apart from the element type): the shortest and the long class; int8 key/value caches
     with fp16 queries: every class, with bf16 / fp32 queries the shortest and the long class.
     Contiguous q/k/v (the launcher's aligned variant) reading a per-stream cache through
-    ``kv_start`` (the KV path; the default path differs by one scalar load). Nothing runs: the
+    ``kv_start`` (the KV path; the default path differs by one scalar load). The split-over-keys
+    variant for the shortest class in fp16 d64, int8 d72 and fp32 d80. Nothing runs: the
     launches are recorded.
     """
     from ..compile_check import CompileCase
 
-    def launcher(dtype, kv_dtype, head_dim, lo, hi, cfg):
+    def launcher(dtype, kv_dtype, head_dim, lo, hi, cfg, splits=1):
         def run():
             heads, streams, tokens = 2, 2, 256
             max_q = hi or 256
@@ -383,7 +443,7 @@ def compile_cases():
             cu_k = torch.arange(streams + 1, dtype=torch.int32) * tokens
             out = torch.empty_like(q)
             _launch(q, kv, kv, out, cu_q, cu_k, cu_k[:-1].clone(), scales, scales, head_dim**-0.5, max_q,
-                    [(lo, hi, cfg)], interpreted=False)
+                    [(lo, hi, cfg)], interpreted=False, splits=splits)
         return run
 
     every = tuple(range(4))
@@ -413,4 +473,14 @@ def compile_cases():
                     # mma.sync (HMMA) on sm_90 too, so HGMMA is required only from BLOCK_M = 64 on.
                     tensor_cores=(80, 90) if cfg["BLOCK_M"] >= 64 else (80,),
                 ))
+    # Split over keys (few short query segments over long key segments): the shortest class.
+    for dtype, kv_dtype, head_dim in ((torch.float16, torch.float16, 64), (torch.float16, torch.int8, 72),
+                                      (torch.float32, torch.float32, 80)):
+        lo, hi, cfg = launch_schedule(256, head_dim, dtype, kv_dtype=kv_dtype)[0]
+        name = str(dtype).removeprefix("torch.") + ("/kv int8" if kv_dtype == torch.int8 else "")
+        cases.append(CompileCase(
+            f"varlen_attention {name} d{head_dim} q<={hi} split-k M{cfg['BLOCK_M']} N{cfg['BLOCK_N']} "
+            f"w{cfg['num_warps']} s{cfg['num_stages']}",
+            launcher(dtype, kv_dtype, head_dim, lo, hi, cfg, splits=4), uses_dot=True, tensor_cores=(80,),
+        ))
     return cases
