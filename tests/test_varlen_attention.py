@@ -420,6 +420,26 @@ def test_cuda_matches_reference(dtype, head_dim):
         check(q, k, v, cu_q, cu_k, max(len_q), max(len_k))
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="compiled kernel needs a CUDA GPU")
+@pytest.mark.parametrize("head_dim", [64, 72, 80])
+@pytest.mark.parametrize("kv", ["float32-tf32", "int8"])
+def test_cuda_fp32_and_int8_caches(kv, head_dim):
+    """fp32 on TF32 tensor cores (against the TF32-rounded baseline) and int8 caches with fp16
+    queries, on ragged gate mixes over a per-stream cache (one stream: the split over keys)."""
+    g = torch.Generator().manual_seed(head_dim + 1)
+    for streams in (32, 1):
+        len_q, tokens = ([5, 33, 0, 12] * 8)[:streams], 784
+        dtype = torch.float32 if kv.startswith("float32") else torch.float16
+        q = randn(g, sum(len_q), 4, head_dim, dtype=dtype, device="cuda")
+        k, v = (randn(g, streams * tokens, 4, head_dim, dtype=dtype, device="cuda") for _ in range(2))
+        scales = {}
+        if kv == "int8":
+            (k, ks), (v, vs) = quantized(k.float()), quantized(v.float())
+            scales = dict(k_scale=ks, v_scale=vs)
+        cu_k = cu_seqlens([tokens] * streams, "cuda")
+        check(q, k, v, cu_seqlens(len_q, "cuda"), cu_k, max(len_q), tokens, kv_start=cu_k[:-1], **scales)
+
+
 def test_gradients_take_the_differentiable_reference(triton_path):
     """The kernel is forward-only: a call that needs gradients must not silently drop them."""
     q = torch.randn(5, 2, 16, requires_grad=True)

@@ -8,7 +8,10 @@ No host synchronisation on CUDA: ``max_seqlen_q``/``max_seqlen_k`` are host-side
 (e.g. capacity buckets, not exact maxima); the kernel bounds its work by the device-side
 ``cu_seqlens``. The launch is a short schedule of one launch per segment-length class
 (:func:`launch_schedule`) whose grids are host-known capacities; each program finds its work
-item (segment, query tile) from ``cu_seqlens_q`` on the device. The offsets' *values* are
+item (segment, query tile) from ``cu_seqlens_q`` on the device. With fewer (segment, head)
+pairs than SMs and long key segments (the KV path for one or a few streams), each segment's keys
+are split in several runs (flash-decoding) and the partial results combined with device ops
+(:func:`_num_splits`). The offsets' *values* are
 checked (:func:`neuroflow.reference.varlen_attention.check_varlen_offsets`, which reads them on
 the host) only on the CPU (the reference or the Triton interpreter, where it is free) or when
 ``NEUROFLOW_DEBUG_CHECKS=1``; otherwise they are trusted, as in flash-attn.
