@@ -12,7 +12,9 @@ from neuroflow import NeuroFlow
 from conftest import make_model, video
 from helpers import assert_same_state
 
-ARCHS = ("A", "B", "C", "KV")
+ARCHS = ("A", "B", "C", "KV", "KV-partial")
+PARTIAL = {"KV-partial": dict(arch="KV", kv_layers=[0])}
+"""Partial-depth KV: layer 0 keeps key/value caches, layer 1 runs as in C."""
 
 
 class _Fail(nn.Module):
@@ -21,7 +23,8 @@ class _Fail(nn.Module):
 
 
 def _engine(arch, family="siglip"):
-    return NeuroFlow(make_model(family), arch=arch, threshold=0.02, ema_decay=0.2, floor_tokens=3)
+    kwargs = PARTIAL.get(arch, dict(arch=arch))
+    return NeuroFlow(make_model(family), threshold=0.02, ema_decay=0.2, floor_tokens=3, **kwargs)
 
 
 def _warm(nf, frames):
