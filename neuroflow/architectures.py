@@ -37,6 +37,7 @@ import torch
 from .encoder import Packed, packed_layer, packed_layer_cached_kv, run_packed
 from .models import VisionAdapter, attention_block, mlp_block
 from .ops.gate import PackedFrames, ema_dtype
+from .reference.cache_scatter import QUANT_MAX
 from .profiling import stage
 from .streams import Grid, Specs, StreamBatch
 
@@ -88,6 +89,18 @@ class Architecture:
     @property
     def _kv_width(self) -> int:
         return self.adapter.layers[-1].k.out_features
+
+    @property
+    def _kv_quantized(self) -> bool:
+        """8-bit key/value caches (int8 / float8_e4m3fn), with per-token, per-head scales."""
+        return self._kv_dtype in QUANT_MAX
+
+    def _kv_scale_specs(self, names: tuple[str, str], shape: tuple[int, ...]) -> Specs:
+        """Scale state ``[..., T_tok, H]`` float32 next to 8-bit key/value caches (else none)."""
+        if not self._kv_quantized:
+            return {}
+        heads = self.adapter.layers[-1].num_heads
+        return {name: ((*shape, heads), torch.float32) for name in names}
 
     def check(self, floor_tokens: int) -> None:
         """Raise ``ValueError`` if the settings cannot work with this architecture and model."""
@@ -222,6 +235,7 @@ class ArchC(Architecture):
             t = self._tokens(grid)
             specs["last_k"] = ((t, self._kv_width), self._kv_dtype)
             specs["last_v"] = ((t, self._kv_width), self._kv_dtype)
+            specs.update(self._kv_scale_specs(("last_k_scale", "last_v_scale"), (t,)))
         return specs
 
     def step(self, frames: torch.Tensor, gate: PackedFrames, batch: StreamBatch) -> ArchResult:
@@ -232,8 +246,10 @@ class ArchC(Architecture):
                 z = run_packed(a.layers, x, packed)
             else:
                 y = run_packed(a.layers[:-1], x, packed)
+                scales = _kv_scales(batch, "last_k_scale", "last_v_scale") if self._kv_quantized else {}
                 z = packed_layer_cached_kv(a.layers[-1], y, packed, batch.slot, batch.tensor("last_k"),
-                                           batch.tensor("last_v"), _kv_writer(batch, "last_k", "last_v", packed))
+                                           batch.tensor("last_v"), _kv_writer(batch, "last_k", "last_v", packed,
+                                                                              quantized=self._kv_quantized), **scales)
         return self._readout_from_cache(z, packed, batch)
 
 
@@ -274,9 +290,10 @@ class ArchKV(Architecture):
     def state_specs(self, grid: Grid) -> Specs:
         specs = {**super().state_specs(grid), **self._cache_specs(grid)}
         if self.kv_layer_ids:  # no zero-sized pools when no layer is cached
-            shape = (len(self.kv_layer_ids), self._tokens(grid), self._kv_width)
-            specs["kv_k"] = (shape, self._kv_dtype)
-            specs["kv_v"] = (shape, self._kv_dtype)
+            num_kv, t = len(self.kv_layer_ids), self._tokens(grid)
+            specs["kv_k"] = ((num_kv, t, self._kv_width), self._kv_dtype)
+            specs["kv_v"] = ((num_kv, t, self._kv_width), self._kv_dtype)
+            specs.update(self._kv_scale_specs(("kv_k_scale", "kv_v_scale"), (num_kv, t)))
         return specs
 
     def step(self, frames: torch.Tensor, gate: PackedFrames, batch: StreamBatch) -> ArchResult:
@@ -288,6 +305,10 @@ class ArchKV(Architecture):
             s, num_kv, t_tok, width = keys.shape
             # Cached layer j of stream slot s lives at row s * L_kv + j of the flattened pools.
             k_rows, v_rows = keys.view(s * num_kv, t_tok, width), values.view(s * num_kv, t_tok, width)
+            scales = {}
+            if self._kv_quantized:
+                scales = {key: t.view(s * num_kv, t_tok, -1)
+                          for key, t in _kv_scales(batch, "kv_k_scale", "kv_v_scale").items()}
         with stage("encoder"):
             for layer, parts in enumerate(a.layers):
                 j = cached.get(layer)
@@ -295,7 +316,8 @@ class ArchKV(Architecture):
                     x = packed_layer(parts, x, packed)
                 else:
                     x = packed_layer_cached_kv(parts, x, packed, batch.slot * num_kv + j, k_rows, v_rows,
-                                               _kv_writer(batch, "kv_k", "kv_v", packed, j))
+                                               _kv_writer(batch, "kv_k", "kv_v", packed, j,
+                                                          quantized=self._kv_quantized), **scales)
         return self._readout_from_cache(x, packed, batch)
 
 
@@ -328,12 +350,19 @@ def resolve_kv_layers(kv_layers, num_layers: int) -> tuple[int, ...]:
     return tuple(sorted(ids))
 
 
-def _kv_writer(batch: StreamBatch, k_name: str, v_name: str, packed: Packed, layer: int | None = None):
-    """Writes a layer's fresh keys and values ``[T, H * Dh]`` into the batch's caches."""
+def _kv_writer(batch: StreamBatch, k_name: str, v_name: str, packed: Packed, layer: int | None = None,
+               quantized: bool = False):
+    """Writes a layer's fresh keys and values ``[T, H * Dh]`` into the batch's caches (8-bit
+    caches: quantised per token and head, the scales into ``<name>_scale``)."""
     def write(k: torch.Tensor, v: torch.Tensor) -> None:
-        batch.scatter(k_name, k, packed.cu_seqlens, packed.index, layer)
-        batch.scatter(v_name, v, packed.cu_seqlens, packed.index, layer)
+        batch.scatter(k_name, k, packed.cu_seqlens, packed.index, layer, scale=f"{k_name}_scale" if quantized else None)
+        batch.scatter(v_name, v, packed.cu_seqlens, packed.index, layer, scale=f"{v_name}_scale" if quantized else None)
     return write
+
+
+def _kv_scales(batch: StreamBatch, k_name: str, v_name: str) -> dict[str, torch.Tensor]:
+    """The live scale pools of 8-bit key/value caches, as ``packed_layer_cached_kv``'s arguments."""
+    return {"k_scale": batch.tensor(k_name), "v_scale": batch.tensor(v_name)}
 
 
 ARCHITECTURES: dict[str, type[Architecture]] = {cls.name: cls for cls in (ArchA, ArchB, ArchC, ArchKV)}

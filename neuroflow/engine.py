@@ -18,6 +18,7 @@ from torch import nn
 from .architectures import Architecture, make_architecture
 from .models import VisionAdapter
 from .ops.gate import gate
+from .reference.cache_scatter import QUANT_MAX
 from .profiling import stage
 from .streams import Grid, StreamBatch, StreamStore
 from .validation import (
@@ -73,8 +74,10 @@ class NeuroFlow(nn.Module):
             only, as for SigLIP). Ignored otherwise.
         check_finite: reject frames with NaN or Inf (costs one device sync per call).
         cache_dtype: dtype of the key/value caches (KV, and C's context readout), e.g.
-            ``torch.float16`` on a GPU; attention over them runs in that dtype. Default: the
-            model's dtype.
+            ``torch.float16`` on a GPU; attention over them runs in that dtype. ``torch.int8`` (or
+            ``torch.float8_e4m3fn``): 8-bit caches with per-token, per-head absmax scales
+            (state ``kv_k_scale``/``kv_v_scale``), dequantised inside the attention, which runs in
+            the model's dtype. Default: the model's dtype.
         head_cache: cache SigLIP's pooling-head keys and values per token (C and KV), so the head
             projects only fresh tokens.
         max_streams: keep at most this many streams; when a call would exceed it, the least
@@ -112,8 +115,10 @@ class NeuroFlow(nn.Module):
         check_floor_tokens(floor_tokens)
         if cls_readout not in ("context", "active"):
             raise ValueError(f"cls_readout must be 'context' or 'active', got {cls_readout!r}")
-        if cache_dtype is not None and not (isinstance(cache_dtype, torch.dtype) and cache_dtype.is_floating_point):
-            raise ValueError(f"cache_dtype must be a floating torch.dtype, got {cache_dtype!r}")
+        if cache_dtype is not None and not (isinstance(cache_dtype, torch.dtype)
+                                            and (cache_dtype.is_floating_point or cache_dtype in QUANT_MAX)):
+            raise ValueError(f"cache_dtype must be a floating torch.dtype, torch.int8 or torch.float8_e4m3fn, "
+                             f"got {cache_dtype!r}")
         if max_streams is not None and (isinstance(max_streams, bool) or not isinstance(max_streams, int)
                                         or max_streams < 1):
             raise ValueError(f"max_streams must be an int >= 1 or None, got {max_streams!r}")

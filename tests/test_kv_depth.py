@@ -133,6 +133,14 @@ def test_memory_report_and_state_shapes():
         assert nf.state_bytes() == 4 * report["total"]  # a new pool holds 4 slots
     half = NeuroFlow(model, arch="KV", kv_layers=2, cache_dtype=torch.float16).state_bytes_per_stream(40, 48)
     assert half["kv_k"] == 2 * 31 * 48 * 2
+    # 8-bit caches: one byte per value plus a float32 scale per cached layer, token and head (2 heads)
+    q = NeuroFlow(model, arch="KV", kv_layers=2, cache_dtype=torch.int8)
+    q8 = q.state_bytes_per_stream(40, 48)
+    assert q8["kv_k"] == 2 * 31 * 48 and q8["kv_k_scale"] == q8["kv_v_scale"] == 2 * 31 * 2 * 4
+    with torch.inference_mode():
+        q(video(2)[:1])
+        q(video(2)[1:])
+    assert stream_tensor(q, 0, "kv_k").shape == (2, 31, 48) and stream_tensor(q, 0, "kv_k_scale").shape == (2, 31, 2)
 
 
 def test_state_fingerprint_includes_the_cached_layers():

@@ -18,6 +18,8 @@ CASES = [
     ("siglip", dict(arch="C", head_cache=False)),
     ("siglip", dict(arch="A")),
     ("siglip", dict(arch="KV", kv_layers=[1])),
+    ("vit", dict(arch="KV", cache_dtype=torch.int8)),
+    ("dinov2", dict(arch="KV", kv_layers=2, cache_dtype=torch.int8)),
 ]
 
 

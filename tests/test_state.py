@@ -112,4 +112,23 @@ def test_cache_memory_report_and_dtype():
     with pytest.raises(ValueError, match="incompatible"):
         NeuroFlow(model, arch="KV").load_stream_state_dict(half.stream_state_dict())
     with pytest.raises(ValueError, match="cache_dtype"):
-        NeuroFlow(model, arch="KV", cache_dtype=torch.int8)
+        NeuroFlow(model, arch="KV", cache_dtype=torch.int32)
+
+
+def test_int8_kv_cache_state_and_memory():
+    """cache_dtype=torch.int8: 8-bit keys/values plus per-token, per-head float32 scales."""
+    model = make_model("vit", layers=2)  # D = 48, 2 layers, 1 prefix token
+    full = NeuroFlow(model, arch="KV").state_bytes_per_stream(40, 48)
+    nf = NeuroFlow(model, arch="KV", cache_dtype=torch.int8)
+    heads = nf.adapter.layers[-1].num_heads
+    tokens = 31
+    q8 = nf.state_bytes_per_stream(40, 48)
+    assert q8["kv_k"] == q8["kv_v"] == full["kv_k"] // 4
+    assert q8["kv_k_scale"] == q8["kv_v_scale"] == 2 * tokens * heads * 4
+    with torch.inference_mode():
+        out = nf(video(1))
+    assert torch.isfinite(out.last_hidden_state).all()
+    k, k_scale = stream_tensor(nf, 0, "kv_k"), stream_tensor(nf, 0, "kv_k_scale")
+    assert k.dtype == torch.int8 and k_scale.shape == (2, tokens, heads) and k_scale.dtype == torch.float32
+    # The dense first frame wrote every token: each head's absmax maps to +-127.
+    assert (k.view(2, tokens, heads, -1).abs().amax(-1) == 127).all() and (k_scale > 0).all()
