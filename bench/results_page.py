@@ -163,7 +163,8 @@ def write_results_page(out: Path = RESULTS, figures: list[str] | None = None) ->
     if figures:
         lines += ["## Figures (most recent end-to-end run)", ""]
         lines += [f"![{f}]({figure_dir}{f})" for f in figures] + [""]
-    for name, title in (("gate", "Gate microbenchmark"), ("varlen_attention", "Varlen attention microbenchmark")):
+    for name, title in (("gate", "Gate microbenchmark"), ("varlen_attention", "Varlen attention microbenchmark"),
+                        ("cache_memory", "Cache memory vs fidelity, real weights (bench_cache_memory.py)")):
         md = out / f"{name}.md"
         if md.is_file():
             body = md.read_text().strip().splitlines()

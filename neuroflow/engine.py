@@ -93,6 +93,11 @@ class NeuroFlow(nn.Module):
         scene_cut: None or a fraction in (0, 1]: a frame where more than this fraction of the
             patches pass the threshold (raw surprise) is a keyframe: every patch active, the
             reference restarted (not reported as a first frame).
+        kv_layers: Architecture KV only (partial depth): the layers that keep key/value caches;
+            the others run as in C (computed tokens attend to computed tokens only). None
+            (default): every layer. An int K: the last K layers (0 is exactly C with
+            ``cls_readout="active"``). A sequence of distinct indices in ``[0, L)``, e.g.
+            ``range(1, L, 2)``. State per stream shrinks to ``[len(kv_layers), T, W]`` per cache.
 
     Call with ``pixel_values [B, C, H, W]`` (model dtype and device; H and W multiples of the patch
     size) and ``stream_ids`` (B distinct hashable ids; default ``0..B-1``). A stream that is new,
@@ -117,6 +122,7 @@ class NeuroFlow(nn.Module):
         budget: int | float | None = None,
         motion_norm: bool = False,
         scene_cut: float | None = None,
+        kv_layers: int | Sequence[int] | None = None,
     ):
         super().__init__()
         settings = GateSettings(threshold=threshold, ema_decay=ema_decay, floor_tokens=floor_tokens,
@@ -134,7 +140,8 @@ class NeuroFlow(nn.Module):
         self.adapter = VisionAdapter(vision_model)
         self.vision_model = self.adapter.model
         self.architecture: Architecture = make_architecture(
-            arch, self.adapter, cache_dtype=cache_dtype, head_cache=bool(head_cache), cls_readout=cls_readout)
+            arch, self.adapter, cache_dtype=cache_dtype, head_cache=bool(head_cache), cls_readout=cls_readout,
+            **({} if kv_layers is None else {"kv_layers": kv_layers}))
         self.architecture.check(settings.floor_tokens)
         self.architecture.track_age = max_staleness is not None
         self._gate = _normalised(settings)
@@ -244,6 +251,11 @@ class NeuroFlow(nn.Module):
         return self.architecture.head_cache
 
     @property
+    def kv_layers(self) -> tuple[int, ...] | None:
+        """Architecture KV: the cached layers, ascending (None: every layer). None for the others."""
+        return getattr(self.architecture, "kv_layers", None)
+
+    @property
     def max_streams(self) -> int | None:
         return self._streams.max_streams
 
@@ -279,8 +291,10 @@ class NeuroFlow(nn.Module):
 
     def state_bytes_per_stream(self, height: int, width: int) -> dict[str, int]:
         """Bytes of state one stream holds at an ``height x width`` frame size, per state tensor
-        (``ema``; ``anchors`` for A; ``cache`` for C and KV; ``kv_k``/``kv_v``, all layers, for KV;
-        ``last_k``/``last_v`` for C's context readout), plus ``"total"``."""
+        (``ema``; ``anchors`` for A; ``cache`` for C and KV; ``kv_k``/``kv_v``, the cached layers
+        only, for KV; ``last_k``/``last_v`` for C's context readout; ``head_k``/``head_v`` for
+        SigLIP's head cache), plus ``"total"``. Derived from the architecture's state specs, so it
+        is what a pool allocates per slot (see :mod:`neuroflow.memory` for a whole budget)."""
         grid = self.adapter.grid(height, width)
         out = {
             name: int(torch.Size(shape).numel()) * torch.empty(0, dtype=dtype).element_size()
@@ -288,6 +302,15 @@ class NeuroFlow(nn.Module):
         }
         out["total"] = sum(out.values())
         return out
+
+    def streams_that_fit(self, height: int, width: int, gib: float, reserve_gib: float = 0.0,
+                         count_weights: bool = True):
+        """How many streams at ``height x width`` fit in ``gib`` GiB beside this engine's model weights
+        and a stated ``reserve_gib`` for activations: a :class:`neuroflow.memory.MemoryFit` (see
+        :mod:`neuroflow.memory` for exactly what is counted)."""
+        from .memory import streams_that_fit
+
+        return streams_that_fit(self, height, width, gib, reserve_gib=reserve_gib, count_weights=count_weights)
 
     def state_bytes(self) -> int:
         """Bytes of stream state this engine holds now (every pool at its capacity)."""

@@ -163,11 +163,13 @@ def gate_stream(embeddings, threshold, ema_decay, floor_tokens, **options):
 
 
 def run_stream(model, frames, arch, threshold, ema_decay, floor_tokens, cls_context=True, masks=None, cuts=None,
-               **options):
+               kv_layers=None, **options):
     """Run one stream's frames ``[F, 3, H, W]``; returns one dict per frame.
 
     ``options`` are the gate options (reference, max_staleness, budget, motion_norm, scene_cut);
     with any of them the frame's gate is :func:`options_step` (``cuts``: the replayed scene cuts).
+    ``kv_layers`` (KV only): indices of the layers that see every token; the others see the
+    computed tokens only (None: every layer).
 
     ``masks`` (list of ``[N]`` bool) replays given gate decisions instead of deciding, so a
     float64 run can follow exactly the decisions of a float32 run.
@@ -207,7 +209,10 @@ def run_stream(model, frames, arch, threshold, ema_decay, floor_tokens, cls_cont
             cache = torch.zeros_like(x) if cache is None else cache
             inputs = [torch.zeros_like(x) for _ in layers] if inputs is None else inputs
             sub = x[:, idx]
-            for layer, layer_inputs in zip(layers, inputs):
+            for l, (layer, layer_inputs) in enumerate(zip(layers, inputs)):
+                if kv_layers is not None and l not in kv_layers:
+                    sub = run_layer(layer, sub)  # this layer keeps no context: computed tokens only
+                    continue
                 layer_inputs[:, idx] = sub
                 sub = run_layer(layer, layer_inputs)[:, idx]
             cache[:, idx] = sub

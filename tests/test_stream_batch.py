@@ -12,7 +12,14 @@ from neuroflow import NeuroFlow
 from conftest import make_model, video
 from helpers import assert_same_state
 
-ARCHS = ("A", "B", "C", "KV")
+ARCHS = ("A", "B", "C", "KV", "KV-partial")
+VARIANTS = {
+    # Partial-depth KV: layer 0 keeps key/value caches, layer 1 runs as in C.
+    "KV-partial": dict(arch="KV", kv_layers=[0]),
+    # 8-bit key/value caches: the quantised writes and their scales roll back too.
+    "KV-int8": dict(arch="KV", cache_dtype=torch.int8),
+    "KV-int8-partial": dict(arch="KV", cache_dtype=torch.int8, kv_layers=[1]),
+}
 
 
 class _Fail(nn.Module):
@@ -21,9 +28,8 @@ class _Fail(nn.Module):
 
 
 def _engine(arch, family="siglip", **options):
-    if arch == "KV-int8":  # 8-bit key/value caches: the quantised writes and their scales roll back too
-        arch, options = "KV", {**options, "cache_dtype": torch.int8}
-    return NeuroFlow(make_model(family), arch=arch, threshold=0.02, ema_decay=0.2, floor_tokens=3, **options)
+    kwargs = {**VARIANTS.get(arch, dict(arch=arch)), **options}
+    return NeuroFlow(make_model(family), threshold=0.02, ema_decay=0.2, floor_tokens=3, **kwargs)
 
 
 def _warm(nf, frames):
@@ -49,7 +55,7 @@ def _break(nf, where, monkeypatch):
 
 
 @pytest.mark.parametrize("where", ["gate", "encoder", "readout"])
-@pytest.mark.parametrize("arch", ARCHS + ("KV-int8",))
+@pytest.mark.parametrize("arch", ARCHS + ("KV-int8", "KV-int8-partial"))
 def test_failure_anywhere_leaves_every_stream_as_it_was(arch, where, monkeypatch):
     frames = video(4)
     nf, twin = _engine(arch), _engine(arch)
