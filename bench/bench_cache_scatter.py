@@ -14,12 +14,11 @@ from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
 
 import torch
 
 from bench_gate import DIM, make_case
-from common import RESULTS, environment, markdown_table, median_ms, write_results
+from common import add_out_argument, environment, markdown_table, median_ms, write_results
 from neuroflow import dispatch
 from neuroflow.ops.cache_scatter import cache_scatter
 from neuroflow.reference.cache_scatter import cache_scatter_reference
@@ -60,10 +59,10 @@ def run(sizes, stream_counts, device: torch.device, dtype: torch.dtype) -> list[
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--quick", action="store_true", help="224/448 px, 1 and 8 streams")
-    p.add_argument("--sizes", type=int, nargs="+")
-    p.add_argument("--streams", type=int, nargs="+")
+    p.add_argument("--sizes", type=int, nargs="+", help="frame sides in pixels")
+    p.add_argument("--streams", type=int, nargs="+", help="stream counts")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--out", default=None)
+    add_out_argument(p)
     args = p.parse_args(argv)
     device = torch.device(args.device)
     on_gpu = device.type == "cuda"
@@ -79,7 +78,7 @@ def main(argv=None) -> int:
               f"triton {env['triton']}, commit {env['commit']}, {env['time']}"
               + ("" if on_gpu else "\n\nCPU: only the PyTorch reference runs; no kernel timing exists without a GPU."))
     print("\n" + header + "\n\n" + table)
-    write_results("cache_scatter", records, table, Path(args.out) if args.out else RESULTS, header=header)
+    write_results("cache_scatter", records, table, args.out, header=header)
     return 0
 
 

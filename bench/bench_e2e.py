@@ -25,8 +25,9 @@ Workloads: see ``bench/workloads.py``. Models: SigLIP-base-patch16 geometry and 
 geometry with random weights (fidelity and sparsity on random weights are correctness signals,
 not quality), or local checkpoints via ``--model``.
 
-Writes ``bench/results/e2e.jsonl`` (appended), ``bench/results/e2e.md`` and
-``bench/results/e2e_*.png`` (latest run), and regenerates ``bench/RESULTS.md``.
+Writes ``OUT/e2e.jsonl`` (appended), ``OUT/e2e.md``, ``OUT/e2e_*.png`` (latest run) and a results
+page: ``OUT`` is ``bench/out/`` (git-ignored, page ``bench/out/RESULTS.md``) unless ``--out
+bench/results``, which records the run in the tracked results and regenerates ``bench/RESULTS.md``.
 """
 
 from __future__ import annotations
@@ -40,8 +41,11 @@ from pathlib import Path
 
 import torch
 
-from common import RESULTS, environment, markdown_table, write_results
+from common import add_out_argument, environment, markdown_table, write_results
 from neuroflow import NeuroFlow, dispatch
+from neuroflow.loading import build_default_model, default_device, load_model
+from neuroflow.models import VisionAdapter
+from neuroflow.pooling import dense_forward, pooled_output
 from neuroflow.profiling import StageTimer
 from workloads import workload
 
@@ -53,12 +57,11 @@ ROOT = Path(__file__).resolve().parents[1]
 # -- models ----------------------------------------------------------------------------------------
 
 def build_model(name: str, device, dtype):
-    """``siglip``/``clip`` (random weights, base geometry) or a local checkpoint folder."""
+    """``siglip``/``clip`` (random weights, base geometry) or a local checkpoint folder (its
+    vision tower; loaded by :func:`neuroflow.loading.load_model`, never downloaded)."""
     torch.manual_seed(0)
     if name == "siglip":
-        from transformers import SiglipVisionConfig, SiglipVisionModel
-
-        model, label = SiglipVisionModel(SiglipVisionConfig()), "SigLIP-base/16 geometry, random weights"
+        model, label = build_default_model(dtype, device).vision, "SigLIP-base/16 geometry, random weights"
     elif name == "clip":
         from transformers import CLIPVisionConfig, CLIPVisionModel
 
@@ -66,18 +69,9 @@ def build_model(name: str, device, dtype):
                                   num_attention_heads=12, image_size=224, patch_size=16)
         model, label = CLIPVisionModel(config), "CLIP-B/16 geometry, random weights"
     else:
-        from transformers import AutoModel
-
-        model = AutoModel.from_pretrained(name, local_files_only=True)
-        model = getattr(model, "vision_model", model)
-        label = f"{type(model).__name__} from {name}"
+        loaded = load_model(name, dtype, device)
+        model, label = loaded.vision, loaded.description
     return model.to(device, dtype).eval(), label
-
-
-def dense_forward(model, x):
-    if "Dinov2" in type(model).__name__:
-        return model(x)
-    return model(x, interpolate_pos_encoding=True)
 
 
 # -- running one contender -------------------------------------------------------------------------
@@ -115,12 +109,12 @@ def _peak(device):
 
 
 def run_dense(model, frames, device) -> Run:
-    run = Run()
+    run, adapter = Run(), VisionAdapter(model)
     _reset_peak(device)
     for t in range(frames.shape[0]):
-        out, ms = _timed(lambda: dense_forward(model, frames[t]), device)
+        pooled, ms = _timed(lambda: dense_forward(adapter, frames[t]), device)
         run.ms.append(ms)
-        run.pooled.append(out.pooler_output.float().cpu())
+        run.pooled.append(pooled.float().cpu())
     run.peak_mb = _peak(device)
     return run
 
@@ -134,9 +128,9 @@ def run_neuroflow(model, frames, device, arch, threshold, masks=None, head_cache
     def call(nf, t):
         if separate:
             outs = [nf(frames[t, s : s + 1], stream_ids=[s]) for s in ids]
-            return [o.pooler_output for o in outs], torch.cat([o.active_mask for o in outs])
+            return [pooled_output(o) for o in outs], torch.cat([o.active_mask for o in outs])
         out = nf(frames[t], stream_ids=ids, active=None if masks is None or t == 0 else masks(t))
-        return [out.pooler_output], out.active_mask
+        return [pooled_output(out)], out.active_mask
 
     def make():
         return NeuroFlow(model, arch=arch, threshold=threshold, ema_decay=DECAY, floor_tokens=FLOOR,
@@ -382,13 +376,16 @@ def _save(fig, out: Path, name: str) -> str:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--quick", action="store_true",
-                   help="a small matrix that still checks every CPU target (under 10 minutes on a 2-core CPU)")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+                   help="a small matrix that still checks every CPU target (208 s on an idle 2-core CPU; far longer "
+                        "on a loaded one)")
+    p.add_argument("--device", default=default_device())
     p.add_argument("--dtype", default=None, help="float32 (CPU default) or float16 (GPU default)")
     p.add_argument("--model", nargs="+", default=["siglip", "clip"],
                    help="siglip / clip (random weights) or local checkpoint folders; the first is the main model")
-    p.add_argument("--out", type=Path, default=RESULTS)
-    p.add_argument("--no-results-page", action="store_true", help="do not regenerate bench/RESULTS.md")
+    add_out_argument(p)
+    p.add_argument("--no-results-page", action="store_true",
+                   help="write no results page (by default: bench/RESULTS.md with --out bench/results, else "
+                        "OUT/RESULTS.md)")
     args = p.parse_args(argv)
     device = torch.device(args.device)
     dtype = getattr(torch, args.dtype) if args.dtype else (torch.float16 if device.type == "cuda" else torch.float32)

@@ -1,6 +1,7 @@
 """Microbenchmark: the fused gate against the unfused PyTorch chain.
 
-    python bench/bench_gate.py [--quick] [--sizes 224 448 ...] [--streams 1 8 ...] [--out bench/results]
+    python bench/bench_gate.py [--quick] [--sizes 224 448 ...] [--streams 1 8 ...] [--options paper all ...]
+                               [--out bench/results]
 
 Workload: SigLIP-base geometry (patch 16, D = 768), frames of a synthetic static-camera video, each
 stream's EMA warmed up on the previous frame (so most patches are inactive, as in deployment),
@@ -11,6 +12,11 @@ threshold 0.35, decay 0.01, floor 4. Per configuration (resolution x streams):
   compare, sort, gather, EMA update);
 * effective bandwidth = bytes the gate must move (pixels + EMA read + EMA write + packed
   survivors) / time, and, on a GPU, its share of the measured device-to-device copy bandwidth.
+
+``--options`` adds configurations of the gate options (``OPTION_CONFIGS``: last-computed
+reference, staleness bound, budgets with and without a threshold, motion norm, scene cut, all of
+them); each runs the fused three-launch path against the reference with the same settings; the
+default is the paper's gate alone.
 
 The fused result is checked against the reference (masks equal, offsets equal) before it is
 timed; a configuration whose check fails reports no speedup. On the CPU only the unfused chain
@@ -26,13 +32,27 @@ from pathlib import Path
 
 import torch
 
-from common import RESULTS, environment, markdown_table, median_ms, write_results
+from common import add_out_argument, environment, markdown_table, median_ms, write_results
 from neuroflow import dispatch
+from neuroflow.gate_settings import GateSettings
 from neuroflow.ops.gate import gate
 from neuroflow.reference.gate import gate_reference
 from neuroflow.synthetic import static_camera_video
 
 PATCH, DIM = 16, 768
+
+PAPER = GateSettings(threshold=0.35, ema_decay=0.01, floor_tokens=4)
+OPTION_CONFIGS = {
+    "paper": PAPER,
+    "computed": PAPER.replace(reference="computed"),
+    "stale8": PAPER.replace(max_staleness=8),
+    "budget10pct": PAPER.replace(budget=0.1),
+    "budget_only10pct": PAPER.replace(threshold=None, floor_tokens=0, budget=0.1),
+    "motion_norm": PAPER.replace(motion_norm=True),
+    "scene_cut": PAPER.replace(scene_cut=0.5),
+    "all": PAPER.replace(reference="computed", max_staleness=8, budget=0.1, motion_norm=True, scene_cut=0.5),
+}
+"""Gate settings per benchmark configuration (name -> settings)."""
 
 
 def copy_bandwidth_gbs(device: torch.device) -> float:
@@ -59,39 +79,53 @@ def make_case(size: int, streams: int, dtype: torch.dtype, device: torch.device)
     return frames, weight, bias, pos, prefix, ema, slot, torch.zeros(streams, dtype=torch.bool, device=device)
 
 
-def run(sizes, stream_counts, device: torch.device, dtype: torch.dtype) -> list[dict]:
+def run(sizes, stream_counts, device: torch.device, dtype: torch.dtype, options=("paper",)) -> list[dict]:
     env = environment(device)
     on_gpu = device.type == "cuda"
     copy_gbs = copy_bandwidth_gbs(device) if on_gpu else None
     records = []
     for size in sizes:
         for streams in stream_counts:
-            frames, weight, bias, pos, prefix, ema, slot, first = make_case(size, streams, dtype, device)
-            args = lambda e: (frames, weight, bias, pos, prefix, e, slot, first, 0.35, 0.01, 4)  # noqa: E731
-            ref = gate_reference(*args(ema.clone()))
-            n = pos.shape[0]
-            survivors = int(ref.cu_seqlens[-1])
-            bytes_moved = frames.numel() * frames.element_size() + 2 * ema.numel() * 4 + survivors * DIM * frames.element_size()
-            rec = {**env, "bench": "gate", "dtype": str(dtype).removeprefix("torch."), "size": size, "streams": streams,
-                   "patches": n, "sparsity": 1 - survivors / (streams * n), "bytes": bytes_moved}
-            work = ema.clone()
-            rec["unfused_ms"] = median_ms(lambda: gate_reference(*args(work)), device)
-            rec["unfused_gbs"] = bytes_moved / (rec["unfused_ms"] * 1e-3) / 1e9
-            if on_gpu:
-                out = gate(*args(ema.clone()))
-                ok = dispatch.last_path["gate"] == dispatch.TRITON and torch.equal(out.active, ref.active) \
-                    and torch.equal(out.cu_seqlens, ref.cu_seqlens)
-                rec["check"] = "ok" if ok else "FAILED"
-                if ok:
-                    rec["fused_ms"] = median_ms(lambda: gate(*args(work)), device)
-                    rec["fused_gbs"] = bytes_moved / (rec["fused_ms"] * 1e-3) / 1e9
-                    rec["copy_gbs"] = copy_gbs
-                    rec["share_of_copy_bw"] = rec["fused_gbs"] / copy_gbs
-                    rec["speedup"] = rec["unfused_ms"] / rec["fused_ms"]
-            records.append(rec)
-            print(f"{size:5d} px x {streams:2d} streams: unfused {rec['unfused_ms']:.2f} ms"
-                  + (f", fused {rec['fused_ms']:.3f} ms ({rec['speedup']:.1f}x)" if "fused_ms" in rec else ""), flush=True)
+            for name in options:
+                records.append(run_one(size, streams, device, dtype, name, env, copy_gbs))
     return records
+
+
+def run_one(size, streams, device, dtype, name, env, copy_gbs) -> dict:
+    on_gpu = device.type == "cuda"
+    st = OPTION_CONFIGS[name]
+    frames, weight, bias, pos, prefix, ema, slot, first = make_case(size, streams, dtype, device)
+    n = pos.shape[0]
+    age = None
+    if st.max_staleness is not None:
+        # Ages as a stream's first frame leaves them (staggered), one frame in.
+        age = (torch.arange(n, device=device) % (st.max_staleness + 1) + 1).to(torch.int32).repeat(streams, 1)
+    fresh_age = lambda: None if age is None else age.clone()  # noqa: E731
+    args = lambda e: (frames, weight, bias, pos, prefix, e, slot, first, st)  # noqa: E731
+    ref = gate_reference(*args(ema.clone()), age=fresh_age())
+    survivors = int(ref.cu_seqlens[-1])
+    bytes_moved = frames.numel() * frames.element_size() + 2 * ema.numel() * 4 + survivors * DIM * frames.element_size()
+    rec = {**env, "bench": "gate", "dtype": str(dtype).removeprefix("torch."), "size": size, "streams": streams,
+           "options": name, "settings": st.as_dict(),
+           "patches": n, "sparsity": 1 - survivors / (streams * n), "bytes": bytes_moved}
+    work, work_age = ema.clone(), fresh_age()
+    rec["unfused_ms"] = median_ms(lambda: gate_reference(*args(work), age=work_age), device)
+    rec["unfused_gbs"] = bytes_moved / (rec["unfused_ms"] * 1e-3) / 1e9
+    if on_gpu:
+        check_age = fresh_age()
+        out = gate(*args(ema.clone()), age=check_age)
+        ok = dispatch.last_path["gate"] == dispatch.TRITON and torch.equal(out.active, ref.active) \
+            and torch.equal(out.cu_seqlens, ref.cu_seqlens)
+        rec["check"] = "ok" if ok else "FAILED"
+        if ok:
+            rec["fused_ms"] = median_ms(lambda: gate(*args(work), age=work_age), device)
+            rec["fused_gbs"] = bytes_moved / (rec["fused_ms"] * 1e-3) / 1e9
+            rec["copy_gbs"] = copy_gbs
+            rec["share_of_copy_bw"] = rec["fused_gbs"] / copy_gbs
+            rec["speedup"] = rec["unfused_ms"] / rec["fused_ms"]
+    print(f"{size:5d} px x {streams:2d} streams, {name}: unfused {rec['unfused_ms']:.2f} ms"
+          + (f", fused {rec['fused_ms']:.3f} ms ({rec['speedup']:.1f}x)" if "fused_ms" in rec else ""), flush=True)
+    return rec
 
 
 def main(argv=None) -> int:
@@ -99,16 +133,19 @@ def main(argv=None) -> int:
     p.add_argument("--quick", action="store_true", help="224/448 px, 1 and 8 streams")
     p.add_argument("--sizes", type=int, nargs="+")
     p.add_argument("--streams", type=int, nargs="+")
+    p.add_argument("--options", nargs="+", default=["paper"], choices=[*OPTION_CONFIGS, "all_configs"],
+                   help="gate option configurations (all_configs: every one)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--out", default=None)
+    add_out_argument(p)
     args = p.parse_args(argv)
     device = torch.device(args.device)
     on_gpu = device.type == "cuda"
     dtype = torch.float16 if on_gpu else torch.float32
     sizes = args.sizes or ([224, 448] if args.quick or not on_gpu else [224, 448, 896, 1792])
     streams = args.streams or ([1, 8] if args.quick or not on_gpu else [1, 8, 32])
-    records = run(sizes, streams, device, dtype)
-    columns = [("size", "px"), ("streams", "streams"), ("sparsity", "sparsity"), ("unfused_ms", "unfused ms"),
+    options = list(OPTION_CONFIGS) if "all_configs" in args.options else args.options
+    records = run(sizes, streams, device, dtype, options)
+    columns = [("size", "px"), ("streams", "streams"), ("options", "gate options"), ("sparsity", "sparsity"), ("unfused_ms", "unfused ms"),
                ("unfused_gbs", "unfused GB/s"), ("fused_ms", "fused ms"), ("fused_gbs", "fused GB/s"),
                ("share_of_copy_bw", "share of copy BW"), ("speedup", "fused speedup"), ("check", "check")]
     table = markdown_table(records, columns)
@@ -117,7 +154,7 @@ def main(argv=None) -> int:
               f"commit {env['commit']}, {env['time']}"
               + ("" if on_gpu else "\n\nCPU: only the unfused PyTorch chain runs; no kernel timing exists without a GPU."))
     print("\n" + header + "\n\n" + table)
-    write_results("gate", records, table, Path(args.out) if args.out else RESULTS, header=header)
+    write_results("gate", records, table, args.out, header=header)
     return 0
 
 

@@ -8,9 +8,14 @@ Workloads (fixed seed):
   448 px / 16; N = 3136: 448 px / 8); the active tokens of a stream attend to each other.
 * ``cache-N``: the same active queries attend to all N cached keys/values of their stream, read
   in place from a ``[32 * N, H, Dh]`` cache through ``kv_start``.
+* ``cache-N-int8``: as ``cache-N`` with int8 keys/values and per-row, per-head scales (the
+  quantised KV cache); the SDPA contenders run on the dequantised fp16 cache.
+* ``mixed-N``: one stream sends a dense first frame (N tokens), 31 a gate mix (the case the
+  per-length-class tiles are for: the short segments do not inherit the dense frame's tiles).
+* ``uniform-197``: 32 frames of 197 tokens (the dense packed encoder, ViT-B/16 at 224 px).
 * ``long-L``: one segment of L tokens (L = 512, 1024, 4096).
 
-Head dims 64 (12 heads, ViT-B) and 72 (16 heads, SigLIP so400m). On a GPU, fp16: the Triton
+Head dims 64 (12 heads, ViT-B), 72 (16 heads, SigLIP so400m) and 80 (16 heads, ViT-H). On a GPU, fp16: the Triton
 kernel, SDPA on the same work padded to a rectangle with a key padding mask (the padding copies
 are not timed, which favours SDPA), SDPA called per segment, and ``flash_attn_varlen_func`` when
 it imports. Every method's output is checked against the float64 reference under the project's
@@ -35,12 +40,14 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from common import RESULTS, environment, median_ms, write_results
+from common import add_out_argument, environment, median_ms, write_results
 
 try:
     from neuroflow import dispatch
     from neuroflow.testing import assert_close
-    from neuroflow.ops.varlen_attention import launch_config, varlen_attention, varlen_attention_reference
+    from neuroflow.ops.cache_scatter import quantize_rows
+    from neuroflow.ops.varlen_attention import launch_schedule, varlen_attention, varlen_attention_reference
+    from neuroflow.reference.varlen_attention import dequantize_kv
 except ImportError as exc:  # pragma: no cover - only without an installed package
     sys.exit(f"neuroflow is not importable ({exc}); run `pip install -e .` in the repository first")
 
@@ -57,6 +64,7 @@ class Workload:
     len_q: list[int]
     len_k: list[int]
     uses_cache: bool  # keys read through kv_start from a [streams * tokens] cache
+    kv_int8: bool = False  # int8 keys/values with per-row, per-head scales
 
 
 def gate_mix(tokens: int, generator: torch.Generator) -> list[int]:
@@ -78,6 +86,11 @@ def workloads(on_gpu: bool, quick: bool) -> list[Workload]:
         active = mixes[n]
         out.append(Workload(f"active-{n}", active, active, False))
         out.append(Workload(f"cache-{n}", active, [n] * STREAMS, True))
+        out.append(Workload(f"cache-{n}-int8", active, [n] * STREAMS, True, kv_int8=True))
+        mixed = [n] + active[1:]
+        out.append(Workload(f"mixed-{n}", mixed, [n] * STREAMS, True))
+    if on_gpu or not quick:
+        out.append(Workload("uniform-197", [197] * STREAMS, [197] * STREAMS, False))
     for length in longs:
         out.append(Workload(f"long-{length}", [length], [length], False))
     return out
@@ -103,7 +116,17 @@ def make_inputs(w: Workload, heads: int, head_dim: int, dtype, device, generator
 
     q, k, v = rnd(sum(w.len_q)), rnd(sum(w.len_k)), rnd(sum(w.len_k))
     kv_start = cu_k[:-1].clone() if w.uses_cache else None
-    return q, k, v, cu_q, cu_k, kv_start
+    scales = {}
+    if w.kv_int8:
+        (k, ks), (v, vs) = (quantized(x) for x in (k, v))
+        scales = dict(k_scale=ks, v_scale=vs)
+    return q, k, v, cu_q, cu_k, kv_start, scales
+
+
+def quantized(x: torch.Tensor):
+    """``[T, H, D]`` -> int8 ``[T, H, D]`` and per-row, per-head scales ``[T, H]``."""
+    values, scale = quantize_rows(x.reshape(x.shape[0], -1), x.shape[1], torch.int8)
+    return values.view(x.shape), scale
 
 
 def padded(x: torch.Tensor, lengths: list[int]) -> torch.Tensor:
@@ -122,9 +145,12 @@ def unpadded(x: torch.Tensor, lengths: list[int]) -> torch.Tensor:
     return torch.cat([x[b, :n] for b, n in enumerate(lengths)])
 
 
-def methods(w: Workload, q, k, v, cu_q, cu_k, kv_start, on_gpu: bool) -> dict:
+def methods(w: Workload, q, k, v, cu_q, cu_k, kv_start, scales: dict, on_gpu: bool) -> dict:
     """name -> zero-argument callable returning the packed ``[Tq, H, D]`` output."""
     max_q, max_k = max(w.len_q), max(w.len_k)
+    k8, v8 = k, v
+    if scales:  # the SDPA contenders read the dequantised cache
+        k, v = dequantize_kv(k8, scales["k_scale"], q.dtype), dequantize_kv(v8, scales["v_scale"], q.dtype)
     qp, kp, vp = padded(q, w.len_q), padded(k, w.len_k), padded(v, w.len_k)
     key_ok = torch.arange(max_k, device=q.device)[None, :] < torch.tensor(w.len_k, device=q.device)[:, None]
     mask = key_ok[:, None, None, :]  # [B, 1, 1, max_k]: True = attend
@@ -144,9 +170,10 @@ def methods(w: Workload, q, k, v, cu_q, cu_k, kv_start, on_gpu: bool) -> dict:
 
     out = {}
     if on_gpu:
-        out["triton"] = lambda: varlen_attention(q, k, v, cu_q, cu_k, max_q, max_k, kv_start=kv_start)
+        out["triton"] = lambda: varlen_attention(q, k8, v8, cu_q, cu_k, max_q, max_k, kv_start=kv_start, **scales)
     else:
-        out["reference"] = lambda: varlen_attention_reference(q, k, v, cu_q, cu_k, max_q, max_k, kv_start=kv_start)
+        out["reference"] = lambda: varlen_attention_reference(q, k8, v8, cu_q, cu_k, max_q, max_k, kv_start=kv_start,
+                                                              **scales)
     out["sdpa_padded"] = (sdpa_padded, lambda o: unpadded(o, w.len_q))
     out["sdpa_per_segment"] = sdpa_per_segment
     if on_gpu and q.dtype in (torch.float16, torch.bfloat16):
@@ -175,13 +202,15 @@ def run_config(w: Workload, head_dim: int, dtype, on_gpu: bool, quick: bool, env
     device = "cuda" if on_gpu else "cpu"
     heads = HEADS[head_dim]
     g = torch.Generator().manual_seed(SEED + head_dim)
-    q, k, v, cu_q, cu_k, kv_start = make_inputs(w, heads, head_dim, dtype, device, g)
+    q, k, v, cu_q, cu_k, kv_start, scales = make_inputs(w, heads, head_dim, dtype, device, g)
     max_q, max_k = max(w.len_q), max(w.len_k)
-    reference = varlen_attention_reference(q.double(), k.double(), v.double(), cu_q, cu_k, max_q, max_k, kv_start=kv_start)
-    baseline = varlen_attention_reference(q, k, v, cu_q, cu_k, max_q, max_k, kv_start=kv_start)
+    # 8-bit caches: the quantise-then-dequantise reference (float64 on the dequantised values).
+    kd, vd = (k, v) if scales else (k.double(), v.double())
+    reference = varlen_attention_reference(q.double(), kd, vd, cu_q, cu_k, max_q, max_k, kv_start=kv_start, **scales)
+    baseline = varlen_attention_reference(q, k, v, cu_q, cu_k, max_q, max_k, kv_start=kv_start, **scales)
     flops = attention_flops(w, heads, head_dim)
     results = {}
-    for name, spec in methods(w, q, k, v, cu_q, cu_k, kv_start, on_gpu).items():
+    for name, spec in methods(w, q, k, v, cu_q, cu_k, kv_start, scales, on_gpu).items():
         fn, to_packed = spec if isinstance(spec, tuple) else (spec, lambda o: o)
         entry = dict(ms=None, tflops=None, correct=False, error=None)
         try:
@@ -216,7 +245,9 @@ def run_config(w: Workload, head_dim: int, dtype, on_gpu: bool, quick: bool, env
         max_q=max_q,
         max_k=max_k,
         gflop=flops / 1e9,
-        kernel_config=launch_config(max_q, head_dim) if on_gpu else None,
+        kv_dtype="int8" if w.kv_int8 else str(dtype).removeprefix("torch."),
+        kernel_schedule=[(lo, hi, cfg) for lo, hi, cfg in launch_schedule(max_q, head_dim, dtype,
+                         kv_dtype=torch.int8 if w.kv_int8 else dtype)] if on_gpu else None,
         methods=results,
         speedup=speedup,
         **env,
@@ -265,7 +296,7 @@ def main(argv=None) -> int:
     parser.add_argument("--quick", action="store_true", help="fewer shapes and repetitions")
     parser.add_argument("--tiny", action="store_true",
                         help="a smoke run (one ragged mix, one long segment, few tokens): checks the script runs")
-    parser.add_argument("--out", type=Path, default=RESULTS, help="output folder")
+    add_out_argument(parser)
     args = parser.parse_args(argv)
 
     on_gpu = torch.cuda.is_available()

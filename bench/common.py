@@ -1,12 +1,16 @@
-"""What every benchmark script shares: run metadata, timing, and writing results.
+"""What every benchmark script shares: run metadata, timing, the results folder option and
+writing results.
 
-Results go to ``bench/results/<name>.jsonl`` (one JSON record per configuration, appended, each
-with device, dtype, versions, commit and time stamp) and ``bench/results/<name>.md`` (the readable
-table of the latest run, overwritten).
+Results go to ``<out>/<name>.jsonl`` (one JSON record per configuration, appended, each with
+device, dtype, versions, commit and time stamp) and ``<out>/<name>.md`` (the readable table of the
+latest run, overwritten). ``<out>`` is ``bench/out/`` by default, which git ignores, so trying a
+benchmark never rewrites tracked files; ``--out bench/results`` records a run in the tracked
+results (and ``bench_e2e.py`` then regenerates ``bench/RESULTS.md``).
 """
 
 from __future__ import annotations
 
+import argparse
 import datetime
 import json
 import os
@@ -19,6 +23,16 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "bench" / "results"
+"""The tracked results (``--out bench/results``), read by ``bench/RESULTS.md``."""
+DEFAULT_OUT = ROOT / "bench" / "out"
+"""Where a run writes without ``--out``: git-ignored, so a trial run changes no tracked file."""
+
+
+def add_out_argument(parser: argparse.ArgumentParser) -> None:
+    """``--out FOLDER`` with the shared default (:data:`DEFAULT_OUT`); every script takes it."""
+    parser.add_argument("--out", type=Path, default=DEFAULT_OUT, metavar="FOLDER",
+                        help="results folder (default bench/out/, git-ignored); --out bench/results records the "
+                             "run in the tracked results")
 
 
 def git_commit() -> str | None:
@@ -105,9 +119,13 @@ def markdown_table(rows: list[dict], columns: list[tuple[str, str]]) -> str:
     return "\n".join(lines)
 
 
-def write_results(name: str, records: list[dict], table: str, out: Path = RESULTS, header: str = "") -> None:
+def write_results(name: str, records: list[dict], table: str, out: Path = DEFAULT_OUT, header: str = "") -> None:
+    """Append ``records`` to ``out/<name>.jsonl``, write ``table`` (with ``header``) to
+    ``out/<name>.md`` and print where they went."""
+    out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     with open(out / f"{name}.jsonl", "a") as f:
         for r in records:
             f.write(json.dumps(r) + "\n")
     (out / f"{name}.md").write_text(f"{header}\n\n{table}\n" if header else table + "\n")
+    print(f"results: {out / f'{name}.jsonl'} (appended), {out / f'{name}.md'}", flush=True)

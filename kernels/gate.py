@@ -1,7 +1,7 @@
 """Triton kernels of the fused EMA gate (launcher: ``neuroflow/ops/gate.py``; reference:
 ``neuroflow/reference/gate.py``).
 
-The gate takes two launches and no host synchronisation:
+The paper's gate takes three launches and no host synchronisation:
 
 1. :func:`gate_embed_kernel`, one program per (block of BLOCK_P patches, frame): patch embedding
    as a ``[BLOCK_P, C*p*p] x [C*p*p, D]`` tensor-core product read straight from the frame,
@@ -11,13 +11,21 @@ The gate takes two launches and no host synchronisation:
 2. :func:`gate_pack_kernel`, same grid: from the block counts it derives every frame's active
    count (threshold rule, or the floor when too few pass: the floor's patches are the top of the
    candidates), the frame's offset in the packed batch (``cu_seqlens``), and each active patch's
-   place; writes the active mask, the token index, the prefix tokens, and the packed embeddings
-   of the active patches, recomputing them for blocks that hold any.
+   place; writes the active mask, the token index and the prefix tokens.
+3. :func:`gate_rows_kernel`, one program per (BLOCK_P packed rows, frame): recomputes the
+   embeddings of the active patches only, read through the token index, into their packed rows.
+
+With any gate option (``neuroflow.gate_settings``) :func:`gate_select_kernel` runs between 1 and
+2, one program per frame: the decision needs the whole frame (mean surprise for motion norm, the
+count for a scene cut, a top-k for budgets and floors, the staleness ages), so the embed kernel
+leaves it out and the pack kernel places what the select kernel chose. The rows kernel also
+writes the reference where it changes outside the EMA update (last-computed embeddings, scene
+cuts).
 
 Why recompute instead of keeping the ``[B, N, D]`` embedding: writing it would move as many bytes
 as reading the pixels again (``D`` outputs vs ``C*p*p`` inputs per patch, equal for p=16, D=768)
-and must be done for every patch, while the recomputation touches only blocks with an active
-patch, which at the sparsities the gate is for is a small fraction of the frame.
+and must be done for every patch, while the recomputation touches only the active patches, a
+small fraction of the frame at the sparsities the gate is for.
 """
 
 import triton
@@ -27,6 +35,9 @@ import triton.language as tl
 # BLOCK_P = 64 rows lets sm_90 use wgmma; BLOCK_D x BLOCK_K tiles of the weight stay in L2 across
 # the programs of a frame.
 GATE_CONFIG = {"BLOCK_P": 64, "BLOCK_D": 32, "BLOCK_K": 64, "num_warps": 8, "num_stages": 2}
+
+SELECT_BLOCK = 1024
+"""Patches per step of :func:`gate_select_kernel`'s passes over a frame (one program per frame)."""
 
 
 @triton.jit
@@ -69,8 +80,13 @@ def gate_embed_kernel(
     N, D, K, GW, NB, threshold, decay,
     PATCH: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_K: tl.constexpr,
     KF: tl.constexpr, HAS_BIAS: tl.constexpr, IEEE: tl.constexpr,
+    DECIDE: tl.constexpr = True, WRITE_EMA: tl.constexpr = True,
 ):
     """Embed, compare with the EMA, update the EMA in place.
+
+    With the gate options (DECIDE False) the decision is left to :func:`gate_select_kernel`:
+    bcount and cand_* are not written; with ``reference="computed"`` (WRITE_EMA False) the stored
+    reference is not touched here (the pack kernel writes the computed patches' embeddings).
 
     px_ptr: frames [B, C, H, W] (strides sx_*), model dtype. w_ptr: patch weight [D, K], K = C*p*p,
     model dtype. b_ptr: bias [D] (unused without HAS_BIAS). pe_ptr: position embeddings [N, D].
@@ -104,42 +120,201 @@ def gate_embed_kernel(
         dot += tl.sum(h * e, axis=1)
         hh += tl.sum(h * h, axis=1)
         ee += tl.sum(e * e, axis=1)
-        new_e = tl.where(first, h, (1.0 - decay) * e + decay * h)
-        tl.store(ema_slot + e_off, new_e, mask=m2)
+        if WRITE_EMA:
+            new_e = tl.where(first, h, (1.0 - decay) * e + decay * h)
+            tl.store(ema_slot + e_off, new_e, mask=m2)
 
     # Same clamp as neuroflow.gate.COSINE_EPS: each norm at least 1e-8.
     den = tl.maximum(tl.sqrt(hh), 1e-8) * tl.maximum(tl.sqrt(ee), 1e-8)
     s = 1.0 - dot / den
     s = tl.where(first, float("inf"), s)
     tl.store(surprise_ptr + frame * N + offs_p, s, mask=p_mask)
-    passed = tl.where(first, p_mask, p_mask & (s > threshold))
-    tl.store(bcount_ptr + frame * NB + pid, tl.sum(passed.to(tl.int32), axis=0))
+    if DECIDE:
+        passed = tl.where(first, p_mask, p_mask & (s > threshold))
+        tl.store(bcount_ptr + frame * NB + pid, tl.sum(passed.to(tl.int32), axis=0))
 
-    # The block's KF best (surprise desc, index asc): the frame's floor_tokens <= KF best patches
-    # are always among the union of these lists.
-    work = tl.where(p_mask, s, float("-inf"))
-    cand = cand_val_ptr + (frame * NB + pid) * KF
-    cidx = cand_idx_ptr + (frame * NB + pid) * KF
-    for j in tl.static_range(KF):
-        best = tl.max(work, axis=0)
-        at = tl.min(tl.where((work == best) & p_mask, offs_p, N), axis=0)
-        tl.store(cand + j, best)
-        tl.store(cidx + j, at)
-        work = tl.where(offs_p == at, float("-inf"), work)
+        # The block's KF best (surprise desc, index asc): the frame's floor_tokens <= KF best patches
+        # are always among the union of these lists.
+        work = tl.where(p_mask, s, float("-inf"))
+        cand = cand_val_ptr + (frame * NB + pid) * KF
+        cidx = cand_idx_ptr + (frame * NB + pid) * KF
+        for j in tl.static_range(KF):
+            best = tl.max(work, axis=0)
+            at = tl.min(tl.where((work == best) & p_mask, offs_p, N), axis=0)
+            tl.store(cand + j, best)
+            tl.store(cidx + j, at)
+            work = tl.where(offs_p == at, float("-inf"), work)
+
+
+@triton.jit
+def _priority_key(s, age, K, STALE: tl.constexpr):
+    """The gate's ranking as one int64 per patch, larger = earlier: stale patches first (older
+    first), then surprise descending. Surprise maps to an order-preserving 32-bit code (IEEE
+    bits, negatives flipped; -0 taken as +0); stale keys are ``2^32 * (age + 1) + code``, above
+    every non-stale key. Equal keys are broken by patch index by the caller."""
+    s = tl.where(s == 0.0, 0.0, s)
+    bits = s.to(tl.int32, bitcast=True).to(tl.int64)
+    code = tl.where(bits >= 0, bits + 2147483648, -1 - bits)
+    if STALE:
+        code = tl.where(age >= K, (age.to(tl.int64) + 1) * 4294967296 + code, code)
+    return code
+
+
+@triton.jit
+def gate_select_kernel(
+    surprise_ptr, age_ptr, slot_ptr, first_ptr,
+    active_ptr, bcount_ptr, fcount_ptr, cut_ptr,
+    N, NB, threshold, floor_k, budget_k, cut_count, K, age_max,
+    HAS_THR: tl.constexpr, MOTION: tl.constexpr, STALE: tl.constexpr, BUDGET: tl.constexpr,
+    SCENE_CUT: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_P: tl.constexpr,
+):
+    """The gate options' decision for one frame (program = frame), after :func:`gate_embed_kernel`.
+
+    surprise_ptr: [B, N] fp32 raw surprise (inf on first frames), rewritten with the normalised
+    one under MOTION. age_ptr: age pool [S, N] int32 (STALE), row slot_ptr[frame], rewritten with
+    the new ages. first_ptr: [B] int8.
+    Outputs: active_ptr [B, N] int8; bcount_ptr [B, NB] int32 active patches per BLOCK_P block
+    (for the pack kernel's placement); fcount_ptr [B] int32 active patches of the frame; cut_ptr
+    [B] int8, 1 on a scene cut (a keyframe that is not a first frame).
+
+    Rule: k = min(budget_k, max(floor_k, candidates)) with candidates = stale or over the
+    threshold (every patch without one); active = the k first in the ranking of
+    :func:`_priority_key` (ties: lower index). Candidates are a prefix of that ranking, so when
+    k equals their count the mask is theirs; otherwise the k-th key is found by bisection over
+    the frame's key range (about 31 passes, 36 with stale patches) and ties at it are taken in
+    index order. No host synchronisation anywhere.
+    """
+    frame = tl.program_id(0).to(tl.int64)
+    first_v = tl.load(first_ptr + frame)
+    first = first_v != 0
+    s_row = surprise_ptr + frame * N
+    slot = tl.load(slot_ptr + frame)
+    age_row = age_ptr + slot * N
+    offs = tl.arange(0, BLOCK_S)
+
+    # Pass 1: the frame's mean surprise and the raw count over the threshold (scene cut).
+    mean = 0.0
+    raw_pass = 0
+    if MOTION or SCENE_CUT:
+        total = tl.zeros((BLOCK_S,), dtype=tl.float32)
+        over = tl.zeros((BLOCK_S,), dtype=tl.int32)
+        for n0 in range(0, N, BLOCK_S):
+            m = n0 + offs < N
+            s = tl.load(s_row + n0 + offs, mask=m, other=0.0)
+            total += s
+            over += (m & (s > threshold)).to(tl.int32)
+        mean = tl.where(first, 0.0, tl.sum(total, axis=0) / N)  # first frames: inf, unused
+        raw_pass = tl.sum(over, axis=0)
+    cut = first_v < 0  # False
+    if SCENE_CUT:
+        cut = (raw_pass >= cut_count) & (first_v == 0)
+    keyframe = first | cut
+
+    # Pass 2: normalised surprise, candidates, the key range.
+    cand_v = tl.zeros((BLOCK_S,), dtype=tl.int32)
+    lo_v = tl.full((BLOCK_S,), 9223372036854775807, dtype=tl.int64)
+    hi_v = tl.full((BLOCK_S,), -1, dtype=tl.int64)
+    for n0 in range(0, N, BLOCK_S):
+        m = n0 + offs < N
+        s = tl.load(s_row + n0 + offs, mask=m, other=0.0)
+        if MOTION:
+            s = tl.where(first, s, s - mean)
+            tl.store(s_row + n0 + offs, s, mask=m)
+        age = tl.zeros((BLOCK_S,), dtype=tl.int32)
+        if STALE:
+            age = tl.load(age_row + n0 + offs, mask=m, other=0)
+        if HAS_THR:
+            c = s > threshold
+        else:
+            c = m
+        if STALE:
+            c = c | (age >= K)
+        cand_v += (m & c).to(tl.int32)
+        key = _priority_key(s, age, K, STALE)
+        lo_v = tl.minimum(lo_v, tl.where(m, key, 9223372036854775807))
+        hi_v = tl.maximum(hi_v, tl.where(m, key, -1))
+    cand = tl.sum(cand_v, axis=0)
+    k = tl.maximum(cand, floor_k)
+    if BUDGET:
+        k = tl.minimum(k, budget_k)
+    k = tl.where(keyframe, N, k)
+
+    # The k-th largest key v (count(key >= v) >= k > count(key > v)), when the candidates are not
+    # the answer: bisection, invariant count(key >= lo) >= k and count(key >= hi) < k.
+    lo = tl.min(lo_v, axis=0)
+    hi = tl.max(hi_v, axis=0) + 1
+    use_cand = (k == cand) | keyframe
+    if use_cand | (k == 0):
+        hi = lo + 1
+    while hi - lo > 1:
+        mid = lo + (hi - lo) // 2
+        cnt_v = tl.zeros((BLOCK_S,), dtype=tl.int32)
+        for n0 in range(0, N, BLOCK_S):
+            m = n0 + offs < N
+            s = tl.load(s_row + n0 + offs, mask=m, other=0.0)
+            age = tl.zeros((BLOCK_S,), dtype=tl.int32)
+            if STALE:
+                age = tl.load(age_row + n0 + offs, mask=m, other=0)
+            key = _priority_key(s, age, K, STALE)
+            cnt_v += (m & (key >= mid)).to(tl.int32)
+        if tl.sum(cnt_v, axis=0) >= k:
+            lo = mid
+        else:
+            hi = mid
+    v = lo
+
+    # Pass 3, per pack block: the mask, block counts, ties at v in index order, new ages.
+    gt_v = tl.zeros((BLOCK_S,), dtype=tl.int32)
+    if not use_cand:
+        for n0 in range(0, N, BLOCK_S):
+            m = n0 + offs < N
+            s = tl.load(s_row + n0 + offs, mask=m, other=0.0)
+            age = tl.zeros((BLOCK_S,), dtype=tl.int32)
+            if STALE:
+                age = tl.load(age_row + n0 + offs, mask=m, other=0)
+            key = _priority_key(s, age, K, STALE)
+            gt_v += (m & (key > v)).to(tl.int32)
+    need = k - tl.sum(gt_v, axis=0)  # patches taken among the ties at v
+    offs_p = tl.arange(0, BLOCK_P)
+    ties = 0
+    for b in range(0, NB):
+        p = b * BLOCK_P + offs_p
+        m = p < N
+        s = tl.load(s_row + p, mask=m, other=0.0)
+        age = tl.zeros((BLOCK_P,), dtype=tl.int32)
+        if STALE:
+            age = tl.load(age_row + p, mask=m, other=0)
+        if HAS_THR:
+            c = s > threshold
+        else:
+            c = m
+        if STALE:
+            c = c | (age >= K)
+        key = _priority_key(s, age, K, STALE)
+        eq = m & (key == v)
+        rank = ties + tl.cumsum(eq.to(tl.int32), axis=0) - 1
+        ties += tl.sum(eq.to(tl.int32), axis=0)
+        picked = m & ((key > v) | (eq & (rank < need)))
+        act = tl.where(keyframe, m, tl.where(use_cand, m & c, picked))
+        tl.store(active_ptr + frame * N + p, act.to(tl.int8), mask=m)
+        tl.store(bcount_ptr + frame * NB + b, tl.sum(act.to(tl.int32), axis=0))
+        if STALE:
+            start = (p % (K + 1)).to(tl.int32)
+            grown = tl.minimum(age + 1, age_max)
+            tl.store(age_row + p, tl.where(keyframe, start, tl.where(act, 0, grown)), mask=m)
+    tl.store(fcount_ptr + frame, k)
+    tl.store(cut_ptr + frame, cut.to(tl.int8))
 
 
 @triton.jit
 def gate_pack_kernel(
-    px_ptr, w_ptr, b_ptr, pe_ptr, prefix_ptr, first_ptr,
-    surprise_ptr, bcount_ptr, cand_val_ptr, cand_idx_ptr,
+    prefix_ptr, first_ptr, surprise_ptr, bcount_ptr, cand_val_ptr, cand_idx_ptr, fcount_ptr,
     active_ptr, cu_ptr, index_ptr, packed_ptr,
-    sx_b, sx_c, sx_h, sx_w,
-    B, N, D, K, GW, NB, threshold, floor_k,
-    PATCH: tl.constexpr, NUM_PREFIX: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_D: tl.constexpr,
-    BLOCK_K: tl.constexpr, BLOCK_NB: tl.constexpr, BLOCK_C: tl.constexpr, KF: tl.constexpr,
-    HAS_BIAS: tl.constexpr, IEEE: tl.constexpr,
+    B, N, D, NB, threshold, floor_k,
+    NUM_PREFIX: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_NB: tl.constexpr, BLOCK_C: tl.constexpr, KF: tl.constexpr, SELECTED: tl.constexpr,
 ):
-    """Decide, place and pack the active patches of one block.
+    """Decide and place the active patches of one block, and pack the frame's prefix tokens.
 
     Inputs as in :func:`gate_embed_kernel` (its outputs surprise/bcount/cand_*), plus
     prefix_ptr: [NUM_PREFIX, D] model dtype (CLS and register tokens, position embedding
@@ -148,6 +323,10 @@ def gate_pack_kernel(
     the active patches in ascending order); index_ptr [B*(NUM_PREFIX+N)] int32, token position
     within the frame (prefix j -> j, patch n -> NUM_PREFIX + n); packed_ptr [B*(NUM_PREFIX+N), D]
     model dtype. Rows past cu[B] are not written.
+
+    SELECTED (the gate options): :func:`gate_select_kernel` has decided; active_ptr is its mask
+    (read, not written), bcount_ptr its per-block active counts, fcount_ptr [B] int32 the frames'
+    counts. The active patches' embeddings are written by :func:`gate_rows_kernel` afterwards.
     """
     pid = tl.program_id(0)
     frame = tl.program_id(1)
@@ -156,12 +335,18 @@ def gate_pack_kernel(
     # Offset of this frame: every earlier frame's segment length. A frame's active count follows
     # from its passed count alone: passed if at least floor_k passed, else floor_k.
     seg_start = 0
-    for f in range(0, frame):
-        passed_f = tl.sum(tl.load(bcount_ptr + f * NB + offs_nb, mask=offs_nb < NB, other=0), axis=0)
-        seg_start += NUM_PREFIX + tl.maximum(passed_f, floor_k)
     row_counts = tl.load(bcount_ptr + frame * NB + offs_nb, mask=offs_nb < NB, other=0)
-    passed = tl.sum(row_counts, axis=0)
-    count = tl.maximum(passed, floor_k)
+    if SELECTED:
+        for f in range(0, frame):
+            seg_start += NUM_PREFIX + tl.load(fcount_ptr + f)
+        count = tl.load(fcount_ptr + frame)
+        passed = count
+    else:
+        for f in range(0, frame):
+            passed_f = tl.sum(tl.load(bcount_ptr + f * NB + offs_nb, mask=offs_nb < NB, other=0), axis=0)
+            seg_start += NUM_PREFIX + tl.maximum(passed_f, floor_k)
+        passed = tl.sum(row_counts, axis=0)
+        count = tl.maximum(passed, floor_k)
     if pid == 0:
         tl.store(cu_ptr + frame + 1, seg_start + NUM_PREFIX + count)
         if frame == 0:
@@ -177,7 +362,11 @@ def gate_pack_kernel(
     p_mask = offs_p < N
     s = tl.load(surprise_ptr + frame * N + offs_p, mask=p_mask, other=float("-inf"))
     first = tl.load(first_ptr + frame) != 0
-    if passed >= floor_k:
+    if SELECTED:
+        active = p_mask & (tl.load(active_ptr + frame * N + offs_p, mask=p_mask, other=0) != 0)
+        before = tl.sum(tl.where(offs_nb < pid, row_counts, 0), axis=0)
+        pos = before + tl.cumsum(active.to(tl.int32), axis=0) - 1
+    elif passed >= floor_k:
         active = tl.where(first, p_mask, p_mask & (s > threshold))
         before = tl.sum(tl.where(offs_nb < pid, row_counts, 0), axis=0)
         pos = before + tl.cumsum(active.to(tl.int32), axis=0) - 1
@@ -200,17 +389,54 @@ def gate_pack_kernel(
             ci = tl.where(ci == at, N, ci)
         active = p_mask & (hit > 0)
 
-    tl.store(active_ptr + frame * N + offs_p, active.to(tl.int8), mask=p_mask)
+    if not SELECTED:
+        tl.store(active_ptr + frame * N + offs_p, active.to(tl.int8), mask=p_mask)
     dest = seg_start + NUM_PREFIX + pos
     tl.store(index_ptr + dest, NUM_PREFIX + offs_p, mask=active)
 
-    if tl.sum(active.to(tl.int32), axis=0) > 0:
-        p_off = (offs_p // GW) * PATCH * sx_h + (offs_p % GW) * PATCH * sx_w
+
+@triton.jit
+def gate_rows_kernel(
+    px_ptr, w_ptr, b_ptr, pe_ptr, cu_ptr, index_ptr, packed_ptr, ema_ptr, slot_ptr, cut_ptr,
+    sx_b, sx_c, sx_h, sx_w,
+    N, D, K, GW,
+    PATCH: tl.constexpr, NUM_PREFIX: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_K: tl.constexpr, HAS_BIAS: tl.constexpr, IEEE: tl.constexpr,
+    STORE_REF: tl.constexpr, REF_ON_CUT_ONLY: tl.constexpr,
+):
+    """Embed the active patches only: program (j, frame) takes packed rows
+    ``cu[frame] + NUM_PREFIX + j*BLOCK_P ...`` of the frame (its j-th BLOCK_P active patches, in
+    the order :func:`gate_pack_kernel` placed them) and recomputes their layer-0 embeddings from
+    the pixels; programs past the frame's active count return at once. So the recomputation costs
+    the active patches, not every block that holds one (at 5% activity nearly every 64-patch
+    block holds one).
+
+    cu_ptr [B + 1] int32 and index_ptr (token position, patch n -> NUM_PREFIX + n) from the pack
+    kernel; packed_ptr [B*(NUM_PREFIX+N), D] model dtype. STORE_REF: also write the embeddings
+    (fp32) into the reference pool ema_ptr [S, N, D] at row slot_ptr[frame] (every computed patch
+    under ``reference="computed"``; with REF_ON_CUT_ONLY only on scene-cut frames, cut_ptr [B] int8).
+    """
+    pid = tl.program_id(0)
+    frame = tl.program_id(1)
+    start = tl.load(cu_ptr + frame) + NUM_PREFIX
+    end = tl.load(cu_ptr + frame + 1)
+    if start + pid * BLOCK_P < end:
+        rows = start + pid * BLOCK_P + tl.arange(0, BLOCK_P)
+        valid = rows < end
+        patch = tl.load(index_ptr + rows, mask=valid, other=NUM_PREFIX) - NUM_PREFIX
+        p_off = (patch // GW) * PATCH * sx_h + (patch % GW) * PATCH * sx_w
         px_frame = px_ptr + frame.to(tl.int64) * sx_b
-        rows = packed_ptr + dest[:, None].to(tl.int64) * D
+        out_rows = packed_ptr + rows[:, None].to(tl.int64) * D
+        ref_valid = valid
+        if REF_ON_CUT_ONLY:
+            # The frame's flag as a vector: the interpreter refuses a scalar bool inside a store mask.
+            ref_valid = valid & ((patch * 0 + tl.load(cut_ptr + frame)) != 0)
         for d0 in range(0, D, BLOCK_D):
             offs_d = d0 + tl.arange(0, BLOCK_D)
             d_mask = offs_d < D
-            h = _embed_tile(px_frame, w_ptr, b_ptr, pe_ptr, p_off, offs_p, p_mask, offs_d, d_mask,
+            h = _embed_tile(px_frame, w_ptr, b_ptr, pe_ptr, p_off, patch, valid, offs_d, d_mask,
                             sx_c, sx_h, sx_w, D, K, PATCH, BLOCK_P, BLOCK_D, BLOCK_K, HAS_BIAS, IEEE)
-            tl.store(rows + offs_d[None, :], h.to(packed_ptr.dtype.element_ty), mask=active[:, None] & d_mask[None, :])
+            tl.store(out_rows + offs_d[None, :], h.to(packed_ptr.dtype.element_ty), mask=valid[:, None] & d_mask[None, :])
+            if STORE_REF:
+                ref_rows = ema_ptr + tl.load(slot_ptr + frame) * N * D + patch[:, None].to(tl.int64) * D
+                tl.store(ref_rows + offs_d[None, :], h, mask=ref_valid[:, None] & d_mask[None, :])

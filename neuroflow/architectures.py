@@ -21,20 +21,24 @@ architecture up by name in :data:`ARCHITECTURES`.
   keys and values of all tokens of their stream: fresh for computed tokens (written into a
   per-stream, per-layer cache), last-active for the others. Equivalent to running every layer on
   all tokens with inactive tokens frozen at their last-active inputs; the pooled token sees every
-  patch at every layer.
+  patch at every layer. With ``kv_layers`` only some layers keep caches (partial depth): those
+  layers run as above, the others as C does (the computed tokens attend to each other only).
+  ``kv_layers=0`` is C with the active-token readout, every layer is full KV.
 """
 
 from __future__ import annotations
 
+import operator
 from dataclasses import dataclass
 from typing import ClassVar
 
 import torch
 
 from .capacity import Fitted
-from .encoder import Packed, packed_layer_cached_kv, run_packed
+from .encoder import Packed, packed_layer, packed_layer_cached_kv, run_packed
 from .models import VisionAdapter, attention_block, mlp_block
 from .ops.gate import PackedFrames, ema_dtype
+from .reference.cache_scatter import QUANT_MAX
 from .profiling import stage
 from .streams import Grid, Specs, StreamBatch
 
@@ -53,6 +57,7 @@ class Architecture:
         cache_dtype: dtype of key/value caches (KV, C's context readout); default the model's.
         head_cache: cache SigLIP's pooling-head keys/values per token (C and KV).
         cls_readout: C on CLS-pooling models: ``"context"`` or ``"active"``.
+        kv_layers: KV only (see :class:`ArchKV`); any other architecture rejects it.
     """
 
     name: ClassVar[str]
@@ -60,16 +65,28 @@ class Architecture:
     """Whether the step needs every token's layer-0 embedding, not only the packed ones."""
 
     def __init__(self, adapter: VisionAdapter, cache_dtype: torch.dtype | None = None, head_cache: bool = True,
-                 cls_readout: str = "context"):
+                 cls_readout: str = "context", kv_layers=None):
+        if kv_layers is not None and not self.takes_kv_layers:
+            raise ValueError(f"kv_layers is an option of architecture KV, not {self.name!r}")
         self.adapter = adapter
         self.cache_dtype = cache_dtype
         self.head_cache = head_cache
         self.cls_readout = cls_readout
 
+    takes_kv_layers: ClassVar[bool] = False
+
     # -- what a stream remembers -------------------------------------------------------------------
+    track_age: bool = False
+    """Whether streams keep the gate's ``age`` ``[N]`` int32 (set by the engine with ``max_staleness``)."""
+
     def state_specs(self, grid: Grid) -> Specs:
         a = self.adapter
-        return {"ema": ((grid[0] * grid[1], a.hidden_size), ema_dtype(a.dtype))}
+        n = grid[0] * grid[1]
+        # "ema" is the gate's reference: the EMA, or last-computed embeddings (reference="computed").
+        specs = {"ema": ((n, a.hidden_size), ema_dtype(a.dtype))}
+        if self.track_age:
+            specs["age"] = ((n,), torch.int32)
+        return specs
 
     def _tokens(self, grid: Grid) -> int:
         return self.adapter.num_prefix + grid[0] * grid[1]
@@ -81,6 +98,18 @@ class Architecture:
     @property
     def _kv_width(self) -> int:
         return self.adapter.layers[-1].k.out_features
+
+    @property
+    def _kv_quantized(self) -> bool:
+        """8-bit key/value caches (int8 / float8_e4m3fn), with per-token, per-head scales."""
+        return self._kv_dtype in QUANT_MAX
+
+    def _kv_scale_specs(self, names: tuple[str, str], shape: tuple[int, ...]) -> Specs:
+        """Scale state ``[..., T_tok, H]`` float32 next to 8-bit key/value caches (else none)."""
+        if not self._kv_quantized:
+            return {}
+        heads = self.adapter.layers[-1].num_heads
+        return {name: ((*shape, heads), torch.float32) for name in names}
 
     def check(self, floor_tokens: int) -> None:
         """Raise ``ValueError`` if the settings cannot work with this architecture and model."""
@@ -240,6 +269,7 @@ class ArchC(Architecture):
             t = self._tokens(grid)
             specs["last_k"] = ((t, self._kv_width), self._kv_dtype)
             specs["last_v"] = ((t, self._kv_width), self._kv_dtype)
+            specs.update(self._kv_scale_specs(("last_k_scale", "last_v_scale"), (t,)))
         return specs
 
     def step(self, frames: torch.Tensor, gate: PackedFrames, batch: StreamBatch, fitted: Fitted | None = None) -> ArchResult:
@@ -250,54 +280,123 @@ class ArchC(Architecture):
                 z = run_packed(a.layers, x, packed)
             else:
                 y = run_packed(a.layers[:-1], x, packed)
+                scales = _kv_scales(batch, "last_k_scale", "last_v_scale") if self._kv_quantized else {}
                 z = packed_layer_cached_kv(a.layers[-1], y, packed, batch.slot, batch.tensor("last_k"),
-                                           batch.tensor("last_v"), _kv_writer(batch, "last_k", "last_v", packed))
+                                           batch.tensor("last_v"), _kv_writer(batch, "last_k", "last_v", packed,
+                                                                              quantized=self._kv_quantized), **scales)
         return self._readout_from_cache(z, packed, batch)
 
 
 class ArchKV(Architecture):
-    """Cached context: at every layer the computed tokens attend to every token of their stream
-    (keys/values ``[S, L, T_tok, H * Dh]`` per stream, read in place by the varlen kernel)."""
+    """Cached context: at the cached layers the computed tokens attend to every token of their
+    stream (keys/values ``[S, L_kv, T_tok, H * Dh]`` per stream, read in place by the varlen
+    kernel); at the other layers (partial depth, ``kv_layers``) they attend to each other only.
+
+    Args:
+        kv_layers: the layers that keep key/value caches. None (default): every layer. An int K:
+            the last K layers (0: none, i.e. C with the active-token readout). A sequence of
+            distinct layer indices in ``[0, L)``, e.g. ``range(1, L, 2)`` for every other layer
+            (stored in ascending order).
+    """
 
     name = "KV"
+    takes_kv_layers = True
+
+    def __init__(self, adapter: VisionAdapter, kv_layers=None, **options):
+        super().__init__(adapter, **options)
+        self.kv_layer_ids: tuple[int, ...] = resolve_kv_layers(kv_layers, len(adapter.layers))
+        """Indices of the cached layers, ascending (every layer by default)."""
+
+    @property
+    def kv_layers(self) -> tuple[int, ...] | None:
+        """The cached layers as given in normal form: None when every layer is cached."""
+        return None if len(self.kv_layer_ids) == len(self.adapter.layers) else self.kv_layer_ids
 
     @property
     def _uses_head_cache(self) -> bool:
         return self.head_cache and self.adapter.has_map_head
 
     def config(self) -> dict:
+        kv = self.kv_layers
         return {**super().config(), "cache_dtype": str(self.cache_dtype) if self.cache_dtype is not None else None,
-                "head_cache": self._uses_head_cache}
+                "head_cache": self._uses_head_cache, "kv_layers": list(kv) if kv is not None else None}
 
     def state_specs(self, grid: Grid) -> Specs:
-        t, num_layers = self._tokens(grid), len(self.adapter.layers)
-        return {
-            **super().state_specs(grid),
-            **self._cache_specs(grid),
-            "kv_k": ((num_layers, t, self._kv_width), self._kv_dtype),
-            "kv_v": ((num_layers, t, self._kv_width), self._kv_dtype),
-        }
+        specs = {**super().state_specs(grid), **self._cache_specs(grid)}
+        if self.kv_layer_ids:  # no zero-sized pools when no layer is cached
+            num_kv, t = len(self.kv_layer_ids), self._tokens(grid)
+            specs["kv_k"] = ((num_kv, t, self._kv_width), self._kv_dtype)
+            specs["kv_v"] = ((num_kv, t, self._kv_width), self._kv_dtype)
+            specs.update(self._kv_scale_specs(("kv_k_scale", "kv_v_scale"), (num_kv, t)))
+        return specs
 
     def step(self, frames: torch.Tensor, gate: PackedFrames, batch: StreamBatch, fitted: Fitted | None = None) -> ArchResult:
         a = self.adapter
         x, packed = self.encoder_inputs(gate, fitted)
-        keys, values = batch.tensor("kv_k"), batch.tensor("kv_v")
-        s, num_layers, t_tok, width = keys.shape
-        # Layer l of stream slot s lives at row s * L + l of the flattened pools.
-        k_rows, v_rows = keys.view(s * num_layers, t_tok, width), values.view(s * num_layers, t_tok, width)
+        cached = {layer: j for j, layer in enumerate(self.kv_layer_ids)}  # layer -> its row in the caches
+        if cached:
+            keys, values = batch.tensor("kv_k"), batch.tensor("kv_v")
+            s, num_kv, t_tok, width = keys.shape
+            # Cached layer j of stream slot s lives at row s * L_kv + j of the flattened pools.
+            k_rows, v_rows = keys.view(s * num_kv, t_tok, width), values.view(s * num_kv, t_tok, width)
+            scales = {}
+            if self._kv_quantized:
+                scales = {key: t.view(s * num_kv, t_tok, -1)
+                          for key, t in _kv_scales(batch, "kv_k_scale", "kv_v_scale").items()}
         with stage("encoder"):
             for layer, parts in enumerate(a.layers):
-                x = packed_layer_cached_kv(parts, x, packed, batch.slot * num_layers + layer, k_rows, v_rows,
-                                           _kv_writer(batch, "kv_k", "kv_v", packed, layer))
+                j = cached.get(layer)
+                if j is None:
+                    x = packed_layer(parts, x, packed)
+                else:
+                    x = packed_layer_cached_kv(parts, x, packed, batch.slot * num_kv + j, k_rows, v_rows,
+                                               _kv_writer(batch, "kv_k", "kv_v", packed, j,
+                                                          quantized=self._kv_quantized), **scales)
         return self._readout_from_cache(x, packed, batch)
 
 
-def _kv_writer(batch: StreamBatch, k_name: str, v_name: str, packed: Packed, layer: int | None = None):
-    """Writes a layer's fresh keys and values ``[T, H * Dh]`` into the batch's caches."""
+def resolve_kv_layers(kv_layers, num_layers: int) -> tuple[int, ...]:
+    """``kv_layers`` (None, an int K, or a sequence of layer indices) -> the cached layers'
+    indices, ascending. Raises ``ValueError`` for anything else."""
+    if kv_layers is None:
+        return tuple(range(num_layers))
+    if isinstance(kv_layers, bool):
+        raise ValueError(f"kv_layers must be None, an int or a sequence of layer indices, got {kv_layers!r}")
+    if isinstance(kv_layers, int):
+        if not 0 <= kv_layers <= num_layers:
+            raise ValueError(f"kv_layers={kv_layers}: the number of last layers to cache must be in "
+                             f"[0, {num_layers}] (the model has {num_layers} layers)")
+        return tuple(range(num_layers - kv_layers, num_layers))
+    try:
+        ids = list(kv_layers)
+    except TypeError:
+        raise ValueError(f"kv_layers must be None, an int or a sequence of layer indices, got {kv_layers!r}") from None
+    bad = [i for i in ids if isinstance(i, bool) or not hasattr(i, "__index__")]
+    if bad:
+        raise ValueError(f"kv_layers must hold int layer indices, got {bad[0]!r}")
+    ids = [operator.index(i) for i in ids]
+    out = [i for i in ids if not 0 <= i < num_layers]
+    if out:
+        raise ValueError(f"kv_layers index {out[0]} out of range: the model has {num_layers} layers (0..{num_layers - 1})")
+    dup = sorted({i for i in ids if ids.count(i) > 1})
+    if dup:
+        raise ValueError(f"kv_layers lists layer {dup[0]} more than once")
+    return tuple(sorted(ids))
+
+
+def _kv_writer(batch: StreamBatch, k_name: str, v_name: str, packed: Packed, layer: int | None = None,
+               quantized: bool = False):
+    """Writes a layer's fresh keys and values ``[T, H * Dh]`` into the batch's caches (8-bit
+    caches: quantised per token and head, the scales into ``<name>_scale``)."""
     def write(k: torch.Tensor, v: torch.Tensor) -> None:
-        batch.scatter(k_name, k, packed.cu_seqlens, packed.index, layer)
-        batch.scatter(v_name, v, packed.cu_seqlens, packed.index, layer)
+        batch.scatter(k_name, k, packed.cu_seqlens, packed.index, layer, scale=f"{k_name}_scale" if quantized else None)
+        batch.scatter(v_name, v, packed.cu_seqlens, packed.index, layer, scale=f"{v_name}_scale" if quantized else None)
     return write
+
+
+def _kv_scales(batch: StreamBatch, k_name: str, v_name: str) -> dict[str, torch.Tensor]:
+    """The live scale pools of 8-bit key/value caches, as ``packed_layer_cached_kv``'s arguments."""
+    return {"k_scale": batch.tensor(k_name), "v_scale": batch.tensor(v_name)}
 
 
 ARCHITECTURES: dict[str, type[Architecture]] = {cls.name: cls for cls in (ArchA, ArchB, ArchC, ArchKV)}

@@ -172,19 +172,36 @@ class CapacityPlanner:
         self._need: dict[tuple, float] = {}
         """key -> rows per non-first frame the last call with that key needed."""
 
-    def capacity(self, key: tuple, num_frames: int, num_first: int, prefix: int, patches: int, floor: int) -> int:
-        """Rows for a call with ``num_frames`` frames of which ``num_first`` are first frames."""
+    def capacity(self, key: tuple, num_frames: int, num_first: int, prefix: int, patches: int, floor: int,
+                 most: int | None = None) -> int:
+        """Rows for a call with ``num_frames`` frames of which ``num_first`` are first frames.
+
+        ``most``: a static bound on the patches a non-first frame computes, when the gate settings
+        give one (a ``budget`` without ``scene_cut``: see :func:`static_patch_bound`); the bucket
+        never exceeds it, so such calls cannot overflow."""
         rest = num_frames - num_first
-        dense_rest = rest * (prefix + patches)
+        per_frame = patches if most is None else min(patches, most)
+        dense_rest = rest * (prefix + per_frame)
+        least = rest * (prefix + min(floor, per_frame))
         if self.mode == "auto":
             last = self._need.get(key)
-            rows = dense_rest if last is None else bucket(math.ceil(last * rest), dense_rest,
-                                                          rest * (prefix + min(floor, patches)))
+            rows = dense_rest if last is None else bucket(math.ceil(last * rest), dense_rest, least)
         else:
-            rows = min(dense_rest, max(self.mode, rest * (prefix + min(floor, patches))))
+            rows = min(dense_rest, max(self.mode, least))
         return num_first * (prefix + patches) + rows
 
     def observe(self, key: tuple, need: int, rest: int) -> None:
         """The non-first frames (``rest`` of them) of a call with ``key`` needed ``need`` rows."""
         if rest > 0:
             self._need[key] = need / rest
+
+
+def static_patch_bound(settings, patches: int) -> int | None:
+    """The most patches a later (non-first) frame can compute under gate ``settings``
+    (:class:`~neuroflow.gate_settings.GateSettings`) for frames of ``patches`` patches, or None
+    when only the data decides. A budget caps every later frame (stale patches and the floor
+    included), except a scene cut's keyframe, which is dense: with ``scene_cut`` set there is no
+    static bound."""
+    if settings.budget is None or settings.scene_cut is not None:
+        return None
+    return settings.budget_count(patches)

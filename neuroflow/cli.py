@@ -14,6 +14,8 @@ SUBCOMMANDS = {
     "demo": "neuroflow.commands.demo",
     "run": "neuroflow.commands.run",
     "distill": "neuroflow.commands.distill",
+    "build-dinov2": "neuroflow.commands.build_dinov2",
+    "serve": "neuroflow.commands.serve",
     "llm-ablation": "neuroflow.llm.cli",
 }
 """Subcommand name -> module. A module that does not exist yet is listed by ``--help`` as not built."""

@@ -95,6 +95,8 @@ def packed_layer_cached_kv(
     k_cache: torch.Tensor,
     v_cache: torch.Tensor,
     store_kv: Callable[[torch.Tensor, torch.Tensor], None],
+    k_scale: torch.Tensor | None = None,
+    v_scale: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """One layer whose queries are the packed tokens and whose keys/values are every token of
     their stream: fresh for the packed tokens (written into the caches first), cached for the rest.
@@ -103,7 +105,9 @@ def packed_layer_cached_kv(
         x: ``[T, D]`` packed residual stream.
         rows: ``[B]`` int64, each stream's row in the caches.
         k_cache, v_cache: ``[R, T_tok, H * Dh]`` keys / values of this layer (any float dtype: the
-            attention runs in it), read in place by the attention.
+            attention runs in it; or int8 / float8_e4m3fn with ``k_scale``/``v_scale``
+            ``[R, T_tok, H]``: dequantised in the attention's loads, which run in x's dtype),
+            read in place by the attention.
         store_kv: writes the fresh keys and values ``[T, H * Dh]`` into ``k_cache``/``v_cache`` at
             the packed tokens' positions (the caller owns the state, see
             :class:`neuroflow.streams.StreamBatch`).
@@ -115,11 +119,15 @@ def packed_layer_cached_kv(
     b = packed.num_frames
     cu_k = torch.arange(b + 1, dtype=torch.int32, device=x.device) * t_tok
     heads, head_dim = parts.num_heads, parts.head_dim
+    scales = {}
+    if k_scale is not None:
+        scales = dict(k_scale=k_scale.view(-1, heads), v_scale=v_scale.view(-1, heads))
+    q_dtype = x.dtype if k_scale is not None else k_cache.dtype
     o = attend(
-        _heads(parts.q(nx), parts).to(k_cache.dtype),
+        _heads(parts.q(nx), parts).to(q_dtype),
         k_cache.view(-1, heads, head_dim),
         v_cache.view(-1, heads, head_dim),
-        packed.cu_seqlens, cu_k, packed.max_seqlen, t_tok, scale=parts.scale, kv_start=rows * t_tok,
+        packed.cu_seqlens, cu_k, packed.max_seqlen, t_tok, scale=parts.scale, kv_start=rows * t_tok, **scales,
     )
     x = x + parts.scale1(parts.o(o.to(x.dtype).reshape(x.shape[0], -1)))
     return mlp_block(parts, x)

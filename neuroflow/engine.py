@@ -17,20 +17,17 @@ from torch import nn
 
 from . import dispatch
 from .architectures import Architecture, make_architecture
-from .capacity import CapacityPlanner, CapacityWarning, Fitted, HostCount, fit_to_capacity
+from .capacity import CapacityPlanner, CapacityWarning, Fitted, HostCount, fit_to_capacity, static_patch_bound
 from .graphs import StepGraphs
 from .profiling import _active as _active_timer
+from .gate_settings import GateSettings
 from .models import VisionAdapter
 from .ops.gate import gate
+from .reference.cache_scatter import QUANT_MAX
 from .profiling import stage
+from .state_file import StateFileError, load_state_file, model_fingerprint, save_state_file
 from .streams import Grid, StreamBatch, StreamStore
-from .validation import (
-    check_ema_decay,
-    check_floor_tokens,
-    check_frames,
-    check_stream_ids,
-    check_threshold,
-)
+from .validation import check_frames, check_stream_ids, warn_ineffective_settings
 
 STATE_FORMAT = 1
 
@@ -68,7 +65,7 @@ class NeuroFlow(nn.Module):
             ``CLIPModel`` (its vision tower is used). Its weights are used as they are.
         arch: ``"A"``, ``"B"``, ``"C"`` or ``"KV"`` (cached context; see ``neuroflow.architectures``).
         threshold: a patch is active when its surprise ``1 - cos`` is strictly above this; in
-            [-1, 2] (below 0 every patch is active every frame).
+            [-1, 2] (below 0 every patch is active every frame); None only with a ``budget``.
         ema_decay: weight of the new frame in the per-patch EMA, in [0, 1].
         floor_tokens: at least this many patches are active on every later frame (the most
             surprising ones when too few pass the threshold).
@@ -83,8 +80,10 @@ class NeuroFlow(nn.Module):
             ``"deferred"`` forces the deferred check on any device, ``"eager"`` the eager one (one
             device sync per call), ``False`` skips it.
         cache_dtype: dtype of the key/value caches (KV, and C's context readout), e.g.
-            ``torch.float16`` on a GPU; attention over them runs in that dtype. Default: the
-            model's dtype.
+            ``torch.float16`` on a GPU; attention over them runs in that dtype. ``torch.int8`` (or
+            ``torch.float8_e4m3fn``): 8-bit caches with per-token, per-head absmax scales
+            (state ``kv_k_scale``/``kv_v_scale``), dequantised inside the attention, which runs in
+            the model's dtype. Default: the model's dtype.
         head_cache: cache SigLIP's pooling-head keys and values per token (C and KV), so the head
             projects only fresh tokens.
         max_streams: keep at most this many streams; when a call would exceed it, the least
@@ -105,6 +104,25 @@ class NeuroFlow(nn.Module):
             default a call runs under ``torch.no_grad()`` unless ``pixel_values`` requires grad,
             so weights that require grad (as Hugging Face loads them) do not push the call off
             the kernel path.
+        reference: what the surprise compares a patch with: ``"ema"`` (default, the paper: the
+            EMA of every frame) or ``"computed"`` (the patch's layer-0 embedding when it was last
+            computed; ``ema_decay`` is then unused and the ``"ema"`` state holds those embeddings).
+        max_staleness: None, or K >= 1: a patch not computed for K frames in a row is computed on
+            the next frame. Streams then keep an ``age`` state ``[N]`` int32, staggered on their
+            first frame (``i mod (K + 1)``) so these refreshes spread over frames.
+        budget: None, an int >= 1 (patches) or a float in (0, 1] (fraction of N): at most this
+            many patches per later frame, the first in the gate's ranking (stale, then most
+            surprising, then lowest index). With ``threshold=None`` exactly that many.
+        motion_norm: subtract the frame's mean surprise before the decision (the reported
+            surprise is then the normalised one).
+        scene_cut: None or a fraction in (0, 1]: a frame where more than this fraction of the
+            patches pass the threshold (raw surprise) is a keyframe: every patch active, the
+            reference restarted (not reported as a first frame).
+        kv_layers: Architecture KV only (partial depth): the layers that keep key/value caches;
+            the others run as in C (computed tokens attend to computed tokens only). None
+            (default): every layer. An int K: the last K layers (0 is exactly C with
+            ``cls_readout="active"``). A sequence of distinct indices in ``[0, L)``, e.g.
+            ``range(1, L, 2)``. State per stream shrinks to ``[len(kv_layers), T, W]`` per cache.
 
     Call with ``pixel_values [B, C, H, W]`` (model dtype and device; H and W multiples of the patch
     size) and ``stream_ids`` (B distinct hashable ids; default ``0..B-1``). A stream that is new,
@@ -116,7 +134,7 @@ class NeuroFlow(nn.Module):
         self,
         vision_model: nn.Module,
         arch: str = "C",
-        threshold: float = 0.35,
+        threshold: float | None = 0.35,
         ema_decay: float = 0.01,
         floor_tokens: int = 4,
         cls_readout: str = "context",
@@ -127,28 +145,38 @@ class NeuroFlow(nn.Module):
         capacity: str | int = "auto",
         differentiable: bool = False,
         cuda_graphs: bool = False,
+        reference: str = "ema",
+        max_staleness: int | None = None,
+        budget: int | float | None = None,
+        motion_norm: bool = False,
+        scene_cut: float | None = None,
+        kv_layers: int | Sequence[int] | None = None,
     ):
         super().__init__()
         if check_finite not in (True, False, "eager", "deferred"):
             raise ValueError(f"check_finite must be True, False, 'eager' or 'deferred', got {check_finite!r}")
-        check_threshold(threshold)
-        check_ema_decay(ema_decay)
-        check_floor_tokens(floor_tokens)
+        settings = GateSettings(threshold=threshold, ema_decay=ema_decay, floor_tokens=floor_tokens,
+                                reference=reference, max_staleness=max_staleness, budget=budget,
+                                motion_norm=motion_norm, scene_cut=scene_cut)
         if cls_readout not in ("context", "active"):
             raise ValueError(f"cls_readout must be 'context' or 'active', got {cls_readout!r}")
-        if cache_dtype is not None and not (isinstance(cache_dtype, torch.dtype) and cache_dtype.is_floating_point):
-            raise ValueError(f"cache_dtype must be a floating torch.dtype, got {cache_dtype!r}")
+        if cache_dtype is not None and not (isinstance(cache_dtype, torch.dtype)
+                                            and (cache_dtype.is_floating_point or cache_dtype in QUANT_MAX)):
+            raise ValueError(f"cache_dtype must be a floating torch.dtype, torch.int8 or torch.float8_e4m3fn, "
+                             f"got {cache_dtype!r}")
         if max_streams is not None and (isinstance(max_streams, bool) or not isinstance(max_streams, int)
                                         or max_streams < 1):
             raise ValueError(f"max_streams must be an int >= 1 or None, got {max_streams!r}")
         self.adapter = VisionAdapter(vision_model)
         self.vision_model = self.adapter.model
         self.architecture: Architecture = make_architecture(
-            arch, self.adapter, cache_dtype=cache_dtype, head_cache=bool(head_cache), cls_readout=cls_readout)
-        self.architecture.check(int(floor_tokens))
-        self._threshold = float(threshold)
-        self._ema_decay = float(ema_decay)
-        self._floor_tokens = int(floor_tokens)
+            arch, self.adapter, cache_dtype=cache_dtype, head_cache=bool(head_cache), cls_readout=cls_readout,
+            **({} if kv_layers is None else {"kv_layers": kv_layers}))
+        self.architecture.check(settings.floor_tokens)
+        self.architecture.track_age = max_staleness is not None
+        self._gate = _normalised(settings)
+        warn_ineffective_settings(threshold=self._gate.threshold)
+        self._warned_floor: set[tuple[int, Grid]] = set()  # (floor, grid) pairs already warned about
         self.check_finite = check_finite
         self.differentiable = bool(differentiable)
         self._planner = CapacityPlanner(capacity)
@@ -161,32 +189,86 @@ class NeuroFlow(nn.Module):
 
     # -- settings (validated on every change) ------------------------------------------------------
     @property
-    def threshold(self) -> float:
-        return self._threshold
+    def gate_settings(self) -> GateSettings:
+        """The gate's settings as one frozen value (what the engine passes to the gate op)."""
+        return self._gate
+
+    def _set_gate(self, **changes) -> None:
+        self._gate = _normalised(self._gate.replace(**changes))
+
+    @property
+    def threshold(self) -> float | None:
+        return self._gate.threshold
 
     @threshold.setter
-    def threshold(self, value: float) -> None:
-        check_threshold(value)
-        self._threshold = float(value)
+    def threshold(self, value: float | None) -> None:
+        self._set_gate(threshold=value)
+        warn_ineffective_settings(threshold=self._gate.threshold)
 
     @property
     def ema_decay(self) -> float:
-        return self._ema_decay
+        return self._gate.ema_decay
 
     @ema_decay.setter
     def ema_decay(self, value: float) -> None:
-        check_ema_decay(value)
-        self._ema_decay = float(value)
+        self._set_gate(ema_decay=value)
 
     @property
     def floor_tokens(self) -> int:
-        return self._floor_tokens
+        return self._gate.floor_tokens
 
     @floor_tokens.setter
     def floor_tokens(self, value: int) -> None:
-        check_floor_tokens(value)
+        GateSettings(floor_tokens=value)  # the type and range check, before the architecture's
         self.architecture.check(value)
-        self._floor_tokens = int(value)
+        self._set_gate(floor_tokens=value)
+
+    @property
+    def reference(self) -> str:
+        """``"ema"`` or ``"computed"``; switching keeps the stored state and reads it the new way."""
+        return self._gate.reference
+
+    @reference.setter
+    def reference(self, value: str) -> None:
+        self._set_gate(reference=value)
+
+    @property
+    def max_staleness(self) -> int | None:
+        return self._gate.max_staleness
+
+    @max_staleness.setter
+    def max_staleness(self, value: int | None) -> None:
+        # Turning staleness on or off adds or drops a state tensor: only without streams.
+        new = self._gate.replace(max_staleness=value)
+        if (value is None) != (self._gate.max_staleness is None) and len(self._streams):
+            raise ValueError("max_staleness can switch between None and a number only without streams "
+                             "(it adds or drops the 'age' state): call reset() first")
+        self._gate = _normalised(new)
+        self.architecture.track_age = value is not None
+
+    @property
+    def budget(self) -> int | float | None:
+        return self._gate.budget
+
+    @budget.setter
+    def budget(self, value: int | float | None) -> None:
+        self._set_gate(budget=value)
+
+    @property
+    def motion_norm(self) -> bool:
+        return self._gate.motion_norm
+
+    @motion_norm.setter
+    def motion_norm(self, value: bool) -> None:
+        self._set_gate(motion_norm=value)
+
+    @property
+    def scene_cut(self) -> float | None:
+        return self._gate.scene_cut
+
+    @scene_cut.setter
+    def scene_cut(self, value: float | None) -> None:
+        self._set_gate(scene_cut=value)
 
     @property
     def arch(self) -> str:
@@ -204,6 +286,11 @@ class NeuroFlow(nn.Module):
     @property
     def head_cache(self) -> bool:
         return self.architecture.head_cache
+
+    @property
+    def kv_layers(self) -> tuple[int, ...] | None:
+        """Architecture KV: the cached layers, ascending (None: every layer). None for the others."""
+        return getattr(self.architecture, "kv_layers", None)
 
     @property
     def max_streams(self) -> int | None:
@@ -242,8 +329,10 @@ class NeuroFlow(nn.Module):
 
     def state_bytes_per_stream(self, height: int, width: int) -> dict[str, int]:
         """Bytes of state one stream holds at an ``height x width`` frame size, per state tensor
-        (``ema``; ``anchors`` for A; ``cache`` for C and KV; ``kv_k``/``kv_v``, all layers, for KV;
-        ``last_k``/``last_v`` for C's context readout), plus ``"total"``."""
+        (``ema``; ``anchors`` for A; ``cache`` for C and KV; ``kv_k``/``kv_v``, the cached layers
+        only, for KV; ``last_k``/``last_v`` for C's context readout; ``head_k``/``head_v`` for
+        SigLIP's head cache), plus ``"total"``. Derived from the architecture's state specs, so it
+        is what a pool allocates per slot (see :mod:`neuroflow.memory` for a whole budget)."""
         grid = self.adapter.grid(height, width)
         out = {
             name: int(torch.Size(shape).numel()) * torch.empty(0, dtype=dtype).element_size()
@@ -251,6 +340,15 @@ class NeuroFlow(nn.Module):
         }
         out["total"] = sum(out.values())
         return out
+
+    def streams_that_fit(self, height: int, width: int, gib: float, reserve_gib: float = 0.0,
+                         count_weights: bool = True):
+        """How many streams at ``height x width`` fit in ``gib`` GiB beside this engine's model weights
+        and a stated ``reserve_gib`` for activations: a :class:`neuroflow.memory.MemoryFit` (see
+        :mod:`neuroflow.memory` for exactly what is counted)."""
+        from .memory import streams_that_fit
+
+        return streams_that_fit(self, height, width, gib, reserve_gib=reserve_gib, count_weights=count_weights)
 
     def state_bytes(self) -> int:
         """Bytes of stream state this engine holds now (every pool at its capacity)."""
@@ -315,6 +413,10 @@ class NeuroFlow(nn.Module):
                 raise ValueError(f"active must be a bool tensor [B, N] = [{pixel_values.shape[0]}, {n}], "
                                  f"got {active.dtype} {tuple(active.shape)}")
             active = active.to(pixel_values.device)
+        floor = self._gate.floor_tokens
+        if (floor, grid) not in self._warned_floor:
+            self._warned_floor.add((floor, grid))
+            warn_ineffective_settings(floor_tokens=floor, num_patches=grid[0] * grid[1])
         moved = [i for i in ids if i in self._streams and self._streams.grid_of(i) != grid]
         grad = self.differentiable or (torch.is_grad_enabled() and pixel_values.requires_grad)
         batch = self._streams.begin(ids, grid)
@@ -363,10 +465,12 @@ class NeuroFlow(nn.Module):
         if self._packs_sync_free(pixel_values.device):
             plan_key = (b, grid)
             capacity = self._planner.capacity(plan_key, b, batch.first_count, self.adapter.num_prefix, n,
-                                              self._floor_tokens)
+                                              self._gate.floor_tokens, static_patch_bound(self._gate, n))
         if self._graphable(pixel_values, batch, active, capacity):
-            key = (b, grid, capacity, self._threshold, self._ema_decay, self._floor_tokens,
-                   tuple((name, t.data_ptr(), t.shape[0]) for name, t in batch._pool.tensors.items()))
+            # GateSettings is frozen (hashable); the pool layout covers kv_layers, cache dtypes and
+            # the age / scale tensors (their names and shapes).
+            key = (b, grid, capacity, self._gate,
+                   tuple((name, t.data_ptr(), tuple(t.shape), t.dtype) for name, t in batch._pool.tensors.items()))
 
             def step(pixels):
                 out, fitted, _ = self._step_body(pixels, grid, batch, None, capacity, None)
@@ -399,8 +503,8 @@ class NeuroFlow(nn.Module):
         with stage("gate"):
             gated = gate(
                 pixel_values, conv.weight, conv.bias, a.position_embeddings(grid), a.prefix_tokens(grid),
-                batch.update_in_place("ema"), batch.slot, batch.first, self._threshold, self._ema_decay,
-                self._floor_tokens, force_active=active,
+                batch.update_in_place("ema"), batch.slot, batch.first, self._gate, force_active=active,
+                age=batch.update_in_place("age") if self._gate.max_staleness is not None else None,
             )
         n = gated.active.shape[1]
         fitted: Fitted | None = None
@@ -453,7 +557,7 @@ class NeuroFlow(nn.Module):
         return {
             "format": STATE_FORMAT,
             "config": self._config(),
-            "settings": {"threshold": self._threshold, "ema_decay": self._ema_decay, "floor_tokens": self._floor_tokens},
+            "settings": self._gate.as_dict(),
             **self._streams.state(),
         }
 
@@ -472,18 +576,34 @@ class NeuroFlow(nn.Module):
             raise ValueError(f"stream state was saved by an incompatible engine (saved vs this): {diff}")
         self._streams.load(state)
 
+    def state_fingerprint(self) -> dict:
+        """What a saved state belongs to: the model (family, geometry, a digest of its weights)
+        and the settings that decide what the state means (architecture and its cache options)."""
+        return {"model": model_fingerprint(self.adapter), "settings": self.architecture.config()}
+
     def save_state(self, path: str | Path) -> None:
-        """Write every stream's state to ``path`` (``torch.save``; ids must be str, int or tuples of them)."""
+        """Write every stream's state to ``path`` with a format version and
+        :meth:`state_fingerprint` (ids must be str, int or tuples of them); see
+        :mod:`neuroflow.state_file`."""
         state = self.stream_state_dict()
         for pool in state["pools"]:
             for i in pool["ids"]:
                 if not _is_plain_id(i):
                     raise TypeError(f"stream id {i!r} cannot be saved: use str, int or tuples of them")
-        torch.save(state, path)
+        save_state_file(path, state, self.state_fingerprint())
 
     def load_state(self, path: str | Path) -> None:
-        """Restore the streams saved by :meth:`save_state` (loaded with ``weights_only=True``)."""
-        self.load_stream_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+        """Restore the streams saved by :meth:`save_state`.
+
+        Raises :class:`neuroflow.state_file.StateFileError` (naming the file and the reason) for a
+        corrupt or truncated file, another format version, another model or incompatible
+        settings; nothing changes then. No code runs on load (``weights_only=True``).
+        """
+        state = load_state_file(path, self.state_fingerprint())
+        try:
+            self.load_stream_state_dict(state)
+        except (ValueError, KeyError, TypeError, AttributeError) as exc:
+            raise StateFileError(f"state file {path}: its streams do not fit this engine ({exc})") from None
 
     def get_extra_state(self) -> dict:
         # Makes ``nf.state_dict()`` carry the streams next to the model weights.
@@ -494,8 +614,11 @@ class NeuroFlow(nn.Module):
 
     def extra_repr(self) -> str:
         return (
-            f"arch={self.arch!r}, family={self.adapter.family!r}, threshold={self._threshold}, "
-            f"ema_decay={self._ema_decay}, floor_tokens={self._floor_tokens}, streams={len(self._streams)}"
+            f"arch={self.arch!r}, family={self.adapter.family!r}, threshold={self._gate.threshold}, "
+            f"ema_decay={self._gate.ema_decay}, floor_tokens={self._gate.floor_tokens}"
+            + "".join(f", {k}={v!r}" for k, v in self._gate.as_dict().items()
+                      if k not in ("threshold", "ema_decay", "floor_tokens") and v != GateSettings.__dataclass_fields__[k].default)
+            + f", streams={len(self._streams)}"
         )
 
 
@@ -522,6 +645,13 @@ class _Pending:
     @property
     def rest(self) -> int:
         return (self.plan_key[0] - self.num_first) if self.plan_key is not None else 0
+
+
+def _normalised(st: GateSettings) -> GateSettings:
+    """Numbers as plain Python types (threshold and decay as float, floor as int), so settings
+    compare and print the same however they were given."""
+    return st.replace(threshold=None if st.threshold is None else float(st.threshold),
+                      ema_decay=float(st.ema_decay), floor_tokens=int(st.floor_tokens))
 
 
 def _is_plain_id(i) -> bool:

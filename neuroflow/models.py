@@ -125,6 +125,11 @@ class Family:
             (CLIP: tokens stay un-normalised, the pooled output is the normalised CLS token),
             ``"pooler"`` (ViT's pooler on the normalised CLS token) or ``"cls"`` (DINOv2: the
             normalised CLS token).
+        preprocess: what the family's published checkpoints ship in ``preprocessor_config.json``
+            (used by :class:`neuroflow.video.Preprocessor` when a checkpoint has none):
+            ``mean_std``, ``resize``, ``keep_aspect``, ``crop``, ``resample``.
+        sigmoid_scores: zero-shot label scores are independent sigmoids (SigLIP's training loss;
+            its text tower also expects ``max_length`` padding), else a softmax over the labels.
     """
 
     name: str
@@ -134,16 +139,29 @@ class Family:
     final_norm: str
     interpolates_by_flag: bool
     pooling: str
+    preprocess: dict
+    sigmoid_scores: bool = False
 
 
+_IMAGENET_STANDARD = ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
+_IMAGENET_DEFAULT = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
+_OPENAI_CLIP = ((0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711))
+
+# Preprocessing: transformers' SiglipImageProcessor, CLIPImageProcessor, ViTImageProcessor; DINOv2
+# checkpoints use BitImageProcessor with ImageNet statistics and a 256 -> 224 crop.
 FAMILIES = (
-    Family(SIGLIP, ("SiglipVisionModel", "SiglipVisionTransformer"), None, None, "post_layernorm", True, "map"),
+    Family(SIGLIP, ("SiglipVisionModel", "SiglipVisionTransformer"), None, None, "post_layernorm", True, "map",
+           dict(mean_std=_IMAGENET_STANDARD, resize=224, keep_aspect=False, crop=224, resample="bicubic"),
+           sigmoid_scores=True),
     Family(CLIP, ("CLIPVisionModel", "CLIPVisionTransformer"), "class_embedding", "pre_layrnorm", "post_layernorm",
-           True, "norm_cls"),
-    Family(VIT, ("ViTModel",), "cls_token", None, "layernorm", True, "pooler"),
-    Family(DINOV2, ("Dinov2Model", "Dinov2WithRegistersModel"), "cls_token", None, "layernorm", False, "cls"),
+           True, "norm_cls", dict(mean_std=_OPENAI_CLIP, resize=224, keep_aspect=True, crop=224, resample="bicubic")),
+    Family(VIT, ("ViTModel",), "cls_token", None, "layernorm", True, "pooler",
+           dict(mean_std=_IMAGENET_STANDARD, resize=224, keep_aspect=False, crop=224, resample="bilinear")),
+    Family(DINOV2, ("Dinov2Model", "Dinov2WithRegistersModel"), "cls_token", None, "layernorm", False, "cls",
+           dict(mean_std=_IMAGENET_DEFAULT, resize=256, keep_aspect=True, crop=224, resample="bicubic")),
 )
 
+FAMILY_BY_NAME = {fam.name: fam for fam in FAMILIES}
 _FAMILY_BY_CLASS = {cls: fam for fam in FAMILIES for cls in fam.classes}
 
 

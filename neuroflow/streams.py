@@ -295,23 +295,35 @@ class StreamBatch:
         return t
 
     def scatter(self, name: str, src: torch.Tensor, cu_seqlens: torch.Tensor, index: torch.Tensor,
-                layer: int | None = None) -> None:
+                layer: int | None = None, scale: str | None = None) -> None:
         """``state[slot[b], index[t]] = src[t]`` for each packed row t of stream b (see
         :func:`neuroflow.ops.cache_scatter.cache_scatter`).
 
         Args:
             src: ``[T_cap, D]`` packed rows; cu_seqlens: ``[B + 1]`` int32; index: ``[T_cap]`` int32.
             layer: for per-layer state ``[S, L, T_tok, D]``, the layer written.
+            scale: for an 8-bit state, the name of its scale state ``[S, (L,) T_tok, G]``: the rows
+                are quantised per group of ``D / G`` channels (undo restores both exactly).
         """
         t = self.tensor(name)
+        s = self.tensor(scale) if scale is not None else None
         rows = self.slot
         if layer is not None:
             num_layers = t.shape[1]
             t = t.view(t.shape[0] * num_layers, *t.shape[2:])
+            s = s.view(s.shape[0] * num_layers, *s.shape[2:]) if s is not None else None
             rows = self.slot * num_layers + layer
         old = _gather_packed(t, rows, cu_seqlens, index)
-        self._undo.append(lambda: cache_scatter(t, rows, old, cu_seqlens, index))
-        cache_scatter(t, rows, src, cu_seqlens, index)
+        if s is None:
+            self._undo.append(lambda: cache_scatter(t, rows, old, cu_seqlens, index))
+        else:
+            old_scale = _gather_packed(s, rows, cu_seqlens, index)
+
+            def restore():  # raw copies: the old 8-bit rows and their scales, not re-quantised
+                cache_scatter(t, rows, old, cu_seqlens, index)
+                cache_scatter(s, rows, old_scale, cu_seqlens, index)
+            self._undo.append(restore)
+        cache_scatter(t, rows, src, cu_seqlens, index, s)
 
     def _keep_rows(self, t: torch.Tensor) -> None:
         old = t.index_select(0, self.slot)

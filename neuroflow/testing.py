@@ -3,6 +3,15 @@
 A result is close enough when its error against a high-precision reference is at most twice the
 error of the plain PyTorch path run in the result's own precision, plus a floor of a few units in
 the last place. No test picks its own tolerance.
+
+TF32: a kernel that runs fp32 inputs on TF32 tensor cores (the varlen attention on a GPU) is held
+to a baseline computed in fp32 on inputs rounded to TF32 (:func:`round_to_tf32`, the precision of
+its operands), not to plain fp32 (which on a GPU depends on global TF32 flags, and on the CPU has
+no TF32 at all). Under the Triton interpreter tl.dot is exact fp32, so the plain fp32 baseline applies.
+
+8-bit caches: the reference is quantise-then-dequantise (the dequantised values are the inputs);
+the kernel's error against float64 attention on them may be at most twice the error of the plain
+PyTorch path run on the same dequantised values in the query's dtype.
 """
 
 from __future__ import annotations
@@ -11,6 +20,15 @@ import torch
 
 ERROR_RATIO = 2.0
 FLOOR_ULPS = 8.0
+
+
+def round_to_tf32(t: torch.Tensor) -> torch.Tensor:
+    """fp32 ``t`` rounded to TF32 (10 explicit mantissa bits, round half away from zero as the
+    tensor cores' ``cvt.rna.tf32.f32``), returned as fp32."""
+    bits = t.float().contiguous().view(torch.int32)
+    rounded = (bits + 0x1000) & ~0x1FFF
+    finite = torch.isfinite(t.float())
+    return torch.where(finite, rounded.view(torch.float32), t.float())
 
 
 def max_error(a: torch.Tensor, b: torch.Tensor) -> float:

@@ -3,41 +3,90 @@
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Hashable, Sequence
 
 import torch
 
+from .gate_settings import (  # noqa: F401  (the engine's checks, re-exported)
+    check_budget,
+    check_ema_decay,
+    check_floor_tokens,
+    check_max_staleness,
+    check_reference,
+    check_scene_cut,
+    check_threshold,
+)
 from .models import VisionAdapter
 
-def check_threshold(threshold: float) -> None:
-    # Surprise 1 - cos lies in [0, 2]: below 0 every patch passes, at 2 or above none does.
-    if not isinstance(threshold, (int, float)) or not -1.0 <= threshold <= 2.0:
-        raise ValueError(f"threshold must be a number in [-1, 2] (surprise is 1 - cos), got {threshold!r}")
 
+def warn_ineffective_settings(*, threshold: float | None = None, floor_tokens: int | None = None,
+                              num_patches: int | None = None, stacklevel: int = 3) -> None:
+    """Warn (``UserWarning``) about valid settings that switch the sparsity off.
 
-def check_ema_decay(ema_decay: float) -> None:
-    if not isinstance(ema_decay, (int, float)) or not 0.0 <= ema_decay <= 1.0:
-        raise ValueError(f"ema_decay must be a number in [0, 1], got {ema_decay!r}")
+    - ``threshold < 0``: surprise ``1 - cos`` is never below 0 and a patch is active iff its
+      surprise is strictly above the threshold, so every patch is computed on every frame.
+    - ``floor_tokens >= num_patches`` (``num_patches``: the patch count of a frame's grid, known
+      once a frame is seen): the floor alone makes every patch active.
 
-
-def check_floor_tokens(floor_tokens: int) -> None:
-    if isinstance(floor_tokens, bool) or not isinstance(floor_tokens, int) or floor_tokens < 0:
-        raise ValueError(f"floor_tokens must be an int >= 0, got {floor_tokens!r}")
+    Each argument left None is not checked. ``stacklevel`` as in ``warnings.warn``; the default
+    points at the caller of the function that calls this one (the engine's constructor or setter).
+    """
+    if threshold is not None and threshold < 0:
+        warnings.warn(
+            f"threshold {threshold} is below 0, the smallest possible surprise (1 - cos), so every patch is "
+            "computed on every frame: the model runs dense and nothing is saved; use a threshold in [0, 2)",
+            UserWarning, stacklevel=stacklevel,
+        )
+    if floor_tokens is not None and num_patches is not None and floor_tokens >= num_patches:
+        warnings.warn(
+            f"floor_tokens {floor_tokens} is not below the {num_patches} patches per frame, so the floor alone "
+            "makes every patch active: the model runs dense and nothing is saved; lower floor_tokens",
+            UserWarning, stacklevel=stacklevel,
+        )
 
 
 def check_frames(pixel_values: torch.Tensor, adapter: VisionAdapter, check_finite: bool = True) -> tuple[int, int]:
-    """Validate a batch of frames ``[B, C, H, W]``; return its patch grid ``(H/p, W/p)``."""
+    """Validate a batch of frames ``[B, C, H, W]``; return its patch grid ``(H/p, W/p)``.
+
+    Each error says how to fix the input: channels-last frames ``[B, H, W, C]`` are named as such
+    (with the ``permute`` that fixes them), and raw integer pixels (uint8 0-255) are pointed to
+    :class:`neuroflow.video.Preprocessor`, since casting them to float would skip the
+    normalisation the model was trained with.
+    """
     if not isinstance(pixel_values, torch.Tensor):
         raise TypeError(f"pixel_values must be a torch.Tensor [B, C, H, W], got {type(pixel_values).__name__}")
     if pixel_values.dim() != 4:
+        hint = ""
+        if pixel_values.dim() == 3:
+            hint = " (a single frame? add the batch dimension: pixel_values[None])"
         raise ValueError(
-            f"pixel_values must have shape [B, C, H, W] (one frame per stream), got shape {tuple(pixel_values.shape)}"
+            f"pixel_values must have shape [B, C, H, W] (one frame per stream), got shape "
+            f"{tuple(pixel_values.shape)}{hint}"
         )
     b, c, h, w = pixel_values.shape
     if b == 0:
         raise ValueError("pixel_values holds no frame (B = 0)")
-    if c != adapter.num_channels:
-        raise ValueError(f"pixel_values has {c} channels, the model expects {adapter.num_channels}")
+    expected = adapter.num_channels
+    if c != expected:
+        if w == expected:
+            raise ValueError(
+                f"pixel_values of shape {tuple(pixel_values.shape)} looks channels-last [B, H, W, C] (its last "
+                f"dimension is {w}, the model's channel count); the model expects [B, C, H, W]: "
+                "pixel_values.permute(0, 3, 1, 2)"
+            )
+        raise ValueError(
+            f"pixel_values has {c} channels in dimension 1 of shape {tuple(pixel_values.shape)} [B, C, H, W], "
+            f"the model expects {expected}"
+        )
+    if not (pixel_values.is_floating_point() or pixel_values.is_complex()):
+        raise TypeError(
+            f"pixel_values dtype {pixel_values.dtype}: raw pixel values? The model expects resized, "
+            f"normalised {str(adapter.dtype).removeprefix('torch.')} input, and a cast alone would feed "
+            "un-normalised 0-255 values: build the input with neuroflow.video.Preprocessor, e.g. "
+            "Preprocessor.from_pretrained(checkpoint_folder, family)(frames) (resize, rescale to [0, 1], "
+            "normalise with the checkpoint's mean and std)"
+        )
     p = adapter.patch_size
     if h < p or w < p or h % p or w % p:
         raise ValueError(f"frame size {h}x{w} is not a positive multiple of the patch size {p}")

@@ -196,20 +196,6 @@ def read_frames(path: str | Path, stride: int = 1, max_frames: int | None = None
 
 # -- preprocessing ---------------------------------------------------------------------------------
 
-_IMAGENET_STANDARD = ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
-_IMAGENET_DEFAULT = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
-_OPENAI_CLIP = ((0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711))
-
-# What each family's published checkpoints ship in preprocessor_config.json (transformers'
-# SiglipImageProcessor, CLIPImageProcessor, ViTImageProcessor; DINOv2 checkpoints use
-# BitImageProcessor with ImageNet statistics and 256 -> 224 crop). Used when a checkpoint has none.
-_FAMILY_DEFAULTS = {
-    "siglip": dict(mean_std=_IMAGENET_STANDARD, resize=224, keep_aspect=False, crop=224, resample="bicubic"),
-    "clip": dict(mean_std=_OPENAI_CLIP, resize=224, keep_aspect=True, crop=224, resample="bicubic"),
-    "vit": dict(mean_std=_IMAGENET_STANDARD, resize=224, keep_aspect=False, crop=224, resample="bilinear"),
-    "dinov2": dict(mean_std=_IMAGENET_DEFAULT, resize=256, keep_aspect=True, crop=224, resample="bicubic"),
-}
-
 # PIL resampling codes as stored in preprocessor_config.json.
 _RESAMPLE = {0: "nearest", 1: "bicubic", 2: "bilinear", 3: "bicubic", 4: "bilinear", 5: "bicubic"}
 # (1 = LANCZOS, 4 = BOX and 5 = HAMMING have no torch equivalent: the closest antialiased kernel.)
@@ -278,9 +264,11 @@ class Preprocessor:
     @classmethod
     def for_family(cls, family: str, image_size: int | None = None) -> Preprocessor:
         """The family's published settings; ``image_size`` (the model config's) replaces their 224."""
-        if family not in _FAMILY_DEFAULTS:
-            raise ValueError(f"unknown model family {family!r}; expected one of {', '.join(_FAMILY_DEFAULTS)}")
-        d = _FAMILY_DEFAULTS[family]
+        from .models import FAMILY_BY_NAME
+
+        if family not in FAMILY_BY_NAME:
+            raise ValueError(f"unknown model family {family!r}; expected one of {', '.join(FAMILY_BY_NAME)}")
+        d = FAMILY_BY_NAME[family].preprocess
         size = int(image_size or d["crop"])
         mean, std = d["mean_std"]
         return cls(size=size, mean=mean, std=std, resize=round(d["resize"] * size / d["crop"]),
@@ -350,11 +338,15 @@ class Preprocessor:
         return top * sy, left * sx, (top + side) * sy, (left + side) * sx
 
     # -- the transform ---------------------------------------------------------------------------
-    def __call__(self, frames: Sequence[np.ndarray], size: int | None = None) -> torch.Tensor:
+    def __call__(self, frames: Sequence[Frame | np.ndarray] | Frame | np.ndarray,
+                 size: int | None = None) -> torch.Tensor:
         """Frames -> model input.
 
         Args:
-            frames: B arrays ``[H, W, 3]`` uint8 RGB (sizes may differ between frames).
+            frames: B frames, each a :class:`Frame` (as :func:`read_frames` yields) or an
+                ``[H, W, 3]`` uint8 RGB array (sizes may differ between frames); a single
+                ``Frame`` or ``[H, W, 3]`` array is a batch of one, a ``[B, H, W, 3]`` array a
+                batch of B.
             size: output side (default :attr:`size`); the caller keeps it a multiple of the
                 model's patch size.
         Returns:
@@ -363,6 +355,9 @@ class Preprocessor:
         side = int(size or self.size)
         if side < 1:
             raise ValueError(f"size must be >= 1, got {side}")
+        if isinstance(frames, Frame) or (isinstance(frames, np.ndarray) and frames.ndim == 3):
+            frames = [frames]
+        frames = [f.rgb if isinstance(f, Frame) else f for f in frames]
         if len(frames) == 0:
             raise ValueError("no frames to preprocess")
         out = torch.empty(len(frames), 3, side, side, dtype=torch.float32)
@@ -371,7 +366,8 @@ class Preprocessor:
         for i, f in enumerate(frames):
             if not (isinstance(f, np.ndarray) and f.dtype == np.uint8 and f.ndim == 3 and f.shape[2] == 3):
                 desc = f"{f.dtype} {f.shape}" if isinstance(f, np.ndarray) else type(f).__name__
-                raise ValueError(f"frame {i} must be a uint8 [H, W, 3] array, got {desc}")
+                raise ValueError(f"frame {i} must be a neuroflow.video.Frame or a uint8 [H, W, 3] RGB array, "
+                                 f"got {desc}")
             groups.setdefault(f.shape, []).append(i)
         for (h, w, _), rows in groups.items():
             x = torch.from_numpy(np.stack([frames[i] for i in rows])).permute(0, 3, 1, 2).contiguous()

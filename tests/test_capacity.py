@@ -6,7 +6,8 @@ import torch
 from conftest import make_model, video
 from helpers import assert_same_state
 from neuroflow import NeuroFlow, dispatch
-from neuroflow.capacity import CapacityPlanner, CapacityWarning, bucket
+from neuroflow.capacity import CapacityPlanner, CapacityWarning, bucket, static_patch_bound
+from neuroflow.gate_settings import GateSettings
 
 
 def test_bucket_is_a_power_of_two_with_headroom_within_bounds():
@@ -34,6 +35,23 @@ def test_planner_counts_first_frames_dense_and_learns_per_frame_need():
 
 def _frames(count=5):
     return torch.stack([video(count, seed=0), video(count, seed=1)], dim=1)
+
+
+def test_a_budget_without_scene_cut_bounds_the_capacity():
+    """A budget caps every later frame (stale patches and floor included): the planner never
+    gives those frames more rows than the budget allows; a scene cut (dense keyframes) or no
+    budget leaves only the data to decide."""
+    assert static_patch_bound(GateSettings(budget=0.25), 16) == 4
+    assert static_patch_bound(GateSettings(threshold=None, budget=40), 16) == 16
+    assert static_patch_bound(GateSettings(budget=4, scene_cut=0.5), 16) is None
+    assert static_patch_bound(GateSettings(), 16) is None
+    planner = CapacityPlanner("auto")
+    # Unseen key: dense for first frames, the budget (not N) for the other 3 frames.
+    assert planner.capacity(("k",), 4, 1, 1, 16, 2, most=4) == 1 * 17 + 3 * (1 + 4)
+    planner.observe(("k",), need=3 * 5, rest=3)
+    assert planner.capacity(("k",), 4, 0, 1, 16, 2, most=4) == 4 * 5  # bucket 32 capped at the bound
+    assert CapacityPlanner(1000).capacity(("k",), 2, 0, 0, 16, 0, most=3) == 6
+    assert CapacityPlanner(1).capacity(("k",), 2, 0, 0, 16, 8, most=3) == 6  # floor above budget: budget wins
 
 
 def test_overflow_cuts_least_surprising_patches_reports_it_and_equals_the_forced_reference(triton_path, monkeypatch):

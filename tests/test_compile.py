@@ -19,7 +19,8 @@ def test_default_configs_compile_for_sm80_and_sm90():
     assert not failed, "\n".join(failed)
     assert done.returncode == 0, done.stderr[-2000:]
     kernels = {r["kernel"] for r in reports}
-    assert kernels == {"gate_embed_kernel", "gate_pack_kernel", "cache_scatter_kernel", "varlen_attention_fwd_kernel"}
+    assert kernels == {"gate_embed_kernel", "gate_select_kernel", "gate_pack_kernel", "gate_rows_kernel",
+                       "cache_scatter_kernel", "varlen_attention_fwd_kernel"}
     assert {r["sm"] for r in reports} == {80, 90}
     # The launches were specialised as the runtime does it: aligned pointers carry divisibility.
     for r in reports:

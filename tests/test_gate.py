@@ -56,7 +56,9 @@ def test_first_frame_is_dense_and_sets_ema():
 
 
 def test_every_patch_updates_the_ema_active_or_not():
-    h, ema = torch.randn(1, 6, 4), torch.randn(1, 6, 4)
+    # Own generator, fixed seed: the data (4 of 6 patches active) cannot depend on test order.
+    gen = torch.Generator().manual_seed(0)
+    h, ema = torch.randn(1, 6, 4, generator=gen), torch.randn(1, 6, 4, generator=gen)
     g = gate_decision_reference(h, ema, torch.tensor([False]), threshold=0.5, ema_decay=0.1, floor_tokens=0)
     assert 0 < g.active.sum() < 6
     assert torch.equal(g.ema, 0.9 * ema + 0.1 * h)
@@ -250,3 +252,334 @@ def test_fallback_is_recorded_and_strict_mode_refuses_it(triton_path, monkeypatc
     monkeypatch.setenv(dispatch.STRICT_ENV, "1")
     with pytest.raises(dispatch.FallbackError, match="floor"):
         gate(*inputs, torch.tensor([False]), 2.0, 0.1, too_many)
+
+
+# -- the gate options (issue #12) against the independent oracle (tests/oracle.py) ---------------
+
+import math  # noqa: E402
+
+import oracle  # noqa: E402
+from neuroflow.gate_settings import GateSettings  # noqa: E402
+
+
+def option_stream(frames=8, n=40, d=24, seed=0, moving=6, cut_at=None, dtype=torch.float64):
+    """Layer-0 embeddings ``[F, N, D]`` of one stream: a static background with small noise,
+    ``moving`` patches that change a lot each frame, and (at ``cut_at``) a new scene."""
+    g = torch.Generator().manual_seed(seed)
+    base = torch.randn(n, d, generator=g, dtype=torch.float64)
+    out = []
+    for t in range(frames):
+        if cut_at is not None and t == cut_at:
+            base = torch.randn(n, d, generator=g, dtype=torch.float64)
+        h = base + 0.15 * torch.randn(n, d, generator=g, dtype=torch.float64) * torch.rand(n, 1, generator=g, dtype=torch.float64)
+        hot = torch.randperm(n, generator=g)[:moving]
+        h[hot] = torch.randn(moving, d, generator=g, dtype=torch.float64)
+        out.append(h)
+    return torch.stack(out).to(dtype)
+
+
+def run_reference_stream(emb, st):
+    """The package's decision reference, frame by frame over one stream ``[F, N, D]``."""
+    n = emb.shape[1]
+    ref = torch.zeros(1, n, emb.shape[2], dtype=torch.float64 if emb.dtype == torch.float64 else torch.float32)
+    age = torch.zeros(1, n, dtype=torch.int32) if st.max_staleness is not None else None
+    out = []
+    for t in range(emb.shape[0]):
+        g = gate_decision_reference(emb[t : t + 1], ref, torch.tensor([t == 0]), st, age=age)
+        ref, age = g.ema, g.age
+        out.append(g)
+    return out
+
+
+OPTION_CASES = {
+    "computed": dict(threshold=0.05, floor_tokens=2, reference="computed"),
+    "staleness": dict(threshold=0.05, floor_tokens=2, max_staleness=2),
+    "budget_only": dict(threshold=None, floor_tokens=0, budget=5),
+    "budget_fraction_cap": dict(threshold=0.02, floor_tokens=1, budget=0.1),
+    "motion_norm": dict(threshold=0.02, floor_tokens=2, motion_norm=True),
+    "scene_cut": dict(threshold=0.05, floor_tokens=2, scene_cut=0.5),
+    "stale_budget": dict(threshold=None, floor_tokens=0, budget=6, max_staleness=3),
+    "all": dict(threshold=0.03, floor_tokens=3, reference="computed", max_staleness=2, budget=9,
+                motion_norm=True, scene_cut=0.6),
+    "ema_all": dict(threshold=0.03, floor_tokens=3, max_staleness=1, budget=0.3, motion_norm=True, scene_cut=0.6),
+}
+
+
+@pytest.mark.parametrize("case", sorted(OPTION_CASES))
+def test_options_decision_matches_oracle(case):
+    """Decisions exactly as the oracle's; reference state and surprises within the tolerance policy."""
+    opts = dict(OPTION_CASES[case])
+    thr, floor = opts.pop("threshold"), opts.pop("floor_tokens")
+    emb = option_stream(cut_at=5)
+    st = GateSettings(threshold=thr, ema_decay=0.2, floor_tokens=floor, **opts)
+    ours = run_reference_stream(emb.float(), st)
+    o32 = oracle.gate_stream(emb.float(), thr, 0.2, floor, **opts)
+    o64 = oracle.gate_stream(emb, thr, 0.2, floor, **opts)
+    counts = []
+    for t, (g, a, b) in enumerate(zip(ours, o32, o64)):
+        assert g.active[0].tolist() == a["active"].tolist(), f"frame {t}: decisions differ"
+        assert torch.equal(a["active"], b["active"]), f"frame {t}: the oracle's precision decided ({case})"
+        assert bool(g.keyframe[0]) == (t == 0 or a["cut"])
+        assert_close(g.ema[0], b["ref"], a["ref"], f"frame {t} reference")
+        if a["ages"] is not None:
+            assert g.age[0].tolist() == a["ages"], f"frame {t}: ages differ"
+        if t > 0:
+            assert_close(g.surprise[0], torch.tensor(b["surprise"]), torch.tensor(a["surprise"]), f"frame {t} surprise")
+        counts.append(int(g.active.sum()))
+    if "budget" in opts:
+        cap = opts["budget"] if isinstance(opts["budget"], int) else math.floor(opts["budget"] * emb.shape[1] + 0.5)
+        later = [c for t, c in enumerate(counts) if t and not o32[t]["cut"]]
+        assert max(later) <= cap
+        if thr is None:
+            assert later == [cap] * len(later), counts  # the budget alone: static token counts
+    if "scene_cut" in opts:
+        assert [t for t, a in enumerate(o32) if a["cut"]] == [5], "the test clip must cut at frame 5 only"
+
+
+def test_computed_reference_changes_only_where_computed():
+    emb = option_stream(frames=4, moving=3)
+    st = GateSettings(threshold=0.2, ema_decay=0.5, floor_tokens=1, reference="computed")
+    out = run_reference_stream(emb, st)
+    for t in range(1, 4):
+        act = out[t].active[0]
+        assert 0 < int(act.sum()) < emb.shape[1]
+        assert torch.equal(out[t].ema[0][act], emb[t][act])
+        assert torch.equal(out[t].ema[0][~act], out[t - 1].ema[0][~act])
+
+
+@pytest.mark.parametrize("k", [1, 3, 7])
+def test_staleness_refreshes_are_spread_and_bounded(k):
+    """On a static clip no patch passes the threshold: only the staleness rule computes patches.
+    No patch goes more than k frames without being computed, and the forced refreshes per frame
+    stay at ceil(N / (k + 1)), never all N at once."""
+    n = 50
+    still = option_stream(frames=1, n=n, moving=0)[0]
+    emb = still.expand(3 * (k + 1) + 2, *still.shape).clone()
+    st = GateSettings(threshold=0.5, floor_tokens=0, max_staleness=k)
+    out = run_reference_stream(emb, st)
+    last = [0] * n
+    per_frame = []
+    for t in range(1, emb.shape[0]):
+        act = out[t].active[0]
+        per_frame.append(int(act.sum()))
+        for i in range(n):
+            if act[i]:
+                assert t - last[i] <= k + 1
+                last[i] = t
+            else:
+                assert t - last[i] <= k, f"patch {i} skipped more than {k} frames"
+    assert max(per_frame) == math.ceil(n / (k + 1)), per_frame
+    assert min(per_frame) >= n // (k + 1), per_frame
+
+
+def test_stale_patches_take_the_budget_first_oldest_first():
+    s = torch.tensor([[0.9, 0.1, 0.2, 0.8, 0.0]])
+    age = torch.tensor([[0, 3, 2, 0, 5]], dtype=torch.int32)
+    h = torch.randn(1, 5, 4)
+    st = GateSettings(threshold=None, floor_tokens=0, budget=2, max_staleness=2)
+    # Stale: patches 1 (age 3), 2 (age 2), 4 (age 5): the oldest two win over surprise.
+    from neuroflow.reference.gate import priority_rank
+    assert priority_rank(s, age >= 2, age).tolist() == [[3, 1, 2, 4, 0]]
+    g = gate_decision_reference(h, torch.randn(1, 5, 4), torch.tensor([False]), st, age=age)
+    assert g.active.tolist() == [[False, True, False, False, True]]
+    assert g.age.tolist() == [[1, 0, 3, 1, 0]]
+
+
+def test_budget_ties_break_by_index_and_cap_the_floor():
+    h = torch.ones(1, 6, 4)
+    ema = torch.ones(1, 6, 4)
+    ema[0, 2:] = -1.0  # patches 2..5 tie at surprise 2
+    st = GateSettings(threshold=0.5, floor_tokens=5, budget=3)
+    g = gate_decision_reference(h, ema, torch.tensor([False]), st)
+    assert g.active.tolist() == [[False, False, True, True, True, False]]
+
+
+def test_motion_norm_reports_the_normalised_surprise():
+    h, ema = torch.randn(2, 9, 8), torch.randn(2, 9, 8)
+    plain = gate_decision_reference(h, ema, torch.tensor([False, True]), 0.1, 0.1, 0)
+    st = GateSettings(threshold=0.1, ema_decay=0.1, floor_tokens=0, motion_norm=True)
+    norm = gate_decision_reference(h, ema, torch.tensor([False, True]), st)
+    expect = plain.surprise[0] - plain.surprise[0].mean()
+    assert torch.allclose(norm.surprise[0], expect, atol=1e-6)
+    assert torch.equal(norm.active[0], norm.surprise[0] > 0.1)
+    assert torch.isinf(norm.surprise[1]).all() and norm.active[1].all()
+
+
+def test_default_settings_take_the_papers_rule_bit_for_bit():
+    h, ema = torch.randn(3, 20, 16), torch.randn(3, 20, 16)
+    first = torch.tensor([False, True, False])
+    a = gate_decision_reference(h, ema, first, 0.9, 0.1, 3)
+    b = gate_decision_reference(h, ema, first, GateSettings(threshold=0.9, ema_decay=0.1, floor_tokens=3))
+    # The general rule with the options at their neutral values decides the same.
+    c = gate_decision_reference(h, ema, first, GateSettings(threshold=0.9, ema_decay=0.1, floor_tokens=3, budget=1.0))
+    assert torch.equal(a.active, b.active) and torch.equal(a.ema, b.ema) and torch.equal(a.surprise, b.surprise)
+    assert torch.equal(a.active, c.active) and torch.equal(a.ema, c.ema)
+
+
+@pytest.mark.parametrize("bad,match", [
+    (dict(threshold=None), "needs a budget"),
+    (dict(threshold=None, budget=3, motion_norm=True), "motion_norm needs a threshold"),
+    (dict(threshold=None, budget=3, scene_cut=0.5), "scene_cut needs a threshold"),
+    (dict(reference="last"), "reference must be"),
+    (dict(max_staleness=0), "max_staleness"),
+    (dict(max_staleness=2.0), "max_staleness"),
+    (dict(budget=0), "budget as a count"),
+    (dict(budget=1.5), "budget as a fraction"),
+    (dict(budget=True), "budget must be"),
+    (dict(motion_norm=1), "motion_norm must be"),
+    (dict(scene_cut=0.0), "scene_cut"),
+    (dict(scene_cut=1.2), "scene_cut"),
+])
+def test_settings_are_validated(bad, match):
+    with pytest.raises(ValueError, match=match):
+        GateSettings(**bad)
+
+
+def test_age_pool_must_match_the_staleness_setting():
+    inputs = make_inputs(1, (4, 4), 64, torch.float32, prefix=0, seed=0)
+    st = GateSettings(threshold=0.3, max_staleness=2)
+    with pytest.raises(ValueError, match="age pool"):
+        gate(*inputs, torch.tensor([True]), st)
+    with pytest.raises(ValueError, match="max_staleness is not set"):
+        gate(*inputs, torch.tensor([True]), 0.3, 0.1, 2, age=torch.zeros(5, 16, dtype=torch.int32))
+    with pytest.raises(ValueError, match="int32"):
+        gate(*inputs, torch.tensor([True]), st, age=torch.zeros(5, 16, dtype=torch.int64))
+    with pytest.raises(TypeError, match="not both"):
+        gate(*inputs, torch.tensor([True]), st, 0.1, 2)
+
+
+def test_op_with_options_matches_decision_reference():
+    """gate_reference (the op's contract) with every option: same decision and state updates as
+    the decision reference on the conv embeddings; rows of other streams untouched."""
+    frames, weight, bias, pos, pre, ema, slot = make_inputs(3, (5, 6), 48, torch.float32, prefix=1, seed=4)
+    age = torch.randint(0, 4, (5, 30), dtype=torch.int32)
+    first = torch.tensor([False, True, False])
+    st = GateSettings(threshold=0.5, ema_decay=0.1, floor_tokens=2, reference="computed", max_staleness=3,
+                      budget=8, motion_norm=True, scene_cut=0.9)
+    ema_r, age_r = ema.clone(), age.clone()
+    out = gate(frames, weight, bias, pos, pre, ema_r, slot, first, st, age=age_r)
+    h = torch.nn.functional.conv2d(frames, weight, bias, stride=PATCH).flatten(2).transpose(1, 2) + pos
+    g = gate_decision_reference(h, ema[slot], first, st, age=age[slot])
+    assert torch.equal(out.active, g.active) and torch.equal(ema_r[slot], g.ema) and torch.equal(age_r[slot], g.age)
+    others = torch.ones(5, dtype=torch.bool)
+    others[slot] = False
+    assert torch.equal(ema_r[others], ema[others]) and torch.equal(age_r[others], age[others])
+    assert out.active.sum(1).tolist()[1] == 30 and max(out.active.sum(1).tolist()[::2]) <= 8
+
+
+# -- the gate options in the fused kernels (Triton interpreter) ----------------------------------
+
+def run_both_options(inputs, first, st, age=None, config=None):
+    frames, weight, bias, pos, pre, ema, slot = inputs
+    ema_k, ema_r, ema_64 = ema.clone(), ema.clone(), ema.double()
+    ages = [None if age is None else age.clone() for _ in range(3)]
+    out = gate(frames, weight, bias, pos, pre, ema_k, slot, first, st, config=config, age=ages[0])
+    assert dispatch.last_path["gate"] == dispatch.TRITON and not dispatch.fallbacks
+    ref = gate_reference(frames, weight, bias, pos, pre, ema_r, slot, first, st, age=ages[1])
+    hp = gate_reference(frames.double(), weight.double(), bias.double(), pos.double(), pre.double(),
+                        ema_64, slot, first, st, age=ages[2])
+    assert torch.equal(ref.active, hp.active), "the test's decision is a rounding call: pick other settings"
+    if age is not None:
+        assert torch.equal(ages[0], ages[1]), "ages differ"
+    return out, ref, hp, (ema_k, ema_r, ema_64)
+
+
+KERNEL_OPTION_CASES = {
+    "computed": dict(reference="computed"),
+    "staleness": dict(max_staleness=2),
+    "budget_only": dict(threshold=None, floor_tokens=0, budget=7),
+    "budget_cap": dict(budget=0.2),
+    "floor_above_16": dict(threshold=2.0, floor_tokens=20, budget=25),
+    "motion_norm": dict(motion_norm=True),
+    "scene_cut": dict(scene_cut=0.8),
+    "all_computed": dict(reference="computed", max_staleness=1, budget=9, motion_norm=True, scene_cut=0.9),
+    "all_ema": dict(max_staleness=3, budget=0.5, motion_norm=True, scene_cut=0.4),
+}
+
+
+@pytest.mark.parametrize("case", sorted(KERNEL_OPTION_CASES))
+@pytest.mark.parametrize("tiles", ["one_tile", "small_tiles"])
+def test_gate_options_in_kernel_match_reference(triton_path, poisoned, case, tiles):
+    config = {"BLOCK_P": 8, "BLOCK_D": 32, "BLOCK_K": 16, "BLOCK_S": 16} if tiles == "small_tiles" else None
+    inputs = make_inputs(3, (5, 7), 48, torch.float32, prefix=1, seed=21)
+    first = torch.tensor([False, True, False])
+    probe = gate_reference(*inputs[:5], inputs[5].clone(), inputs[6], first, 0.0, 0.1, 0)
+    opts = dict(KERNEL_OPTION_CASES[case])
+    if "motion_norm" in opts:  # the threshold compares normalised surprises: a gap among those
+        normed = probe.surprise - torch.where(torch.isinf(probe.surprise), 0, probe.surprise).mean(1, keepdim=True)
+        thr = gap_threshold(torch.where(first.view(-1, 1), float("inf"), normed))
+    else:  # frame 0's own gap: 25-75% of it passes (no scene cut at 0.8)
+        thr = gap_threshold(probe.surprise[:1] if case == "scene_cut" else probe.surprise)
+    opts.setdefault("threshold", thr)
+    opts.setdefault("floor_tokens", 3)
+    if case == "scene_cut":  # frame 2 is a scene cut: its stream's reference is unrelated
+        inputs[5][inputs[6][2]] = torch.randn(35, 48)
+    st = GateSettings(ema_decay=0.1, **opts)
+    age = torch.randint(0, 4, (5, 35), dtype=torch.int32) if st.max_staleness else None
+    out, ref, hp, emas = run_both_options(inputs, first, st, age, config)
+    check(out, ref, hp, emas, inputs[6])
+    counts = ref.active.sum(1).tolist()
+    assert counts[1] == 35
+    if case == "scene_cut":
+        assert counts[2] == 35 and counts[0] < 35
+    if st.budget is not None and st.scene_cut is None:
+        assert max(counts[0], counts[2]) <= st.budget_count(35)
+
+
+def test_gate_options_kernel_over_frames(triton_path, poisoned):
+    """Several frames of two streams through the kernels, state carried in the pools (ages,
+    last-computed references), against the reference path carrying its own."""
+    frames, weight, bias, pos, pre, ema, slot = make_inputs(2, (4, 6), 40, torch.float32, prefix=0, seed=8)
+    st = GateSettings(threshold=0.3, ema_decay=0.1, floor_tokens=2, reference="computed", max_staleness=2, budget=10)
+    ema_k, ema_r = ema.clone(), ema.clone()
+    age_k, age_r = torch.zeros(5, 24, dtype=torch.int32), torch.zeros(5, 24, dtype=torch.int32)
+    g = torch.Generator().manual_seed(1)
+    for t in range(5):
+        x = frames + 0.3 * torch.randn(frames.shape, generator=g) * (torch.rand(1, 1, 16, 24, generator=g) > 0.7)
+        first = torch.tensor([t == 0, t == 0])
+        out = gate(x, weight, bias, pos, pre, ema_k, slot, first, st, age=age_k)
+        ref = gate_reference(x, weight, bias, pos, pre, ema_r, slot, first, st, age=age_r)
+        assert torch.equal(out.active, ref.active), f"frame {t}"
+        assert torch.equal(age_k, age_r), f"frame {t} ages"
+        assert torch.equal(out.cu_seqlens, ref.cu_seqlens)
+        assert (ema_k - ema_r).abs().max() < 1e-5
+        ema_k.copy_(ema_r)  # keep the streams' references identical, so decisions stay comparable
+
+
+@pytest.mark.parametrize("config", [None, {"BLOCK_P": 8, "BLOCK_S": 8}])
+def test_budget_ties_in_kernel_take_the_lowest_indices(triton_path, poisoned, config):
+    """Identical patches tie on surprise (and, stale, on age): the kernel's selection at the k-th
+    key takes them in index order, across select chunks and pack blocks, as the reference does."""
+    frames, weight, bias, pos, pre, ema, slot = make_inputs(2, (4, 8), 64, torch.float32, prefix=1, seed=3)
+    frames = frames[:, :, :PATCH, :PATCH].repeat(1, 1, 4, 8)
+    pos = torch.zeros_like(pos)
+    ema[:] = torch.randn(64)
+    inputs = (frames, weight, bias, pos, pre, ema, slot)
+    age = torch.zeros(5, 32, dtype=torch.int32)
+    age[slot[1], 5:20] = 4  # stream 1: patches 5..19 stale with equal ages
+    st = GateSettings(threshold=None, floor_tokens=0, budget=11, max_staleness=3)
+    out, ref, hp, emas = run_both_options(inputs, torch.tensor([False, False]), st, age, config)
+    check(out, ref, hp, emas, slot)
+    assert out.active[0].nonzero().flatten().tolist() == list(range(11))
+    assert out.active[1].nonzero().flatten().tolist() == list(range(5, 16))
+
+
+def test_staleness_in_kernel_spreads_refreshes_on_a_static_clip(triton_path, poisoned):
+    """The same frame again and again: only the staleness rule computes patches, at most
+    ceil(N / (K + 1)) per frame, every patch within K + 1 frames; ages as the reference's."""
+    frames, weight, bias, pos, pre, ema, slot = make_inputs(1, (5, 7), 32, torch.float32, prefix=0, seed=2)
+    k, n = 2, 35
+    st = GateSettings(threshold=0.5, ema_decay=0.1, floor_tokens=0, max_staleness=k)
+    age_k, age_r = torch.zeros(5, n, dtype=torch.int32), torch.zeros(5, n, dtype=torch.int32)
+    ema_r = ema.clone()
+    counts, last = [], torch.zeros(n, dtype=torch.int64)
+    for t in range(7):
+        first = torch.tensor([t == 0])
+        out = gate(frames, weight, bias, pos, pre, ema, slot, first, st, age=age_k)
+        ref = gate_reference(frames, weight, bias, pos, pre, ema_r, slot, first, st, age=age_r)
+        assert torch.equal(out.active, ref.active) and torch.equal(age_k, age_r), f"frame {t}"
+        if t:
+            counts.append(int(out.active.sum()))
+            last[out.active[0]] = t
+            assert (t - last <= k).all()
+    assert max(counts) == math.ceil(n / (k + 1)) and min(counts) >= n // (k + 1), counts

@@ -37,10 +37,45 @@ def _scatter_args():
     return (cache, torch.tensor([2, 0]), torch.randn(7, 16), cu, index)
 
 
+def _varlen_int8_args():
+    """8-bit key/value caches with their per-row, per-head scales (the quantised form)."""
+    from neuroflow.reference.cache_scatter import quantize_rows
+
+    q, k, v, cu, cu_k, mq, mk, scale, kv_start = _varlen_args()
+    k8, k_scale = quantize_rows(k, 1, torch.int8)  # one group per (row, head): scales [T, H, 1]
+    v8, v_scale = quantize_rows(v, 1, torch.int8)
+    return (q, k8, v8, cu, cu_k, mq, mk, scale, kv_start, k_scale[..., 0], v_scale[..., 0])
+
+
+def _gate_options_args():
+    """The gate with options (computed reference, staleness with its age pool, a budget, motion
+    norm, scene cut): the settings as the op's arguments, ``age`` mutated like ``ema``."""
+    from neuroflow.gate_settings import GateSettings
+    from neuroflow.ops.library import gate_op_settings
+
+    frames, weight, bias, pos, prefix, ema, slot, first = _gate_args()[:8]
+    st = GateSettings(threshold=0.1, ema_decay=0.2, floor_tokens=2, reference="computed", max_staleness=2,
+                      budget=0.5, motion_norm=True, scene_cut=0.9)
+    kw = gate_op_settings(st, pos.shape[0])
+    age = torch.ones(3, 6, dtype=torch.int32)
+    positional = (frames, weight, bias, pos, prefix, ema, slot, first, kw.pop("threshold"), kw.pop("ema_decay"),
+                  kw.pop("floor_tokens"), age)
+    return positional, kw
+
+
+def _scatter_int8_args():
+    """The quantising cache scatter: an int8 cache and its ``[S, T, G]`` scales, both mutated."""
+    cache, slot, src, cu, index = _scatter_args()
+    return (torch.zeros(3, 5, 16, dtype=torch.int8), slot, src, cu, index, torch.zeros(3, 5, 2))
+
+
 OPS = {
     "varlen_attention": (lambda: torch.ops.neuroflow.varlen_attention, _varlen_args),
+    "varlen_attention int8": (lambda: torch.ops.neuroflow.varlen_attention, _varlen_int8_args),
     "gate": (lambda: torch.ops.neuroflow.gate, _gate_args),
+    "gate options": (lambda: torch.ops.neuroflow.gate, _gate_options_args),
     "cache_scatter": (lambda: torch.ops.neuroflow.cache_scatter, _scatter_args),
+    "cache_scatter int8": (lambda: torch.ops.neuroflow.cache_scatter, _scatter_int8_args),
 }
 
 
@@ -49,9 +84,11 @@ OPS = {
 def test_opcheck(name, path, request):
     if path == "triton":
         request.getfixturevalue("triton_path")
-    op, args = OPS[name]
-    torch.library.opcheck(op(), args())
-    assert dispatch.last_path[name] == path
+    op, make = OPS[name]
+    args = make()
+    args, kwargs = args if isinstance(args[-1], dict) else (args, {})
+    torch.library.opcheck(op(), args, kwargs)
+    assert dispatch.last_path[name.split()[0]] == path
 
 
 def test_ops_match_the_python_functions():
@@ -70,6 +107,32 @@ def test_ops_match_the_python_functions():
     torch.ops.neuroflow.cache_scatter(*a)
     cache_scatter(*b)
     assert torch.equal(a[0], b[0])
+
+
+def test_option_forms_of_the_ops_match_the_python_functions():
+    """The quantised attention and scatter and the gate with options, through the ops and the
+    Python functions: same results and the same in-place writes (cache + scales, ema + age)."""
+    from neuroflow.gate_settings import GateSettings
+    from neuroflow.ops.cache_scatter import cache_scatter
+    from neuroflow.ops.gate import gate
+    from neuroflow.ops.varlen_attention import varlen_attention
+
+    args = _varlen_int8_args()
+    want = varlen_attention(*args[:9], k_scale=args[9], v_scale=args[10])
+    assert torch.equal(torch.ops.neuroflow.varlen_attention(*args), want)
+    (pa, kw), (pb, _) = _gate_options_args(), _gate_options_args()
+    got = torch.ops.neuroflow.gate(*pa, **kw)
+    st = GateSettings(threshold=0.1, ema_decay=0.2, floor_tokens=2, reference="computed", max_staleness=2,
+                      budget=0.5, motion_norm=True, scene_cut=0.9)
+    ref = gate(*pb[:8], st, age=pb[11])
+    assert torch.equal(pa[5], pb[5]) and torch.equal(pa[11], pb[11])  # ema and age, in place
+    assert not torch.equal(pa[11], _gate_options_args()[0][11])  # the ages did change
+    for g, w in zip(got, (ref.surprise, ref.active, ref.cu_seqlens)):
+        assert torch.equal(g, w)
+    a, b = _scatter_int8_args(), _scatter_int8_args()
+    torch.ops.neuroflow.cache_scatter(*a)
+    cache_scatter(*b[:5], scale=b[5])
+    assert torch.equal(a[0], b[0]) and torch.equal(a[5], b[5]) and a[5].abs().sum() > 0
 
 
 @pytest.mark.parametrize("family", ["siglip", "clip"])

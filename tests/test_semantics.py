@@ -75,3 +75,53 @@ def test_cls_context_readout_off_matches_oracle():
             out = nf(frames[t : t + 1])
             assert torch.equal(out.active_mask[0], r32[t]["active"])
             assert_close(out.pooler_output[0], r64[t]["pooled"], r32[t]["pooled"], f"frame {t} pooled")
+
+
+# Gate options (issue #12): the engine against the oracle's literal rules for each option.
+OPTION_SETTINGS = {
+    "computed": (0.02, 0.2, 3, dict(reference="computed")),
+    "staleness": (0.05, 0.2, 1, dict(max_staleness=2)),
+    "budget_only": (None, 0.2, 0, dict(budget=7)),
+    "budget_cap": (0.01, 0.2, 2, dict(budget=0.25)),
+    "motion_norm": (0.01, 0.2, 3, dict(motion_norm=True)),
+    "scene_cut": (0.02, 0.2, 3, dict(scene_cut=0.3)),
+    "all": (0.02, 0.2, 2, dict(reference="computed", max_staleness=2, budget=10, motion_norm=True, scene_cut=0.5)),
+}
+
+
+def cut_video(num_frames=6, cut_at=3):
+    """The synthetic clip with a different scene from ``cut_at`` on (a scene cut)."""
+    a, b = video(num_frames), video(num_frames, seed=7)
+    return torch.cat([a[:cut_at], b[cut_at:]])
+
+
+@pytest.mark.parametrize("setting", sorted(OPTION_SETTINGS))
+@pytest.mark.parametrize("family,arch", [("siglip", "C"), ("dinov2", "B"), ("clip", "A"), ("vit", "KV")])
+def test_engine_options_match_oracle(family, arch, setting):
+    threshold, decay, floor, options = OPTION_SETTINGS[setting]
+    model = make_model(family)
+    frames = cut_video()
+    nf = NeuroFlow(model, arch=arch, threshold=threshold, ema_decay=decay, floor_tokens=floor, **options)
+    with torch.inference_mode():
+        r32 = oracle.run_stream(model, frames, arch, threshold, decay, floor, **options)
+        r64 = oracle.run_stream(as_double(model), frames.double(), arch, threshold, decay, floor,
+                                masks=[r["active"] for r in r32], cuts=[r["cut"] for r in r32], **options)
+        counts = []
+        for t in range(frames.shape[0]):
+            out = nf(frames[t : t + 1], stream_ids=["cam"])
+            assert torch.equal(out.active_mask[0], r32[t]["active"]), f"frame {t}: gate decisions differ"
+            assert out.first_frame.tolist() == [t == 0]
+            counts.append(int(out.active_mask.sum()))
+            assert_close(out.pooler_output[0], r64[t]["pooled"], r32[t]["pooled"], f"frame {t} pooled")
+            assert_close(stream_tensor(nf, "cam", "ema"), r64[t]["ema"], r32[t]["ema"], f"frame {t} reference")
+            if "max_staleness" in options:
+                assert stream_tensor(nf, "cam", "age").tolist() == r32[t]["ages"], f"frame {t} ages"
+    n = counts[0]
+    if "scene_cut" in options:
+        cuts = [t for t, r in enumerate(r32) if r["cut"]]
+        assert cuts == [3], f"the clip must cut at frame 3 only, got {cuts}"
+        assert counts[3] == n
+    if threshold is None:
+        assert counts[1:] == [options["budget"]] * (len(counts) - 1)
+    elif setting != "all":  # the clip must leave the gate a choice, or this test proves less
+        assert any(c < n for c in counts[1:]), counts

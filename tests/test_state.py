@@ -112,4 +112,81 @@ def test_cache_memory_report_and_dtype():
     with pytest.raises(ValueError, match="incompatible"):
         NeuroFlow(model, arch="KV").load_stream_state_dict(half.stream_state_dict())
     with pytest.raises(ValueError, match="cache_dtype"):
-        NeuroFlow(model, arch="KV", cache_dtype=torch.int8)
+        NeuroFlow(model, arch="KV", cache_dtype=torch.int32)
+
+
+def _saved_engine(tmp_path, arch="C", seed=0):
+    nf = NeuroFlow(make_model("siglip", seed=seed), arch=arch, **SETTINGS)
+    with torch.inference_mode():
+        nf(video(1), stream_ids=["cam"])
+    path = tmp_path / "streams.pt"
+    nf.save_state(path)
+    return nf, path
+
+
+@pytest.mark.parametrize("damage", ["truncated", "garbage", "empty", "plain_torch_file"])
+def test_corrupt_state_file_raises_our_error_naming_the_file(tmp_path, damage):
+    from neuroflow.state_file import StateFileError
+
+    nf, path = _saved_engine(tmp_path)
+    data = path.read_bytes()
+    if damage == "truncated":
+        path.write_bytes(data[: len(data) // 2])
+    elif damage == "garbage":
+        path.write_bytes(b"not a state file at all" * 10)
+    elif damage == "empty":
+        path.write_bytes(b"")
+    else:
+        torch.save({"some": "dict"}, path)
+    other = NeuroFlow(make_model("siglip"), **SETTINGS)
+    with torch.inference_mode():
+        other(video(1), stream_ids=["kept"])
+    before = other.stream_state_dict()
+    with pytest.raises(StateFileError, match=str(path.name)):
+        other.load_state(path)
+    assert_same_state(before, other.stream_state_dict())
+
+
+def test_state_file_of_another_model_settings_or_version_is_refused(tmp_path):
+    import neuroflow.state_file as state_file
+    from neuroflow.state_file import StateFileError
+
+    _, path = _saved_engine(tmp_path)
+    with pytest.raises(StateFileError, match=r"model\.weights"):
+        NeuroFlow(make_model("siglip", seed=1), **SETTINGS).load_state(path)  # same geometry, other weights
+    with pytest.raises(StateFileError, match=r"settings\.arch"):
+        NeuroFlow(make_model("siglip"), arch="KV", **SETTINGS).load_state(path)
+    payload = torch.load(path, weights_only=True)
+    payload["version"] = state_file.FORMAT_VERSION + 1
+    torch.save(payload, path)
+    with pytest.raises(StateFileError, match="version"):
+        NeuroFlow(make_model("siglip"), **SETTINGS).load_state(path)
+
+
+def test_settings_that_do_nothing_warn_in_the_engine():
+    with pytest.warns(UserWarning, match="threshold -0.5 is below 0"):
+        nf = NeuroFlow(make_model("siglip"), threshold=-0.5)
+    with pytest.warns(UserWarning, match="threshold -0.1 is below 0"):
+        nf.threshold = -0.1
+    nf = NeuroFlow(make_model("siglip"), floor_tokens=30)
+    with torch.inference_mode(), pytest.warns(UserWarning, match="floor_tokens 30 is not below the 30 patches"):
+        nf(video(1), stream_ids=["a"])  # a 5x6 grid
+
+
+def test_int8_kv_cache_state_and_memory():
+    """cache_dtype=torch.int8: 8-bit keys/values plus per-token, per-head float32 scales."""
+    model = make_model("vit", layers=2)  # D = 48, 2 layers, 1 prefix token
+    full = NeuroFlow(model, arch="KV").state_bytes_per_stream(40, 48)
+    nf = NeuroFlow(model, arch="KV", cache_dtype=torch.int8)
+    heads = nf.adapter.layers[-1].num_heads
+    tokens = 31
+    q8 = nf.state_bytes_per_stream(40, 48)
+    assert q8["kv_k"] == q8["kv_v"] == full["kv_k"] // 4
+    assert q8["kv_k_scale"] == q8["kv_v_scale"] == 2 * tokens * heads * 4
+    with torch.inference_mode():
+        out = nf(video(1))
+    assert torch.isfinite(out.last_hidden_state).all()
+    k, k_scale = stream_tensor(nf, 0, "kv_k"), stream_tensor(nf, 0, "kv_k_scale")
+    assert k.dtype == torch.int8 and k_scale.shape == (2, tokens, heads) and k_scale.dtype == torch.float32
+    # The dense first frame wrote every token: each head's absmax maps to +-127.
+    assert (k.view(2, tokens, heads, -1).abs().amax(-1) == 127).all() and (k_scale > 0).all()

@@ -12,7 +12,14 @@ from neuroflow import NeuroFlow
 from conftest import make_model, video
 from helpers import assert_same_state
 
-ARCHS = ("A", "B", "C", "KV")
+ARCHS = ("A", "B", "C", "KV", "KV-partial")
+VARIANTS = {
+    # Partial-depth KV: layer 0 keeps key/value caches, layer 1 runs as in C.
+    "KV-partial": dict(arch="KV", kv_layers=[0]),
+    # 8-bit key/value caches: the quantised writes and their scales roll back too.
+    "KV-int8": dict(arch="KV", cache_dtype=torch.int8),
+    "KV-int8-partial": dict(arch="KV", cache_dtype=torch.int8, kv_layers=[1]),
+}
 
 
 class _Fail(nn.Module):
@@ -20,8 +27,9 @@ class _Fail(nn.Module):
         raise RuntimeError("simulated failure")
 
 
-def _engine(arch, family="siglip"):
-    return NeuroFlow(make_model(family), arch=arch, threshold=0.02, ema_decay=0.2, floor_tokens=3)
+def _engine(arch, family="siglip", **options):
+    kwargs = {**VARIANTS.get(arch, dict(arch=arch)), **options}
+    return NeuroFlow(make_model(family), threshold=0.02, ema_decay=0.2, floor_tokens=3, **kwargs)
 
 
 def _warm(nf, frames):
@@ -47,7 +55,7 @@ def _break(nf, where, monkeypatch):
 
 
 @pytest.mark.parametrize("where", ["gate", "encoder", "readout"])
-@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("arch", ARCHS + ("KV-int8", "KV-int8-partial"))
 def test_failure_anywhere_leaves_every_stream_as_it_was(arch, where, monkeypatch):
     frames = video(4)
     nf, twin = _engine(arch), _engine(arch)
@@ -65,6 +73,28 @@ def test_failure_anywhere_leaves_every_stream_as_it_was(arch, where, monkeypatch
         got = nf(torch.stack([frames[3], frames[3]]), stream_ids=["a", "b"])
         want = twin(torch.stack([frames[3], frames[3]]), stream_ids=["a", "b"])
     assert not got.first_frame.any()
+    assert torch.equal(got.active_mask, want.active_mask)
+    assert torch.equal(got.last_hidden_state, want.last_hidden_state)
+
+
+@pytest.mark.parametrize("where", ["gate", "readout"])
+def test_failure_rolls_back_gate_option_state(where, monkeypatch):
+    """With staleness ages and last-computed references, a failed step restores both."""
+    frames = video(4)
+    options = dict(reference="computed", max_staleness=2, budget=8)
+    nf, twin = _engine("C", **options), _engine("C", **options)
+    _warm(nf, frames)
+    _warm(twin, frames)
+    before = nf.stream_state_dict()
+    assert {"ema", "age"} <= set(before["pools"][0]["tensors"])
+    with monkeypatch.context() as patch:
+        _break(nf, where, patch)
+        with torch.inference_mode(), pytest.raises(RuntimeError, match="simulated failure"):
+            nf(torch.stack([frames[2], frames[2], frames[2]]), stream_ids=["a", "new", "b"])
+    assert_same_state(before, nf.stream_state_dict())
+    with torch.inference_mode():
+        got = nf(torch.stack([frames[3], frames[3]]), stream_ids=["a", "b"])
+        want = twin(torch.stack([frames[3], frames[3]]), stream_ids=["a", "b"])
     assert torch.equal(got.active_mask, want.active_mask)
     assert torch.equal(got.last_hidden_state, want.last_hidden_state)
 

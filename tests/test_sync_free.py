@@ -109,6 +109,29 @@ def test_steady_state_step_makes_no_host_sync(triton_path, monkeypatch, family, 
     assert out.pooler_output is not None or out.last_hidden_state is not None
 
 
+# Gate options that run in the kernels (the select launch), and partial-depth / 8-bit KV caches.
+OPTION_CASES = [
+    ("siglip", "C", dict(budget=0.5)),  # a static bound: the capacity is capped by the budget
+    ("siglip", "KV", dict(reference="computed", max_staleness=2, motion_norm=True, scene_cut=0.9)),
+    ("clip", "C", dict(max_staleness=3, budget=20)),
+    ("siglip", "KV", dict(kv_layers=1)),
+    ("dinov2_registers", "KV", dict(kv_layers=1, cache_dtype=torch.int8)),
+    ("siglip", "KV", dict(cache_dtype=torch.int8, budget=0.25)),
+]
+
+
+@pytest.mark.parametrize("family,arch,options", OPTION_CASES,
+                         ids=[f"{f}-{a}-{'-'.join(o)}" for f, a, o in OPTION_CASES])
+def test_steady_state_step_with_gate_options_and_cache_layouts_makes_no_host_sync(triton_path, monkeypatch,
+                                                                                 family, arch, options):
+    calls, out, nf = _steady_state_syncs(monkeypatch, family, arch, check_finite="deferred", **options)
+    assert calls == []
+    assert nf.overflowed_frames == 0
+    if "budget" in options:  # the budget caps every later frame: the bucket never exceeds it
+        n = out.active_mask.shape[1]
+        assert (out.active_mask.sum(dim=1) <= nf.gate_settings.budget_count(n)).all()
+
+
 def test_the_recorder_catches_the_exact_count_read(triton_path, monkeypatch):
     """``capacity="exact"`` reads the token count on the host (what every call did before the
     capacity buckets): the recorder must see it, so the test above can fail."""

@@ -24,7 +24,17 @@ import torch
 
 from neuroflow import dispatch
 from neuroflow.testing import assert_close
-from neuroflow.ops.varlen_attention import OP, launch_config, varlen_attention, varlen_attention_reference
+from neuroflow.ops.cache_scatter import quantize_rows
+from neuroflow.ops.varlen_attention import (
+    OP,
+    head_dim_split,
+    launch_config,
+    launch_schedule,
+    varlen_attention,
+    varlen_attention_reference,
+)
+from neuroflow.reference.varlen_attention import DEBUG_ENV
+from neuroflow.testing import round_to_tf32
 
 ROOT = Path(__file__).resolve().parents[1]
 LENGTHS = [0, 1, 5, 64, 197]
@@ -41,17 +51,37 @@ def randn(generator, *shape, dtype, device="cpu"):
     return torch.randn(*shape, generator=generator).to(device=device, dtype=dtype)
 
 
-def check(q, k, v, cu_q, cu_k, max_q, max_k, *, kv_start=None, scale=None, config=None, expect="triton"):
-    """Run the kernel into a NaN-filled ``out`` and compare it with the reference under the policy."""
+def check(q, k, v, cu_q, cu_k, max_q, max_k, *, kv_start=None, scale=None, config=None, expect="triton",
+          k_scale=None, v_scale=None):
+    """Run the kernel into a NaN-filled ``out`` and compare it with the reference under the policy.
+
+    8-bit k/v (with scales): the reference dequantises them (float64 for the high-precision
+    reference, q's dtype for the baseline), i.e. the quantise-then-dequantise reference. fp32 on
+    a GPU runs on TF32 tensor cores: the baseline then takes TF32-rounded inputs
+    (``neuroflow.testing.round_to_tf32``)."""
     out = torch.full(q.shape, float("nan"), dtype=q.dtype, device=q.device)
-    got = varlen_attention(q, k, v, cu_q, cu_k, max_q, max_k, scale, kv_start, out=out, config=config)
+    got = varlen_attention(q, k, v, cu_q, cu_k, max_q, max_k, scale, kv_start, out=out, config=config,
+                           k_scale=k_scale, v_scale=v_scale)
     assert got is out
     assert dispatch.last_path[OP] == expect
     args = (cu_q, cu_k, max_q, max_k, scale, kv_start)
-    reference = varlen_attention_reference(q.double(), k.double(), v.double(), *args)
-    baseline = varlen_attention_reference(q, k, v, *args)
+    scales = dict(k_scale=k_scale, v_scale=v_scale)
+    if k_scale is None:
+        reference = varlen_attention_reference(q.double(), k.double(), v.double(), *args)
+    else:
+        reference = varlen_attention_reference(q.double(), k, v, *args, **scales)
+    if q.dtype == torch.float32 and q.is_cuda and k_scale is None:
+        baseline = varlen_attention_reference(round_to_tf32(q), round_to_tf32(k), round_to_tf32(v), *args)
+    else:
+        baseline = varlen_attention_reference(q, k, v, *args, **scales)
     assert_close(got, reference, baseline, what=f"varlen attention {q.dtype} d{q.shape[-1]}")
     return got
+
+
+def quantized(x, dtype=torch.int8):
+    """``[T, H, Dh]`` -> 8-bit values ``[T, H, Dh]`` and per-row, per-head scales ``[T, H]``."""
+    values, scale = quantize_rows(x.reshape(x.shape[0], -1), x.shape[1], dtype)
+    return values.view(x.shape), scale
 
 
 @pytest.mark.parametrize("head_dim", [64, 72, 80])
@@ -131,6 +161,131 @@ def test_gpu_default_config_on_gate_sized_segments(triton_path):
     check(q, cache_k, cache_v, cu_seqlens(len_q), cu_k, max(len_q), tokens, kv_start=kv_start, config=cfg)
 
 
+def test_one_launch_per_length_class_on_a_mixed_batch(triton_path):
+    """The GPU's schedule (16/32/64/128-row tiles per segment-length class) under the
+    interpreter: one dense 130-token segment next to 1-, 5-, 20-, 33- and 64-token ones; each
+    class's programs find their (segment, tile) on the device."""
+    g = torch.Generator().manual_seed(12)
+    len_q = [1, 130, 5, 20, 0, 33, 64, 17]
+    heads, head_dim = 1, 64
+    schedule = launch_schedule(max(len_q), head_dim)
+    assert [(lo, hi, cfg["BLOCK_M"]) for lo, hi, cfg in schedule] == [
+        (0, 16, 16), (16, 32, 32), (32, 64, 64), (64, None, 128)]
+    cu = cu_seqlens(len_q)
+    q, k, v = (randn(g, sum(len_q), heads, head_dim, dtype=torch.float32) for _ in range(3))
+    small = [(lo, hi, dict(cfg, BLOCK_N=128)) for lo, hi, cfg in schedule]
+    check(q, k, v, cu, cu, max(len_q), max(len_q), config=small)
+
+
+def test_max_seqlen_is_an_upper_bound(triton_path):
+    """Bounds from capacity buckets (larger than every segment) give the same result."""
+    g = torch.Generator().manual_seed(13)
+    len_q, len_k = [3, 9, 1], [40, 7, 0]
+    q = randn(g, sum(len_q) + 5, 2, 32, dtype=torch.float16)  # rows past cu[-1]: no segment
+    k, v = (randn(g, sum(len_k), 2, 32, dtype=torch.float16) for _ in range(2))
+    cu_q, cu_k = cu_seqlens(len_q), cu_seqlens(len_k)
+    out = torch.full(q.shape, float("nan"), dtype=q.dtype)
+    varlen_attention(q, k, v, cu_q, cu_k, 512, 4096, out=out)
+    exact = varlen_attention(q, k, v, cu_q, cu_k, max(len_q), max(len_k))
+    assert torch.equal(out[: sum(len_q)], exact[: sum(len_q)])
+    assert out[sum(len_q):].isnan().all(), "rows outside every segment are not written"
+
+
+def test_offset_checks_on_cuda_only_in_debug_mode(monkeypatch):
+    """The offsets' values are checked on the host only on the CPU, or with NEUROFLOW_DEBUG_CHECKS=1
+    (the launcher otherwise never syncs on CUDA); the launcher runs under the device guard."""
+    from neuroflow.ops import varlen_attention as module
+    from neuroflow.reference import varlen_attention as ref
+
+    assert not ref.debug_checks()
+    monkeypatch.setenv(DEBUG_ENV, "1")
+    assert ref.debug_checks()
+    source = Path(module.__file__).read_text()
+    assert "with torch.cuda.device(q.device):" in source
+    assert "interpreted or debug_checks()" in source
+
+
+@pytest.mark.parametrize("head_dim", [64, 72, 80])
+def test_int8_cache_matches_the_dequantised_reference(triton_path, head_dim):
+    """int8 keys/values with per-row, per-head scales read in place through kv_start."""
+    g = torch.Generator().manual_seed(20 + head_dim)
+    slots, tokens, heads = 4, 37, 2
+    cache_k, k_scale = quantized(3 * randn(g, slots * tokens, heads, head_dim, dtype=torch.float32))
+    cache_v, v_scale = quantized(randn(g, slots * tokens, heads, head_dim, dtype=torch.float32))
+    len_q = [5, 0, 1, 30]
+    q = randn(g, sum(len_q), heads, head_dim, dtype=torch.float16)
+    kv_start = torch.tensor([2, 0, 3, 1]) * tokens
+    cu_k = cu_seqlens([tokens, tokens, 0, 20])
+    check(q, cache_k, cache_v, cu_seqlens(len_q), cu_k, max(len_q), tokens, kv_start=kv_start,
+          k_scale=k_scale, v_scale=v_scale)
+
+
+def test_int8_cache_with_fp32_queries_and_fp16_scales(triton_path):
+    g = torch.Generator().manual_seed(31)
+    cache_k, k_scale = quantized(randn(g, 50, 2, 72, dtype=torch.float32))
+    cache_v, v_scale = quantized(randn(g, 50, 2, 72, dtype=torch.float32))
+    len_q = [7, 16]
+    q = randn(g, sum(len_q), 2, 72, dtype=torch.float32)
+    cu_k = cu_seqlens([25, 25])
+    check(q, cache_k, cache_v, cu_seqlens(len_q), cu_k, 16, 25, k_scale=k_scale.half(), v_scale=v_scale.half())
+
+
+def test_fp8_cache_matches_the_dequantised_reference(triton_path):
+    """float8_e4m3fn caches: the interpreter's fp8 loads work, so the kernel runs here too."""
+    g = torch.Generator().manual_seed(41)
+    cache_k, k_scale = quantized(randn(g, 60, 2, 80, dtype=torch.float32), torch.float8_e4m3fn)
+    cache_v, v_scale = quantized(randn(g, 60, 2, 80, dtype=torch.float32), torch.float8_e4m3fn)
+    len_q = [9, 1, 0]
+    q = randn(g, sum(len_q), 2, 80, dtype=torch.float16)
+    cu_k = cu_seqlens([20, 40, 0])
+    check(q, cache_k, cache_v, cu_seqlens(len_q), cu_k, 9, 40, k_scale=k_scale, v_scale=v_scale)
+
+
+@pytest.mark.parametrize("kv", ["float", "int8"])
+def test_split_over_keys_matches_reference(triton_path, kv):
+    """Flash-decoding: each segment's keys in 3 runs, partials combined on the device. Rows of
+    no segment keep out's contents; a segment without keys gives zeros; splits shorter than a
+    key block or empty (5 keys over 3 splits) are handled."""
+    g = torch.Generator().manual_seed(17)
+    tokens, heads, head_dim = 300, 2, 72
+    len_q, len_k = [4, 1, 0, 2], [tokens, 5, tokens, 0]
+    q = randn(g, sum(len_q), heads, head_dim, dtype=torch.float32)
+    cache_k, cache_v = (randn(g, 4 * tokens, heads, head_dim, dtype=torch.float32) for _ in range(2))
+    scales = {}
+    if kv == "int8":
+        (cache_k, ks), (cache_v, vs) = quantized(cache_k), quantized(cache_v)
+        scales = dict(k_scale=ks, v_scale=vs)
+    kv_start = torch.tensor([1, 0, 3, 2]) * tokens
+    cfg = dict(launch_config(max(len_q), head_dim, interpreting=True), BLOCK_N=64, num_splits=3)
+    check(q, cache_k, cache_v, cu_seqlens(len_q), cu_seqlens(len_k), max(len_q), tokens, kv_start=kv_start,
+          config=cfg, **scales)
+    # rows past cu_seqlens_q[-1] keep what out held
+    q2 = torch.cat([q, q[:2]])
+    out = torch.full(q2.shape, 7.0)
+    varlen_attention(q2, cache_k, cache_v, cu_seqlens(len_q), cu_seqlens(len_k), max(len_q), tokens, None, kv_start,
+                     out=out, config=cfg, **scales)
+    assert (out[-2:] == 7.0).all()
+    assert (out[5:7] == 0).all(), "the segment without keys gives zeros"
+
+
+def test_head_dim_split():
+    assert head_dim_split(64) == (64, 0)
+    assert head_dim_split(72) == (64, 16)
+    assert head_dim_split(80) == (64, 16)
+    assert head_dim_split(96) == (64, 32)
+    assert head_dim_split(36) == (32, 16)
+    assert head_dim_split(16) == (16, 0)
+    assert head_dim_split(128) == (128, 0)
+
+
+@pytest.mark.parametrize("head_dim", [16, 24, 36, 100, 128])
+def test_other_head_dims(triton_path, head_dim):
+    g = torch.Generator().manual_seed(head_dim)
+    cu = cu_seqlens([3, 12])
+    q, k, v = (randn(g, 15, 1, head_dim, dtype=torch.float16) for _ in range(3))
+    check(q, k, v, cu, cu, 12, 12)
+
+
 def test_launch_config_follows_the_longest_query_segment():
     assert launch_config(8, 64)["BLOCK_M"] == 16
     assert launch_config(30, 72)["BLOCK_M"] == 32
@@ -205,6 +360,13 @@ def _bad_calls():
         ("offsets past q", dict(ok, cu_seqlens_q=cu_seqlens([3, 6]), max_seqlen_q=6), ValueError),
         ("keys past k", dict(ok, kv_start=torch.tensor([0, 4], dtype=torch.int32)), ValueError),
         ("out dtype", dict(ok, out=torch.zeros(8, 2, 64, dtype=torch.float16)), ValueError),
+        ("int8 k without scales", dict(ok, k=q.to(torch.int8), v=q.to(torch.int8)), TypeError),
+        ("scales with float k", dict(ok, k_scale=torch.ones(8, 2), v_scale=torch.ones(8, 2)), TypeError),
+        ("scale shape", dict(ok, k=q.to(torch.int8), v=q.to(torch.int8), k_scale=torch.ones(8, 1),
+                             v_scale=torch.ones(8, 2)), ValueError),
+        ("int8 k, float v", dict(ok, k=q.to(torch.int8), k_scale=torch.ones(8, 2), v_scale=torch.ones(8, 2)),
+         TypeError),
+        ("integer q", dict(ok, q=q.to(torch.int8)), TypeError),
     ]
 
 
@@ -256,6 +418,26 @@ def test_cuda_matches_reference(dtype, head_dim):
         q = randn(g, sum(len_q), 4, head_dim, dtype=dtype, device="cuda")
         k, v = (randn(g, sum(len_k), 4, head_dim, dtype=dtype, device="cuda") for _ in range(2))
         check(q, k, v, cu_q, cu_k, max(len_q), max(len_k))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="compiled kernel needs a CUDA GPU")
+@pytest.mark.parametrize("head_dim", [64, 72, 80])
+@pytest.mark.parametrize("kv", ["float32-tf32", "int8"])
+def test_cuda_fp32_and_int8_caches(kv, head_dim):
+    """fp32 on TF32 tensor cores (against the TF32-rounded baseline) and int8 caches with fp16
+    queries, on ragged gate mixes over a per-stream cache (one stream: the split over keys)."""
+    g = torch.Generator().manual_seed(head_dim + 1)
+    for streams in (32, 1):
+        len_q, tokens = ([5, 33, 0, 12] * 8)[:streams], 784
+        dtype = torch.float32 if kv.startswith("float32") else torch.float16
+        q = randn(g, sum(len_q), 4, head_dim, dtype=dtype, device="cuda")
+        k, v = (randn(g, streams * tokens, 4, head_dim, dtype=dtype, device="cuda") for _ in range(2))
+        scales = {}
+        if kv == "int8":
+            (k, ks), (v, vs) = quantized(k.float()), quantized(v.float())
+            scales = dict(k_scale=ks, v_scale=vs)
+        cu_k = cu_seqlens([tokens] * streams, "cuda")
+        check(q, k, v, cu_seqlens(len_q, "cuda"), cu_k, max(len_q), tokens, kv_start=cu_k[:-1], **scales)
 
 
 def test_gradients_take_the_differentiable_reference(triton_path):

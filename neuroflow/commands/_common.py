@@ -1,25 +1,36 @@
-"""What ``neuroflow demo`` and ``neuroflow run`` share: one-line errors, model loading (local
-checkpoint folders only, never a download), the dense reference call, the output folder check,
-the progress bar and zero-shot tagging with the checkpoint's own text tower."""
+"""What ``neuroflow demo`` and ``neuroflow run`` share: one-line errors, the library's loading,
+device and output-folder errors mapped to :class:`CommandError` (with the option names and exit
+codes of the command line), the progress bar and zero-shot tagging with the checkpoint's own text
+tower."""
 
 from __future__ import annotations
 
 import sys
-import tempfile
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from ..models import UnsupportedModelError, VisionAdapter
-from ..video import Preprocessor
-
-# config.model_type values whose AutoModel class NeuroFlow can wrap (directly or its vision tower).
-SUPPORTED_MODEL_TYPES = (
-    "siglip", "siglip_vision_model", "clip", "clip_vision_model", "vit", "dinov2", "dinov2_with_registers",
+from ..loading import (
+    DTYPES,
+    DeviceError,
+    LoadedModel,
+    ModelLoadError,
+    build_default_model,
+    default_device,
+    one_line,
+    quiet_transformers,
 )
-DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+from ..loading import load_model as _load_model
+from ..loading import pick_device as _pick_device
+from ..output_folder import OutputFolderError
+from ..output_folder import prepare_output_folder as _prepare_output_folder
+
+__all__ = [
+    "DTYPES", "CommandError", "LoadedModel", "Progress", "ZeroShotTagger", "build_default_model", "default_device",
+    "load_model", "one_line", "parse_labels", "pick_device", "prepare_output_folder", "print_error",
+    "quiet_transformers", "synchronize",
+]
 
 
 class CommandError(Exception):
@@ -30,40 +41,17 @@ class CommandError(Exception):
         self.code = code
 
 
-def one_line(exc: BaseException | str, limit: int = 300) -> str:
-    """An exception's message on one line (the first non-empty line, whitespace collapsed)."""
-    text = exc if isinstance(exc, str) else (str(exc) or type(exc).__name__)
-    lines = [" ".join(line.split()) for line in text.splitlines() if line.strip()]
-    first = lines[0] if lines else text.strip()
-    return first if len(first) <= limit else first[: limit - 3] + "..."
-
-
 def print_error(command: str, message: str) -> None:
     """``neuroflow COMMAND: error: MESSAGE`` on stderr."""
     print(f"neuroflow {command}: error: {one_line(message, limit=1000)}", file=sys.stderr, flush=True)
 
 
-# -- device and dtype ------------------------------------------------------------------------------
-
-def default_device() -> str:
-    return "cuda" if torch.cuda.is_available() else "cpu"
-
-
 def pick_device(name: str) -> torch.device:
+    """``--device NAME`` -> ``torch.device``; a bad name is a usage error (exit status 2)."""
     try:
-        device = torch.device(name)
-    except (RuntimeError, ValueError) as exc:
-        raise CommandError(f"--device {name!r} is not a device name ({one_line(exc)})", code=2) from exc
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise CommandError(f"--device {name}: CUDA is not available on this machine (use --device cpu)", code=2)
-    return device
-
-
-def quiet_transformers() -> None:
-    """No progress bars from transformers (weight loading) for ``--quiet``."""
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.disable_progress_bar()
+        return _pick_device(name)
+    except DeviceError as exc:
+        raise CommandError(f"--{exc}", code=2) from exc
 
 
 def synchronize(device: torch.device) -> None:
@@ -72,139 +60,20 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-# -- models ----------------------------------------------------------------------------------------
-
-@dataclass
-class LoadedModel:
-    """A model ready for NeuroFlow.
-
-    Attributes:
-        model: the module as loaded (a vision model, or a full SiglipModel/CLIPModel).
-        adapter: NeuroFlow's view of its vision tower (family, patch size, ...).
-        image_size: the config's native input side in pixels.
-        description: one line for summaries.
-        random_weights: True when built here with random weights (numbers are then
-            correctness signals, not quality figures).
-        folder: the checkpoint folder (None for a random model).
-        preprocessor: resize/normalise settings (the checkpoint's, else the family's).
-    """
-
-    model: nn.Module
-    adapter: VisionAdapter
-    image_size: int
-    description: str
-    random_weights: bool
-    folder: Path | None
-    preprocessor: Preprocessor
-
-    @property
-    def vision(self) -> nn.Module:
-        return self.adapter.model
-
-    @property
-    def family(self) -> str:
-        return self.adapter.family
-
-    @property
-    def patch_size(self) -> int:
-        return self.adapter.patch_size
-
-    @property
-    def has_text_tower(self) -> bool:
-        return hasattr(self.model, "get_text_features") and hasattr(self.model, "logit_scale")
-
-
-def _image_size(config) -> int:
-    size = getattr(config, "image_size", 224)
-    return int(size[0] if isinstance(size, (tuple, list)) else size)
-
-
-def random_siglip_base(dtype: torch.dtype, device: torch.device, seed: int = 0) -> LoadedModel:
-    """SigLIP-base-patch16-224's geometry with random weights (seeded): no download needed."""
-    from transformers import SiglipVisionConfig, SiglipVisionModel
-
-    torch.manual_seed(seed)
-    model = SiglipVisionModel(SiglipVisionConfig()).to(device=device, dtype=dtype).eval()
-    adapter = VisionAdapter(model)
-    return LoadedModel(model, adapter, _image_size(model.config),
-                       "SigLIP-base-patch16-224 geometry, random weights", True, None,
-                       Preprocessor.for_family(adapter.family, _image_size(model.config)))
-
-
 def load_model(path: str | Path, dtype: torch.dtype, device: torch.device) -> LoadedModel:
-    """A local checkpoint folder (``save_pretrained`` layout) -> :class:`LoadedModel`.
-
-    Raises:
-        CommandError: the folder is missing, not a Hugging Face checkpoint, not a supported
-            vision model, its weights do not load, or its preprocessor config is unreadable;
-            the message names the folder.
-    """
-    from transformers import AutoConfig, AutoModel
-
-    folder = Path(path)
-    if not folder.exists():
-        raise CommandError(f"model folder {folder}: does not exist")
-    if not folder.is_dir():
-        raise CommandError(f"{folder}: --model takes a checkpoint folder (save_pretrained layout), not a file")
-    if not (folder / "config.json").is_file():
-        raise CommandError(f"model folder {folder}: no config.json (not a checkpoint saved with save_pretrained)")
+    """:func:`neuroflow.loading.load_model`, its :class:`ModelLoadError` as a CommandError (exit 1)."""
     try:
-        config = AutoConfig.from_pretrained(folder, local_files_only=True)
-    except Exception as exc:  # OSError (no config.json), ValueError (unknown model_type), JSON errors
-        raise CommandError(f"model folder {folder}: not a Hugging Face checkpoint ({one_line(exc)})") from exc
-    model_type = getattr(config, "model_type", None)
-    if model_type not in SUPPORTED_MODEL_TYPES:
-        raise CommandError(
-            f"model folder {folder}: model type {model_type!r} is not a supported vision model "
-            f"(supported: SigLIP, CLIP, ViT, DINOv2; model types {', '.join(SUPPORTED_MODEL_TYPES)})"
-        )
-    try:
-        model = AutoModel.from_pretrained(folder, local_files_only=True, dtype=dtype)
-    except Exception as exc:  # missing or mismatched weights, unreadable safetensors, ...
-        raise CommandError(f"model folder {folder}: cannot load the {model_type} weights ({one_line(exc)})") from exc
-    try:
-        adapter = VisionAdapter(model)
-    except UnsupportedModelError as exc:
-        raise CommandError(f"model folder {folder}: {one_line(exc)}") from exc
-    model = model.to(device).eval()
-    image_size = _image_size(adapter.model.config)
-    try:
-        preprocessor = Preprocessor.from_pretrained(folder, adapter.family, image_size)
-    except ValueError as exc:
-        raise CommandError(one_line(exc)) from exc
-    return LoadedModel(model, adapter, image_size, f"{type(model).__name__} from {folder}", False, folder, preprocessor)
+        return _load_model(path, dtype, device)
+    except ModelLoadError as exc:
+        raise CommandError(str(exc)) from exc
 
-
-def dense_forward(adapter: VisionAdapter, pixel_values: torch.Tensor) -> torch.Tensor:
-    """The unmodified vision model on full frames: pooled ``[B, D_out]`` (CLS/first token of the
-    last hidden state where the model has no pooling). Position embeddings are interpolated as
-    NeuroFlow does for other resolutions than the native one."""
-    model = adapter.model
-    if adapter.family == "dinov2":
-        out = model(pixel_values)
-    else:
-        out = model(pixel_values, interpolate_pos_encoding=True)
-    return out.pooler_output if out.pooler_output is not None else out.last_hidden_state[:, 0]
-
-
-# -- outputs ---------------------------------------------------------------------------------------
 
 def prepare_output_folder(path: str | Path) -> Path:
-    """Create ``path`` (and parents) and check that a file can be written in it.
-
-    Raises:
-        CommandError: naming the folder and why it cannot be written.
-    """
-    folder = Path(path)
-    if folder.exists() and not folder.is_dir():
-        raise CommandError(f"output folder {folder}: exists and is not a folder")
+    """:func:`neuroflow.output_folder.prepare_output_folder`, its error as a CommandError (exit 1)."""
     try:
-        folder.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=folder, prefix=".neuroflow-write-check-"):
-            pass
-    except OSError as exc:
-        raise CommandError(f"output folder {folder}: cannot be written ({exc.strerror or one_line(exc)})") from exc
-    return folder
+        return _prepare_output_folder(path)
+    except OutputFolderError as exc:
+        raise CommandError(str(exc)) from exc
 
 
 class Progress:
@@ -293,10 +162,10 @@ class ZeroShotTagger:
             ) from exc
         model = loaded.model
         self.labels = labels
-        self.family = loaded.family
+        self.sigmoid_scores = loaded.adapter.spec.sigmoid_scores
         text_config = model.config.text_config
         kwargs = dict(truncation=True, return_tensors="pt", max_length=int(text_config.max_position_embeddings))
-        kwargs["padding"] = "max_length" if self.family == "siglip" else True
+        kwargs["padding"] = "max_length" if self.sigmoid_scores else True
         try:
             tokens = tokenizer([template.format(label) for label in labels], **kwargs)
         except Exception as exc:
@@ -320,4 +189,4 @@ class ZeroShotTagger:
             image = self.projection(image.to(self.projection.weight.dtype))
         image = nn.functional.normalize(image.float(), dim=-1)
         logits = self.scale * image @ self.text.T + self.bias
-        return torch.sigmoid(logits) if self.family == "siglip" else torch.softmax(logits, dim=-1)
+        return torch.sigmoid(logits) if self.sigmoid_scores else torch.softmax(logits, dim=-1)

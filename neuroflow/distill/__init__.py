@@ -3,8 +3,8 @@
 Architecture B (encoder and pooling head see only the tokens the gate kept) is the fastest
 architecture but collapses on weights trained densely. Distillation fine-tunes a copy of the model
 (the student) against the frozen dense original (the teacher) while the gate drops tokens, with the
-gate's threshold and EMA decay drawn at random per clip (``../shared/method.md``, "Sparse manifold
-distillation")::
+gate's threshold and EMA decay drawn at random per clip (the method's sparse manifold
+distillation: threshold ~ U(0.0001, 0.35), decay ~ U(0.001, 0.1), gate reset per clip)::
 
     from neuroflow.distill import DistillConfig, distill
 

@@ -24,9 +24,9 @@ from torch import nn
 
 from ..engine import NeuroFlow
 from ..models import VisionAdapter
+from ..pooling import dense_forward, pooled_output
 from ..video import Preprocessor
 from .losses import cosine
-from .sparse import dense_embeddings
 
 
 class Evaluator:
@@ -70,7 +70,7 @@ class Evaluator:
             rows = []
             with torch.inference_mode():
                 for _, x in self._batches(resolution):
-                    rows.append(torch.stack([dense_embeddings(self.teacher, x[:, t].to(self.device)).float()
+                    rows.append(torch.stack([dense_forward(self.teacher, x[:, t].to(self.device)).float()
                                              for t in range(x.shape[1])], dim=1))
             self._teacher_out[resolution] = torch.cat(rows)
         return self._teacher_out[resolution]
@@ -90,8 +90,8 @@ class Evaluator:
                         out = self.engine(frame)
                         if t == 0:
                             continue  # dense in both paths: says nothing about sparsity
-                        pooled = out.pooler_output if out.pooler_output is not None else out.last_hidden_state[:, 0]
-                        dense = dense_embeddings(self.student, frame)
+                        pooled = pooled_output(out)
+                        dense = dense_forward(self.student, frame)
                         sparse_cos.append(cosine(pooled, t_out[:, t]))
                         dense_cos.append(cosine(dense, t_out[:, t]))
                         sparsity.append(out.sparsity.float())

@@ -1,7 +1,7 @@
-"""The student's differentiable Architecture B forward over S clips run as S parallel streams,
-and the pooled embedding both models are compared on.
+"""The student's differentiable Architecture B forward over S clips run as S parallel streams
+(both models are compared on :func:`neuroflow.pooling.pooled_output`).
 
-Per frame t of the clips (``../shared/method.md``, "Sparse manifold distillation"):
+Per frame t of the clips (the method's sparse manifold distillation):
 
     layer-0 embedding + gate (neuroflow.reference.gate.gate_reference, per-stream threshold and decay)
     -> Packed (cu_seqlens, token positions)  ->  ArchB.run (encoder + readout on the computed
@@ -21,9 +21,9 @@ from dataclasses import dataclass
 
 import torch
 
-from ..architectures import ArchB, ArchResult
-from ..commands._common import dense_forward
+from ..architectures import ArchB
 from ..models import VisionAdapter
+from ..pooling import pooled_output
 from ..reference.gate import ema_dtype, gate_reference
 from .config import DistillError
 
@@ -43,19 +43,6 @@ def check_distillable(adapter: VisionAdapter, floor_tokens: int, where: str) -> 
         ArchB(adapter).check(floor_tokens)
     except ValueError as exc:
         raise DistillError(f"{where}: {exc}, got {floor_tokens}") from None
-
-
-def pooled_of(result: ArchResult) -> torch.Tensor:
-    """The embedding distilled: ``pooler_output`` ``[B, D_out]``, or, for a model without pooling
-    (a ViT built without pooler), its first token (CLS) of ``last_hidden_state``, as
-    :func:`dense_embeddings` takes it from the dense model."""
-    return result.pooler_output if result.pooler_output is not None else result.last_hidden_state[:, 0]
-
-
-def dense_embeddings(adapter: VisionAdapter, frames: torch.Tensor) -> torch.Tensor:
-    """The unmodified model on full frames ``[B, C, H, W]`` -> pooled ``[B, D_out]`` (position
-    embeddings interpolated at other resolutions than the native one). Follows the grad mode."""
-    return dense_forward(adapter, frames)
 
 
 @dataclass
@@ -131,4 +118,4 @@ class SparseClips:
         result = self.arch.run(*self.arch.encoder_inputs(gate))
         counts = gate.active.sum(dim=1)
         sparsity = 1.0 - counts.float() / gate.active.shape[1]
-        return SparseFrame(pixels, pooled_of(result), sparsity, gate.active)
+        return SparseFrame(pixels, pooled_output(result), sparsity, gate.active)

@@ -25,20 +25,16 @@ import shutil
 import sys
 import time
 import warnings
-from contextlib import contextmanager, nullcontext
+from contextlib import nullcontext
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
 
-from ..commands._common import (
-    CommandError,
-    default_device,
-    load_model,
-    pick_device,
-    prepare_output_folder,
-)
+from ..loading import DeviceError, ModelLoadError, default_device, load_model, pick_device, quiet_transformers
 from ..models import VisionAdapter
+from ..output_folder import OutputFolderError, prepare_output_folder
+from ..pooling import dense_forward
 from .checkpoint import (
     checkpoint_path,
     latest_checkpoint,
@@ -64,7 +60,7 @@ from .evaluate import Evaluator
 from .logs import RunLog, plot_curves
 from .losses import frame_loss
 from .params import select_trainable
-from .sparse import SparseClips, check_distillable, dense_embeddings
+from .sparse import SparseClips, check_distillable
 
 STUDENT_FOLDER = "student"
 PROVENANCE_FILE = "neuroflow_distill.json"
@@ -119,20 +115,6 @@ def lr_factor(warmup: int, total: int, schedule: str):
     return factor
 
 
-@contextmanager
-def _quiet_transformers():
-    """Transformers' own progress bars (loading, saving weights) off for a moment: the run has its own."""
-    from transformers.utils import logging as hf_logging
-
-    was = hf_logging.is_progress_bar_enabled()
-    hf_logging.disable_progress_bar()
-    try:
-        yield
-    finally:
-        if was:
-            hf_logging.enable_progress_bar()
-
-
 def _resolved(config: DistillConfig) -> DistillConfig:
     """Absolute paths, so a resumed run started from another folder finds the same files."""
     return replace(config, teacher=config.teacher.resolve(), videos=[p.resolve() for p in config.videos],
@@ -166,9 +148,9 @@ class Trainer:
 
         # -- models: the teacher as loaded, frozen; the student a copy whose chosen parameters train.
         try:
-            with _quiet_transformers():
+            with quiet_transformers():
                 self.loaded = load_model(config.teacher, torch.float32, self.device)
-        except CommandError as exc:
+        except ModelLoadError as exc:
             raise DistillError(f"teacher: {exc}") from exc
         teacher_model = self.loaded.model.eval()
         teacher_model.requires_grad_(False)
@@ -197,7 +179,7 @@ class Trainer:
         # Created only once the teacher and every video passed their checks (no empty folder for bad input).
         try:
             self.out = prepare_output_folder(config.out)
-        except CommandError as exc:
+        except OutputFolderError as exc:
             raise DistillError(str(exc)) from exc
         self.loader = ClipLoader(self.videos, self.shape, config.workers)
 
@@ -227,8 +209,8 @@ class Trainer:
     def _device(config: DistillConfig) -> torch.device:
         try:
             device = pick_device(default_device() if config.device == "auto" else config.device)
-        except CommandError as exc:
-            raise DistillError(str(exc).replace("--device", "device")) from exc
+        except DeviceError as exc:
+            raise DistillError(str(exc)) from exc
         if config.amp == "fp16" and device.type != "cuda":
             raise DistillError(f"amp fp16 needs a CUDA device (device is {device}); use bf16 or none")
         return device
@@ -359,7 +341,7 @@ class Trainer:
             with self._autocast():
                 out = run.frame(t)
                 with torch.no_grad():
-                    target = dense_embeddings(self.teacher, out.pixels)
+                    target = dense_forward(self.teacher, out.pixels)
                 loss = frame_loss(out.pooled, target, c.loss, mse_w, cos_w)
             self.scaler.scale(loss).backward()
             total += loss.detach()
@@ -514,7 +496,7 @@ class Trainer:
         is the teacher's), with the teacher's preprocessing and tokenizer files and a provenance
         file."""
         folder.mkdir(parents=True, exist_ok=True)
-        with _quiet_transformers():
+        with quiet_transformers():
             self.student_model.save_pretrained(folder)
         for name in COPIED_FILES:
             src = self.config.teacher / name

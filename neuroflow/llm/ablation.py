@@ -35,6 +35,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from ..loading import DTYPES, default_device, resolve_dtype
 from .bypass import MODES, attach_bypass, attention_modules, validate_bypass_parameters
 
 DEFAULT_PROMPTS: dict[str, str] = {
@@ -57,23 +58,10 @@ DEFAULT_PROMPTS: dict[str, str] = {
 }
 """The three default prompt kinds of the paper: code, structured (JSON) and prose."""
 
-DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
 # ----------------------------------------------------------------------------------------------
 # Loading and inputs
-
-
-def resolve_dtype(name: str | torch.dtype) -> torch.dtype:
-    if isinstance(name, torch.dtype):
-        return name
-    if name not in DTYPES:
-        raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {name!r}")
-    return DTYPES[name]
-
-
-def default_device() -> str:
-    return "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def load_model(model_path: str | Path, device: str | torch.device, dtype: str | torch.dtype):

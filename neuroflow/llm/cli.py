@@ -17,6 +17,9 @@ import argparse
 import json
 import math
 import sys
+from contextlib import nullcontext
+
+from ..loading import DTYPES, quiet_transformers
 
 
 def _threshold(text: str) -> float:
@@ -49,23 +52,24 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--latency-warmup", type=int, default=4, help="untimed decode steps first (default 4)")
     parser.add_argument("--latency-rounds", type=int, default=3, help="dense/gate-only/bypass alternations (default 3)")
     parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
-    parser.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], default="float32",
+    parser.add_argument("--dtype", choices=sorted(DTYPES), default="float32",
                         help="model dtype (default float32)")
     parser.add_argument("--out", metavar="JSON", help="write the report as JSON here")
     parser.add_argument("--quiet", action="store_true", help="print nothing (errors still go to stderr)")
 
 
 def run(args: argparse.Namespace) -> int:
-    from .ablation import format_report, read_prompts_file, run_ablation
-
     def progress(message: str) -> None:
         if not args.quiet:
             print(f"[llm-ablation] {message}", file=sys.stderr, flush=True)
 
-    if args.quiet:
-        from transformers.utils import logging as hf_logging
+    with quiet_transformers() if args.quiet else nullcontext():
+        return _run(args, progress)
 
-        hf_logging.disable_progress_bar()
+
+def _run(args: argparse.Namespace, progress) -> int:
+    from .ablation import format_report, read_prompts_file, run_ablation
+
     try:
         prompts = read_prompts_file(args.prompts_file) if args.prompts_file else args.prompts
         progress(f"loading {args.model}")

@@ -5,7 +5,7 @@ its stream's EMA, updates the EMA in place, applies the threshold and floor, and
 tokens of every frame (prefix tokens, then active patches in ascending order) into one ``[T, D]``
 batch with ``cu_seqlens``: the input the packed encoder takes.
 
-The Triton path takes two launches and no host synchronisation; the reference with the same
+The Triton path takes three launches (four with any gate option) and no host synchronisation; the reference with the same
 contract is :func:`neuroflow.reference.gate.gate_reference`. :mod:`neuroflow.dispatch` picks one
 and records it.
 """
@@ -17,15 +17,26 @@ import contextlib
 import torch
 
 from .. import dispatch
-from ..reference.gate import PackedFrames, check_gate_args, ema_dtype, gate_reference
+from ..gate_settings import GateSettings
+from ..reference.gate import (
+    AGE_MAX,
+    PackedFrames,
+    as_settings,
+    check_age_pool,
+    check_gate_args,
+    ema_dtype,
+    gate_reference,
+    scene_cut_count,
+)
 from ._launch import cdiv, next_pow2
 
-__all__ = ["MAX_FLOOR", "PackedFrames", "ema_dtype", "gate", "gate_reference"]
+__all__ = ["MAX_FLOOR", "GateSettings", "PackedFrames", "ema_dtype", "gate", "gate_reference"]
 
 OP = "gate"
 
 MAX_FLOOR = 16
-"""Largest ``min(floor_tokens, N)`` the kernel handles (it keeps that many candidates per block)."""
+"""Largest ``min(floor_tokens, N)`` the two-launch kernel path handles (it keeps that many
+candidates per block); with any gate option the select kernel takes any floor."""
 
 _TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
@@ -36,18 +47,20 @@ def _empty(*shape: int, dtype: torch.dtype, device: torch.device) -> torch.Tenso
     return torch.empty(*shape, dtype=dtype, device=device)
 
 
-def _unsupported(frames, weight, pos_embed, ema, threshold, ema_decay, floor_tokens, n, force_active) -> str | None:
+def _unsupported(frames, weight, pos_embed, ema, st: GateSettings, n, force_active, age) -> str | None:
     """Why the kernel cannot take this call, or None."""
     if force_active is not None:
         return "a forced active mask"
     if torch.is_grad_enabled() and (frames.requires_grad or weight.requires_grad or pos_embed.requires_grad):
         return "gradients are needed and the kernel is forward-only"
-    if isinstance(threshold, torch.Tensor) or isinstance(ema_decay, torch.Tensor):
+    if isinstance(st.threshold, torch.Tensor) or isinstance(st.ema_decay, torch.Tensor):
         return "per-frame thresholds or decays"
     if frames.dtype not in _TRITON_DTYPES or ema.dtype != torch.float32:
         return f"dtype {frames.dtype} with EMA {ema.dtype}"
-    if min(floor_tokens, n) > MAX_FLOOR:
-        return f"floor of {min(floor_tokens, n)} tokens (the kernel keeps at most {MAX_FLOOR} candidates)"
+    if st.is_default_rule and min(st.floor_tokens, n) > MAX_FLOOR:
+        return f"floor of {min(st.floor_tokens, n)} tokens (the kernel keeps at most {MAX_FLOOR} candidates)"
+    if age is not None and not age.is_contiguous():
+        return "non-contiguous age pool"
     if not ema.is_contiguous():
         return "non-contiguous EMA pool"
     if not dispatch.gpu_launch(frames.device) and frames.dtype == torch.bfloat16:
@@ -64,11 +77,12 @@ def gate(
     ema: torch.Tensor,
     slot: torch.Tensor,
     first: torch.Tensor,
-    threshold: float,
-    ema_decay: float,
-    floor_tokens: int,
+    threshold: GateSettings | float,
+    ema_decay: float | None = None,
+    floor_tokens: int | None = None,
     config: dict | None = None,
     force_active: torch.Tensor | None = None,
+    age: torch.Tensor | None = None,
 ) -> PackedFrames:
     """Gate and pack a batch of frames, one per stream; updates ``ema`` in place.
 
@@ -79,18 +93,23 @@ def gate(
         prefix: ``[P, D]`` layer-0 embeddings of the prefix tokens (P = 0 for SigLIP).
         ema: ``[S, N, D]`` float32 EMA pool; row ``slot[b]`` belongs to frame b's stream.
         slot: ``[B]`` int64. first: ``[B]`` bool, the stream's first frame (EMA := h).
+        threshold: a :class:`GateSettings` (then ``ema_decay`` and ``floor_tokens`` stay None), or
+            the paper's three settings ``threshold, ema_decay, floor_tokens`` as numbers.
         config: kernel launch settings (tests); default per device.
         force_active: optional ``[B, N]`` bool replacing the threshold/floor decision (first frames
             stay dense); the reference path runs it.
+        age: ``[S, N]`` int32 age pool (frames since each patch was last computed), needed exactly
+            when ``max_staleness`` is set; updated in place at the frames' slots like ``ema``.
     """
     n, d, p = check_gate_args(frames, weight, pos_embed, prefix, ema, slot, first)
-    unsupported = _unsupported(frames, weight, pos_embed, ema, threshold, ema_decay, floor_tokens, n, force_active)
+    st = as_settings(threshold, ema_decay, floor_tokens)
+    check_age_pool(st, age, ema)
+    unsupported = _unsupported(frames, weight, pos_embed, ema, st, n, force_active, age)
     if dispatch.choose(OP, frames.device, unsupported) == dispatch.REFERENCE:
-        return gate_reference(frames, weight, bias, pos_embed, prefix, ema, slot, first, threshold, ema_decay,
-                              floor_tokens, force_active)
+        return gate_reference(frames, weight, bias, pos_embed, prefix, ema, slot, first, st,
+                              force_active=force_active, age=age)
     with _on_device(frames.device):
-        return _gate_triton(frames, weight, bias, pos_embed, prefix, ema, slot, first, threshold, ema_decay,
-                            floor_tokens, n, d, p, config)
+        return _gate_triton(frames, weight, bias, pos_embed, prefix, ema, slot, first, st, age, n, d, p, config)
 
 
 def _on_device(device: torch.device):
@@ -98,9 +117,22 @@ def _on_device(device: torch.device):
     return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
 
 
-def _gate_triton(frames, weight, bias, pos_embed, prefix, ema, slot, first, threshold, ema_decay, floor_tokens,
+def _gate_triton(frames, weight, bias, pos_embed, prefix, ema, slot, first, st: GateSettings, age,
                  n, d, p, config) -> PackedFrames:
-    from ..kernels.gate import GATE_CONFIG, gate_embed_kernel, gate_pack_kernel
+    """Three launches for the paper's gate (embed + decide per block, place, embed the active
+    rows); four with any option (:func:`gate_select_kernel` once per frame after the embed).
+    No host synchronisation either way."""
+    from ..kernels.gate import (
+        GATE_CONFIG,
+        SELECT_BLOCK,
+        gate_embed_kernel,
+        gate_pack_kernel,
+        gate_rows_kernel,
+        gate_select_kernel,
+    )
+
+    threshold, ema_decay, floor_tokens = st.threshold, st.ema_decay, st.floor_tokens
+    options = not st.is_default_rule
 
     dev = frames.device
     cfg = dict(GATE_CONFIG)
@@ -122,6 +154,7 @@ def _gate_triton(frames, weight, bias, pos_embed, prefix, ema, slot, first, thre
     first_i8 = first.to(torch.int8)
     slot = slot.to(torch.int64)
 
+    thr = 0.0 if threshold is None else float(threshold)
     surprise = _empty(b, n, dtype=torch.float32, device=dev)
     bcount = _empty(b, nb, dtype=torch.int32, device=dev)
     cand_val = _empty(b, nb, kf, dtype=torch.float32, device=dev)
@@ -133,21 +166,43 @@ def _gate_triton(frames, weight, bias, pos_embed, prefix, ema, slot, first, thre
     sx = frames.stride()
     embed[grid](
         frames, w2, bias_arg, pe, ema, slot, first_i8, surprise, bcount, cand_val, cand_idx,
-        sx[0], sx[1], sx[2], sx[3], n, d, k, frames.shape[3] // p, nb, float(threshold), float(ema_decay),
+        sx[0], sx[1], sx[2], sx[3], n, d, k, frames.shape[3] // p, nb, thr, float(ema_decay),
         PATCH=p, BLOCK_P=cfg["BLOCK_P"], BLOCK_D=cfg["BLOCK_D"], BLOCK_K=cfg["BLOCK_K"], KF=kf,
-        HAS_BIAS=has_bias, IEEE=ieee, **launch,
+        HAS_BIAS=has_bias, IEEE=ieee, DECIDE=not options, WRITE_EMA=st.reference == "ema", **launch,
     )
     cap = b * (num_prefix + n)
     active = _empty(b, n, dtype=torch.int8, device=dev)
+    fcount = cut = bcount
+    if options:
+        fcount = _empty(b, dtype=torch.int32, device=dev)
+        cut = _empty(b, dtype=torch.int8, device=dev)
+        budget_k = st.budget_count(n)
+        stale_k = st.max_staleness or 1
+        select = dispatch.launchable(gate_select_kernel, dev)
+        select[(b,)](
+            surprise, age if age is not None else bcount, slot, first_i8, active, bcount, fcount, cut,
+            n, nb, thr, floor_k, budget_k or n, scene_cut_count(st.scene_cut, n) if st.scene_cut else n + 1,
+            stale_k, AGE_MAX,
+            HAS_THR=threshold is not None, MOTION=st.motion_norm, STALE=st.max_staleness is not None,
+            BUDGET=budget_k is not None, SCENE_CUT=st.scene_cut is not None,
+            BLOCK_S=min(cfg.get("BLOCK_S", SELECT_BLOCK), next_pow2(n)), BLOCK_P=cfg["BLOCK_P"], num_warps=4,
+        )
     cu = _empty(b + 1, dtype=torch.int32, device=dev)
     index = _empty(cap, dtype=torch.int32, device=dev)
     packed = _empty(cap, d, dtype=frames.dtype, device=dev)
     pack[grid](
-        frames, w2, bias_arg, pe, prefix.to(frames.dtype).contiguous(), first_i8, surprise, bcount, cand_val, cand_idx,
-        active, cu, index, packed,
-        sx[0], sx[1], sx[2], sx[3], b, n, d, k, frames.shape[3] // p, nb, float(threshold), floor_k,
+        prefix.to(frames.dtype).contiguous(), first_i8, surprise, bcount, cand_val, cand_idx, fcount,
+        active, cu, index, packed, b, n, d, nb, thr, floor_k,
+        NUM_PREFIX=num_prefix, BLOCK_P=cfg["BLOCK_P"], BLOCK_D=cfg["BLOCK_D"],
+        BLOCK_NB=next_pow2(nb), BLOCK_C=next_pow2(nb * kf), KF=kf, SELECTED=options, **launch,
+    )
+    rows = dispatch.launchable(gate_rows_kernel, dev)
+    rows[grid](
+        frames, w2, bias_arg, pe, cu, index, packed, ema, slot, cut,
+        sx[0], sx[1], sx[2], sx[3], n, d, k, frames.shape[3] // p,
         PATCH=p, NUM_PREFIX=num_prefix, BLOCK_P=cfg["BLOCK_P"], BLOCK_D=cfg["BLOCK_D"], BLOCK_K=cfg["BLOCK_K"],
-        BLOCK_NB=next_pow2(nb), BLOCK_C=next_pow2(nb * kf), KF=kf, HAS_BIAS=has_bias, IEEE=ieee, **launch,
+        HAS_BIAS=has_bias, IEEE=ieee, STORE_REF=st.reference == "computed" or st.scene_cut is not None,
+        REF_ON_CUT_ONLY=st.reference == "ema" and st.scene_cut is not None, **launch,
     )
     return PackedFrames(surprise, active.bool(), cu, index, packed, num_prefix)
 
@@ -157,21 +212,33 @@ def compile_cases():
     (``python -m neuroflow.compile_check``) at the largest frames the engine is for, so the pack
     kernel's per-frame block tables are full size: SigLIP-base geometry at 1792 px (16-px patches,
     D 768, floor 4) and so400m geometry at 1792 px (14-px patches, D 1152, floor 16), one CLS
-    token, in each dtype the kernel accepts on a GPU. Nothing runs: the launches are recorded."""
+    token, in each dtype the kernel accepts on a GPU; plus the gate options' three-launch path
+    (every option with ``reference="computed"``, and the EMA reference with a scene cut, which
+    writes references only on cuts). Nothing runs: the launches are recorded."""
     from ..compile_check import CompileCase
 
-    def launcher(dtype, patch, dim, floor):
+    def launcher(dtype, patch, dim, settings):
         def run():
             side = 1792 // patch * patch
             n = (side // patch) ** 2
+            age = torch.zeros(3, n, dtype=torch.int32) if settings.max_staleness is not None else None
             gate(torch.empty(2, 3, side, side, dtype=dtype), torch.empty(dim, 3, patch, patch, dtype=dtype),
                  torch.empty(dim, dtype=dtype), torch.empty(n, dim, dtype=dtype), torch.empty(1, dim, dtype=dtype),
-                 torch.empty(3, n, dim), torch.tensor([0, 2]), torch.tensor([False, True]), 0.35, 0.01, floor)
+                 torch.empty(3, n, dim), torch.tensor([0, 2]), torch.tensor([False, True]), settings, age=age)
         return run
 
-    return [
-        CompileCase(f"gate {str(dtype).removeprefix('torch.')} p{patch} d{dim} floor{floor}",
-                    launcher(dtype, patch, dim, floor), uses_dot=True)
-        for dtype in (torch.float16, torch.bfloat16)
-        for patch, dim, floor in ((16, 768, 4), (14, 1152, 16))
+    paper = [(f"gate {str(dtype).removeprefix('torch.')} p{patch} d{dim} floor{floor}", dtype, patch, dim,
+              GateSettings(threshold=0.35, ema_decay=0.01, floor_tokens=floor))
+             for dtype in (torch.float16, torch.bfloat16)
+             for patch, dim, floor in ((16, 768, 4), (14, 1152, 16))]
+    options = [
+        ("gate options computed+stale+budget+motion+cut fp16 p16 d768", torch.float16, 16, 768,
+         GateSettings(threshold=0.1, floor_tokens=4, reference="computed", max_staleness=8, budget=0.1,
+                      motion_norm=True, scene_cut=0.5)),
+        ("gate options ema+budget-only+stale bf16 p14 d1152", torch.bfloat16, 14, 1152,
+         GateSettings(threshold=None, floor_tokens=0, max_staleness=4, budget=512)),
+        ("gate options ema+scene-cut fp16 p16 d768", torch.float16, 16, 768,
+         GateSettings(threshold=0.1, floor_tokens=4, scene_cut=0.5)),
     ]
+    return [CompileCase(name, launcher(dtype, patch, dim, st), uses_dot=True, no_dot=("gate_select_kernel", "gate_pack_kernel"))
+            for name, dtype, patch, dim, st in paper + options]

@@ -1,13 +1,21 @@
 """The three device ops as ``torch.library`` custom ops, so ``torch.compile`` traces through them.
 
 * ``torch.ops.neuroflow.gate(frames, weight, bias, pos_embed, prefix, ema!, slot, first, threshold,
-  ema_decay, floor_tokens) -> (surprise, active, cu_seqlens, index, packed)``: mutates ``ema``;
-  see :func:`neuroflow.ops.gate.gate` (the forced-mask and ``config`` options stay on the Python
-  function).
-* ``torch.ops.neuroflow.cache_scatter(cache!, slot, src, cu_seqlens, index) -> ()``: mutates
-  ``cache``; see :func:`neuroflow.ops.cache_scatter.cache_scatter`.
+  ema_decay, floor_tokens, age!=None, *, reference="ema", max_staleness=None, budget=None,
+  motion_norm=False, scene_cut=None) -> (surprise, active, cu_seqlens, index, packed)``: mutates ``ema``
+  (and ``age`` when given; positional, for the same reason as the attention's scales); every :class:`~neuroflow.gate_settings.GateSettings` option is an
+  argument (``budget`` as a patch count: :func:`gate_op_settings` turns a settings value, fractions
+  included, into these arguments). See :func:`neuroflow.ops.gate.gate`; the forced-mask and
+  ``config`` options and per-frame tensor thresholds stay on the Python function.
+* ``torch.ops.neuroflow.cache_scatter(cache!, slot, src, cu_seqlens, index, scale!=None) -> ()``:
+  mutates ``cache`` (and ``scale``: the quantising form for int8 / float8 caches); see
+  :func:`neuroflow.ops.cache_scatter.cache_scatter`.
 * ``torch.ops.neuroflow.varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
-  max_seqlen_k, scale, kv_start) -> out``; see :func:`neuroflow.ops.varlen_attention.varlen_attention`.
+  max_seqlen_k, scale=None, kv_start=None, k_scale=None, v_scale=None) -> out``; see
+  :func:`neuroflow.ops.varlen_attention.varlen_attention` (8-bit caches with their scales
+  included; the scales are positional-or-keyword here, keyword-only on the Python function,
+  because a custom op may not take keyword-only tensors; ``out=`` and ``config=`` stay on the Python function: a custom op may not return an
+  alias of an input, and a launch schedule is not a schema type).
 
 Each real implementation is the launcher (which asks :mod:`neuroflow.dispatch` for the path, so
 the kernel or the reference runs exactly as when the function is called directly); each fake
@@ -22,6 +30,7 @@ from __future__ import annotations
 
 import torch
 
+from ..gate_settings import GateSettings
 from .cache_scatter import cache_scatter
 from .gate import gate
 from .varlen_attention import varlen_attention
@@ -29,7 +38,7 @@ from .varlen_attention import varlen_attention
 NAMESPACE = "neuroflow"
 
 
-@torch.library.custom_op(f"{NAMESPACE}::gate", mutates_args=("ema",))
+@torch.library.custom_op(f"{NAMESPACE}::gate", mutates_args=("ema", "age"))
 def gate_op(
     frames: torch.Tensor,
     weight: torch.Tensor,
@@ -39,16 +48,26 @@ def gate_op(
     ema: torch.Tensor,
     slot: torch.Tensor,
     first: torch.Tensor,
-    threshold: float,
+    threshold: float | None,
     ema_decay: float,
     floor_tokens: int,
+    age: torch.Tensor | None = None,
+    *,
+    reference: str = "ema",
+    max_staleness: int | None = None,
+    budget: int | None = None,
+    motion_norm: bool = False,
+    scene_cut: float | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    out = gate(frames, weight, bias, pos_embed, prefix, ema, slot, first, threshold, ema_decay, floor_tokens)
+    st = GateSettings(threshold=threshold, ema_decay=ema_decay, floor_tokens=floor_tokens, reference=reference,
+                      max_staleness=max_staleness, budget=budget, motion_norm=motion_norm, scene_cut=scene_cut)
+    out = gate(frames, weight, bias, pos_embed, prefix, ema, slot, first, st, age=age)
     return out.surprise, out.active, out.cu_seqlens, out.index, out.packed
 
 
 @gate_op.register_fake
-def _gate_fake(frames, weight, bias, pos_embed, prefix, ema, slot, first, threshold, ema_decay, floor_tokens):
+def _gate_fake(frames, weight, bias, pos_embed, prefix, ema, slot, first, threshold, ema_decay, floor_tokens,
+               age=None, *, reference="ema", max_staleness=None, budget=None, motion_norm=False, scene_cut=None):
     b, _, h, w = frames.shape
     p = weight.shape[2]
     n = (h // p) * (w // p)
@@ -63,14 +82,27 @@ def _gate_fake(frames, weight, bias, pos_embed, prefix, ema, slot, first, thresh
     )
 
 
-@torch.library.custom_op(f"{NAMESPACE}::cache_scatter", mutates_args=("cache",))
+def gate_op_settings(settings: GateSettings, num_patches: int) -> dict:
+    """``settings`` as the registered gate op's arguments from ``threshold`` on (a fractional
+    budget becomes its patch count for frames of ``num_patches`` patches, exactly as the gate
+    resolves it). Tensor thresholds / decays (distillation) have no schema form: ``ValueError``."""
+    if isinstance(settings.threshold, torch.Tensor) or isinstance(settings.ema_decay, torch.Tensor):
+        raise ValueError("the registered gate op takes scalar threshold and ema_decay; call neuroflow.ops.gate.gate "
+                         "for per-frame tensors")
+    return dict(threshold=settings.threshold, ema_decay=float(settings.ema_decay),
+                floor_tokens=int(settings.floor_tokens), reference=settings.reference,
+                max_staleness=settings.max_staleness, budget=settings.budget_count(num_patches),
+                motion_norm=settings.motion_norm, scene_cut=settings.scene_cut)
+
+
+@torch.library.custom_op(f"{NAMESPACE}::cache_scatter", mutates_args=("cache", "scale"))
 def cache_scatter_op(cache: torch.Tensor, slot: torch.Tensor, src: torch.Tensor, cu_seqlens: torch.Tensor,
-                     index: torch.Tensor) -> None:
-    cache_scatter(cache, slot, src, cu_seqlens, index)
+                     index: torch.Tensor, scale: torch.Tensor | None = None) -> None:
+    cache_scatter(cache, slot, src, cu_seqlens, index, scale=scale)
 
 
 @cache_scatter_op.register_fake
-def _cache_scatter_fake(cache, slot, src, cu_seqlens, index) -> None:
+def _cache_scatter_fake(cache, slot, src, cu_seqlens, index, scale=None) -> None:
     return None
 
 
@@ -85,22 +117,26 @@ def varlen_attention_op(
     max_seqlen_k: int,
     scale: float | None = None,
     kv_start: torch.Tensor | None = None,
+    k_scale: torch.Tensor | None = None,
+    v_scale: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    return varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale, kv_start)
+    return varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale, kv_start,
+                            k_scale=k_scale, v_scale=v_scale)
 
 
 @varlen_attention_op.register_fake
 def _varlen_attention_fake(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale=None,
-                           kv_start=None):
+                           kv_start=None, k_scale=None, v_scale=None):
     return torch.empty_like(q, memory_format=torch.contiguous_format)
 
 
-def attend(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale=None, kv_start=None):
+def attend(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale=None, kv_start=None, *,
+           k_scale=None, v_scale=None):
     """Varlen attention as the encoder calls it: through the registered op while ``torch.compile``
     traces (and no gradient is needed: the op is forward-only), else through the Python launcher
     directly (same path and result, without the op's per-call dispatch cost in eager steps; the
     reference keeps autograd for distillation)."""
     needs_grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
-    if torch.compiler.is_compiling() and not needs_grad:
-        return varlen_attention_op(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale, kv_start)
-    return varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale, kv_start)
+    fn = varlen_attention_op if torch.compiler.is_compiling() and not needs_grad else varlen_attention
+    return fn(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale, kv_start,
+              k_scale=k_scale, v_scale=v_scale)

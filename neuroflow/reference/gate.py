@@ -18,14 +18,33 @@ Per stream, per patch i, frame t (``../shared/method.md``):
 
 The EMA is float32 (float64 for a float64 model) whatever the model dtype: with decay 0.01 a
 half-precision EMA rounds the update away.
+
+The options of :class:`neuroflow.gate_settings.GateSettings` (reference, max_staleness, budget,
+motion_norm, scene_cut; their rules are in that module's docstring) change a later frame's
+decision to, in this order:
+
+1. raw surprise ``s_i = 1 - cos(h_i, R_i)`` against the stored reference R (EMA or last computed);
+2. scene cut: if more than ``scene_cut * N`` patches have ``s_i > threshold``, the frame is a
+   keyframe (every patch active, R := h, ages restart) and steps 3-5 do not apply;
+3. motion norm: ``s_i -= mean_i s_i`` (the surprise reported);
+4. candidates: ``s_i > threshold`` (every patch without a threshold) or stale (``age_i >= K``);
+   ``k = min(budget, max(min(floor, N), #candidates))``; active = the first k patches ranked stale
+   first (older first), then surprise descending, then index ascending;
+5. R update: EMA of every patch (``"ema"``), or R_i := h_i where active (``"computed"``); ages:
+   0 where active, +1 elsewhere.
+
+With none of the options set, the code path is the paper's gate exactly as before.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+
+from ..gate_settings import GateSettings
 
 COSINE_EPS = 1e-8
 """Each norm in the cosine is clamped to at least this, so an all-zero embedding has surprise 1."""
@@ -50,6 +69,8 @@ class GateDecision:
         cu_seqlens: ``[B + 1]`` int32, offsets of each frame's active patches in ``index``.
         index: ``[T]`` int64, patch index (within its frame) of each active patch; frames in batch
             order, patches ascending.
+        age: ``[B, N]`` int32 ages after this frame (with ``max_staleness``), else None.
+        keyframe: ``[B]`` bool, frames that restarted the reference (first frames, scene cuts).
     """
 
     ema: torch.Tensor
@@ -57,6 +78,8 @@ class GateDecision:
     active: torch.Tensor
     cu_seqlens: torch.Tensor
     index: torch.Tensor
+    age: torch.Tensor | None = None
+    keyframe: torch.Tensor | None = None
 
     @property
     def counts(self) -> torch.Tensor:
@@ -95,42 +118,142 @@ def select_active(surprise: torch.Tensor, threshold: float | torch.Tensor, floor
     return torch.where(short, rank < k, passed)
 
 
+def as_settings(threshold, ema_decay=None, floor_tokens=None) -> GateSettings:
+    """The call's :class:`GateSettings`: given as one, or built from the paper's three settings
+    (the positional form ``threshold, ema_decay, floor_tokens`` the op has always taken)."""
+    if isinstance(threshold, GateSettings):
+        if ema_decay is not None or floor_tokens is not None:
+            raise TypeError("pass either a GateSettings or threshold, ema_decay, floor_tokens, not both")
+        return threshold
+    if ema_decay is None or floor_tokens is None:
+        raise TypeError("threshold, ema_decay and floor_tokens are all needed (or one GateSettings)")
+    return GateSettings(threshold=threshold, ema_decay=ema_decay, floor_tokens=floor_tokens)
+
+
+def staggered_ages(n: int, max_staleness: int, device) -> torch.Tensor:
+    """``[N]`` int32 ages a stream starts with (first frame, scene cut): ``i mod (K + 1)``, so the
+    patches that never turn surprising come due at most ``ceil(N / (K + 1))`` per frame."""
+    return (torch.arange(n, device=device) % (max_staleness + 1)).to(torch.int32)
+
+
+def scene_cut_count(scene_cut: float, n: int) -> int:
+    """Passing patches at which a frame is a scene cut: more than ``scene_cut * n``."""
+    return math.floor(scene_cut * n) + 1
+
+
+AGE_MAX = 2**28
+"""Ages saturate here (a patch starved by a tiny budget must not overflow int32; the kernel's
+ranking key packs ``age + 1`` above 32 bits of surprise into an int64)."""
+
+
+def priority_rank(surprise: torch.Tensor, stale: torch.Tensor | None, age: torch.Tensor | None) -> torch.Tensor:
+    """Each patch's place in the gate's ranking: stale patches first (older first), then surprise
+    descending, then patch index ascending. ``[B, N]`` -> ``[B, N]`` int64 ranks (0 = first)."""
+    b, n = surprise.shape
+    order = torch.sort(surprise, dim=1, descending=True, stable=True).indices
+    if stale is not None:
+        # Stable sorts from the least significant key to the most significant one.
+        key = torch.where(stale, age.to(torch.int64), -1).gather(1, order)
+        order = order.gather(1, torch.sort(key, dim=1, descending=True, stable=True).indices)
+    rank = torch.empty_like(order)
+    rank.scatter_(1, order, torch.arange(n, device=surprise.device).expand(b, n))
+    return rank
+
+
 def gate_decision_reference(
     h: torch.Tensor,
     ema: torch.Tensor,
     first: torch.Tensor,
-    threshold: float,
-    ema_decay: float,
-    floor_tokens: int,
+    threshold,
+    ema_decay=None,
+    floor_tokens=None,
     force_active: torch.Tensor | None = None,
+    age: torch.Tensor | None = None,
 ) -> GateDecision:
     """Gate a batch of frames, one frame per stream.
 
     Args:
         h: ``[B, N, D]`` layer-0 patch embeddings (patch embedding + position embedding), any
             float dtype.
-        ema: ``[B, N, D]`` float32 EMA rows of the frames' streams (ignored where ``first``).
+        ema: ``[B, N, D]`` float32 reference rows of the frames' streams (the EMA; last-computed
+            embeddings under ``reference="computed"``), ignored where ``first``.
         first: ``[B]`` bool, True for a stream's first frame after a reset.
-        threshold: surprise threshold (strict ``>``); a number, or a ``[B]`` tensor (one per frame,
+        threshold: a :class:`GateSettings` (then ``ema_decay`` and ``floor_tokens`` stay None), or
+            the surprise threshold (strict ``>``): a number or a ``[B]`` tensor (one per frame,
             e.g. per-clip settings when training).
         ema_decay: EMA update weight of the new frame, in [0, 1]; a number or a ``[B]`` tensor.
         floor_tokens: minimum active patches per later frame.
-        force_active: optional ``[B, N]`` bool used instead of the threshold/floor decision on
-            later frames (baselines that choose patches another way).
+        force_active: optional ``[B, N]`` bool used instead of the whole decision on later frames
+            (baselines that choose patches another way; no scene cut, no staleness rule).
+        age: ``[B, N]`` int32 frames since each patch was last computed; needed with
+            ``max_staleness`` (ignored on first frames, where the staggered ages start).
     """
+    st = as_settings(threshold, ema_decay, floor_tokens)
+    b, n = h.shape[:2]
     first_rows = first.view(-1, 1)
     hf = h.to(ema.dtype)
-    surprise = torch.where(first_rows, FIRST_FRAME_SURPRISE, cosine_surprise(hf, ema)).float()
-    chosen = select_active(surprise, threshold, floor_tokens) if force_active is None else force_active
-    active = torch.where(first_rows, True, chosen)
-    if isinstance(ema_decay, torch.Tensor):
-        ema_decay = ema_decay.to(ema.dtype).view(-1, 1, 1)
-    new_ema = torch.where(first_rows.unsqueeze(-1), hf, (1.0 - ema_decay) * ema + ema_decay * hf)
+    raw = cosine_surprise(hf, ema)
+    if st.is_default_rule:
+        # The paper's gate, exactly as it always ran.
+        surprise = torch.where(first_rows, FIRST_FRAME_SURPRISE, raw).float()
+        chosen = select_active(surprise, st.threshold, st.floor_tokens) if force_active is None else force_active
+        active = torch.where(first_rows, True, chosen)
+        decay = st.ema_decay
+        if isinstance(decay, torch.Tensor):
+            decay = decay.to(ema.dtype).view(-1, 1, 1)
+        new_ema = torch.where(first_rows.unsqueeze(-1), hf, (1.0 - decay) * ema + decay * hf)
+        return _decision(new_ema, surprise, active, None, first, h.device)
+
+    thr = st.threshold
+    if isinstance(thr, torch.Tensor):
+        thr = thr.to(torch.float32).view(-1, 1)
+    # Scene cut: too many patches pass on the raw surprise, before any normalisation.
+    cut = torch.zeros_like(first)
+    if st.scene_cut is not None:
+        cut = ((raw.float() > thr).sum(dim=1) >= scene_cut_count(st.scene_cut, n)) & ~first
+    key = first | cut
+    key_rows = key.view(-1, 1)
+    score = raw - raw.mean(dim=1, keepdim=True) if st.motion_norm else raw
+    surprise = torch.where(first_rows, FIRST_FRAME_SURPRISE, score).float()
+
+    k_stale = st.max_staleness
+    if k_stale is not None and age is None:
+        raise ValueError("max_staleness needs the streams' ages (age=[B, N] int32)")
+    stale = age >= k_stale if k_stale is not None else None
+    if force_active is not None:
+        chosen = force_active
+    else:
+        cand = torch.ones_like(surprise, dtype=torch.bool) if thr is None else surprise > thr
+        if stale is not None:
+            cand = cand | stale
+        k = cand.sum(dim=1).clamp_min(min(st.floor_tokens, n))
+        budget = st.budget_count(n)
+        if budget is not None:
+            k = k.clamp_max(budget)
+        chosen = priority_rank(surprise, stale, age) < k.view(-1, 1)
+    active = key_rows | chosen
+
+    if st.reference == "computed":
+        new_ema = torch.where(active.unsqueeze(-1), hf, ema)
+    else:
+        decay = st.ema_decay
+        if isinstance(decay, torch.Tensor):
+            decay = decay.to(ema.dtype).view(-1, 1, 1)
+        new_ema = torch.where(key_rows.unsqueeze(-1), hf, (1.0 - decay) * ema + decay * hf)
+    new_age = None
+    if k_stale is not None:
+        start = staggered_ages(n, k_stale, h.device).expand(b, n)
+        new_age = torch.where(key_rows, start, torch.where(active, 0, (age + 1).clamp_max(AGE_MAX))).to(torch.int32)
+    return _decision(new_ema, surprise, active, new_age, key, h.device)
+
+
+def _decision(new_ema, surprise, active, new_age, keyframe, device) -> GateDecision:
     counts = active.sum(dim=1)
-    cu_seqlens = torch.zeros(h.shape[0] + 1, dtype=torch.int32, device=h.device)
+    cu_seqlens = torch.zeros(active.shape[0] + 1, dtype=torch.int32, device=device)
     cu_seqlens[1:] = torch.cumsum(counts, 0)
     index = active.nonzero()[:, 1]
-    return GateDecision(ema=new_ema, surprise=surprise, active=active, cu_seqlens=cu_seqlens, index=index)
+    return GateDecision(ema=new_ema, surprise=surprise, active=active, cu_seqlens=cu_seqlens, index=index,
+                        age=new_age, keyframe=keyframe)
 
 
 @dataclass
@@ -176,15 +299,22 @@ def check_gate_args(frames, weight, pos_embed, prefix, ema, slot, first) -> tupl
     return n, d, p
 
 
-def gate_reference(frames, weight, bias, pos_embed, prefix, ema, slot, first, threshold, ema_decay, floor_tokens,
-                   force_active=None) -> PackedFrames:
+def gate_reference(frames, weight, bias, pos_embed, prefix, ema, slot, first, threshold, ema_decay=None,
+                   floor_tokens=None, force_active=None, age=None) -> PackedFrames:
     """Same contract as :func:`neuroflow.ops.gate.gate`, as the unfused PyTorch chain (conv, add,
-    cosine, compare, sort, gather)."""
+    cosine, compare, sort, gather). ``threshold`` is a :class:`GateSettings` or the first of the
+    three positional settings; ``age`` is the ``[S, N]`` int32 age pool (with ``max_staleness``),
+    updated in place at the frames' slots like ``ema``."""
     n, d, p = check_gate_args(frames, weight, pos_embed, prefix, ema, slot, first)
+    st = as_settings(threshold, ema_decay, floor_tokens)
+    check_age_pool(st, age, ema)
     h = F.conv2d(frames, weight, bias, stride=p).flatten(2).transpose(1, 2) + pos_embed
-    decided = gate_decision_reference(h, ema[slot], first, threshold, ema_decay, floor_tokens, force_active)
+    decided = gate_decision_reference(h, ema[slot], first, st, force_active=force_active,
+                                      age=None if age is None else age[slot])
     with torch.no_grad():
         ema.index_copy_(0, slot, decided.ema.to(ema.dtype))
+        if age is not None:
+            age.index_copy_(0, slot, decided.age)
     b, num_prefix = frames.shape[0], prefix.shape[0]
     counts = decided.counts + num_prefix
     cu = torch.zeros(b + 1, dtype=torch.int32, device=frames.device)
@@ -198,3 +328,16 @@ def gate_reference(frames, weight, bias, pos_embed, prefix, ema, slot, first, th
     packed[: rows.shape[0]] = tokens[rows, pos]
     index[: rows.shape[0]] = pos.to(torch.int32)
     return PackedFrames(decided.surprise, decided.active, cu, index, packed, num_prefix)
+
+
+def check_age_pool(st: GateSettings, age, ema) -> None:
+    """The age pool must come exactly when ``max_staleness`` is set: ``[S, N]`` int32 like ``ema``."""
+    if st.max_staleness is None:
+        if age is not None:
+            raise ValueError("an age pool was given but max_staleness is not set")
+        return
+    if age is None:
+        raise ValueError("max_staleness needs the streams' age pool (age=[S, N] int32)")
+    if age.dtype != torch.int32 or age.shape != ema.shape[:2] or age.device != ema.device:
+        raise ValueError(f"age pool must be int32 {tuple(ema.shape[:2])} on {ema.device}, "
+                         f"got {age.dtype} {tuple(age.shape)} on {age.device}")

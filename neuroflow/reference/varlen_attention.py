@@ -20,15 +20,23 @@ Conventions shared by both paths:
 * ``max_seqlen_q`` must bound every query segment (it sizes the grid); ``max_seqlen_k`` every key
   segment (kept for flash-attn compatibility; the kernel loops to each segment's real length).
 
+* 8-bit key/value caches: ``k``/``v`` may be int8 or float8_e4m3fn with ``k_scale``/``v_scale``
+  ``[Tk_rows, H]`` (float32 or float16): key row r of head h is ``k[r, h].float() * k_scale[r, h]``
+  (the caches :func:`neuroflow.ops.cache_scatter.cache_scatter` writes with a scale). The reference
+  dequantises, then runs SDPA in q's dtype (float64 for a float64 q).
+
 On CUDA the launcher never reads device tensors on the host (no synchronisation): the contents of
-``cu_seqlens_*``/``kv_start`` are trusted there, as in flash-attn. On the CPU (the reference, or the
-Triton interpreter) reading them is free, so they are checked and violations raise ``ValueError``.
+``cu_seqlens_*``/``kv_start`` are trusted there, as in flash-attn, and ``max_seqlen_*`` are only
+upper bounds. On the CPU (the reference, or the Triton interpreter) reading them is free, so they
+are checked and violations raise ``ValueError``; set ``NEUROFLOW_DEBUG_CHECKS=1`` to check them on
+CUDA too (one host sync per call).
 """
 
 from __future__ import annotations
 
 import math
 import operator
+import os
 
 import torch
 import torch.nn.functional as F
@@ -37,6 +45,19 @@ import torch.nn.functional as F
 # --------------------------------------------------------------------------------------------
 # argument checks shared by both paths
 # --------------------------------------------------------------------------------------------
+
+DEBUG_ENV = "NEUROFLOW_DEBUG_CHECKS"
+"""Set to ``1`` to check offset values on CUDA too (a host sync per call)."""
+
+KV_8BIT_DTYPES = (torch.int8, torch.float8_e4m3fn)
+"""Dtypes of 8-bit key/value caches (with per-row, per-head scales)."""
+
+SCALE_DTYPES = (torch.float32, torch.float16)
+
+
+def debug_checks() -> bool:
+    """Whether ``NEUROFLOW_DEBUG_CHECKS=1``: host-side value checks of device offsets on CUDA."""
+    return os.environ.get(DEBUG_ENV, "") == "1"
 
 
 def _as_int(name: str, value) -> int:
@@ -64,13 +85,16 @@ def _check_index_tensor(name: str, t, length: int | None, device: torch.device) 
         raise ValueError(f"{name} is on {t.device}, q on {device}")
 
 
-def check_varlen_args(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale, kv_start, out):
+def check_varlen_args(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale, kv_start, out,
+                      k_scale=None, v_scale=None):
     """Shape/dtype/device checks that need no device data. Returns (B, max_q, max_k, scale)."""
     for name, t in (("q", q), ("k", k), ("v", v)):
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-        if not t.is_floating_point():
-            raise TypeError(f"{name} must be a floating-point tensor, got {t.dtype}")
+    quantised = k.dtype in KV_8BIT_DTYPES or v.dtype in KV_8BIT_DTYPES
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if not t.is_floating_point() and not (name != "q" and t.dtype in KV_8BIT_DTYPES):
+            raise TypeError(f"{name} must be a floating-point tensor (k, v may be int8), got {t.dtype}")
         if t.dim() != 3:
             raise ValueError(f"{name} must be [tokens, heads, head_dim], got shape {tuple(t.shape)}")
         if t.device != q.device:
@@ -81,6 +105,18 @@ def check_varlen_args(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seq
         raise ValueError(f"k/v heads and head dim {tuple(k.shape[1:])} differ from q's {tuple(q.shape[1:])}")
     if q.shape[2] == 0:
         raise ValueError("head_dim must be >= 1")
+    if quantised or k_scale is not None or v_scale is not None:
+        if k.dtype != v.dtype or k.dtype not in KV_8BIT_DTYPES:
+            raise TypeError(f"k_scale/v_scale go with int8 or float8_e4m3fn k and v, got {k.dtype} and {v.dtype}")
+        for name, t in (("k_scale", k_scale), ("v_scale", v_scale)):
+            if not isinstance(t, torch.Tensor):
+                raise TypeError(f"8-bit k/v need {name} as a torch.Tensor, got {type(t).__name__}")
+            if t.dtype not in SCALE_DTYPES:
+                raise TypeError(f"{name} must be float32 or float16, got {t.dtype}")
+            if t.shape != k.shape[:2]:
+                raise ValueError(f"{name} must be [Tk_rows, H] = {tuple(k.shape[:2])}, got {tuple(t.shape)}")
+            if t.device != q.device:
+                raise ValueError(f"{name} is on {t.device}, q on {q.device}")
     _check_index_tensor("cu_seqlens_q", cu_seqlens_q, None, q.device)
     if cu_seqlens_q.shape[0] < 1:
         raise ValueError("cu_seqlens_q must have B + 1 >= 1 entries")
@@ -139,6 +175,13 @@ def check_varlen_offsets(q, k, cu_seqlens_q, cu_seqlens_k, kv_start, max_q, max_
 # --------------------------------------------------------------------------------------------
 
 
+def dequantize_kv(x: torch.Tensor, x_scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """8-bit ``[T, H, Dh]`` with scales ``[T, H]`` -> ``x * scale`` in ``dtype`` (computed in
+    float64 for a float64 ``dtype``, else float32)."""
+    compute = torch.float64 if dtype == torch.float64 else torch.float32
+    return (x.to(compute) * x_scale.to(compute)[:, :, None]).to(dtype)
+
+
 def varlen_attention_reference(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -150,6 +193,8 @@ def varlen_attention_reference(
     scale: float | None = None,
     kv_start: torch.Tensor | None = None,
     *,
+    k_scale: torch.Tensor | None = None,
+    v_scale: torch.Tensor | None = None,
     out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Exact PyTorch varlen attention: SDPA on each segment's slices. Same contract as
@@ -161,9 +206,11 @@ def varlen_attention_reference(
         zeros, and so are rows that belong to no segment.
     """
     _, max_q, max_k, scale = check_varlen_args(
-        q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale, kv_start, out
+        q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale, kv_start, out, k_scale, v_scale
     )
     cu_q, starts, len_k = check_varlen_offsets(q, k, cu_seqlens_q, cu_seqlens_k, kv_start, max_q, max_k)
+    if k_scale is not None:
+        k, v = dequantize_kv(k, k_scale, q.dtype), dequantize_kv(v, v_scale, q.dtype)
     compute = torch.promote_types(torch.promote_types(q.dtype, k.dtype), v.dtype)
     result = torch.zeros(q.shape, dtype=q.dtype, device=q.device)
     for b, (start, n) in enumerate(zip(starts, len_k)):

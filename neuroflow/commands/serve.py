@@ -1,0 +1,166 @@
+"""Serve many camera streams over HTTP with Ray: a front routes each stream to one of K engine shards.
+
+Starts (or joins, --address) a Ray cluster, deploys the front as a Ray Serve application and K
+shard actors (one GPU each with --device cuda, else CPU workers), waits until every shard has
+loaded the model, prints the address and serves until Ctrl-C/SIGTERM (or --duration seconds).
+
+  POST /models/MODEL/streams/STREAM/frames?seq=N   body: PNG/JPEG, or .npy (uint8 [H,W,3] or
+                                                   float [C,S,S] pixel values); JSON reply with
+                                                   the pooled embedding, sparsity, timing
+  DELETE /models/MODEL/streams/STREAM              forget a stream
+  GET /stats, GET /health, POST /admin/scale?shards=K
+
+The default model has random weights (SigLIP-base-patch16-224's geometry; --random-config
+changes the config): its embeddings are meaningless, for plumbing and load tests only.
+--model PATH serves a local checkpoint folder (never downloaded). There is no authentication:
+keep --host on loopback unless something in front of it checks callers.
+
+Exit status: 0 stopped; 1 Ray is not installed, the model cannot be loaded or the application
+does not start; 2 bad options.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import signal
+import threading
+import time
+
+from ..validation import ARCHITECTURES
+from ._common import DTYPES, CommandError, one_line, print_error
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    m = p.add_argument_group("model")
+    m.add_argument("--model", default=None, metavar="PATH",
+                   help="local checkpoint folder (default: SigLIP-base geometry with random weights)")
+    m.add_argument("--model-name", default="siglip", help="name requests use in /models/NAME/... (default siglip)")
+    m.add_argument("--random-config", default=None, metavar="JSON",
+                   help='SiglipVisionConfig fields for the random model, e.g. \'{"num_hidden_layers": 2}\'')
+    m.add_argument("--seed", type=int, default=0, help="seed of the random weights (default 0)")
+    m.add_argument("--image-size", type=int, default=None,
+                   help="model input side; images are resized to it (default: the model config's)")
+    m.add_argument("--dtype", choices=tuple(DTYPES), default="float32")
+    m.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
+                   help="cpu: shards are CPU workers; cuda: each shard gets one GPU (num_gpus=1)")
+    e = p.add_argument_group("engine")
+    e.add_argument("--arch", choices=ARCHITECTURES, default="C")
+    e.add_argument("--threshold", type=float, default=0.35)
+    e.add_argument("--ema-decay", type=float, default=0.01)
+    e.add_argument("--floor-tokens", type=int, default=4)
+    s = p.add_argument_group("shards and batching")
+    s.add_argument("--shards", type=int, default=None,
+                   help="shard count K (default: GPUs in the cluster / --gpus-per-shard with --device cuda, else 1)")
+    s.add_argument("--shard-cpus", type=float, default=1.0, help="CPUs Ray reserves per shard (default 1)")
+    s.add_argument("--gpus-per-shard", type=float, default=1.0,
+                   help="GPUs per shard with --device cuda (default 1; 0.5 puts two shards on each GPU)")
+    s.add_argument("--threads", type=int, default=None, help="torch threads per shard (default: torch's)")
+    s.add_argument("--max-batch", type=int, default=32, help="most frames per engine call (default 32)")
+    s.add_argument("--max-wait-ms", type=float, default=5.0,
+                   help="batching window after the first queued frame (default 5 ms)")
+    s.add_argument("--max-restarts", type=int, default=10, help="Ray restarts of a dead shard (-1: always)")
+    s.add_argument("--retry-timeout", type=float, default=30.0,
+                   help="seconds the front keeps resending a frame whose shard died (default 30)")
+    r = p.add_argument_group("Ray and HTTP")
+    r.add_argument("--address", default=None,
+                   help="Ray cluster to join ('auto' or HOST:PORT; default: start a local one)")
+    r.add_argument("--num-cpus", type=int, default=None, help="CPUs of a local Ray instance")
+    r.add_argument("--host", default="127.0.0.1", help="HTTP host (default 127.0.0.1, loopback only)")
+    r.add_argument("--port", type=int, default=8000, help="HTTP port (default 8000)")
+    r.add_argument("--app-name", default="neuroflow", help="Ray Serve application name (default neuroflow)")
+    r.add_argument("--duration", type=float, default=None, help="stop after this many seconds (default: run until stopped)")
+
+
+def _config(args):
+    from ..serve.spec import ServeConfig
+
+    random_config = {}
+    if args.random_config is not None:
+        try:
+            random_config = json.loads(args.random_config)
+        except ValueError as exc:
+            raise CommandError(f"--random-config is not JSON ({one_line(exc)})", code=2) from exc
+        if not isinstance(random_config, dict):
+            raise CommandError("--random-config must be a JSON object of SiglipVisionConfig fields", code=2)
+        if args.model is not None:
+            raise CommandError("--random-config is for the random model; it cannot be combined with --model", code=2)
+    config = ServeConfig(
+        model_name=args.model_name, model_folder=args.model, random_config=random_config, seed=args.seed,
+        image_size=args.image_size, arch=args.arch, threshold=args.threshold, ema_decay=args.ema_decay,
+        floor_tokens=args.floor_tokens, dtype=args.dtype, device=args.device, num_shards=args.shards or 1,
+        shard_cpus=args.shard_cpus, shard_gpus=args.gpus_per_shard, torch_threads=args.threads,
+        max_batch=args.max_batch,
+        max_wait_ms=args.max_wait_ms, max_restarts=args.max_restarts, retry_timeout_s=args.retry_timeout,
+        app_name=args.app_name,
+    )
+    try:
+        config.check()
+    except ValueError as exc:
+        raise CommandError(one_line(exc), code=2) from exc
+    return config
+
+
+def _check_model(config) -> str:
+    """Load the model once here, so a bad folder is one clear line before any shard starts."""
+    from ..serve.spec import input_geometry, load_vision_model
+
+    try:
+        _, side, _ = input_geometry(config)
+        model = load_vision_model(config)
+    except Exception as exc:  # ValueError from the loader; OSError, TypeError from configs
+        raise CommandError(one_line(exc)) from exc
+    params = sum(p.numel() for p in model.parameters())
+    del model
+    what = f"{config.model_folder}" if config.model_folder else "random weights (SigLIP config)"
+    return f"model {config.model_name!r}: {what}, {params / 1e6:.1f} M parameters, input {side}x{side}"
+
+
+def run(args: argparse.Namespace) -> int:
+    try:
+        return _serve(args)
+    except CommandError as exc:
+        print_error("serve", str(exc))
+        return exc.code
+
+
+def _serve(args) -> int:
+    if args.port < 0 or args.port > 65535:
+        raise CommandError(f"--port must be in 0..65535, got {args.port}", code=2)
+    if args.shards is not None and args.shards < 1:
+        raise CommandError(f"--shards must be >= 1, got {args.shards}", code=2)
+    config = _config(args)
+    try:
+        import ray
+    except ImportError as exc:
+        raise CommandError('Ray is not installed: pip install "neuroflow[serve]"') from exc
+    described = _check_model(config)
+    if args.address is None:
+        ray.init(num_cpus=args.num_cpus, include_dashboard=False, logging_level="WARNING")
+    else:
+        ray.init(address=args.address, logging_level="WARNING")
+    if args.shards is None and config.uses_gpu:
+        config.num_shards = max(1, int(ray.cluster_resources().get("GPU", 0) / config.shard_gpus))
+    from ..serve import app
+
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    try:
+        try:
+            app.start(config, host=args.host, port=args.port)
+        except Exception as exc:
+            raise CommandError(f"the application did not start: {one_line(exc)}") from exc
+        print(f"neuroflow serve: {described}; {config.num_shards} shard(s) on {config.device}; "
+              f"http://{args.host}:{args.port}/models/{config.model_name}/streams/STREAM/frames?seq=N", flush=True)
+        deadline = None if args.duration is None else time.monotonic() + args.duration
+        while not stop.is_set():
+            left = None if deadline is None else deadline - time.monotonic()
+            if left is not None and left <= 0:
+                break
+            stop.wait(timeout=1.0 if left is None else min(1.0, left))
+    finally:
+        app.stop(config)
+        ray.shutdown()
+    print("neuroflow serve: stopped", flush=True)
+    return 0

@@ -1,0 +1,162 @@
+"""The gate's settings in one value: what the engine hands :func:`neuroflow.ops.gate.gate` and
+:func:`neuroflow.reference.gate.gate_reference`.
+
+The rules, per stream, per later frame (first frames are dense and set the reference; see
+``neuroflow/reference/gate.py`` for the whole order):
+
+* ``reference="ema"`` (the paper): the surprise compares a patch with the EMA of all its frames,
+  and every patch updates the EMA every frame. ``"computed"``: it compares with the patch's
+  layer-0 embedding as it was when the patch was last computed; the stored embedding changes only
+  where the patch is computed this frame, and ``ema_decay`` is unused. Both keep their state in
+  the stream's ``"ema"`` tensor (under ``"computed"`` it holds last-computed embeddings), so state
+  layouts are the same.
+* ``motion_norm``: the frame's mean surprise is subtracted before the decision (the paper's
+  "global motion norm"); the surprise reported is the normalised one, the value that was
+  compared with the threshold.
+* ``max_staleness=K``: a patch not computed for K frames in a row is computed on the next one
+  (a skipped patch's cached value is at most K frames old). Each stream keeps ``age[N]`` int32
+  (frames since the patch was last computed). On a stream's first frame the ages are staggered,
+  ``age_i = i mod (K + 1)``, so never-surprising patches come due ~N/(K+1) per frame, never all
+  at once.
+* ``budget``: at most this many patches per frame, an int >= 1 or a fraction of N (0 < f <= 1:
+  ``max(1, floor(f * N + 0.5))``). With ``threshold=None`` the budget alone decides: exactly that
+  many patches every later frame.
+* ``scene_cut=f``: when more than a fraction f of the patches pass the threshold (raw surprise,
+  before motion norm), the frame is a keyframe: every patch is active and the reference (and the
+  ages) restart from this frame, as on a first frame. It is not reported as a first frame.
+
+The decision of a later frame, in one rule: patches are ranked stale first (older first), then by
+surprise (descending), then by index (ascending); candidates are the stale patches and those over
+the threshold (all patches when there is no threshold), which is always a prefix of that ranking;
+the frame computes the first ``k = min(budget, max(min(floor_tokens, N), candidates))`` of the
+ranking. So stale patches count toward the budget first, the floor tops a short frame up with the
+most surprising patches, and the budget caps everything, the floor included.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, replace
+
+import torch
+
+REFERENCES = ("ema", "computed")
+
+
+@dataclass(frozen=True)
+class GateSettings:
+    """Validated gate settings (see the module docstring for their meaning).
+
+    ``threshold`` and ``ema_decay`` may also be ``[B]`` tensors, one per frame (distillation); the
+    reference path takes them, and :meth:`check` does not look inside tensors.
+    """
+
+    threshold: float | torch.Tensor | None = 0.35
+    ema_decay: float | torch.Tensor = 0.01
+    floor_tokens: int = 4
+    reference: str = "ema"
+    max_staleness: int | None = None
+    budget: int | float | None = None
+    motion_norm: bool = False
+    scene_cut: float | None = None
+
+    def __post_init__(self):
+        self.check()
+
+    def check(self) -> None:
+        """Raise ``ValueError`` naming the first bad setting."""
+        thr = self.threshold
+        if thr is None:
+            if self.budget is None:
+                raise ValueError("threshold=None needs a budget (the budget alone then picks the patches)")
+            if self.motion_norm:
+                raise ValueError("motion_norm needs a threshold (with a budget alone it cannot change the choice)")
+            if self.scene_cut is not None:
+                raise ValueError("scene_cut needs a threshold (it counts the patches that pass it)")
+        elif not isinstance(thr, torch.Tensor):
+            check_threshold(thr)
+        if not isinstance(self.ema_decay, torch.Tensor):
+            check_ema_decay(self.ema_decay)
+        check_floor_tokens(self.floor_tokens)
+        check_reference(self.reference)
+        check_max_staleness(self.max_staleness)
+        check_budget(self.budget)
+        if not isinstance(self.motion_norm, bool):
+            raise ValueError(f"motion_norm must be True or False, got {self.motion_norm!r}")
+        check_scene_cut(self.scene_cut)
+
+    def replace(self, **changes) -> GateSettings:
+        """A copy with ``changes`` applied (validated)."""
+        return replace(self, **changes)
+
+    @property
+    def is_default_rule(self) -> bool:
+        """True when only threshold, decay and floor matter (the paper's gate)."""
+        return (self.reference == "ema" and self.max_staleness is None and self.budget is None
+                and not self.motion_norm and self.scene_cut is None)
+
+    def budget_count(self, n: int) -> int | None:
+        """The budget as a patch count for frames of ``n`` patches (None: no budget)."""
+        return budget_count(self.budget, n)
+
+    def as_dict(self) -> dict:
+        """Plain values (tensors as lists) for logs and saved states."""
+        out = {}
+        for name in ("threshold", "ema_decay", "floor_tokens", "reference", "max_staleness", "budget",
+                     "motion_norm", "scene_cut"):
+            v = getattr(self, name)
+            out[name] = v.tolist() if isinstance(v, torch.Tensor) else v
+        return out
+
+
+def budget_count(budget: int | float | None, n: int) -> int | None:
+    """Patches per frame for a budget (int count or float fraction of ``n``), at most ``n``."""
+    if budget is None:
+        return None
+    if isinstance(budget, float):
+        return min(n, max(1, math.floor(budget * n + 0.5)))
+    return min(n, budget)
+
+
+def check_threshold(threshold) -> None:
+    # Surprise 1 - cos lies in [0, 2]: below 0 every patch passes, at 2 or above none does.
+    if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or not -1.0 <= threshold <= 2.0:
+        raise ValueError(f"threshold must be a number in [-1, 2] (surprise is 1 - cos), got {threshold!r}")
+
+
+def check_ema_decay(ema_decay) -> None:
+    if isinstance(ema_decay, bool) or not isinstance(ema_decay, (int, float)) or not 0.0 <= ema_decay <= 1.0:
+        raise ValueError(f"ema_decay must be a number in [0, 1], got {ema_decay!r}")
+
+
+def check_floor_tokens(floor_tokens) -> None:
+    if isinstance(floor_tokens, bool) or not isinstance(floor_tokens, int) or floor_tokens < 0:
+        raise ValueError(f"floor_tokens must be an int >= 0, got {floor_tokens!r}")
+
+
+def check_reference(reference) -> None:
+    if reference not in REFERENCES:
+        raise ValueError(f"reference must be 'ema' or 'computed', got {reference!r}")
+
+
+def check_max_staleness(k) -> None:
+    if k is not None and (isinstance(k, bool) or not isinstance(k, int) or k < 1):
+        raise ValueError(f"max_staleness must be None or an int >= 1 (frames), got {k!r}")
+
+
+def check_budget(budget) -> None:
+    if budget is None:
+        return
+    if isinstance(budget, bool) or not isinstance(budget, (int, float)):
+        raise ValueError(f"budget must be None, an int >= 1 (patches) or a float in (0, 1] (fraction), got {budget!r}")
+    if isinstance(budget, int) and budget < 1:
+        raise ValueError(f"budget as a count must be >= 1, got {budget!r}")
+    if isinstance(budget, float) and not 0.0 < budget <= 1.0:
+        raise ValueError(f"budget as a fraction must be in (0, 1], got {budget!r}")
+
+
+def check_scene_cut(scene_cut) -> None:
+    if scene_cut is None:
+        return
+    if isinstance(scene_cut, bool) or not isinstance(scene_cut, (int, float)) or not 0.0 < scene_cut <= 1.0:
+        raise ValueError(f"scene_cut must be None or a fraction in (0, 1], got {scene_cut!r}")

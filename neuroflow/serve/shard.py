@@ -1,0 +1,274 @@
+"""One shard: a NeuroFlow engine for the streams the hash ring sends it, fed by micro-batches.
+
+:class:`Shard` is a plain asyncio class; the application runs each one as a named Ray actor
+(``ray.remote(Shard)``, one GPU or CPU worker each; see :mod:`neuroflow.serve.app`). Every
+method returns plain data (dicts, numpy arrays): errors come back as
+``{"ok": False, "error": ServeError.to_dict()}`` rather than as exceptions, so callers never
+depend on how Ray wraps exceptions.
+
+Per stream the shard keeps the engine state and the last accepted sequence number. A frame is
+checked (sequence number, then shape, dtype, NaN/Inf after the cast to the model dtype) before
+it is queued, so a refused frame changes nothing and never joins a batch. The engine runs in
+one worker thread, so the event loop keeps accepting frames while a batch computes; stream
+moves and resets run in the same thread, between batches.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import time
+from collections import Counter
+from collections.abc import Hashable
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import torch
+
+from . import state_moves
+from .batching import FrameBatcher, Pending
+from .errors import BadFrame, BadRequest, InternalError, SequenceError, ServeError, UnknownStream
+from .routing import stream_key
+from .spec import ServeConfig, build_engine
+
+
+def _was_restarted() -> bool:
+    try:
+        import warnings
+
+        import ray
+
+        if not ray.is_initialized():  # get_runtime_context() would start a Ray instance
+            return False
+        with warnings.catch_warnings():  # Ray 2.60 warns about an attribute it reads internally
+            warnings.simplefilter("ignore", DeprecationWarning)
+            return bool(ray.get_runtime_context().was_current_actor_reconstructed)
+    except Exception:  # not inside a Ray actor (a plain Shard in tests)
+        return False
+
+
+def check_request(stream_id: Hashable, seq: int) -> None:
+    """Stream ids are str or int; sequence numbers are ints >= 0 (raises :class:`BadRequest`)."""
+    try:
+        stream_key(stream_id)
+    except TypeError as exc:
+        raise BadRequest(str(exc)) from exc
+    if isinstance(seq, bool) or not isinstance(seq, (int, np.integer)) or seq < 0:
+        raise BadRequest(f"sequence number must be an int >= 0, got {seq!r}")
+
+
+class Shard:
+    """Args:
+    config: the application's settings (model, engine, batching).
+    name: this shard's ring name, e.g. ``"shard-0"``.
+    """
+
+    def __init__(self, config: ServeConfig, name: str):
+        if config.torch_threads:
+            torch.set_num_threads(config.torch_threads)
+        self.config = config
+        self.name = name
+        self.engine = build_engine(config)
+        self.device = torch.device(config.device)
+        self.pid = os.getpid()
+        self.started = time.time()
+        self.restarted = _was_restarted()
+        self._batcher = FrameBatcher(config.max_batch, config.max_wait_ms / 1000.0)
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"neuroflow-{name}")
+        self._last_seq: dict[Hashable, int] = {}
+        self._inflight: Counter = Counter()
+        self._idle = asyncio.Condition()
+        self._worker: asyncio.Task | None = None
+        self.frames = 0
+        self.batches = 0
+        self.batch_sizes: Counter = Counter()
+        self.errors: Counter = Counter()
+
+    # -- frames ------------------------------------------------------------------------------------
+    async def ready(self) -> dict:
+        """Identity of the running process (the front notices restarts by a new pid)."""
+        return {"shard": self.name, "pid": self.pid, "started": self.started, "restarted": self.restarted}
+
+    def _check_pixels(self, pixels) -> torch.Tensor:
+        e = self.engine
+        want = (e.channels, e.image_size, e.image_size)
+        if isinstance(pixels, np.ndarray):
+            if not np.issubdtype(pixels.dtype, np.floating):
+                raise BadFrame(f"pixel values must be floating point, got {pixels.dtype}")
+            x = torch.from_numpy(np.array(pixels, copy=True))  # Ray hands read-only arrays
+        elif isinstance(pixels, torch.Tensor) and pixels.is_floating_point():
+            x = pixels.detach().cpu()
+        else:
+            raise BadFrame(f"pixel values must be a float array [C, S, S], got {type(pixels).__name__}")
+        if tuple(x.shape) != want:
+            raise BadFrame(f"pixel values have shape {list(x.shape)}, this shard serves {list(want)}")
+        x = x.to(e.dtype)
+        if not torch.isfinite(x).all():
+            raise BadFrame(f"pixel values contain NaN or Inf (after conversion to {e.dtype})")
+        return x
+
+    async def submit(self, stream_id: Hashable, seq: int, pixels) -> dict:
+        """Queue one preprocessed frame ``[C, S, S]`` and wait for its result.
+
+        Returns ``{"ok": True, "stream", "seq", "embedding" (float32 [D]), "sparsity",
+        "first_frame", "batch_size", "shard", "pid", "timing": {"queue_ms", "compute_ms",
+        "shard_ms"}}`` or ``{"ok": False, "error": {...}}``.
+        """
+        t0 = time.perf_counter()
+        try:
+            check_request(stream_id, seq)
+            seq = int(seq)
+            last = self._last_seq.get(stream_id)
+            if last is not None and seq <= last:
+                what = "duplicate" if seq == last else "out-of-order"
+                raise SequenceError(f"stream {stream_id!r}: {what} sequence number {seq} (last accepted {last}); "
+                                    "frames of a stream must have increasing sequence numbers")
+            x = self._check_pixels(pixels)
+        except ServeError as exc:
+            self.errors[exc.kind] += 1
+            return {"ok": False, "error": exc.to_dict()}
+        self._last_seq[stream_id] = seq
+        if self._worker is None or self._worker.done():
+            self._worker = asyncio.get_running_loop().create_task(self._work())
+        fut = asyncio.get_running_loop().create_future()
+        self._inflight[stream_id] += 1
+        self._batcher.put(Pending(stream_id, seq, x, fut, t0))
+        try:
+            result = await fut
+        finally:
+            self._inflight[stream_id] -= 1
+            if not self._inflight[stream_id]:
+                del self._inflight[stream_id]
+            async with self._idle:
+                self._idle.notify_all()
+        if result.get("ok"):
+            result["timing"]["shard_ms"] = (time.perf_counter() - t0) * 1e3
+        return result
+
+    async def _work(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            batch = await self._batcher.next_batch()
+            start = time.perf_counter()
+            try:
+                out = await loop.run_in_executor(self._executor, self._compute, batch)
+            except Exception as exc:  # the engine forgot these streams: they restart dense
+                self.errors["internal"] += len(batch)
+                err = InternalError(f"the engine failed on a batch of {len(batch)} frame(s) ({type(exc).__name__}: "
+                                    f"{exc}); these streams restart with a dense frame").to_dict()
+                for p in batch:
+                    if not p.future.done():
+                        p.future.set_result({"ok": False, "error": err})
+                continue
+            compute_ms = (time.perf_counter() - start) * 1e3
+            self.frames += len(batch)
+            self.batches += 1
+            self.batch_sizes[len(batch)] += 1
+            pooled, sparsity, first = out
+            for k, p in enumerate(batch):
+                if p.future.done():  # the caller went away
+                    continue
+                p.future.set_result({
+                    "ok": True, "stream": p.stream_id, "seq": p.seq, "embedding": pooled[k],
+                    "sparsity": float(sparsity[k]), "first_frame": bool(first[k]), "batch_size": len(batch),
+                    "shard": self.name, "pid": self.pid,
+                    "timing": {"queue_ms": (start - p.enqueued) * 1e3, "compute_ms": compute_ms},
+                })
+
+    def _compute(self, batch: list[Pending]):
+        nf = self.engine.nf
+        x = torch.stack([p.pixels for p in batch]).to(self.device)
+        with torch.inference_mode():
+            out = nf(x, stream_ids=[p.stream_id for p in batch])
+            pooled = out.pooler_output if out.pooler_output is not None else out.last_hidden_state[:, 0]
+            return (pooled.float().cpu().numpy(), out.sparsity.cpu().numpy(), out.first_frame.cpu().numpy())
+
+    # -- streams -----------------------------------------------------------------------------------
+    async def _run(self, fn, *args):
+        return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
+
+    async def _drain(self, ids) -> None:
+        async with self._idle:
+            await self._idle.wait_for(lambda: not any(i in self._inflight for i in ids))
+
+    async def stream_ids(self) -> list[Hashable]:
+        """Streams this shard knows (engine state or a sequence number)."""
+        return sorted(set(self._last_seq) | set(self.engine.nf.stream_ids), key=repr)
+
+    async def reset(self, ids: list[Hashable]) -> dict:
+        """Forget streams (engine state and sequence numbers); their next frame runs dense and
+        may start at any sequence number. Unknown ids -> ``unknown_stream`` error, nothing forgotten."""
+        unknown = [i for i in ids if i not in self._last_seq and i not in self.engine.nf.stream_ids]
+        if unknown:
+            return {"ok": False, "error": UnknownStream(f"unknown stream(s): {', '.join(map(repr, unknown))}").to_dict()}
+        await self._drain(ids)
+        held = [i for i in ids if i in self.engine.nf.stream_ids]
+        if held:
+            await self._run(self.engine.nf.reset, held)
+        for i in ids:
+            self._last_seq.pop(i, None)
+        return {"ok": True, "reset": list(ids)}
+
+    async def export_streams(self, ids: list[Hashable]) -> dict:
+        """Hand streams over to another shard: wait for their frames in flight, return
+        ``{"state": stream_state_dict subset or None, "seq": {id: last seq}, "error": str|None}``
+        and forget them here. On a snapshot layout this module does not know, ``state`` is None
+        and ``error`` says why (the streams then restart dense on their new shard)."""
+        await self._drain(ids)
+
+        def work():
+            nf = self.engine.nf
+            held = [i for i in ids if i in nf.stream_ids]
+            state, error = None, None
+            if held:
+                try:
+                    state = state_moves.take(nf.stream_state_dict(), held)
+                except state_moves.StateFormatError as exc:
+                    error = str(exc)
+                nf.reset(held)
+            return state, error
+
+        state, error = await self._run(work)
+        seq = {i: self._last_seq.pop(i) for i in ids if i in self._last_seq}
+        return {"ok": True, "state": state, "seq": seq, "error": error}
+
+    async def import_streams(self, blob: dict) -> dict:
+        """Take over streams exported by :meth:`export_streams`: their state joins this engine's
+        (``load_stream_state_dict`` of the merge; checked by the engine) and their sequence numbers
+        carry on. Returns ``{"moved": ids with state, "dense": ids that restart dense, "error"}``."""
+
+        def work():
+            nf = self.engine.nf
+            state = blob.get("state")
+            if state is None:
+                return [], blob.get("error")
+            moved = state_moves.stream_ids(state)
+            try:
+                nf.load_stream_state_dict(state_moves.merge(nf.stream_state_dict(), state))
+            except (ValueError, KeyError, TypeError, RuntimeError) as exc:
+                return [], f"{type(exc).__name__}: {exc}"
+            return moved, None
+
+        moved, error = await self._run(work)
+        seq = blob.get("seq", {})
+        for i, s in seq.items():
+            self._last_seq[i] = max(s, self._last_seq.get(i, -1))
+        dense = [i for i in seq if i not in set(moved)]
+        return {"ok": True, "moved": moved, "dense": dense, "error": error}
+
+    async def close(self) -> None:
+        """Stop the batching task and the engine thread (frames still queued are dropped)."""
+        if self._worker is not None:
+            self._worker.cancel()
+            try:
+                await self._worker
+            except asyncio.CancelledError:
+                pass
+        self._executor.shutdown(wait=True)
+
+    async def stats(self) -> dict:
+        return {
+            "shard": self.name, "pid": self.pid, "started": self.started, "restarted": self.restarted,
+            "streams": len(self.engine.nf.stream_ids), "frames": self.frames, "batches": self.batches,
+            "batch_sizes": dict(self.batch_sizes), "errors": dict(self.errors), "queued": len(self._batcher),
+        }

@@ -1,0 +1,211 @@
+"""What a serving application runs: :class:`ServeConfig` (model, engine settings, batching,
+shards, faults) and :func:`build_engine`, which every shard calls to build its own engine.
+
+The model is a local checkpoint folder (``save_pretrained`` layout; never downloaded) or, without
+a folder, a SigLIP vision model with random weights built from a config (seeded, so every shard
+and every restarted shard holds the same weights). Random weights are for plumbing and load
+tests only; their embeddings mean nothing.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from ..engine import NeuroFlow
+from ..validation import ARCHITECTURES, check_settings
+from ..video import Preprocessor
+
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+SUPPORTED_MODEL_TYPES = (
+    "siglip", "siglip_vision_model", "clip", "clip_vision_model", "vit", "dinov2", "dinov2_with_registers",
+)
+
+
+@dataclass
+class ServeConfig:
+    """One serving application.
+
+    Attributes:
+        model_name: the name requests use (``/models/{model_name}/...``; handle ``model=``).
+        model_folder: a local checkpoint folder, or None for a random-weight SigLIP.
+        random_config: ``SiglipVisionConfig`` fields for the random model (default: SigLIP-base
+            geometry, 224 px, patch 16, 12 layers).
+        seed: seed of the random weights.
+        image_size: model input side in pixels (a multiple of the patch size; default: the
+            model config's ``image_size``). Images are resized to it; raw pixel arrays must
+            already have it.
+        arch, threshold, ema_decay, floor_tokens: the engine's settings (``neuroflow.NeuroFlow``).
+        dtype: ``"float32"``, ``"float16"`` or ``"bfloat16"``.
+        device: ``"cpu"`` or ``"cuda"`` (each GPU shard gets one GPU from Ray: ``num_gpus=1``).
+        num_shards: K shard actors, one engine each.
+        shard_cpus: CPUs Ray reserves per shard (0 lets shards share CPUs, as in tests).
+        shard_gpus: GPUs Ray reserves per shard on CUDA (1: one GPU each; 0.5: two shards per GPU).
+        torch_threads: ``torch.set_num_threads`` in each shard (None: torch's default).
+        max_batch: most frames one engine call takes (one per stream).
+        max_wait_ms: how long a shard waits after the first queued frame for more to batch.
+        vnodes: hash-ring points per shard.
+        max_restarts: how often Ray restarts a dead shard (-1: always).
+        retry_timeout_s: how long the front keeps retrying a frame whose shard died (same
+            sequence number) before answering :class:`~neuroflow.serve.errors.ShardUnavailable`.
+        max_image_side: larger encoded images or uint8 arrays are refused.
+        app_name: Ray Serve application name; shard actors are named ``{app_name}/shard-{k}``.
+        namespace: Ray namespace of the shard actors.
+    """
+
+    model_name: str = "siglip"
+    model_folder: str | None = None
+    random_config: dict = field(default_factory=dict)
+    seed: int = 0
+    image_size: int | None = None
+    arch: str = "C"
+    threshold: float = 0.35
+    ema_decay: float = 0.01
+    floor_tokens: int = 4
+    dtype: str = "float32"
+    device: str = "cpu"
+    num_shards: int = 2
+    shard_cpus: float = 1.0
+    shard_gpus: float = 1.0
+    torch_threads: int | None = None
+    max_batch: int = 32
+    max_wait_ms: float = 5.0
+    vnodes: int = 160
+    max_restarts: int = 10
+    retry_timeout_s: float = 30.0
+    max_image_side: int = 4096
+    app_name: str = "neuroflow"
+    namespace: str = "neuroflow"
+
+    def check(self) -> None:
+        """Raise ``ValueError`` naming the first bad field (model files are checked by the shards)."""
+        if not isinstance(self.model_name, str) or not self.model_name or "/" in self.model_name:
+            raise ValueError(f"model_name must be a non-empty name without '/', got {self.model_name!r}")
+        check_settings(self.arch, self.threshold, self.ema_decay, self.floor_tokens)
+        if self.dtype not in DTYPES:
+            raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
+        if self.device not in ("cpu", "cuda") and not self.device.startswith("cuda:"):
+            raise ValueError(f"device must be 'cpu' or 'cuda', got {self.device!r}")
+        for name in ("num_shards", "max_batch", "vnodes", "max_image_side"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise ValueError(f"{name} must be an int >= 1, got {v!r}")
+        if self.image_size is not None and (not isinstance(self.image_size, int) or self.image_size < 1):
+            raise ValueError(f"image_size must be an int >= 1, got {self.image_size!r}")
+        if not self.max_wait_ms >= 0:
+            raise ValueError(f"max_wait_ms must be >= 0, got {self.max_wait_ms!r}")
+        if not self.retry_timeout_s >= 0:
+            raise ValueError(f"retry_timeout_s must be >= 0, got {self.retry_timeout_s!r}")
+        if not self.shard_cpus >= 0:
+            raise ValueError(f"shard_cpus must be >= 0, got {self.shard_cpus!r}")
+        if not 0 < self.shard_gpus <= 1 and not (self.shard_gpus >= 1 and float(self.shard_gpus).is_integer()):
+            raise ValueError(f"shard_gpus must be in (0, 1] or a whole number, got {self.shard_gpus!r}")
+        if self.model_folder is not None and not Path(self.model_folder).is_dir():
+            raise ValueError(f"model folder {self.model_folder}: does not exist or is not a folder")
+        if self.arch not in ARCHITECTURES:  # pragma: no cover - check_settings covers it
+            raise ValueError(self.arch)
+
+    @property
+    def uses_gpu(self) -> bool:
+        return self.device.startswith("cuda")
+
+
+def load_vision_model(config: ServeConfig) -> torch.nn.Module:
+    """The configured model on the CPU in eval mode (random weights seeded; a folder loaded locally).
+
+    Raises:
+        ValueError: the folder is not a checkpoint of a supported vision model (message names it).
+    """
+    dtype = DTYPES[config.dtype]
+    if config.model_folder is None:
+        from transformers import SiglipVisionConfig, SiglipVisionModel
+
+        torch.manual_seed(config.seed)
+        return SiglipVisionModel(SiglipVisionConfig(**config.random_config)).to(dtype).eval()
+    from transformers import AutoConfig, AutoModel
+
+    folder = Path(config.model_folder)
+    if not (folder / "config.json").is_file():
+        raise ValueError(f"model folder {folder}: no config.json (not a checkpoint saved with save_pretrained)")
+    try:
+        hf_config = AutoConfig.from_pretrained(folder, local_files_only=True)
+    except Exception as exc:
+        raise ValueError(f"model folder {folder}: not a Hugging Face checkpoint ({exc})") from exc
+    if getattr(hf_config, "model_type", None) not in SUPPORTED_MODEL_TYPES:
+        raise ValueError(f"model folder {folder}: model type {hf_config.model_type!r} is not a supported vision "
+                         f"model (supported: {', '.join(SUPPORTED_MODEL_TYPES)})")
+    try:
+        return AutoModel.from_pretrained(folder, local_files_only=True, dtype=dtype).eval()
+    except Exception as exc:
+        raise ValueError(f"model folder {folder}: cannot load the weights ({exc})") from exc
+
+
+@dataclass
+class Engine:
+    """What a shard (and the front, for preprocessing) needs of the model.
+
+    Attributes:
+        nf: the NeuroFlow engine (on the shard's device).
+        preprocessor: resize/normalise settings for images.
+        image_size: input side in pixels.
+        channels: input channels.
+        dtype: the model dtype.
+    """
+
+    nf: NeuroFlow
+    preprocessor: Preprocessor
+    image_size: int
+    channels: int
+    dtype: torch.dtype
+
+
+def _family(model_type: str) -> str:
+    for family in ("siglip", "clip", "dinov2", "vit"):
+        if model_type.startswith(family):
+            return family
+    raise ValueError(f"model type {model_type!r} is not a supported vision model")
+
+
+def input_geometry(config: ServeConfig) -> tuple[Preprocessor, int, int]:
+    """``(preprocessor, image_size, channels)`` from the model's config alone (no weights loaded),
+    so the front can check and preprocess frames without holding a model."""
+    if config.model_folder is None:
+        from transformers import SiglipVisionConfig
+
+        vision, family = SiglipVisionConfig(**config.random_config), "siglip"
+    else:
+        from transformers import AutoConfig
+
+        folder = Path(config.model_folder)
+        if not (folder / "config.json").is_file():
+            raise ValueError(f"model folder {folder}: no config.json (not a checkpoint saved with save_pretrained)")
+        try:
+            hf = AutoConfig.from_pretrained(folder, local_files_only=True)
+        except Exception as exc:
+            raise ValueError(f"model folder {folder}: not a Hugging Face checkpoint ({exc})") from exc
+        vision = getattr(hf, "vision_config", hf)
+        if getattr(hf, "model_type", None) not in SUPPORTED_MODEL_TYPES:
+            raise ValueError(f"model folder {folder}: model type {getattr(hf, 'model_type', None)!r} is not a "
+                             f"supported vision model (supported: {', '.join(SUPPORTED_MODEL_TYPES)})")
+        family = _family(hf.model_type)
+    size = vision.image_size
+    native = int(size[0] if isinstance(size, (tuple, list)) else size)
+    patch = vision.patch_size
+    patch = int(patch[0] if isinstance(patch, (tuple, list)) else patch)
+    side = config.image_size or native
+    if side % patch:
+        raise ValueError(f"image_size {side} is not a multiple of the model's patch size {patch}")
+    pre = Preprocessor.from_pretrained(config.model_folder, family, native)
+    return pre, side, int(getattr(vision, "num_channels", 3))
+
+
+def build_engine(config: ServeConfig) -> Engine:
+    """Load the model and wrap it in a NeuroFlow engine on ``config.device``."""
+    pre, side, channels = input_geometry(config)
+    model = load_vision_model(config)
+    nf = NeuroFlow(model, arch=config.arch, threshold=config.threshold, ema_decay=config.ema_decay,
+                   floor_tokens=config.floor_tokens)
+    nf = nf.to(torch.device(config.device))
+    return Engine(nf, pre, side, channels, DTYPES[config.dtype])
