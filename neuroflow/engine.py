@@ -95,7 +95,9 @@ class NeuroFlow(nn.Module):
             in :attr:`overflowed_frames` and warned about with ``CapacityWarning``), ``"exact"``
             (read the token count on the host: one sync per call), or an int (fixed rows for the
             frames that are not first frames). The CPU reference path always packs exactly (its
-            reads are free).
+            reads are free). A ``budget`` without ``scene_cut`` bounds the bucket (no overflow
+            then); with ``scene_cut``, ``"auto"`` packs exactly (a keyframe is dense, which no
+            bucket can know in advance), and an int capacity cuts keyframes like any overflow.
         cuda_graphs: capture the steady-state step in a CUDA graph per batch size, grid,
             capacity bucket and pool layout, and replay it (see ``neuroflow.graphs``: first
             frames, ``active=``, gradients and the first call of each key run eagerly; outputs
@@ -455,7 +457,11 @@ class NeuroFlow(nn.Module):
 
     def _packs_sync_free(self, device: torch.device) -> bool:
         """Sync-free packing runs where the gate runs its kernel (CUDA, or the interpreter);
-        the CPU reference path reads its counts for free."""
+        the CPU reference path reads its counts for free. With ``scene_cut`` and
+        ``capacity="auto"`` the count is read exactly (one sync per call): a keyframe is dense by
+        the rule, data-dependently, and a bucket learnt on sparse frames would cut it."""
+        if self._planner.mode == "auto" and self._gate.scene_cut is not None:
+            return False
         return self._planner.mode != "exact" and dispatch.wants_triton(device)
 
     def _step(self, pixel_values: torch.Tensor, grid: Grid, batch: StreamBatch, active, bad):

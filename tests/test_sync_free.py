@@ -112,7 +112,7 @@ def test_steady_state_step_makes_no_host_sync(triton_path, monkeypatch, family, 
 # Gate options that run in the kernels (the select launch), and partial-depth / 8-bit KV caches.
 OPTION_CASES = [
     ("siglip", "C", dict(budget=0.5)),  # a static bound: the capacity is capped by the budget
-    ("siglip", "KV", dict(reference="computed", max_staleness=2, motion_norm=True, scene_cut=0.9)),
+    ("siglip", "KV", dict(reference="computed", max_staleness=2, motion_norm=True)),
     ("clip", "C", dict(max_staleness=3, budget=20)),
     ("siglip", "KV", dict(kv_layers=1)),
     ("dinov2_registers", "KV", dict(kv_layers=1, cache_dtype=torch.int8)),
@@ -137,6 +137,14 @@ def test_the_recorder_catches_the_exact_count_read(triton_path, monkeypatch):
     capacity buckets): the recorder must see it, so the test above can fail."""
     calls, _, _ = _steady_state_syncs(monkeypatch, "siglip", "C", capacity="exact")
     assert any(c.startswith("Tensor.tolist at architectures.py") for c in calls), calls
+
+
+def test_scene_cut_under_auto_capacity_packs_exactly(triton_path, monkeypatch):
+    """A scene cut makes a keyframe dense whatever the bucket: ``capacity="auto"`` then reads the
+    count (documented sync) instead of cutting the keyframe."""
+    calls, _, nf = _steady_state_syncs(monkeypatch, "siglip", "C", scene_cut=0.9)
+    assert any(c.startswith("Tensor.tolist at architectures.py") for c in calls), calls
+    assert nf.overflowed_frames == 0
 
 
 def test_the_recorder_catches_the_eager_finiteness_check(triton_path, monkeypatch):
