@@ -72,16 +72,19 @@ REFERENCE_SETTING = "ema"
 
 # name -> NeuroFlow kwargs (a list value is swept). Settings using options the engine may not
 # have yet run as soon as it accepts them.
+PAPER_GATE = {"reference": "ema", "max_staleness": None}
+"""The paper's gate rule (the EMA of every frame, no staleness bound), whatever the engine's preset."""
 SETTINGS: dict[str, dict] = {
     DEFAULT: {},
-    "ema": {"ema_decay": 0.01, "threshold": THRESHOLDS},
-    "ema-0.1": {"ema_decay": 0.1, "threshold": THRESHOLDS},
-    "prev-frame": {"ema_decay": 1.0, "threshold": THRESHOLDS},  # EMA = last frame's embedding
-    "computed": {"reference": "computed", "threshold": THRESHOLDS},
+    "ema": {**PAPER_GATE, "ema_decay": 0.01, "threshold": THRESHOLDS},
+    "ema-0.1": {**PAPER_GATE, "ema_decay": 0.1, "threshold": THRESHOLDS},
+    "prev-frame": {**PAPER_GATE, "ema_decay": 1.0, "threshold": THRESHOLDS},  # EMA = last frame's embedding
+    "computed": {"reference": "computed", "max_staleness": None, "threshold": THRESHOLDS},
+    "computed-stale4": {"reference": "computed", "max_staleness": 4, "threshold": THRESHOLDS},
     "computed-stale8": {"reference": "computed", "max_staleness": 8, "threshold": THRESHOLDS},
-    "budget": {"threshold": None, "budget": [0.05, 0.1, 0.15, 0.25, 0.35, 0.5]},
-    "motion-norm": {"motion_norm": True, "threshold": THRESHOLDS},
-    "scene-cut": {"scene_cut": 0.5, "threshold": THRESHOLDS},
+    "budget": {**PAPER_GATE, "threshold": None, "budget": [0.05, 0.1, 0.15, 0.25, 0.35, 0.5]},
+    "motion-norm": {**PAPER_GATE, "motion_norm": True, "threshold": THRESHOLDS},
+    "scene-cut": {**PAPER_GATE, "scene_cut": 0.5, "threshold": THRESHOLDS},
 }
 QUICK_SETTINGS = (DEFAULT, "ema", "computed", "budget")
 

@@ -19,8 +19,10 @@ class _ReferenceCompatible(nn.Module):
 
     def __init__(self, vision_model: nn.Module, threshold: float = 0.35, ema_decay: float = 0.01, floor_tokens: int = 4):
         super().__init__()
+        # The reference code's classes keep its rule: the EMA of every frame, no staleness bound.
         self.engine = NeuroFlow(
-            vision_model, arch=self.arch, threshold=threshold, ema_decay=ema_decay, floor_tokens=floor_tokens
+            vision_model, arch=self.arch, threshold=threshold, ema_decay=ema_decay, floor_tokens=floor_tokens,
+            preset="paper",
         )
         self.last_sparsity: float = 0.0
 

@@ -32,6 +32,27 @@ from .validation import check_frames, check_stream_ids, warn_ineffective_setting
 STATE_FORMAT = 1
 
 
+class _FromPreset:
+    """The default of a setting that the ``preset`` decides."""
+
+    def __repr__(self) -> str:
+        return "<from preset>"
+
+
+FROM_PRESET = _FromPreset()
+
+PRESETS: dict[str, dict] = {
+    # Chosen by measurement on real DINOv2-S weights (bench/bench_fidelity.py; README "Choosing
+    # the defaults"): cached context, surprise against the embedding as last computed, every
+    # patch refreshed at least every 5th frame, threshold 0.05.
+    "measured": dict(arch="KV", threshold=0.05, ema_decay=0.01, floor_tokens=4, reference="computed", max_staleness=4),
+    # The paper's configuration: Architecture C, the EMA of every frame, threshold 0.35.
+    "paper": dict(arch="C", threshold=0.35, ema_decay=0.01, floor_tokens=4, reference="ema", max_staleness=None),
+}
+"""Named sets of defaults for ``arch``, ``threshold``, ``ema_decay``, ``floor_tokens``, ``reference``
+and ``max_staleness``; a setting given explicitly overrides its preset value."""
+
+
 @dataclass
 class NeuroFlowOutput:
     """Outputs for a batch of B frames (one per stream), N patches, T = P + N tokens.
@@ -63,6 +84,11 @@ class NeuroFlow(nn.Module):
         vision_model: ``SiglipVisionModel`` (SigLIP and SigLIP 2 FixRes), ``CLIPVisionModel``,
             ``ViTModel``, ``Dinov2Model`` or ``Dinov2WithRegistersModel``, or a ``SiglipModel`` /
             ``CLIPModel`` (its vision tower is used). Its weights are used as they are.
+        preset: where the settings left out come from (:data:`PRESETS`): ``"measured"`` (default:
+            the best point measured on real weights: ``arch="KV"``, ``reference="computed"``,
+            ``max_staleness=4``, ``threshold=0.05``) or ``"paper"`` (the paper's configuration:
+            ``arch="C"``, ``reference="ema"``, ``ema_decay=0.01``, ``threshold=0.35``, no
+            staleness bound). Settings given explicitly override the preset's.
         arch: ``"A"``, ``"B"``, ``"C"`` or ``"KV"`` (cached context; see ``neuroflow.architectures``).
         threshold: a patch is active when its surprise ``1 - cos`` is strictly above this; in
             [-1, 2] (below 0 every patch is active every frame); None only with a ``budget``.
@@ -135,10 +161,10 @@ class NeuroFlow(nn.Module):
     def __init__(
         self,
         vision_model: nn.Module,
-        arch: str = "C",
-        threshold: float | None = 0.35,
-        ema_decay: float = 0.01,
-        floor_tokens: int = 4,
+        arch: str = FROM_PRESET,
+        threshold: float | None = FROM_PRESET,
+        ema_decay: float = FROM_PRESET,
+        floor_tokens: int = FROM_PRESET,
         cls_readout: str = "context",
         check_finite: bool = True,
         cache_dtype: torch.dtype | None = None,
@@ -147,16 +173,25 @@ class NeuroFlow(nn.Module):
         capacity: str | int = "auto",
         differentiable: bool = False,
         cuda_graphs: bool = False,
-        reference: str = "ema",
-        max_staleness: int | None = None,
+        reference: str = FROM_PRESET,
+        max_staleness: int | None = FROM_PRESET,
         budget: int | float | None = None,
         motion_norm: bool = False,
         scene_cut: float | None = None,
         kv_layers: int | Sequence[int] | None = None,
+        preset: str = "measured",
     ):
         super().__init__()
         if check_finite not in (True, False, "eager", "deferred"):
             raise ValueError(f"check_finite must be True, False, 'eager' or 'deferred', got {check_finite!r}")
+        if preset not in PRESETS:
+            raise ValueError(f"preset must be one of {', '.join(PRESETS)}, got {preset!r}")
+        given = dict(arch=arch, threshold=threshold, ema_decay=ema_decay, floor_tokens=floor_tokens,
+                     reference=reference, max_staleness=max_staleness)
+        chosen = {k: PRESETS[preset][k] if v is FROM_PRESET else v for k, v in given.items()}
+        arch, threshold, ema_decay = chosen["arch"], chosen["threshold"], chosen["ema_decay"]
+        floor_tokens, reference, max_staleness = chosen["floor_tokens"], chosen["reference"], chosen["max_staleness"]
+        self.preset = preset
         settings = GateSettings(threshold=threshold, ema_decay=ema_decay, floor_tokens=floor_tokens,
                                 reference=reference, max_staleness=max_staleness, budget=budget,
                                 motion_norm=motion_norm, scene_cut=scene_cut)

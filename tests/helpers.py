@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+from neuroflow import NeuroFlow
 from neuroflow.testing import allowed_error, max_error
 
 
@@ -38,3 +39,13 @@ def assert_same_up_to_rounding(actual: torch.Tensor, expected: torch.Tensor, ref
     err = max_error(actual, expected)
     limit = allowed_error(ref64, ref32, actual.dtype)
     assert err <= limit, f"{what}: {err:.3e} > {limit:.3e}"
+
+
+class PaperFlow(NeuroFlow):
+    """``NeuroFlow`` under the paper's preset (``arch="C"``, the EMA of every frame, threshold
+    0.35, no staleness bound) for whatever a test leaves out: the rules ``tests/oracle.py``
+    implements and the tests written for them. The measured default is tested on its own
+    (``tests/test_presets.py``)."""
+
+    def __init__(self, *args, preset: str = "paper", **kwargs):
+        super().__init__(*args, preset=preset, **kwargs)

@@ -5,12 +5,13 @@ import torch
 
 from conftest import make_model, video
 from helpers import assert_same_state, stream_tensor
+from helpers import PaperFlow
 from neuroflow import NeuroFlow, UnsupportedModelError
 
 
 @pytest.fixture
 def engine_with_streams():
-    nf = NeuroFlow(make_model("siglip"), threshold=0.02, ema_decay=0.2, floor_tokens=3)
+    nf = PaperFlow(make_model("siglip"), threshold=0.02, ema_decay=0.2, floor_tokens=3)
     frames = video(2)
     with torch.inference_mode():
         nf(torch.stack([frames[0], frames[0]]), stream_ids=["a", "b"])
@@ -75,7 +76,7 @@ def test_settings_out_of_range(engine_with_streams, setting, value):
     with pytest.raises(ValueError, match=setting):
         setattr(nf, setting, value)
     with pytest.raises(ValueError, match=setting):
-        NeuroFlow(make_model("siglip"), **{setting: value})
+        PaperFlow(make_model("siglip"), **{setting: value})
     assert_same_state(before, nf.stream_state_dict())
 
 
@@ -84,9 +85,9 @@ def test_gate_option_combinations_are_checked(engine_with_streams):
     before = nf.stream_state_dict()
     model = make_model("siglip")
     with pytest.raises(ValueError, match="motion_norm needs a threshold"):
-        NeuroFlow(model, threshold=None, budget=4, motion_norm=True)
+        PaperFlow(model, threshold=None, budget=4, motion_norm=True)
     with pytest.raises(ValueError, match="scene_cut needs a threshold"):
-        NeuroFlow(model, threshold=None, budget=4, scene_cut=0.5)
+        PaperFlow(model, threshold=None, budget=4, scene_cut=0.5)
     nf.budget = 5
     nf.threshold = None  # allowed now that there is a budget
     with pytest.raises(ValueError, match="needs a budget"):
@@ -105,11 +106,11 @@ def test_gate_option_combinations_are_checked(engine_with_streams):
 def test_bad_arch_and_readout():
     model = make_model("siglip")
     with pytest.raises(ValueError, match="arch must be one of A, B, C, KV"):
-        NeuroFlow(model, arch="D")
+        PaperFlow(model, arch="D")
     with pytest.raises(ValueError, match="cls_readout"):
-        NeuroFlow(model, cls_readout="mean")
+        PaperFlow(model, cls_readout="mean")
     with pytest.raises(ValueError, match="floor_tokens >= 1"):
-        NeuroFlow(model, arch="B", floor_tokens=0)
+        PaperFlow(model, arch="B", floor_tokens=0)
 
 
 def test_unknown_stream_reset_changes_nothing(engine_with_streams):
@@ -122,10 +123,10 @@ def test_unknown_stream_reset_changes_nothing(engine_with_streams):
 
 def test_unsupported_models():
     with pytest.raises(UnsupportedModelError, match="not a supported vision model"):
-        NeuroFlow(torch.nn.Linear(3, 3))
+        PaperFlow(torch.nn.Linear(3, 3))
     from transformers import Siglip2VisionConfig, Siglip2VisionModel
 
     naflex = Siglip2VisionModel(Siglip2VisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
                                                     num_attention_heads=2, patch_size=8, num_patches=16))
     with pytest.raises(UnsupportedModelError, match="NaFlex"):
-        NeuroFlow(naflex)
+        PaperFlow(naflex)

@@ -19,6 +19,7 @@ from safetensors.torch import load_file
 from transformers import BertConfig, BertModel, SiglipVisionConfig, SiglipVisionModel
 
 from conftest import make_model, video
+from helpers import PaperFlow
 from neuroflow import NeuroFlow, cli
 from neuroflow.distill import DistillConfig, DistillError, Trainer, distill
 from neuroflow.distill.checkpoint import list_checkpoints, load_checkpoint
@@ -93,7 +94,7 @@ def test_sparse_forward_is_the_engines_architecture_b_with_gradients(family):
     assert float(torch.stack([o.sparsity for o in outs[1:]]).mean()) > 0.3  # the gate really drops tokens
     # Each stream alone through the engine at its own (scalar) settings gives the same outputs.
     for s in range(3):
-        nf = NeuroFlow(model, arch="B", threshold=thresholds[s], ema_decay=decays[s], floor_tokens=4)
+        nf = PaperFlow(model, arch="B", threshold=thresholds[s], ema_decay=decays[s], floor_tokens=4)
         with torch.no_grad():
             for t in range(5):
                 ref = nf(clips[s : s + 1, t])
@@ -224,7 +225,7 @@ def test_teacher_never_changes_and_the_student_is_a_neuroflow_b_model(data, tmp_
     assert any(not torch.equal(v, original[k]) for k, v in student.state_dict().items())
     for k, v in student.state_dict().items():
         assert torch.equal(v, trainer.student_model.state_dict()[k])
-    nf = NeuroFlow(student, arch="B")
+    nf = PaperFlow(student, arch="B")
     with torch.inference_mode():
         for t, frame in enumerate(video(3, 32, 32)):
             out = nf(frame[None])
@@ -392,7 +393,7 @@ def test_a_full_siglip_model_trains_only_its_vision_tower(data, tmp_path):
     after = loaded.state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before if not k.startswith("vision_model."))
     assert any(not torch.equal(before[k], after[k]) for k in before if k.startswith("vision_model."))
-    assert NeuroFlow(loaded, arch="B").adapter.family == "siglip"
+    assert PaperFlow(loaded, arch="B").adapter.family == "siglip"
 
 
 def test_ctrl_c_mid_step_checkpoints_the_state_before_that_step(data, tmp_path, monkeypatch):

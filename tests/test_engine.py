@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from conftest import as_double, dense, make_model, video
+from helpers import PaperFlow
 from neuroflow import NeuroFlow, NeuroFlowSiglipVisionArchA, NeuroFlowSiglipVisionArchB, NeuroFlowSiglipVisionArchC
 from helpers import assert_same_up_to_rounding
 from neuroflow.testing import assert_close
@@ -23,7 +24,7 @@ def test_first_frame_equals_dense(family, arch):
     frames = video(1, height=40, width=48)  # non-native, non-square grid: PE interpolated
     x = torch.cat([frames, frames.flip(-1)])
     with torch.inference_mode():
-        out = NeuroFlow(model, arch=arch)(x)
+        out = PaperFlow(model, arch=arch)(x)
         assert out.active_mask.all() and out.first_frame.all() and (out.sparsity == 0).all()
         assert_dense(out, model, as_double(model), x, "first frame")
 
@@ -32,7 +33,7 @@ def test_first_frame_equals_dense(family, arch):
 def test_negative_threshold_is_dense_every_frame(family, arch):
     model, frames = make_model(family), video(4)
     model64 = as_double(model)
-    nf = NeuroFlow(model, arch=arch, threshold=-1.0, floor_tokens=1)
+    nf = PaperFlow(model, arch=arch, threshold=-1.0, floor_tokens=1)
     with torch.inference_mode():
         for t in range(4):
             out = nf(frames[t : t + 1])
@@ -45,7 +46,7 @@ def test_every_patch_forced_active_equals_dense(family, arch):
     """A floor of N patches forces every patch active whatever the threshold."""
     model, frames = make_model(family), video(4)
     n = (frames.shape[-2] // 8) * (frames.shape[-1] // 8)
-    nf = NeuroFlow(model, arch=arch, threshold=2.0, floor_tokens=n)
+    nf = PaperFlow(model, arch=arch, threshold=2.0, floor_tokens=n)
     model64 = as_double(model)
     with torch.inference_mode():
         for t in range(4):
@@ -61,7 +62,7 @@ def test_batched_streams_equal_single_streams(family, arch):
     clips = {name: video(5, seed=s) for s, name in enumerate(["a", "b", "c"])}
     schedule = [["a", "b"], ["a", "b", "c"], ["c", "a"], ["b", "c", "a"], ["c"]]  # b skips, then stops
     settings = dict(arch=arch, threshold=0.02, ema_decay=0.2, floor_tokens=3)
-    batched, single = NeuroFlow(model, **settings), NeuroFlow(model, **settings)
+    batched, single = PaperFlow(model, **settings), PaperFlow(model, **settings)
     seen = {k: 0 for k in clips}
     model64 = as_double(model)
     with torch.inference_mode():
@@ -82,7 +83,7 @@ def test_batched_streams_equal_single_streams(family, arch):
 def test_new_stream_in_a_batch_starts_dense():
     model = make_model("siglip")
     frames = video(3)
-    nf = NeuroFlow(model, threshold=0.02, ema_decay=0.2, floor_tokens=2)
+    nf = PaperFlow(model, threshold=0.02, ema_decay=0.2, floor_tokens=2)
     with torch.inference_mode():
         nf(frames[0:1], stream_ids=["old"])
         out = nf(torch.stack([frames[1], frames[1]]), stream_ids=["old", "new"])
@@ -93,7 +94,7 @@ def test_new_stream_in_a_batch_starts_dense():
 def test_resolution_change_resets_only_that_stream():
     model = make_model("siglip")
     small, large = video(3, 40, 48), video(3, 48, 48)
-    nf = NeuroFlow(model, threshold=0.02, ema_decay=0.2, floor_tokens=2)
+    nf = PaperFlow(model, threshold=0.02, ema_decay=0.2, floor_tokens=2)
     with torch.inference_mode():
         nf(torch.stack([small[0], small[0]]), stream_ids=["x", "y"])
         with pytest.warns(UserWarning, match="changed resolution"):
@@ -110,7 +111,7 @@ def test_resolution_change_resets_only_that_stream():
 
 def test_reset_some_and_all_streams():
     model, frames = make_model("siglip"), video(2)
-    nf = NeuroFlow(model)
+    nf = PaperFlow(model)
     with torch.inference_mode():
         nf(torch.stack([frames[0]] * 3), stream_ids=["a", "b", "c"])
         nf.reset(["b"])
@@ -125,7 +126,7 @@ def test_reference_class_names():
     model, frames = make_model("siglip"), video(3)
     for cls, arch in [(NeuroFlowSiglipVisionArchA, "A"), (NeuroFlowSiglipVisionArchB, "B"), (NeuroFlowSiglipVisionArchC, "C")]:
         wrapper = cls(model, threshold=0.02, ema_decay=0.2, floor_tokens=3)
-        engine = NeuroFlow(model, arch=arch, threshold=0.02, ema_decay=0.2, floor_tokens=3)
+        engine = PaperFlow(model, arch=arch, threshold=0.02, ema_decay=0.2, floor_tokens=3)
         with torch.inference_mode():
             for t in range(3):
                 pooled = wrapper(frames[t : t + 1], reset_state=(t == 0))
@@ -147,7 +148,7 @@ def test_full_multimodal_model_uses_its_vision_tower():
                          vocab_size=49408),
     )
     full = SiglipModel(cfg).eval()
-    nf = NeuroFlow(full)
+    nf = PaperFlow(full)
     assert nf.adapter.model is full.vision_model
     x = video(1, 32, 32)
     with torch.inference_mode():
@@ -166,7 +167,7 @@ def test_cls_context_readout_is_closer_to_dense_than_active_only():
         model = make_model(family, layers=3)
         fid = {}
         for readout in ("context", "active"):
-            nf = NeuroFlow(model, arch="C", threshold=0.02, ema_decay=0.1, floor_tokens=2, cls_readout=readout)
+            nf = PaperFlow(model, arch="C", threshold=0.02, ema_decay=0.1, floor_tokens=2, cls_readout=readout)
             cos = []
             with torch.inference_mode():
                 for t in range(frames.shape[0]):
@@ -181,7 +182,7 @@ def test_cls_context_readout_is_closer_to_dense_than_active_only():
 
 def test_forced_active_mask_replaces_the_gate_decision():
     model, frames = make_model("siglip"), video(3)
-    nf = NeuroFlow(model, threshold=0.02, ema_decay=0.2, floor_tokens=3)
+    nf = PaperFlow(model, threshold=0.02, ema_decay=0.2, floor_tokens=3)
     n = (frames.shape[-2] // 8) * (frames.shape[-1] // 8)
     g = torch.Generator().manual_seed(0)
     with torch.inference_mode():
@@ -199,7 +200,7 @@ def test_stage_timer_charges_gate_encoder_and_readout():
 
     model, frames = make_model("clip"), video(2)
     for arch in ("A", "B", "C", "KV"):
-        nf = NeuroFlow(model, arch=arch)
+        nf = PaperFlow(model, arch=arch)
         with torch.inference_mode():
             nf(frames[0:1])
             with StageTimer() as timer:

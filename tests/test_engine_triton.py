@@ -5,6 +5,7 @@ import torch
 
 from conftest import as_double, dense, make_model, video
 from helpers import assert_same_up_to_rounding
+from helpers import PaperFlow
 from neuroflow import NeuroFlow, dispatch
 from neuroflow.testing import assert_close
 
@@ -17,7 +18,7 @@ def test_engine_through_kernels_matches_reference_path(monkeypatch, family, arch
     model64 = as_double(model)
     frames = torch.stack([video(4, seed=0), video(4, seed=1)], dim=1)  # [F, 2, 3, H, W]
     settings = dict(arch=arch, threshold=0.02, ema_decay=0.2, floor_tokens=3)
-    kernels, reference = NeuroFlow(model, **settings), NeuroFlow(model, **settings)
+    kernels, reference = PaperFlow(model, **settings), PaperFlow(model, **settings)
     with torch.inference_mode():
         for t in range(frames.shape[0]):
             monkeypatch.setenv("TRITON_INTERPRET", "1")
@@ -55,7 +56,7 @@ def test_engine_gate_options_through_kernels_match_oracle(monkeypatch, options):
     clips = [cut(0), cut(1)]
     opts = dict(options)
     thr, floor = opts.pop("threshold"), opts.pop("floor_tokens")
-    nf = NeuroFlow(model, arch="C", threshold=thr, ema_decay=0.2, floor_tokens=floor, **opts)
+    nf = PaperFlow(model, arch="C", threshold=thr, ema_decay=0.2, floor_tokens=floor, **opts)
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     with torch.inference_mode():
         want = [oracle.run_stream(model, c, "C", thr, 0.2, floor, **opts) for c in clips]

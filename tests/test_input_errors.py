@@ -10,6 +10,7 @@ import torch
 
 from conftest import make_model, video
 from helpers import assert_same_state
+from helpers import PaperFlow
 from neuroflow import NeuroFlow
 from neuroflow.models import VisionAdapter
 from neuroflow.pooling import dense_forward, dense_outputs, pooled_output
@@ -66,7 +67,7 @@ def test_a_single_frame_gets_the_batch_hint(adapter):
 
 
 def test_engine_rejects_uint8_and_channels_last_without_touching_state():
-    nf = NeuroFlow(make_model("siglip"), threshold=0.02, ema_decay=0.2, floor_tokens=3)
+    nf = PaperFlow(make_model("siglip"), threshold=0.02, ema_decay=0.2, floor_tokens=3)
     frames = video(2)
     with torch.inference_mode():
         nf(frames[:2], stream_ids=["a", "b"])

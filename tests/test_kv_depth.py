@@ -11,6 +11,7 @@ import torch
 import oracle
 from conftest import FAMILIES, as_double, make_model, video
 from helpers import assert_same_state, stream_tensor
+from helpers import PaperFlow
 from neuroflow import NeuroFlow
 from neuroflow.testing import assert_close
 
@@ -54,9 +55,9 @@ def _states_equal_but_config(a: NeuroFlow, b: NeuroFlow, rename: dict | None = N
 @pytest.mark.parametrize("family", FAMILIES)
 def test_all_layers_is_full_kv(family):
     model, frames = make_model(family, layers=LAYERS), video(4)
-    full = NeuroFlow(model, arch="KV", **GATE)
+    full = PaperFlow(model, arch="KV", **GATE)
     for every in (LAYERS, range(LAYERS), [2, 0, 1]):
-        nf = NeuroFlow(model, arch="KV", kv_layers=every, **GATE)
+        nf = PaperFlow(model, arch="KV", kv_layers=every, **GATE)
         assert nf.kv_layers is None and nf._config() == full._config()
         assert nf.state_bytes_per_stream(40, 48) == full.state_bytes_per_stream(40, 48)
     _assert_identical(_run(nf, frames), _run(full, frames))
@@ -66,23 +67,23 @@ def test_all_layers_is_full_kv(family):
 @pytest.mark.parametrize("family", FAMILIES)
 def test_no_layer_is_c_with_the_active_readout(family):
     model, frames = make_model(family, layers=LAYERS), video(4)
-    nf = NeuroFlow(model, arch="KV", kv_layers=0, **GATE)
-    c = NeuroFlow(model, arch="C", cls_readout="active", **GATE)
+    nf = PaperFlow(model, arch="KV", kv_layers=0, **GATE)
+    c = PaperFlow(model, arch="C", cls_readout="active", **GATE)
     assert nf.kv_layers == () and "kv_k" not in nf.state_bytes_per_stream(40, 48)
     assert nf.state_bytes_per_stream(40, 48) == c.state_bytes_per_stream(40, 48)
     _assert_identical(_run(nf, frames), _run(c, frames))
     _states_equal_but_config(nf, c)
     if family == "siglip":  # SigLIP's C has no context readout: plain C is the same thing
-        _assert_identical(_run(NeuroFlow(model, arch="KV", kv_layers=[], **GATE), frames),
-                          _run(NeuroFlow(model, arch="C", **GATE), frames))
+        _assert_identical(_run(PaperFlow(model, arch="KV", kv_layers=[], **GATE), frames),
+                          _run(PaperFlow(model, arch="C", **GATE), frames))
 
 
 @pytest.mark.parametrize("family", [f for f in FAMILIES if f != "siglip"])
 def test_last_layer_only_is_c_with_the_context_readout(family):
     """C's context readout caches the last layer's keys/values: KV with ``kv_layers=1``."""
     model, frames = make_model(family, layers=LAYERS), video(4)
-    nf = NeuroFlow(model, arch="KV", kv_layers=1, **GATE)
-    c = NeuroFlow(model, arch="C", **GATE)
+    nf = PaperFlow(model, arch="KV", kv_layers=1, **GATE)
+    c = PaperFlow(model, arch="C", **GATE)
     assert nf.kv_layers == (LAYERS - 1,)
     assert nf.state_bytes_per_stream(40, 48)["total"] == c.state_bytes_per_stream(40, 48)["total"]
     _assert_identical(_run(nf, frames), _run(c, frames))
@@ -94,7 +95,7 @@ def test_last_layer_only_is_c_with_the_context_readout(family):
 def test_partial_depth_matches_the_oracle(family, kv_layers):
     threshold, decay, floor = GATE["threshold"], GATE["ema_decay"], GATE["floor_tokens"]
     model, frames = make_model(family, layers=LAYERS), video(5)
-    nf = NeuroFlow(model, arch="KV", kv_layers=kv_layers, **GATE)
+    nf = PaperFlow(model, arch="KV", kv_layers=kv_layers, **GATE)
     ids = set(nf.kv_layers)
     with torch.inference_mode():
         r32 = oracle.run_stream(model, frames, "KV", threshold, decay, floor, kv_layers=ids)
@@ -111,7 +112,7 @@ def test_partial_depth_matches_the_oracle(family, kv_layers):
 def test_partial_depth_differs_from_both_ends():
     """The middle settings are not silently one of the ends (the test above could not tell)."""
     model, frames = make_model("clip", layers=LAYERS), video(4)
-    pooled = {k: _run(NeuroFlow(model, arch="KV", kv_layers=k, **GATE), frames)[-1][0] for k in (0, 1, 2, 3)}
+    pooled = {k: _run(PaperFlow(model, arch="KV", kv_layers=k, **GATE), frames)[-1][0] for k in (0, 1, 2, 3)}
     for a in pooled:
         for b in pooled:
             if a < b:
@@ -120,9 +121,9 @@ def test_partial_depth_differs_from_both_ends():
 
 def test_memory_report_and_state_shapes():
     model = make_model("vit", layers=4)  # D = 48, 1 prefix token; 5 x 6 patches -> 31 tokens
-    full = NeuroFlow(model, arch="KV").state_bytes_per_stream(40, 48)
+    full = PaperFlow(model, arch="KV").state_bytes_per_stream(40, 48)
     for kv_layers, count in ((1, 1), (range(1, 4, 2), 2), ([0, 3, 2], 3)):
-        nf = NeuroFlow(model, arch="KV", kv_layers=kv_layers)
+        nf = PaperFlow(model, arch="KV", kv_layers=kv_layers)
         report = nf.state_bytes_per_stream(40, 48)
         assert report["kv_k"] == report["kv_v"] == count * 31 * 48 * 4
         assert report["kv_k"] * 4 == full["kv_k"] * count
@@ -131,10 +132,10 @@ def test_memory_report_and_state_shapes():
             nf(video(1))
         assert stream_tensor(nf, 0, "kv_k").shape == (count, 31, 48)
         assert nf.state_bytes() == 4 * report["total"]  # a new pool holds 4 slots
-    half = NeuroFlow(model, arch="KV", kv_layers=2, cache_dtype=torch.float16).state_bytes_per_stream(40, 48)
+    half = PaperFlow(model, arch="KV", kv_layers=2, cache_dtype=torch.float16).state_bytes_per_stream(40, 48)
     assert half["kv_k"] == 2 * 31 * 48 * 2
     # 8-bit caches: one byte per value plus a float32 scale per cached layer, token and head (2 heads)
-    q = NeuroFlow(model, arch="KV", kv_layers=2, cache_dtype=torch.int8)
+    q = PaperFlow(model, arch="KV", kv_layers=2, cache_dtype=torch.int8)
     q8 = q.state_bytes_per_stream(40, 48)
     assert q8["kv_k"] == 2 * 31 * 48 and q8["kv_k_scale"] == q8["kv_v_scale"] == 2 * 31 * 2 * 4
     with torch.inference_mode():
@@ -145,15 +146,15 @@ def test_memory_report_and_state_shapes():
 
 def test_state_fingerprint_includes_the_cached_layers():
     model = make_model("dinov2", layers=LAYERS)
-    a = NeuroFlow(model, arch="KV", kv_layers=[0, 2], **GATE)
+    a = PaperFlow(model, arch="KV", kv_layers=[0, 2], **GATE)
     with torch.inference_mode():
         a(video(1))
     assert a._config()["kv_layers"] == [0, 2]
-    assert NeuroFlow(model, arch="KV", kv_layers=[0, 2])._config() == a._config()
+    assert PaperFlow(model, arch="KV", kv_layers=[0, 2])._config() == a._config()
     for other in (None, 2, [0, 1], 0):
         with pytest.raises(ValueError, match="incompatible"):
-            NeuroFlow(model, arch="KV", kv_layers=other).load_stream_state_dict(a.stream_state_dict())
-    b = NeuroFlow(model, arch="KV", kv_layers=(2, 0), **GATE)
+            PaperFlow(model, arch="KV", kv_layers=other).load_stream_state_dict(a.stream_state_dict())
+    b = PaperFlow(model, arch="KV", kv_layers=(2, 0), **GATE)
     b.load_stream_state_dict(a.stream_state_dict())
     assert_same_state(a.stream_state_dict(), b.stream_state_dict())
 
@@ -165,11 +166,11 @@ def test_state_fingerprint_includes_the_cached_layers():
 ])
 def test_bad_kv_layers_are_rejected(kv_layers, match):
     with pytest.raises(ValueError, match=match):
-        NeuroFlow(make_model("siglip", layers=LAYERS), arch="KV", kv_layers=kv_layers)
+        PaperFlow(make_model("siglip", layers=LAYERS), arch="KV", kv_layers=kv_layers)
 
 
 @pytest.mark.parametrize("arch", ["A", "B", "C"])
 def test_kv_layers_belongs_to_kv_only(arch):
     with pytest.raises(ValueError, match="option of architecture KV"):
-        NeuroFlow(make_model("siglip"), arch=arch, kv_layers=1)
-    assert NeuroFlow(make_model("siglip"), arch=arch).kv_layers is None
+        PaperFlow(make_model("siglip"), arch=arch, kv_layers=1)
+    assert PaperFlow(make_model("siglip"), arch=arch).kv_layers is None

@@ -10,6 +10,7 @@ import torch
 import oracle
 from conftest import as_double, make_model, video
 from helpers import stream_tensor
+from helpers import PaperFlow
 from neuroflow import NeuroFlow
 from neuroflow.testing import assert_close
 
@@ -31,7 +32,7 @@ def test_engine_matches_oracle(family, arch, setting):
     threshold, decay, floor = SETTINGS[setting]
     model = make_model(family)
     frames = video(6)
-    nf = NeuroFlow(model, arch=arch, threshold=threshold, ema_decay=decay, floor_tokens=floor)
+    nf = PaperFlow(model, arch=arch, threshold=threshold, ema_decay=decay, floor_tokens=floor)
     with torch.inference_mode():
         r32 = oracle.run_stream(model, frames, arch, threshold, decay, floor)
         r64 = oracle.run_stream(
@@ -66,7 +67,7 @@ def test_cls_context_readout_off_matches_oracle():
     """``cls_readout="active"``: CLS models run Architecture C exactly like SigLIP's."""
     model = make_model("vit")
     frames = video(4)
-    nf = NeuroFlow(model, arch="C", threshold=0.02, ema_decay=0.2, floor_tokens=3, cls_readout="active")
+    nf = PaperFlow(model, arch="C", threshold=0.02, ema_decay=0.2, floor_tokens=3, cls_readout="active")
     with torch.inference_mode():
         r32 = oracle.run_stream(model, frames, "C", 0.02, 0.2, 3, cls_context=False)
         r64 = oracle.run_stream(as_double(model), frames.double(), "C", 0.02, 0.2, 3, cls_context=False,
@@ -101,7 +102,7 @@ def test_engine_options_match_oracle(family, arch, setting):
     threshold, decay, floor, options = OPTION_SETTINGS[setting]
     model = make_model(family)
     frames = cut_video()
-    nf = NeuroFlow(model, arch=arch, threshold=threshold, ema_decay=decay, floor_tokens=floor, **options)
+    nf = PaperFlow(model, arch=arch, threshold=threshold, ema_decay=decay, floor_tokens=floor, **options)
     with torch.inference_mode():
         r32 = oracle.run_stream(model, frames, arch, threshold, decay, floor, **options)
         r64 = oracle.run_stream(as_double(model), frames.double(), arch, threshold, decay, floor,

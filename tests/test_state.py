@@ -5,6 +5,7 @@ import torch
 
 from conftest import as_double, dense, make_model, video
 from helpers import assert_same_state, assert_same_up_to_rounding, stream_tensor
+from helpers import PaperFlow
 from neuroflow import NeuroFlow
 
 SETTINGS = dict(threshold=0.02, ema_decay=0.2, floor_tokens=3)
@@ -16,14 +17,14 @@ def test_saved_state_continues_identically(tmp_path, family, arch):
     model = make_model(family)
     clips = torch.stack([video(6, seed=0), video(6, seed=1)], dim=1)  # [F, 2, 3, H, W]
     ids = ["cam-1", ("site", 7)]
-    first = NeuroFlow(model, arch=arch, **SETTINGS)
+    first = PaperFlow(model, arch=arch, **SETTINGS)
     with torch.inference_mode():
         for t in range(3):
             first(clips[t], stream_ids=ids)
         path = tmp_path / "streams.pt"
         first.save_state(path)
         # A fresh engine (as after a process restart) continues from the file.
-        restored = NeuroFlow(make_model(family), arch=arch, **SETTINGS)
+        restored = PaperFlow(make_model(family), arch=arch, **SETTINGS)
         restored.load_state(path)
         assert_same_state(first.stream_state_dict(), restored.stream_state_dict())
         model64 = as_double(model)
@@ -41,12 +42,12 @@ def test_saved_state_continues_identically(tmp_path, family, arch):
 
 def test_module_state_dict_carries_streams():
     model, frames = make_model("siglip"), video(3)
-    nf = NeuroFlow(model, **SETTINGS)
+    nf = PaperFlow(model, **SETTINGS)
     with torch.inference_mode():
         nf(frames[0:1], stream_ids=["s"])
         nf(frames[1:2], stream_ids=["s"])
     sd = nf.state_dict()
-    other = NeuroFlow(make_model("siglip", seed=1), **SETTINGS)
+    other = PaperFlow(make_model("siglip", seed=1), **SETTINGS)
     other.load_state_dict(sd)  # weights and streams
     assert_same_state(nf.stream_state_dict(), other.stream_state_dict())
     with torch.inference_mode():
@@ -58,8 +59,8 @@ def test_module_state_dict_carries_streams():
 
 def test_incompatible_state_is_rejected_and_nothing_changes(tmp_path):
     frames = video(2)
-    c = NeuroFlow(make_model("siglip"), arch="C", **SETTINGS)
-    b = NeuroFlow(make_model("siglip"), arch="B", **SETTINGS)
+    c = PaperFlow(make_model("siglip"), arch="C", **SETTINGS)
+    b = PaperFlow(make_model("siglip"), arch="B", **SETTINGS)
     with torch.inference_mode():
         c(frames[0:1], stream_ids=["s"])
         b(frames[0:1], stream_ids=["t"])
@@ -76,7 +77,7 @@ def test_incompatible_state_is_rejected_and_nothing_changes(tmp_path):
 
 def test_state_moves_with_dtype_and_keeps_ema_float32():
     model, frames = make_model("siglip"), video(3)
-    nf = NeuroFlow(model, **SETTINGS)
+    nf = PaperFlow(model, **SETTINGS)
     with torch.inference_mode():
         nf(frames[0:1], stream_ids=["s"])
     nf.to(torch.bfloat16)
@@ -89,7 +90,7 @@ def test_state_moves_with_dtype_and_keeps_ema_float32():
 
 def test_state_written_under_inference_mode_is_usable_outside_it():
     model, frames = make_model("siglip"), video(3)
-    nf = NeuroFlow(model, **SETTINGS)
+    nf = PaperFlow(model, **SETTINGS)
     with torch.inference_mode():
         nf(frames[0:1])
     with torch.no_grad():
@@ -99,24 +100,24 @@ def test_state_written_under_inference_mode_is_usable_outside_it():
 
 def test_cache_memory_report_and_dtype():
     model = make_model("vit", layers=2)  # D = 48, 2 layers, 1 prefix token
-    full = NeuroFlow(model, arch="KV").state_bytes_per_stream(40, 48)  # 5 x 6 patches
+    full = PaperFlow(model, arch="KV").state_bytes_per_stream(40, 48)  # 5 x 6 patches
     tokens, n = 31, 30
     assert full["ema"] == n * 48 * 4 and full["cache"] == tokens * 48 * 4
     assert full["kv_k"] == full["kv_v"] == 2 * tokens * 48 * 4
     assert full["total"] == sum(v for k, v in full.items() if k != "total")
-    half = NeuroFlow(model, arch="KV", cache_dtype=torch.float16)
+    half = PaperFlow(model, arch="KV", cache_dtype=torch.float16)
     assert half.state_bytes_per_stream(40, 48)["kv_k"] == full["kv_k"] // 2
     with torch.inference_mode():
         half(video(1))
     assert stream_tensor(half, 0, "kv_k").dtype == torch.float16
     with pytest.raises(ValueError, match="incompatible"):
-        NeuroFlow(model, arch="KV").load_stream_state_dict(half.stream_state_dict())
+        PaperFlow(model, arch="KV").load_stream_state_dict(half.stream_state_dict())
     with pytest.raises(ValueError, match="cache_dtype"):
-        NeuroFlow(model, arch="KV", cache_dtype=torch.int32)
+        PaperFlow(model, arch="KV", cache_dtype=torch.int32)
 
 
 def _saved_engine(tmp_path, arch="C", seed=0):
-    nf = NeuroFlow(make_model("siglip", seed=seed), arch=arch, **SETTINGS)
+    nf = PaperFlow(make_model("siglip", seed=seed), arch=arch, **SETTINGS)
     with torch.inference_mode():
         nf(video(1), stream_ids=["cam"])
     path = tmp_path / "streams.pt"
@@ -138,7 +139,7 @@ def test_corrupt_state_file_raises_our_error_naming_the_file(tmp_path, damage):
         path.write_bytes(b"")
     else:
         torch.save({"some": "dict"}, path)
-    other = NeuroFlow(make_model("siglip"), **SETTINGS)
+    other = PaperFlow(make_model("siglip"), **SETTINGS)
     with torch.inference_mode():
         other(video(1), stream_ids=["kept"])
     before = other.stream_state_dict()
@@ -153,22 +154,22 @@ def test_state_file_of_another_model_settings_or_version_is_refused(tmp_path):
 
     _, path = _saved_engine(tmp_path)
     with pytest.raises(StateFileError, match=r"model\.weights"):
-        NeuroFlow(make_model("siglip", seed=1), **SETTINGS).load_state(path)  # same geometry, other weights
+        PaperFlow(make_model("siglip", seed=1), **SETTINGS).load_state(path)  # same geometry, other weights
     with pytest.raises(StateFileError, match=r"settings\.arch"):
-        NeuroFlow(make_model("siglip"), arch="KV", **SETTINGS).load_state(path)
+        PaperFlow(make_model("siglip"), arch="KV", **SETTINGS).load_state(path)
     payload = torch.load(path, weights_only=True)
     payload["version"] = state_file.FORMAT_VERSION + 1
     torch.save(payload, path)
     with pytest.raises(StateFileError, match="version"):
-        NeuroFlow(make_model("siglip"), **SETTINGS).load_state(path)
+        PaperFlow(make_model("siglip"), **SETTINGS).load_state(path)
 
 
 def test_settings_that_do_nothing_warn_in_the_engine():
     with pytest.warns(UserWarning, match="threshold -0.5 is below 0"):
-        nf = NeuroFlow(make_model("siglip"), threshold=-0.5)
+        nf = PaperFlow(make_model("siglip"), threshold=-0.5)
     with pytest.warns(UserWarning, match="threshold -0.1 is below 0"):
         nf.threshold = -0.1
-    nf = NeuroFlow(make_model("siglip"), floor_tokens=30)
+    nf = PaperFlow(make_model("siglip"), floor_tokens=30)
     with torch.inference_mode(), pytest.warns(UserWarning, match="floor_tokens 30 is not below the 30 patches"):
         nf(video(1), stream_ids=["a"])  # a 5x6 grid
 
@@ -176,8 +177,8 @@ def test_settings_that_do_nothing_warn_in_the_engine():
 def test_int8_kv_cache_state_and_memory():
     """cache_dtype=torch.int8: 8-bit keys/values plus per-token, per-head float32 scales."""
     model = make_model("vit", layers=2)  # D = 48, 2 layers, 1 prefix token
-    full = NeuroFlow(model, arch="KV").state_bytes_per_stream(40, 48)
-    nf = NeuroFlow(model, arch="KV", cache_dtype=torch.int8)
+    full = PaperFlow(model, arch="KV").state_bytes_per_stream(40, 48)
+    nf = PaperFlow(model, arch="KV", cache_dtype=torch.int8)
     heads = nf.adapter.layers[-1].num_heads
     tokens = 31
     q8 = nf.state_bytes_per_stream(40, 48)

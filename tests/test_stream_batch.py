@@ -7,6 +7,7 @@ import torch
 from torch import nn
 
 import neuroflow.engine
+from helpers import PaperFlow
 from neuroflow import NeuroFlow
 
 from conftest import make_model, video
@@ -29,7 +30,7 @@ class _Fail(nn.Module):
 
 def _engine(arch, family="siglip", **options):
     kwargs = {**VARIANTS.get(arch, dict(arch=arch)), **options}
-    return NeuroFlow(make_model(family), threshold=0.02, ema_decay=0.2, floor_tokens=3, **kwargs)
+    return PaperFlow(make_model(family), threshold=0.02, ema_decay=0.2, floor_tokens=3, **kwargs)
 
 
 def _warm(nf, frames):
@@ -113,7 +114,7 @@ def test_failed_resolution_change_keeps_the_old_state(monkeypatch):
 
 def test_max_streams_evicts_the_least_recently_seen():
     frames = video(3)
-    nf = NeuroFlow(make_model("siglip"), threshold=0.02, floor_tokens=2, max_streams=3)
+    nf = PaperFlow(make_model("siglip"), threshold=0.02, floor_tokens=2, max_streams=3)
     with torch.inference_mode():
         nf(torch.stack([frames[0]] * 3), stream_ids=["a", "b", "c"])
         nf(frames[1:2], stream_ids=["a"])  # b is now the least recently seen
@@ -124,14 +125,14 @@ def test_max_streams_evicts_the_least_recently_seen():
         assert out.first_frame.tolist() == [True, False]
         assert nf(frames[2:3], stream_ids=["b"]).first_frame.all(), "an evicted stream restarts dense"
     with pytest.raises(ValueError, match="max_streams"):
-        NeuroFlow(make_model("siglip"), max_streams=0)
+        PaperFlow(make_model("siglip"), max_streams=0)
 
 
 def test_state_memory_stays_flat_under_stream_churn():
     """Thousands of frames, a new camera every call, old ones never coming back: with max_streams
     the pools stop growing once full."""
     frames = video(2)
-    nf = NeuroFlow(make_model("siglip", layers=1), threshold=0.02, floor_tokens=2, max_streams=8)
+    nf = PaperFlow(make_model("siglip", layers=1), threshold=0.02, floor_tokens=2, max_streams=8)
     batch = torch.stack([frames[1]] * 4)
     sizes = []
     with torch.inference_mode():

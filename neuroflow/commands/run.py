@@ -208,8 +208,10 @@ def model_input_side(settings: Settings, loaded: LoadedModel) -> tuple[int, int]
 def make_engines(loaded: LoadedModel, settings: Settings) -> list[NeuroFlow]:
     """One engine per architecture, all on the same model; bad settings exit with status 2."""
     try:
+        # The command line's flags are the paper's gate (EMA of every frame, --threshold 0.35 by
+        # default), so its engines take the paper preset for what the flags do not set.
         return [NeuroFlow(loaded.model, arch=a, threshold=settings.threshold, ema_decay=settings.ema_decay,
-                          floor_tokens=settings.floor_tokens) for a in settings.archs]
+                          floor_tokens=settings.floor_tokens, preset="paper") for a in settings.archs]
     except ValueError as exc:
         raise CommandError(one_line(exc), code=2) from exc
 

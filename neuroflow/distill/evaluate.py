@@ -47,8 +47,9 @@ class Evaluator:
         self.clips, self.source = list(clips), source
         self.teacher = teacher
         self.student = VisionAdapter(student)
+        # Distillation trains under the paper's gate (EMA of every frame): evaluate under it too.
         self.engine = NeuroFlow(student, arch="B", threshold=threshold, ema_decay=decay, floor_tokens=floor_tokens,
-                                check_finite=False)
+                                check_finite=False, preset="paper")
         self.preprocessor, self.streams, self.device = preprocessor, streams, device
         self._teacher_out: dict[int, torch.Tensor] = {}
 

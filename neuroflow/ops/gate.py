@@ -144,7 +144,8 @@ def _gate_triton(frames, weight, bias, pos_embed, prefix, ema, slot, first, st: 
     k = weight[0].numel()
     num_prefix = prefix.shape[0]
     floor_k = min(floor_tokens, n)
-    kf = next_pow2(max(1, floor_k))
+    # Per-block floor candidates serve the two-launch decision only; the select kernel needs none.
+    kf = 1 if options else next_pow2(max(1, floor_k))
     nb = cdiv(n, cfg["BLOCK_P"])
     w2 = weight.reshape(d, k).contiguous()
     pe = pos_embed.contiguous()

@@ -94,7 +94,7 @@ def launch_schedule(max_seqlen_q: int, head_dim: int, dtype: torch.dtype = torch
     On a GPU: the classes of ``neuroflow.kernels.varlen_attention.SEG_CLASSES`` with their
     entries of ``DEFAULT_CONFIGS`` (by head-dim tile and q's element size); with 8-bit
     ``kv_dtype`` at most two pipeline stages and, for fp32 queries and 64-row tiles, 32 keys per
-    step (the dequantisation's registers spill otherwise). Under the interpreter: one class with large tiles (see :data:`INTERPRETER_BLOCK_N`).
+    step, 16 for one-warp tiles (the dequantisation's registers spill otherwise). Under the interpreter: one class with large tiles (see :data:`INTERPRETER_BLOCK_N`).
     """
     if interpreting:
         block_m = min(INTERPRETER_MAX_BLOCK_M, max(16, next_pow2(max_seqlen_q)))
@@ -111,6 +111,8 @@ def launch_schedule(max_seqlen_q: int, head_dim: int, dtype: torch.dtype = torch
             cfg["num_stages"] = min(cfg["num_stages"], 2)
             if elem == 4 or cfg["BLOCK_M"] == 64:
                 cfg["BLOCK_N"] = min(cfg["BLOCK_N"], 32)
+            if cfg["num_warps"] == 1:  # one warp holding a whole split-head-dim tile
+                cfg["BLOCK_N"] = 16
         out.append((lo, hi, cfg))
         lo = hi if hi is not None else lo
     return out

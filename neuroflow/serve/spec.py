@@ -206,6 +206,6 @@ def build_engine(config: ServeConfig) -> Engine:
     pre, side, channels = input_geometry(config)
     model = load_vision_model(config)
     nf = NeuroFlow(model, arch=config.arch, threshold=config.threshold, ema_decay=config.ema_decay,
-                   floor_tokens=config.floor_tokens)
+                   floor_tokens=config.floor_tokens, preset="paper")  # the command line's gate flags
     nf = nf.to(torch.device(config.device))
     return Engine(nf, pre, side, channels, DTYPES[config.dtype])
