@@ -133,8 +133,10 @@ def run_neuroflow(model, frames, device, arch, threshold, masks=None, head_cache
         return [pooled_output(out)], out.active_mask
 
     def make():
+        # The paper's gate (EMA of every frame, no staleness bound) at the matrix's thresholds, so
+        # runs stay comparable with the recorded ones; bench_fidelity.py measures the gate options.
         return NeuroFlow(model, arch=arch, threshold=threshold, ema_decay=DECAY, floor_tokens=FLOOR,
-                         head_cache=head_cache)
+                         head_cache=head_cache, preset="paper")
 
     run = Run()
     nf = make()
