@@ -145,7 +145,8 @@ def e2e_case(geometry, size, streams, frames_count, device, dtype, graphs, thres
             dense = [clock(lambda: model(frames[t], interpolate_pos_encoding=True)) for t in range(frames.shape[0])]
             dense_cache[key] = statistics.median(dense[1:])
         rec["dense_ms"] = dense_cache[key]
-        nf = NeuroFlow(model, arch="C", threshold=threshold, ema_decay=0.01, floor_tokens=4, cuda_graphs=graphs)
+        nf = NeuroFlow(model, arch="C", threshold=threshold, ema_decay=0.01, floor_tokens=4, cuda_graphs=graphs,
+                       preset="paper")
         ms, sparsity = [], []
         dispatch.clear()
         for t in range(frames.shape[0]):
