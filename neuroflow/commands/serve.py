@@ -27,7 +27,7 @@ import signal
 import threading
 import time
 
-from ..validation import ARCHITECTURES
+from ..architectures import ARCHITECTURES
 from ._common import DTYPES, CommandError, one_line, print_error
 
 

@@ -15,7 +15,8 @@ from pathlib import Path
 import torch
 
 from ..engine import NeuroFlow
-from ..validation import ARCHITECTURES, check_settings
+from ..architectures import ARCHITECTURES
+from ..validation import check_ema_decay, check_floor_tokens, check_threshold
 from ..video import Preprocessor
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -83,7 +84,11 @@ class ServeConfig:
         """Raise ``ValueError`` naming the first bad field (model files are checked by the shards)."""
         if not isinstance(self.model_name, str) or not self.model_name or "/" in self.model_name:
             raise ValueError(f"model_name must be a non-empty name without '/', got {self.model_name!r}")
-        check_settings(self.arch, self.threshold, self.ema_decay, self.floor_tokens)
+        if self.arch not in ARCHITECTURES:
+            raise ValueError(f"arch must be one of {', '.join(ARCHITECTURES)}, got {self.arch!r}")
+        check_threshold(self.threshold)
+        check_ema_decay(self.ema_decay)
+        check_floor_tokens(self.floor_tokens)
         if self.dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
         if self.device not in ("cpu", "cuda") and not self.device.startswith("cuda:"):
@@ -104,8 +109,6 @@ class ServeConfig:
             raise ValueError(f"shard_gpus must be in (0, 1] or a whole number, got {self.shard_gpus!r}")
         if self.model_folder is not None and not Path(self.model_folder).is_dir():
             raise ValueError(f"model folder {self.model_folder}: does not exist or is not a folder")
-        if self.arch not in ARCHITECTURES:  # pragma: no cover - check_settings covers it
-            raise ValueError(self.arch)
 
     @property
     def uses_gpu(self) -> bool:
