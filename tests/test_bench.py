@@ -98,7 +98,8 @@ def test_fidelity_benchmark_end_to_end_on_a_tiny_model(tmp_path):
                          "--model", str(tmp_path / "tiny"), "--settings",
                          'decay-half={"ema_decay": 0.5, "threshold": [0.0, 0.2]}', out=out)
     methods = {(r["method"], r["setting"], r.get("arch")) for r in records}
-    assert {("gate", "default", "C"), ("random", "default", "C"), ("pixel-diff", "default", "C"),
+    # The default setting is NeuroFlow(model) as it is: the measured preset runs Architecture KV.
+    assert {("gate", "default", "KV"), ("random", "default", "KV"), ("pixel-diff", "default", "KV"),
             ("gate", "ema", "B"), ("gate", "decay-half", "KV"), ("random", "decay-half", "KV")} <= methods
     assert ("gate", "decay-half", "B") not in methods  # B only for the paper's gate, for reference
     for r in records:
