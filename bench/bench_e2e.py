@@ -378,7 +378,7 @@ def _save(fig, out: Path, name: str) -> str:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--quick", action="store_true",
-                   help="a small matrix that still checks every CPU target (208 s on an idle 2-core CPU; far longer "
+                   help="a small matrix that still checks every CPU target (about 4-5 minutes on a 2-core CPU; far longer "
                         "on a loaded one)")
     p.add_argument("--device", default=default_device())
     p.add_argument("--dtype", default=None, help="float32 (CPU default) or float16 (GPU default)")
