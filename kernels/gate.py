@@ -32,9 +32,22 @@ import triton
 import triton.language as tl
 
 # Default launch configuration for the GPU: (BLOCK_P, BLOCK_D, BLOCK_K, num_warps, num_stages).
-# BLOCK_P = 64 rows lets sm_90 use wgmma; BLOCK_D x BLOCK_K tiles of the weight stay in L2 across
-# the programs of a frame.
-GATE_CONFIG = {"BLOCK_P": 64, "BLOCK_D": 32, "BLOCK_K": 64, "num_warps": 8, "num_stages": 2}
+# BLOCK_P = 64 rows lets sm_90 use wgmma. A program re-reads its pixels once per BLOCK_D tile of D
+# and the whole [D, K] weight once per BLOCK_P patches, so the embedding's L2 traffic per patch is
+# 2*D*K*(1/BLOCK_D + 1/BLOCK_P) bytes (fp16): 128-wide D tiles halve that of 32-wide ones, the
+# difference between an L2-bound embed and one near the HBM roofline at D = K = 768. 64 x 128 is
+# the largest tile that compiles without spills on sm_80 and sm_90 under Triton 3.6 and 3.9
+# (about 210-230 registers; 128 x 128, or 64 x 128 on 4 warps, spill). Not yet timed on a GPU: ``bench/bench_gate.py
+# --tiles all`` (a step of ``bench/gpu_suite.py``) times every tile of ``GATE_TILES``.
+GATE_CONFIG = {"BLOCK_P": 64, "BLOCK_D": 128, "BLOCK_K": 64, "num_warps": 8, "num_stages": 2}
+
+GATE_TILES = {
+    "p64-d128": GATE_CONFIG,
+    "p64-d64": {**GATE_CONFIG, "BLOCK_D": 64},
+    "p64-d32": {**GATE_CONFIG, "BLOCK_D": 32},
+}
+"""Named launch configurations that compile without spills, for the tile sweep of
+``bench/bench_gate.py`` (the default first; ``p64-d32`` is the previous default)."""
 
 SELECT_BLOCK = 1024
 """Patches per step of :func:`gate_select_kernel`'s passes over a frame (one program per frame)."""

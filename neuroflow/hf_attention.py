@@ -8,9 +8,11 @@ concatenated into one ``[1, T, D]`` sequence, where attention mixes only tokens 
 Segment boundaries reach the attention in one of two ways:
 
 * as transformers' packing kwargs (``cu_seq_lens_q``/``cu_seq_lens_k``, ``max_length_q``/
-  ``max_length_k``) passed to the model or encoder call: CLIP, ViT and DINOv2 forward them;
+  ``max_length_k``) passed to the model or encoder call: CLIP and ViT forward them, and DINOv2
+  where its layers take ``**kwargs`` (transformers 5.24 yes, 5.17 no);
 * inside ``with neuroflow.packed_segments(cu_seqlens, max_seqlen):`` for models whose attention
-  modules drop those kwargs (SigLIP, SigLIP 2).
+  modules or layers drop those kwargs (SigLIP, SigLIP 2, DINOv2 on transformers 5.17). The
+  context works for every family.
 
 Without either, each batch row is one sequence (ordinary batched attention). Attention runs
 through :func:`neuroflow.ops.varlen_attention.varlen_attention` (the Triton kernel on CUDA, the reference on the

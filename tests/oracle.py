@@ -7,6 +7,8 @@ package, so agreement means the package implements the method, not that it agree
 
 from __future__ import annotations
 
+import inspect
+
 import torch
 
 EPS = 1e-8
@@ -39,8 +41,19 @@ def encoder_input(model, h):
     return model.pre_layrnorm(h) if hasattr(model, "pre_layrnorm") else h
 
 
-def run_layer(layer, h):
-    out = layer(h, None)
+def _forward_params(layer):
+    return inspect.signature(layer.forward).parameters
+
+
+def takes_packing_kwargs(layer) -> bool:
+    """Whether the layer passes transformers' keyword arguments on to its attention (DINOv2 layers
+    of transformers 5.17 take the hidden states alone; 5.24's take ``**kwargs``)."""
+    return any(p.kind is inspect.Parameter.VAR_KEYWORD for p in _forward_params(layer).values())
+
+
+def run_layer(layer, h, **kwargs):
+    args = (h, None) if "attention_mask" in _forward_params(layer) else (h,)
+    out = layer(*args, **kwargs)
     return out[0] if isinstance(out, tuple) else out
 
 

@@ -11,8 +11,10 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def run_script(script: str, *args: str, out: Path) -> list[dict]:
+def run_script(script: str, *args: str, out: Path, interpret: bool = False) -> list[dict]:
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    if interpret:
+        env["TRITON_INTERPRET"] = "1"
     done = subprocess.run([sys.executable, str(ROOT / "bench" / script), *args, "--out", str(out)],
                           capture_output=True, text=True, env=env, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
@@ -35,6 +37,18 @@ def test_gate_benchmark_option_configurations(tmp_path):
     assert records[1]["settings"]["threshold"] is None and records[1]["settings"]["budget"] == 0.1
     # The budget alone computes exactly 10% of the 16 patches per stream: 2 of 16.
     assert records[1]["sparsity"] == 1 - 2 / 16
+
+
+def test_gate_benchmark_checks_every_launch_tile_under_the_interpreter(tmp_path):
+    """``--tiles all`` under TRITON_INTERPRET=1 (the GPU suite's dry run): every tile of
+    GATE_TILES runs the fused gate with its own launch configuration and matches the chain."""
+    from neuroflow.kernels.gate import GATE_TILES
+
+    records = run_script("bench_gate.py", "--sizes", "64", "--streams", "2", "--device", "cpu", "--tiles", "all",
+                         out=tmp_path, interpret=True)
+    assert [r["tile"] for r in records] == list(GATE_TILES)
+    assert all(r["check"] == "ok" and r["config"] == GATE_TILES[r["tile"]] for r in records)
+    assert not any("fused_ms" in r for r in records)  # interpreter times mean nothing: not recorded
 
 
 def test_varlen_attention_benchmark_writes_records(tmp_path):

@@ -1,5 +1,9 @@
 """Every kernel's default configurations compile for sm_80 and sm_90 (no GPU needed): shared memory
-within the limit, no register spills, tensor-core instructions where tl.dot is used."""
+within the limit, no register spills, tensor-core instructions where tl.dot is used.
+
+The check runs under this test's Python and under every interpreter listed (``os.pathsep``
+separated) in ``NEUROFLOW_COMPILE_CHECK_PYTHONS``: ``.ci/run`` lists one with Triton 3.6, the
+lent GPU machine's release, whose ptxas allocates registers differently from newer ones."""
 
 import json
 import os
@@ -8,13 +12,28 @@ import sys
 
 import pytest
 
+from neuroflow import compile_check
 
-def test_default_configs_compile_for_sm80_and_sm90():
-    pytest.importorskip("triton")
+EXTRA_PYTHONS = [p for p in os.environ.get("NEUROFLOW_COMPILE_CHECK_PYTHONS", "").split(os.pathsep) if p]
+
+
+def _triton_version(python: str) -> str:
+    done = subprocess.run([python, "-c", "import triton; print(triton.__version__)"], capture_output=True, text=True)
+    if done.returncode and python == sys.executable:
+        pytest.skip("this Python has no Triton")
+    assert done.returncode == 0, f"{python} listed in NEUROFLOW_COMPILE_CHECK_PYTHONS cannot import triton"
+    return done.stdout.strip()
+
+
+@pytest.mark.parametrize("python", [sys.executable, *EXTRA_PYTHONS],
+                         ids=["this-python", *(f"extra{i}" for i in range(len(EXTRA_PYTHONS)))])
+def test_default_configs_compile_for_sm80_and_sm90(python):
+    version = _triton_version(python)
     # A kernel defined under the interpreter cannot be compiled: a fresh process without it.
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    done = subprocess.run([sys.executable, "-m", "neuroflow.compile_check"], env=env, capture_output=True, text=True)
+    done = subprocess.run([python, "-m", "neuroflow.compile_check"], env=env, capture_output=True, text=True)
     reports = [json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")]
+    assert reports and {r["triton"] for r in reports} == {version}, done.stderr[-2000:]
     failed = [f"{r['case']} sm_{r['sm']}: {'; '.join(r['problems'])}" for r in reports if r["problems"]]
     assert not failed, "\n".join(failed)
     assert done.returncode == 0, done.stderr[-2000:]
@@ -26,3 +45,26 @@ def test_default_configs_compile_for_sm80_and_sm90():
     for r in reports:
         pointers = [name for name, ty in r["signature"].items() if ty.startswith("*")]
         assert set(pointers) <= set(r["divisible_args"]), (r["case"], pointers, r["divisible_args"])
+
+
+def test_spills_are_placed_inside_or_outside_loops():
+    """The spill rule's loop finder on hand-written SASS: a backward branch makes a loop."""
+    sass = """
+        /*0000*/                   STL [R1], R2 ;
+.L_x_0:
+        /*0010*/                   LDL R3, [R1] ;
+        /*0020*/                   IADD3 R4, R4, 0x1, RZ ;
+        /*0030*/              @!P0 BRA `(.L_x_0) ;
+        /*0040*/              @P1 BRA `(.L_x_1) ;
+        /*0050*/                   STL [R1+0x4], R5 ;
+.L_x_1:
+        /*0060*/                   LDL.LU R6, [R1+0x4] ;
+        /*0070*/                   EXIT ;
+"""
+    assert compile_check.spills_by_place(sass) == (1, 3)
+    report = {"sm": 80, "shared_bytes": 0, "local_bytes": 0, "stack_bytes": 8, "spill_instructions": 2,
+              "spill_instructions_in_loops": 0, "uses_dot": False}
+    case = compile_check.CompileCase("x", lambda: None)
+    assert compile_check.problems(report, case) == []  # one parked slot outside the loops
+    assert compile_check.problems({**report, "spill_instructions_in_loops": 1}, case)
+    assert compile_check.problems({**report, "stack_bytes": compile_check.PARKED_STACK_BYTES + 8}, case)

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from neuroflow import dispatch
+from neuroflow.kernels.gate import GATE_TILES
 from neuroflow.ops import gate as gate_op
 from neuroflow.ops.gate import MAX_FLOOR, gate
 from neuroflow.reference.gate import cosine_surprise, gate_decision_reference, gate_reference, select_active
@@ -226,6 +227,17 @@ def test_small_tiles_cross_block_placement(triton_path, poisoned):
     for floor in (3, 9):
         out, ref, hp, emas = run_both(inputs, first, max(thr, 0.0), 0.1, floor, config=cfg)
         check(out, ref, hp, emas, inputs[6])
+
+
+@pytest.mark.parametrize("tile", sorted(GATE_TILES))
+def test_gpu_launch_tiles_match_reference(triton_path, poisoned, tile):
+    """Each GPU launch tile (the default first among them) on the interpreter: two 64-patch blocks
+    (N = 80), a D of 200 that no tile width divides, floor candidates merged across blocks."""
+    inputs = make_inputs(2, (8, 10), 200, torch.float32, prefix=1, seed=13)
+    first = torch.tensor([False, False])
+    probe = gate_reference(*inputs[:5], inputs[5].clone(), inputs[6], first, 0.0, 0.1, 0)
+    out, ref, hp, emas = run_both(inputs, first, gap_threshold(probe.surprise), 0.1, 3, config=GATE_TILES[tile])
+    check(out, ref, hp, emas, inputs[6])
 
 
 def test_gate_half_precision(triton_path, poisoned):

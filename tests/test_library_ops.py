@@ -26,7 +26,9 @@ def _gate_args():
     weight, bias = torch.randn(32, 3, 8, 8) * 0.1, torch.randn(32)
     pos, prefix = torch.randn(6, 32), torch.randn(1, 32)
     ema = torch.randn(3, 6, 32)
-    return (frames, weight, bias, pos, prefix, ema, torch.tensor([2, 0]), torch.tensor([False, True]), 0.1, 0.2, 2)
+    # The mutated ``age`` has no default (torch 2.11 needs every mutated argument passed): None.
+    return (frames, weight, bias, pos, prefix, ema, torch.tensor([2, 0]), torch.tensor([False, True]), 0.1, 0.2, 2,
+            None)
 
 
 def _scatter_args():
@@ -34,7 +36,7 @@ def _scatter_args():
     cache = torch.randn(3, 5, 16)
     cu = torch.tensor([0, 2, 5], dtype=torch.int32)
     index = torch.tensor([0, 3, 1, 2, 4, 0, 0], dtype=torch.int32)
-    return (cache, torch.tensor([2, 0]), torch.randn(7, 16), cu, index)
+    return (cache, torch.tensor([2, 0]), torch.randn(7, 16), cu, index, None)  # no scales: not quantising
 
 
 def _varlen_int8_args():
@@ -65,7 +67,7 @@ def _gate_options_args():
 
 def _scatter_int8_args():
     """The quantising cache scatter: an int8 cache and its ``[S, T, G]`` scales, both mutated."""
-    cache, slot, src, cu, index = _scatter_args()
+    cache, slot, src, cu, index, _ = _scatter_args()
     return (torch.zeros(3, 5, 16, dtype=torch.int8), slot, src, cu, index, torch.zeros(3, 5, 2))
 
 
@@ -91,6 +93,16 @@ def test_opcheck(name, path, request):
     assert dispatch.last_path[name.split()[0]] == path
 
 
+@pytest.mark.parametrize("name", ["gate", "cache_scatter", "varlen_attention"])
+def test_mutated_arguments_have_no_default(name):
+    """torch 2.11 bumps the version of each mutated argument by its schema position and raises
+    IndexError when a defaulted one is left out of the call: every mutated argument is required."""
+    schema = getattr(torch.ops.neuroflow, name).default._schema
+    mutated = [a for a in schema.arguments if a.alias_info is not None and a.alias_info.is_write]
+    assert all(not a.has_default_value() for a in mutated), [a.name for a in mutated if a.has_default_value()]
+    assert bool(mutated) == (name != "varlen_attention")
+
+
 def test_ops_match_the_python_functions():
     from neuroflow.ops.cache_scatter import cache_scatter
     from neuroflow.ops.gate import gate
@@ -99,13 +111,13 @@ def test_ops_match_the_python_functions():
     args = _varlen_args()
     assert torch.equal(torch.ops.neuroflow.varlen_attention(*args), varlen_attention(*args))
     a, b = _gate_args(), _gate_args()
-    got, want = torch.ops.neuroflow.gate(*a), gate(*b)
+    got, want = torch.ops.neuroflow.gate(*a), gate(*b[:11])
     assert torch.equal(a[5], b[5])  # the EMA, updated in place by both
     for g, w in zip(got, (want.surprise, want.active, want.cu_seqlens)):
         assert torch.equal(g, w)
     a, b = _scatter_args(), _scatter_args()
     torch.ops.neuroflow.cache_scatter(*a)
-    cache_scatter(*b)
+    cache_scatter(*b[:5])
     assert torch.equal(a[0], b[0])
 
 

@@ -26,7 +26,7 @@ from neuroflow.llm import (
     teacher_forced_nll,
     token_drift,
 )
-from neuroflow.llm.ablation import new_cache, one_pass_nll
+from neuroflow.llm.ablation import _cache_kwarg, new_cache, one_pass_nll
 from neuroflow.testing import assert_close
 
 VOCAB = 160
@@ -65,14 +65,15 @@ def forced_logits(model, ids: torch.Tensor, mask: torch.Tensor, prefill: int):
     Returns ``([steps, B, V]`` float32 logits of the fed steps, the cache).
     """
     cache = new_cache(model)
+    by_name = {_cache_kwarg(model): cache}  # ``cache`` (transformers 5.24) or ``past_key_values`` (5.17)
     positions = (mask.cumsum(-1) - 1).clamp_min(0)
     padded = not bool(mask.all())
     model(input_ids=ids[:, :prefill], attention_mask=mask[:, :prefill] if padded else None,
-          position_ids=positions[:, :prefill], cache=cache, use_cache=True)
+          position_ids=positions[:, :prefill], use_cache=True, **by_name)
     logits = []
     for t in range(prefill, ids.shape[1]):
         out = model(input_ids=ids[:, t : t + 1], attention_mask=mask[:, : t + 1] if padded else None,
-                    position_ids=positions[:, t : t + 1], cache=cache, use_cache=True)
+                    position_ids=positions[:, t : t + 1], use_cache=True, **by_name)
         logits.append(out.logits[:, -1].float())
     return torch.stack(logits), cache
 

@@ -71,15 +71,17 @@ def test_registered_attention_through_from_pretrained(tmp_path, family):
     cu = cu_of(LENGTHS)
     x = torch.cat(rows)[None]  # [1, T, D]: three sequences packed in one row
     with torch.no_grad():
-        if family == "siglip":  # SigLIP's attention drops packing kwargs: boundaries via the context
+        layers = oracle.layers_of(packed_model)
+        if family == "siglip" or not oracle.takes_packing_kwargs(layers[0]):
+            # SigLIP's attention drops packing kwargs, and so do DINOv2's layers in transformers
+            # 5.17: boundaries via the context.
             with neuroflow.packed_segments(cu, max(LENGTHS)):
                 got = alone(packed_model, [x[0]])
-        else:  # CLIP, ViT and DINOv2 forward transformers' packing kwargs to the attention
+        else:  # CLIP, ViT and (transformers 5.24) DINOv2 forward transformers' packing kwargs
             h = x
-            for layer in oracle.layers_of(packed_model):
-                out = layer(h, None, cu_seq_lens_q=cu, cu_seq_lens_k=cu, max_length_q=max(LENGTHS),
-                            max_length_k=max(LENGTHS))
-                h = out[0] if isinstance(out, tuple) else out
+            for layer in layers:
+                h = oracle.run_layer(layer, h, cu_seq_lens_q=cu, cu_seq_lens_k=cu, max_length_q=max(LENGTHS),
+                                     max_length_k=max(LENGTHS))
             got = h[0]
         ref32 = alone(model, rows)
         ref64 = alone(as_double(model), [r.double() for r in rows])

@@ -135,7 +135,8 @@ def _gate_triton(frames, weight, bias, pos_embed, prefix, ema, slot, first, st: 
     options = not st.is_default_rule
 
     dev = frames.device
-    cfg = dict(GATE_CONFIG)
+    # A D tile wider than the model's D would only be masked off (small test models).
+    cfg = dict(GATE_CONFIG, BLOCK_D=min(GATE_CONFIG["BLOCK_D"], max(16, next_pow2(d))))
     if not dispatch.gpu_launch(dev):
         # The interpreter pays per program and per loop step, not per element: one tile per frame.
         cfg.update(BLOCK_P=min(256, next_pow2(n)), BLOCK_D=next_pow2(d), BLOCK_K=next_pow2(weight[0].numel()))

@@ -1,14 +1,16 @@
 """The three device ops as ``torch.library`` custom ops, so ``torch.compile`` traces through them.
 
 * ``torch.ops.neuroflow.gate(frames, weight, bias, pos_embed, prefix, ema!, slot, first, threshold,
-  ema_decay, floor_tokens, age!=None, *, reference="ema", max_staleness=None, budget=None,
+  ema_decay, floor_tokens, age!, *, reference="ema", max_staleness=None, budget=None,
   motion_norm=False, scene_cut=None) -> (surprise, active, cu_seqlens, index, packed)``: mutates ``ema``
-  (and ``age`` when given; positional, for the same reason as the attention's scales); every :class:`~neuroflow.gate_settings.GateSettings` option is an
+  (and ``age``, a tensor or None: positional, for the same reason as the attention's scales, and
+  required, see below); every :class:`~neuroflow.gate_settings.GateSettings` option is an
   argument (``budget`` as a patch count: :func:`gate_op_settings` turns a settings value, fractions
   included, into these arguments). See :func:`neuroflow.ops.gate.gate`; the forced-mask and
   ``config`` options and per-frame tensor thresholds stay on the Python function.
-* ``torch.ops.neuroflow.cache_scatter(cache!, slot, src, cu_seqlens, index, scale!=None) -> ()``:
-  mutates ``cache`` (and ``scale``: the quantising form for int8 / float8 caches); see
+* ``torch.ops.neuroflow.cache_scatter(cache!, slot, src, cu_seqlens, index, scale!) -> ()``:
+  mutates ``cache`` (and ``scale``, a tensor or None: the quantising form for int8 / float8
+  caches); see
   :func:`neuroflow.ops.cache_scatter.cache_scatter`.
 * ``torch.ops.neuroflow.varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
   max_seqlen_k, scale=None, kv_start=None, k_scale=None, v_scale=None) -> out``; see
@@ -16,6 +18,10 @@
   included; the scales are positional-or-keyword here, keyword-only on the Python function,
   because a custom op may not take keyword-only tensors; ``out=`` and ``config=`` stay on the Python function: a custom op may not return an
   alias of an input, and a launch schedule is not a schema type).
+
+Mutated arguments have no default (``age``, ``scale``: pass None): torch 2.11's in-place
+bookkeeping indexes mutated arguments by their schema position and fails with ``IndexError`` when a
+trailing one is left out.
 
 Each real implementation is the launcher (which asks :mod:`neuroflow.dispatch` for the path, so
 the kernel or the reference runs exactly as when the function is called directly); each fake
@@ -51,7 +57,7 @@ def gate_op(
     threshold: float | None,
     ema_decay: float,
     floor_tokens: int,
-    age: torch.Tensor | None = None,
+    age: torch.Tensor | None,
     *,
     reference: str = "ema",
     max_staleness: int | None = None,
@@ -67,7 +73,7 @@ def gate_op(
 
 @gate_op.register_fake
 def _gate_fake(frames, weight, bias, pos_embed, prefix, ema, slot, first, threshold, ema_decay, floor_tokens,
-               age=None, *, reference="ema", max_staleness=None, budget=None, motion_norm=False, scene_cut=None):
+               age, *, reference="ema", max_staleness=None, budget=None, motion_norm=False, scene_cut=None):
     b, _, h, w = frames.shape
     p = weight.shape[2]
     n = (h // p) * (w // p)
@@ -97,12 +103,12 @@ def gate_op_settings(settings: GateSettings, num_patches: int) -> dict:
 
 @torch.library.custom_op(f"{NAMESPACE}::cache_scatter", mutates_args=("cache", "scale"))
 def cache_scatter_op(cache: torch.Tensor, slot: torch.Tensor, src: torch.Tensor, cu_seqlens: torch.Tensor,
-                     index: torch.Tensor, scale: torch.Tensor | None = None) -> None:
+                     index: torch.Tensor, scale: torch.Tensor | None) -> None:
     cache_scatter(cache, slot, src, cu_seqlens, index, scale=scale)
 
 
 @cache_scatter_op.register_fake
-def _cache_scatter_fake(cache, slot, src, cu_seqlens, index, scale=None) -> None:
+def _cache_scatter_fake(cache, slot, src, cu_seqlens, index, scale) -> None:
     return None
 
 

@@ -93,8 +93,10 @@ def launch_schedule(max_seqlen_q: int, head_dim: int, dtype: torch.dtype = torch
 
     On a GPU: the classes of ``neuroflow.kernels.varlen_attention.SEG_CLASSES`` with their
     entries of ``DEFAULT_CONFIGS`` (by head-dim tile and q's element size); with 8-bit
-    ``kv_dtype`` at most two pipeline stages and, for fp32 queries and 64-row tiles, 32 keys per
-    step, 16 for one-warp tiles (the dequantisation's registers spill otherwise). Under the interpreter: one class with large tiles (see :data:`INTERPRETER_BLOCK_N`).
+    ``kv_dtype`` at most two pipeline stages and, for fp32 queries, 64-row tiles and 128-row
+    tiles with a head-dim tail (72, 80), 32 keys per step, 16 for one-warp tiles; tiles of 64 rows
+    or more with a tail get one stage (the dequantisation's registers spill otherwise on sm_80
+    with Triton 3.6's ptxas). Under the interpreter: one class with large tiles (see :data:`INTERPRETER_BLOCK_N`).
     """
     if interpreting:
         block_m = min(INTERPRETER_MAX_BLOCK_M, max(16, next_pow2(max_seqlen_q)))
@@ -109,8 +111,10 @@ def launch_schedule(max_seqlen_q: int, head_dim: int, dtype: torch.dtype = torch
         cfg = dict(DEFAULT_CONFIGS[(hi, _width_key(head_dim), elem)])
         if kv_dtype in KV_8BIT_DTYPES:
             cfg["num_stages"] = min(cfg["num_stages"], 2)
-            if elem == 4 or cfg["BLOCK_M"] == 64:
+            if elem == 4 or cfg["BLOCK_M"] == 64 or (cfg["BLOCK_M"] == 128 and head_dim_split(head_dim)[1]):
                 cfg["BLOCK_N"] = min(cfg["BLOCK_N"], 32)
+            if cfg["BLOCK_M"] >= 64 and head_dim_split(head_dim)[1]:
+                cfg["num_stages"] = 1
             if cfg["num_warps"] == 1:  # one warp holding a whole split-head-dim tile
                 cfg["BLOCK_N"] = 16
         out.append((lo, hi, cfg))
