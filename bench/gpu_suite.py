@@ -3,6 +3,10 @@
     python bench/gpu_suite.py --out /tmp/nf_gpu            # on a GPU
     python bench/gpu_suite.py --dry-run                    # every step at tiny sizes on the CPU
 
+On the lent GPU machine, from the repo root with nothing installed (its image has torch, Triton,
+transformers, pytest and matplotlib; no network; its copy of the tree has no ``.git``, so name the
+commit): ``NEUROFLOW_GIT_COMMIT=<hash> python3 bench/gpu_suite.py --out $OUT/gpu``.
+
 Steps (each a subprocess with its own time limit, so one failure does not hide the others):
 
 1. ``tests``: the CUDA tests (``pytest -m cuda tests``: every test skipped without a GPU carries the
@@ -38,7 +42,9 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
-sys.path.insert(0, str(HERE))
+# The repo root too: on the lent GPU machine nothing is installed and the checkout runs as it is
+# (neuroflow/_source_kernels.py maps neuroflow.kernels); the steps' subprocesses get both on PYTHONPATH.
+sys.path[:0] = [str(ROOT), str(HERE)]
 
 TARGETS = (
     ("gate >= 70% of copy bandwidth", 0.70),

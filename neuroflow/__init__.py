@@ -4,6 +4,7 @@
     -> cache (neuroflow.architectures, neuroflow.streams) -> readout (neuroflow.models)
 """
 
+from . import _source_kernels  # noqa: F401  (first: neuroflow.kernels in an uninstalled checkout)
 from .ops import library as _library  # noqa: F401  (registers torch.ops.neuroflow.*)
 from .compat import NeuroFlowSiglipVisionArchA, NeuroFlowSiglipVisionArchB, NeuroFlowSiglipVisionArchC
 from .engine import NeuroFlow, NeuroFlowOutput

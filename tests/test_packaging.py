@@ -1,5 +1,6 @@
 """The installed package: ``kernels/`` ships as ``neuroflow.kernels``, never as a top-level ``kernels``;
-the README's set-up commands are the ones CI runs."""
+an uninstalled checkout on ``PYTHONPATH`` maps it too; the README's set-up commands are the ones CI
+runs."""
 
 import os
 import shutil
@@ -12,7 +13,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def test_installed_copy_ships_kernels_inside_neuroflow(tmp_path):
     src = tmp_path / "src"
-    shutil.copytree(ROOT, src, ignore=shutil.ignore_patterns(".venv", ".git", "build", "*.egg-info", "__pycache__"))
+    shutil.copytree(ROOT, src, ignore=shutil.ignore_patterns(".venv*", ".git", "build", "*.egg-info", "__pycache__"))
     target = tmp_path / "site"
     subprocess.run(
         [sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--no-build-isolation",
@@ -32,6 +33,31 @@ def test_installed_copy_ships_kernels_inside_neuroflow(tmp_path):
     done = subprocess.run([sys.executable, "-c", probe], cwd=tmp_path, env=env, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "neuroflow.kernels"
+
+
+def test_uninstalled_checkout_maps_neuroflow_kernels(tmp_path):
+    """``PYTHONPATH=<repo>`` with nothing installed (the lent GPU machine): ``neuroflow.kernels`` is
+    the checkout's ``kernels/`` and the gate launches its kernels (interpreter)."""
+    src = tmp_path / "src"
+    shutil.copytree(ROOT, src, ignore=shutil.ignore_patterns(".venv*", ".git", "build", "*.egg-info", "__pycache__",
+                                                             "bench", "tests"))
+    probe = (
+        "import sys\n"
+        # Drop this environment's editable-install finder: the copy must resolve on its own.
+        "sys.meta_path[:] = [f for f in sys.meta_path if 'editable' not in repr(f).lower()]\n"
+        "import torch, neuroflow, neuroflow.kernels.gate\n"
+        "from neuroflow import dispatch\n"
+        "from neuroflow.ops.gate import gate\n"
+        f"assert neuroflow.kernels.gate.__file__.startswith({str(src / 'kernels')!r}), neuroflow.kernels.gate.__file__\n"
+        "n, d = 4, 16\n"
+        "gate(torch.randn(1, 3, 16, 16), torch.randn(d, 3, 8, 8), None, torch.randn(n, d), torch.zeros(0, d),\n"
+        "     torch.zeros(1, n, d), torch.tensor([0]), torch.tensor([True]), 0.1, 0.1, 1)\n"
+        "print(dispatch.last_path['gate'])\n"
+    )
+    env = {**os.environ, "PYTHONPATH": str(src), "TRITON_INTERPRET": "1"}
+    done = subprocess.run([sys.executable, "-c", probe], cwd=tmp_path, env=env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.strip().splitlines()[-1] == "triton"
 
 
 def test_readme_opens_with_the_two_commands_ci_runs():

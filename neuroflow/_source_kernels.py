@@ -1,0 +1,23 @@
+"""``neuroflow.kernels`` in a source checkout used without an install.
+
+Installed (and editable) copies ship ``kernels/`` as ``neuroflow.kernels`` (``setup.py``'s
+``package_dir``). A checkout on ``sys.path`` without an install (``PYTHONPATH=<repo>``, or
+``python -m ...`` from the repo root, as on the lent GPU machine, where nothing is installed) has
+``kernels/`` beside the package instead: this module, imported first by ``neuroflow/__init__.py``,
+maps exactly ``neuroflow.kernels`` to it. Where the name resolves already it does nothing, and it
+adds no top-level name.
+"""
+
+import importlib.util
+import sys
+from pathlib import Path
+
+_NAME = "neuroflow.kernels"
+_SOURCE = Path(__file__).resolve().parent.parent / "kernels" / "__init__.py"
+
+if _NAME not in sys.modules and _SOURCE.is_file() and importlib.util.find_spec(_NAME) is None:
+    _spec = importlib.util.spec_from_file_location(_NAME, _SOURCE, submodule_search_locations=[str(_SOURCE.parent)])
+    _module = importlib.util.module_from_spec(_spec)
+    sys.modules[_NAME] = _module
+    _spec.loader.exec_module(_module)
+    sys.modules["neuroflow"].kernels = _module  # as the import system binds a submodule to its parent
