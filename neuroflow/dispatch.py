@@ -22,6 +22,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import os
+import re
 import warnings
 from collections import Counter
 from dataclasses import dataclass, field
@@ -96,15 +97,28 @@ def interpreter_problem() -> str | None:
 
     ``triton.language`` defines its helpers (``tl.sum``, ``tl.max``, ...) with ``@triton.jit`` when
     it is first imported; imported without ``TRITON_INTERPRET=1`` they are compiled-only functions
-    that the interpreter refuses to call, whatever the variable says later.
+    that the interpreter refuses to call, whatever the variable says later. Triton 3.6's
+    interpreter also fails under numpy 2.4 or newer (it converts a 1-element array to ``int``,
+    which numpy 2.4 refuses; Triton 3.7 squeezes first).
     """
+    import numpy
+    import triton
     from triton.language import standard
     from triton.runtime.interpreter import InterpretedFunction
 
     helper = getattr(standard, "sum", None)
     if helper is not None and not isinstance(helper, InterpretedFunction):
         return "triton was first imported without TRITON_INTERPRET=1, so its interpreter cannot run kernels"
+    if _release(triton.__version__) < (3, 7) and _release(numpy.__version__) >= (2, 4):
+        return (f"Triton {triton.__version__}'s interpreter does not run under numpy {numpy.__version__} "
+                "(Triton >= 3.7 or numpy < 2.4 does)")
     return None
+
+
+def _release(version: str) -> tuple[int, int]:
+    """``(major, minor)`` of a version string such as ``3.6.0`` or ``2.4.0rc1``."""
+    major, minor = (version.split(".") + ["0"])[:2]
+    return int(major), int(re.match(r"\d*", minor).group() or 0)
 
 
 @functools.lru_cache(maxsize=None)
