@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from neuroflow import dispatch
-from neuroflow.kernels.gate import GATE_TILES
+from neuroflow.kernels.gate import GATE_CONFIG, GATE_TILES
 from neuroflow.ops import gate as gate_op
 from neuroflow.ops.gate import MAX_FLOOR, gate
 from neuroflow.reference.gate import cosine_surprise, gate_decision_reference, gate_reference, select_active
@@ -171,7 +171,7 @@ def check(out, ref, hp, emas, slot):
     assert_close(out.packed[:total], hp.packed[:total], ref.packed[:total], "packed tokens")
     ema_k, ema_r, ema_64 = emas
     assert_close(ema_k, ema_64, ema_r, "EMA pool")
-    others = torch.ones(ema_k.shape[0], dtype=torch.bool)
+    others = torch.ones(ema_k.shape[0], dtype=torch.bool, device=ema_k.device)
     others[slot] = False
     assert torch.equal(ema_k[others], ema_r[others]), "rows of other streams changed"
 
@@ -595,3 +595,49 @@ def test_staleness_in_kernel_spreads_refreshes_on_a_static_clip(triton_path, poi
             last[out.active[0]] = t
             assert (t - last <= k).all()
     assert max(counts) == math.ceil(n / (k + 1)) and min(counts) >= n // (k + 1), counts
+
+
+# -- every dtype the kernels accept, on CUDA (and the same test bodies under the interpreter) -----
+
+ON_CUDA = pytest.param("cuda", marks=[pytest.mark.cuda, pytest.mark.skipif(not torch.cuda.is_available(),
+                                                                            reason="needs a CUDA GPU")])
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+
+
+def _on(device, request, dtype):
+    """Route to the Triton path on ``device``: the compiled kernels on CUDA, the interpreter on the
+    CPU (whose bf16 arithmetic is broken: bf16 runs on CUDA only)."""
+    if device == "interpreter":
+        if dtype == torch.bfloat16:
+            pytest.skip("the interpreter's bf16 arithmetic is broken; bf16 runs on CUDA")
+        request.getfixturevalue("triton_path")
+        return "cpu"
+    return device
+
+
+@pytest.mark.parametrize("device", ["interpreter", ON_CUDA])
+@pytest.mark.parametrize("dtype, options", [
+    *((dtype, "paper") for dtype in DTYPES),
+    # Budgets rank patches: in fp16/bf16 a near-tie at the k-th place is a rounding call, so the
+    # options run in fp32 (their decisions are checked against float64 too).
+    (torch.float32, "all_computed"), (torch.float32, "all_ema"),
+], ids=lambda v: str(v).removeprefix("torch."))
+def test_gate_kernels_per_dtype_match_reference(request, monkeypatch, device, dtype, options):
+    """The default GPU launch tile (three 64-patch blocks, D = 200 over two 128-wide tiles), one
+    first frame, NaN-poisoned outputs, in each dtype; with the paper's rule and with every option
+    but motion norm."""
+    dev = _on(device, request, dtype)
+    monkeypatch.setattr(gate_op, "_empty", _poisoned)
+    inputs = [t.to(dev) for t in make_inputs(3, (9, 15), 200, dtype, prefix=1, seed=31)]
+    first = torch.tensor([False, True, False], device=dev)
+    probe = gate_reference(*inputs[:5], inputs[5].clone(), inputs[6], first, 0.0, 0.1, 0)
+    threshold = gap_threshold(probe.surprise.cpu())
+    if options == "paper":
+        out, ref, hp, emas = run_both(inputs, first, threshold, 0.1, 4, config=GATE_CONFIG)
+    else:
+        opts = dict(KERNEL_OPTION_CASES[options])
+        opts.pop("motion_norm")  # a normalised threshold needs a gap of its own (covered above)
+        st = GateSettings(threshold=threshold, ema_decay=0.1, floor_tokens=4, **opts)
+        age = (torch.arange(135, device=dev) % (st.max_staleness + 1)).to(torch.int32).repeat(5, 1)
+        out, ref, hp, emas = run_both_options(inputs, first, st, age=age, config=GATE_CONFIG)
+    check(out, ref, hp, emas, inputs[6])
