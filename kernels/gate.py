@@ -34,11 +34,12 @@ import triton.language as tl
 # Default launch configuration for the GPU: (BLOCK_P, BLOCK_D, BLOCK_K, num_warps, num_stages).
 # BLOCK_P = 64 rows lets sm_90 use wgmma. A program re-reads its pixels once per BLOCK_D tile of D
 # and the whole [D, K] weight once per BLOCK_P patches, so the embedding's L2 traffic per patch is
-# 2*D*K*(1/BLOCK_D + 1/BLOCK_P) bytes (fp16): 128-wide D tiles halve that of 32-wide ones, the
-# difference between an L2-bound embed and one near the HBM roofline at D = K = 768. 64 x 128 is
-# the largest tile that compiles without spills on sm_80 and sm_90 under Triton 3.6 and 3.9
-# (about 210-230 registers; 128 x 128, or 64 x 128 on 4 warps, spill). Not yet timed on a GPU: ``bench/bench_gate.py
-# --tiles all`` (a step of ``bench/gpu_suite.py``) times every tile of ``GATE_TILES``.
+# 2*D*K*(1/BLOCK_D + 1/BLOCK_P) bytes (fp16): 128-wide D tiles halve that of 32-wide ones (at
+# D = K = 768, about 7x the HBM bytes a patch needs with 32-wide tiles, 3.6x with 128-wide ones).
+# 64 x 128 is the largest tile that compiles without spills on sm_80 and sm_90 under Triton 3.6
+# and 3.9 (about 210-230 registers; 128 x 128, or 64 x 128 on 4 warps, spill). Chosen by this
+# count, not yet timed: ``bench/bench_gate.py --tiles all`` (a step of ``bench/gpu_suite.py``)
+# times every tile of ``GATE_TILES``.
 GATE_CONFIG = {"BLOCK_P": 64, "BLOCK_D": 128, "BLOCK_K": 64, "num_warps": 8, "num_stages": 2}
 
 GATE_TILES = {

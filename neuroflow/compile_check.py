@@ -44,7 +44,7 @@ TENSOR_CORE_OP = {80: "HMMA", 90: "HGMMA"}
 PARKED_STACK_BYTES = 8
 """Stack a kernel may use for spills outside every loop. ptxas 12.8 (Triton 3.6) parks one or two
 long-lived scalars (a row base, a flag) in an 8-byte stack slot before a kernel's loops and reloads
-them after the last one, at 40-128 of 255 registers, i.e. not under register pressure: two to four
+them after the last one, at 64-168 of 255 registers, i.e. not under register pressure: two to four
 instructions per program. A spill inside a loop, or a larger frame, is register pressure and fails."""
 
 _SASS_ADDRESS = re.compile(r"/\*([0-9a-f]{4,})\*/")

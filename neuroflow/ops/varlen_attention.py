@@ -110,11 +110,10 @@ def launch_schedule(max_seqlen_q: int, head_dim: int, dtype: torch.dtype = torch
             break
         cfg = dict(DEFAULT_CONFIGS[(hi, _width_key(head_dim), elem)])
         if kv_dtype in KV_8BIT_DTYPES:
-            cfg["num_stages"] = min(cfg["num_stages"], 2)
-            if elem == 4 or cfg["BLOCK_M"] == 64 or (cfg["BLOCK_M"] == 128 and head_dim_split(head_dim)[1]):
+            tail = head_dim_split(head_dim)[1] > 0
+            cfg["num_stages"] = 1 if tail and cfg["BLOCK_M"] >= 64 else min(cfg["num_stages"], 2)
+            if elem == 4 or cfg["BLOCK_M"] == 64 or (tail and cfg["BLOCK_M"] == 128):
                 cfg["BLOCK_N"] = min(cfg["BLOCK_N"], 32)
-            if cfg["BLOCK_M"] >= 64 and head_dim_split(head_dim)[1]:
-                cfg["num_stages"] = 1
             if cfg["num_warps"] == 1:  # one warp holding a whole split-head-dim tile
                 cfg["BLOCK_N"] = 16
         out.append((lo, hi, cfg))
