@@ -175,6 +175,18 @@ def _priority_key(s, age, K, STALE: tl.constexpr):
 
 
 @triton.jit
+def _chunk_keys(s_row, age_row, n0, offs, N, K, STALE: tl.constexpr):
+    """In-frame mask and :func:`_priority_key` of the patches ``n0 + offs`` of one frame (surprise
+    row s_row, age row age_row, read only with STALE)."""
+    m = n0 + offs < N
+    s = tl.load(s_row + n0 + offs, mask=m, other=0.0)
+    age = tl.zeros_like(offs)
+    if STALE:
+        age = tl.load(age_row + n0 + offs, mask=m, other=0)
+    return m, _priority_key(s, age, K, STALE)
+
+
+@triton.jit
 def gate_select_kernel(
     surprise_ptr, age_ptr, slot_ptr, first_ptr,
     active_ptr, bcount_ptr, fcount_ptr, cut_ptr,
@@ -264,12 +276,7 @@ def gate_select_kernel(
         mid = lo + (hi - lo) // 2
         cnt_v = tl.zeros((BLOCK_S,), dtype=tl.int32)
         for n0 in range(0, N, BLOCK_S):
-            m = n0 + offs < N
-            s = tl.load(s_row + n0 + offs, mask=m, other=0.0)
-            age = tl.zeros((BLOCK_S,), dtype=tl.int32)
-            if STALE:
-                age = tl.load(age_row + n0 + offs, mask=m, other=0)
-            key = _priority_key(s, age, K, STALE)
+            m, key = _chunk_keys(s_row, age_row, n0, offs, N, K, STALE)
             cnt_v += (m & (key >= mid)).to(tl.int32)
         if tl.sum(cnt_v, axis=0) >= k:
             lo = mid
@@ -281,12 +288,7 @@ def gate_select_kernel(
     gt_v = tl.zeros((BLOCK_S,), dtype=tl.int32)
     if not use_cand:
         for n0 in range(0, N, BLOCK_S):
-            m = n0 + offs < N
-            s = tl.load(s_row + n0 + offs, mask=m, other=0.0)
-            age = tl.zeros((BLOCK_S,), dtype=tl.int32)
-            if STALE:
-                age = tl.load(age_row + n0 + offs, mask=m, other=0)
-            key = _priority_key(s, age, K, STALE)
+            m, key = _chunk_keys(s_row, age_row, n0, offs, N, K, STALE)
             gt_v += (m & (key > v)).to(tl.int32)
     need = k - tl.sum(gt_v, axis=0)  # patches taken among the ties at v
     offs_p = tl.arange(0, BLOCK_P)
