@@ -140,55 +140,166 @@ def parse_setting(text: str) -> tuple[str, dict]:
 
 # -- the model -------------------------------------------------------------------------------------
 
+MOVING_SHARE = 0.2
+"""Moving patches: this share of the patches whose dense final feature changed most from the previous frame."""
 
 
-def dense_pooled(model, x: torch.Tensor) -> torch.Tensor:
-    if "Dinov2" in type(model).__name__:
-        out = model(x)
-    else:
-        out = model(x, interpolate_pos_encoding=True)
-    return out.pooler_output if out.pooler_output is not None else out.last_hidden_state[:, 0]
+@dataclass
+class Dense:
+    """The dense model's outputs per frame (CPU float32): the reference of every metric."""
+
+    pooled: list[torch.Tensor]  # [S, D_out]
+    hidden: list[torch.Tensor]  # [S, T, D] last_hidden_state
+    ms: list[float]  # wall time of each frame's forward
+    moving: list[torch.Tensor | None]  # [S, N] bool per frame (None on frame 0)
+    prefix: int  # tokens before the patches (CLS, registers)
+
+
+def dense_reference(model, frames: torch.Tensor, n: int) -> Dense:
+    """Runs the unmodified model on every frame of ``frames [F, S, 3, H, W]``."""
+    pooled, hidden, ms, moving = [], [], [], []
+    for t in range(frames.shape[0]):
+        started = time.perf_counter()
+        out = model(frames[t]) if "Dinov2" in type(model).__name__ else model(frames[t], interpolate_pos_encoding=True)
+        ms.append(1e3 * (time.perf_counter() - started))
+        lhs = out.last_hidden_state.float().cpu()
+        pooled.append((out.pooler_output if out.pooler_output is not None else out.last_hidden_state[:, 0]).float().cpu())
+        hidden.append(lhs)
+    prefix = hidden[0].shape[1] - n
+    for t in range(frames.shape[0]):
+        if t == 0:
+            moving.append(None)
+            continue
+        change = (hidden[t][:, prefix:] - hidden[t - 1][:, prefix:]).norm(dim=-1)  # [S, N]
+        k = max(1, round(MOVING_SHARE * n))
+        mask = torch.zeros_like(change, dtype=torch.bool)
+        mask.scatter_(1, change.topk(k, dim=1).indices, True)
+        moving.append(mask)
+    return Dense(pooled, hidden, ms, moving, prefix)
+
+
+def frame_metrics(pooled: torch.Tensor, hidden: torch.Tensor, dense: Dense, t: int) -> tuple[float, float, float]:
+    """(pooled cosine, patch-token cosine, moving-patch cosine) of one frame's outputs to dense, means over
+    streams (and patch tokens / moving patches). ``pooled [S, D_out]``, ``hidden [S, T, D]``, float32 CPU."""
+    p = dense.prefix
+    pool = F.cosine_similarity(pooled, dense.pooled[t]).mean().item()
+    per_patch = F.cosine_similarity(hidden[:, p:], dense.hidden[t][:, p:], dim=-1)  # [S, N]
+    return pool, per_patch.mean().item(), per_patch[dense.moving[t]].mean().item()
 
 
 # -- runs ------------------------------------------------------------------------------------------
 
+METRICS = ("fidelity", "patch_fidelity", "moving_fidelity")
+"""Per-run metric names: pooled cosine, patch-token cosine, moving-patch cosine (mean over frames; ``_min``: minimum)."""
+
+
 @dataclass
 class Run:
-    cos: list[float]  # per frame after the first, mean over streams
+    metrics: dict[str, list[float]]  # METRICS -> per frame after the first
     sparsity: list[float]  # per frame after the first
+    compute: list[float]  # per frame after the first: computed token-layers / dense token-layers
+    ms: list[float]  # per frame after the first: wall time of the engine call
     counts: list[torch.Tensor]  # per frame (first included) [S] active patches
     arch: str
     settings: dict  # the engine's resulting gate settings, for the record
+    token_layers_source: str  # "engine" (NeuroFlowOutput.token_layers) or "active_mask" (counted here)
 
 
-def run_engine(model, frames, dense: list[torch.Tensor], kwargs: dict, masks=None) -> Run:
+def token_layers(out, nf) -> tuple[torch.Tensor, str]:
+    """``[S]`` int64 computed token-layers of one call: the engine's own count where it reports one,
+    else (prefix tokens + active patches) x the encoder's layer count."""
+    reported = getattr(out, "token_layers", None)
+    if reported is not None:
+        return reported.to("cpu", torch.int64), "engine"
+    prefix, layers = nf.adapter.num_prefix, len(nf.adapter.layers)
+    return (out.active_mask.sum(1).cpu().to(torch.int64) + prefix) * layers, "active_mask"
+
+
+def run_engine(model, frames, dense: Dense, kwargs: dict, masks=None) -> Run:
+    """One engine over all frames. ``masks``: None (the gate decides) or a callable ``t -> [S, N] bool``
+    forcing the active patches of frame t >= 1 through ``active=``; a ``masks.observe(out)`` method, when
+    present, sees every frame's output (the oracle reads what the engine holds)."""
     nf = NeuroFlow(model, **kwargs)
     ids = list(range(frames.shape[1]))
-    cos, sparsity, counts = [], [], []
+    n = frames.shape[-1] // model.config.patch_size * (frames.shape[-2] // model.config.patch_size)
+    dense_tl = (dense.prefix + n) * len(nf.adapter.layers)
+    metrics = {m: [] for m in METRICS}
+    sparsity, compute, ms, counts, source = [], [], [], [], "engine"
     for t in range(frames.shape[0]):
-        out = nf(frames[t], stream_ids=ids, active=None if masks is None or t == 0 else masks(t))
-        c = out.active_mask.sum(1).cpu()
-        counts.append(c)
+        active = None if masks is None or t == 0 else masks(t)
+        started = time.perf_counter()
+        out = nf(frames[t], stream_ids=ids, active=active)
+        elapsed = 1e3 * (time.perf_counter() - started)
+        if masks is not None and hasattr(masks, "observe"):
+            masks.observe(out)
+        counts.append(out.active_mask.sum(1).cpu())
+        tl, source = token_layers(out, nf)
         if t:
-            cos.append(F.cosine_similarity(out.pooler_output.float().cpu(), dense[t]).mean().item())
+            for m, v in zip(METRICS, frame_metrics(out.pooler_output.float().cpu(), out.last_hidden_state.float().cpu(),
+                                                   dense, t)):
+                metrics[m].append(v)
             sparsity.append(out.sparsity.float().mean().item())
+            compute.append(tl.float().mean().item() / dense_tl)
+            ms.append(elapsed)
     settings = {"threshold": nf.threshold, "ema_decay": nf.ema_decay, "floor_tokens": nf.floor_tokens}
-    return Run(cos, sparsity, counts, nf.arch, settings)
+    return Run(metrics, sparsity, compute, ms, counts, nf.arch, settings, source)
 
 
-def every_k(dense: list[torch.Tensor], k: int) -> tuple[list[float], list[float]]:
-    """Dense on frames 0, k, 2k, ...; the last dense output in between. (cos, skipped) per frame >= 1."""
-    cos, skipped = [], []
-    for t in range(1, len(dense)):
+class OracleMasks:
+    """Frame t computes ``counts[t]`` patches: those whose dense final feature differs most (``1 - cos``) from
+    what the engine holds (its ``last_hidden_state`` of frame t - 1). An upper bound, not deployable: it
+    needs the dense result it is meant to save."""
+
+    def __init__(self, dense: Dense, counts: list[torch.Tensor]):
+        self.dense, self.counts, self.held = dense, counts, None
+
+    def observe(self, out) -> None:
+        self.held = out.last_hidden_state.float().cpu()
+
+    def __call__(self, t: int) -> torch.Tensor:
+        p = self.dense.prefix
+        err = 1 - F.cosine_similarity(self.dense.hidden[t][:, p:], self.held[:, p:], dim=-1)  # [S, N]
+        out = torch.zeros_like(err, dtype=torch.bool)
+        for s, k in enumerate(self.counts[t].tolist()):
+            out[s, err[s].topk(k).indices] = True
+        return out
+
+
+def every_k(dense: Dense, k: int) -> Run:
+    """Dense on frames 0, k, 2k, ...; the last dense output reused in between (frames >= 1 reported).
+    Compute = 1 on a dense frame, 0 on a reused one; wall time = the dense forward's on a dense frame."""
+    metrics = {m: [] for m in METRICS}
+    skipped, compute, ms = [], [], []
+    for t in range(1, len(dense.pooled)):
         src = (t // k) * k
-        cos.append(F.cosine_similarity(dense[src], dense[t]).mean().item())
+        for m, v in zip(METRICS, frame_metrics(dense.pooled[src], dense.hidden[src], dense, t)):
+            metrics[m].append(v)
         skipped.append(0.0 if src == t else 1.0)
-    return cos, skipped
+        compute.append(1.0 if src == t else 0.0)
+        ms.append(dense.ms[t] if src == t else 0.0)
+    return Run(metrics, skipped, compute, ms, [], "", {}, "frames")
 
 
-def stats(cos: list[float], sparsity: list[float]) -> dict:
-    return {"fidelity": statistics.mean(cos), "fidelity_min": min(cos), "sparsity": statistics.mean(sparsity),
-            "fidelity_frames": [round(c, 6) for c in cos]}
+def stats(run: Run) -> dict:
+    out = {"sparsity": statistics.mean(run.sparsity), "compute": statistics.mean(run.compute),
+           "ms_per_frame": statistics.mean(run.ms), "fidelity_frames": [round(c, 6) for c in run.metrics["fidelity"]]}
+    for m in METRICS:
+        out[m], out[f"{m}_min"] = statistics.mean(run.metrics[m]), min(run.metrics[m])
+    return out
+
+
+def seed_stats(runs: list[Run], seeds: list[int]) -> dict:
+    """Several random draws -> each number's mean over the draws, plus ``<name>_sd`` (sample standard
+    deviation, 0 for one draw) and ``<name>_seeds`` (per draw) for the metrics."""
+    each = [stats(r) for r in runs]
+    out = {"seeds": seeds, "fidelity_frames": each[0]["fidelity_frames"]}
+    for key in ("sparsity", "compute", "ms_per_frame", *METRICS, *(f"{m}_min" for m in METRICS)):
+        values = [e[key] for e in each]
+        out[key] = statistics.mean(values)
+        if key in METRICS or key.endswith("_min"):
+            out[f"{key}_sd"] = statistics.stdev(values) if len(values) > 1 else 0.0
+            out[f"{key}_seeds"] = values
+    return out
 
 
 def run_workload(name: str, model, args, env: dict, base: dict, settings: dict[str, dict]) -> list[dict]:
@@ -204,90 +315,102 @@ def run_workload(name: str, model, args, env: dict, base: dict, settings: dict[s
     records = []
     started = time.perf_counter()
     with torch.inference_mode():
-        dense = [dense_pooled(model, frames[t]).float().cpu() for t in range(frames.shape[0])]
+        dense = dense_reference(model, frames, n)
+        rec0["dense_ms_per_frame"] = statistics.mean(dense.ms[1:])
 
         def add(method, setting, kwargs, run_stats, **extra):
             rec = {**rec0, "method": method, "setting": setting, "kwargs": kwargs, **extra, **run_stats}
             records.append(rec)
             swept = " ".join(f"{k}={v}" for k, v in (rec.get("swept") or {}).items())
             print(f"{name:12s} {method:10s} {setting:16s} {rec.get('arch') or '':2s} {swept:16s} "
-                  f"sparsity {rec['sparsity']:.3f}  "
-                  f"fidelity mean {rec['fidelity']:.4f} min {rec['fidelity_min']:.4f}", flush=True)
+                  f"compute {rec['compute']:.3f} sparsity {rec['sparsity']:.3f}  pooled {rec['fidelity']:.4f} "
+                  f"(min {rec['fidelity_min']:.4f}) patch {rec['patch_fidelity']:.4f} "
+                  f"moving {rec['moving_fidelity']:.4f}  {rec['ms_per_frame']:.1f} ms/frame", flush=True)
 
-        for k in EVERY_K:
+        for k in args.every_k:
             if k < args.frames:
-                cos, skipped = every_k(dense, k)
-                add("every-k", f"k={k}", {"k": k}, stats(cos, skipped), k=k)
-        done: dict[str, dict] = {}  # resolved arguments -> {method: (stats, arch, engine settings)}
+                add("every-k", f"k={k}", {"k": k}, stats(every_k(dense, k)), k=k)
+        done: dict[str, dict] = {}  # resolved arguments -> {method: (stats, extra fields)}
         for setting, kwargs in settings.items():
             for kw in expand(setting, kwargs, args.archs):
                 key = resolved(kw)
                 swept = {k: v for k, v in kw.items() if k != "arch" and isinstance(kwargs.get(k), list)}
                 if key in done:  # same arguments as an earlier setting's run: its numbers, not a rerun
-                    for method, (st, arch, eng) in done[key].items():
-                        add(method, setting, kw, st, arch=arch, engine_settings=eng, swept=swept or None,
+                    for method, (st, extra) in done[key].items():
+                        add(method, setting, kw, st, **{**extra, "swept": swept or None},
                             **({"paired_setting": setting} if method != "gate" else {}), same_run_as=key)
                     continue
                 gate = run_engine(model, frames, dense, kw)
-                extra = {"arch": gate.arch, "engine_settings": gate.settings, "swept": swept or None}
-                done[key] = {"gate": (stats(gate.cos, gate.sparsity), gate.arch, gate.settings)}
-                add("gate", setting, kw, done[key]["gate"][0], **extra)
-                if gate.arch not in BASELINE_ARCHS:
+                extra = {"arch": gate.arch, "engine_settings": gate.settings, "token_layers_source": gate.token_layers_source}
+                done[key] = {"gate": (stats(gate), extra)}
+                add("gate", setting, kw, done[key]["gate"][0], **extra, swept=swept or None)
+                if gate.arch not in BASELINE_ARCHS or (args.baselines == DEFAULT and setting != DEFAULT):
                     continue
-                paired = {"paired_setting": setting, **extra}
-                rnd = run_engine(model, frames, dense, kw, masks=random_masks(gate.counts, n, seed=0))
-                done[key]["random"] = (stats(rnd.cos, rnd.sparsity), gate.arch, gate.settings)
-                add("random", setting, kw, done[key]["random"][0], **paired)
+                paired = {"paired_setting": setting, **extra, "swept": swept or None}
+                rnd = [run_engine(model, frames, dense, kw, masks=random_masks(gate.counts, n, seed=s)) for s in args.seeds]
                 pix = run_engine(model, frames, dense, kw, masks=pixel_diff_masks(frames, gate.counts, patch))
-                done[key]["pixel-diff"] = (stats(pix.cos, pix.sparsity), gate.arch, gate.settings)
-                add("pixel-diff", setting, kw, done[key]["pixel-diff"][0], **paired)
+                ora = run_engine(model, frames, dense, kw, masks=OracleMasks(dense, gate.counts))
+                for method, st in (("random", seed_stats(rnd, list(args.seeds))), ("pixel-diff", stats(pix)),
+                                   ("oracle", stats(ora))):
+                    done[key][method] = (st, extra)
+                    add(method, setting, kw, st, **paired)
     print(f"{name}: {time.perf_counter() - started:.0f} s", flush=True)
     return records
 
 
 # -- figures ---------------------------------------------------------------------------------------
 
+PANELS = (("fidelity", "pooled cosine"), ("patch_fidelity", "patch-token cosine"),
+          ("moving_fidelity", "moving-patch cosine (20% most changed)"))
+
+
 def plots(records: list[dict], out: Path) -> list[str]:
+    """One PNG per clip, three panels: each metric against compute (computed token-layers / dense)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     names = []
-    styles = {"random": ("tab:gray", "x", ":"), "pixel-diff": ("tab:orange", "s", ":"), "every-k": ("black", "^", "--")}
-    palette = ["tab:blue", "tab:green", "tab:red", "tab:purple", "tab:brown", "tab:pink", "tab:olive", "tab:cyan"]
+    styles = {"random": ("tab:gray", "x", ":"), "pixel-diff": ("tab:orange", "s", ":"), "every-k": ("black", "^", "--"),
+              "oracle": ("tab:green", "P", ":")}
+    palette = ["tab:blue", "tab:purple", "tab:brown", "tab:pink", "tab:olive", "tab:cyan", "tab:red"]
     for clip in dict.fromkeys(r["workload"] for r in records):
-        recs = [r for r in records if r["workload"] == clip]
-        fig, axes = plt.subplots(1, 2, figsize=(13, 5))
-        gate_keys = [k for k in dict.fromkeys(method_key(r) for r in recs) if k.startswith("gate ")]
-        for ax in axes:
-            for key in dict.fromkeys(method_key(r) for r in recs):
-                pts = sorted((r["sparsity"], r["fidelity"]) for r in recs if method_key(r) == key)
+        recs = [r for r in records if r["workload"] == clip and "compute" in r]
+        if not recs:
+            continue
+        fig, axes = plt.subplots(1, 3, figsize=(18, 5.5))
+        keys = list(dict.fromkeys(method_key(r) for r in recs))
+        gate_keys = [k for k in keys if k.startswith("gate ")]
+        for ax, (metric, title) in zip(axes, PANELS):
+            for key in keys:
+                sel = sorted((r for r in recs if method_key(r) == key), key=lambda r: r["compute"])
+                xs, ys = [r["compute"] for r in sel], [r[metric] for r in sel]
                 kind = key.split()[0]
                 if kind == "gate":
                     color, marker, ls = palette[gate_keys.index(key) % len(palette)], "o", "-"
-                    if key.endswith(" KV"):
-                        marker = "D"
                     if key.split()[1] == DEFAULT:
                         color, marker = "tab:red", "*"
                 else:
                     color, marker, ls = styles[kind]
-                    if key.endswith(" KV"):
-                        marker = {"x": "+", "s": "v"}.get(marker, marker)
-                ax.plot(*zip(*pts), marker=marker, linestyle=ls if len(pts) > 1 else "none", color=color,
-                        label=key, alpha=0.85, markersize=10 if marker == "*" else 5)
+                err = [r.get(f"{metric}_sd", 0.0) for r in sel]
+                if any(err):
+                    ax.errorbar(xs, ys, yerr=err, marker=marker, linestyle="none", color=color, label=key, alpha=0.85,
+                                markersize=5, capsize=3)
+                else:
+                    ax.plot(xs, ys, marker=marker, linestyle=ls if len(xs) > 1 else "none", color=color, label=key,
+                            alpha=0.85, markersize=11 if marker == "*" else 6)
             for level in FIDELITY_LEVELS:
                 ax.axhline(level, color="lightgray", linewidth=0.8)
-            ax.set(xlabel="mean sparsity (share of patches not computed)", ylabel="fidelity (mean cosine to dense)",
-                   xlim=(0, 1))
-        low = min(r["fidelity"] for r in recs)
-        axes[0].set(ylim=(max(low - 0.005, 0.0), 1.001), title=f"{clip}: fidelity vs sparsity, all runs")
-        axes[1].set(ylim=(0.97, 1.0005), title="zoom: fidelity 0.97-1 (lines at 0.98, 0.99)")
-        axes[0].legend(fontsize=7, ncol=2, loc="lower left")
-        fig.suptitle(f"{recs[0]['model']}; {recs[0]['size']} px, {recs[0]['frames']} frames", fontsize=9)
+            low = min(r[metric] for r in recs)
+            ax.set(xlabel="compute (computed token-layers / dense)", ylabel=title, xlim=(0, 1.02),
+                   ylim=(max(low - 0.003, 0.0), 1.0005), title=f"{clip}: {title}")
+        axes[0].legend(fontsize=7, loc="lower right")
+        fig.suptitle(f"{recs[0]['model']}; {recs[0]['size']} px, {recs[0]['frames']} frames (first excluded); "
+                     "random: mean +- sd over seeds", fontsize=9)
         fig.tight_layout()
         name = f"fidelity_{clip}.png"
-        fig.savefig(out / name, dpi=110)
+        fig.savefig(out / name, dpi=100)
         plt.close(fig)
         names.append(name)
     return names
@@ -332,6 +455,13 @@ def main(argv=None) -> int:
     p.add_argument("--only", nargs="+", default=None, metavar="NAME", help="run only these settings")
     p.add_argument("--thresholds", nargs="+", type=float, default=None, metavar="T",
                    help=f"the threshold sweep of every setting that sweeps it (default {THRESHOLDS})")
+    p.add_argument("--every-k", nargs="+", type=int, default=list(EVERY_K), metavar="K",
+                   help=f"the every-k baseline's k values (default {' '.join(map(str, EVERY_K))}; those < --frames run)")
+    p.add_argument("--seeds", nargs="+", type=int, default=None, metavar="SEED",
+                   help="random baseline draws, reported as mean and spread (default 0 1 2; 0 1 with --quick)")
+    p.add_argument("--baselines", choices=["all", DEFAULT], default="all",
+                   help="gate runs that get the random / pixel-diff / oracle baselines: every C and KV run (all) "
+                        "or only the default setting's")
     p.add_argument("--device", default="cpu")
     p.add_argument("--out", type=Path, default=RESULTS)
     p.add_argument("--no-results-page", action="store_true", help="do not regenerate bench/RESULTS.md")
@@ -349,6 +479,9 @@ def main(argv=None) -> int:
         write_report(pick, args.out, results_page=not args.no_results_page)
         return 0
     args.frames = args.frames or (6 if args.quick else 40)
+    args.seeds = args.seeds or ([0, 1] if args.quick else [0, 1, 2])
+    if any(k < 1 for k in args.every_k):
+        p.error("--every-k values must be at least 1")
     if args.frames < 2:
         p.error("--frames must be at least 2 (the first frame is dense)")
     settings = {k: v for k, v in SETTINGS.items() if not args.quick or k in QUICK_SETTINGS}

@@ -20,7 +20,7 @@ STATIC_CLIP, STATIC_FIDELITY, STATIC_SPARSITY = "carphone", 0.99, 0.85
 
 def method_key(r: dict) -> str:
     """The curve a record belongs to: ``gate <setting> <arch>``, ``random <arch>``, ``pixel-diff
-    <arch>`` (pooled over the gate settings they were paired with) or ``every-k``."""
+    <arch>``, ``oracle <arch>`` (pooled over the gate settings they were paired with) or ``every-k``."""
     if r["method"] == "every-k":
         return "every-k"
     if r["method"] == "gate":
@@ -104,19 +104,20 @@ def comparison_rows(records: list[dict]) -> list[dict]:
     for g in records:
         if g["method"] != "gate":
             continue
-        same = [r for r in records if r["workload"] == g["workload"] and r["method"] in ("random", "pixel-diff")
+        same = [r for r in records if r["workload"] == g["workload"] and r["method"] in ("random", "pixel-diff", "oracle")
                 and r["paired_setting"] == g["setting"] and r["kwargs"] == g["kwargs"]]
         ek = [r for r in records if r["workload"] == g["workload"] and r["method"] == "every-k"]
         row = {"workload": g["workload"], "setting": g["setting"], "arch": g["arch"],
                "value": _swept(g), "sparsity": g["sparsity"], "gate": _pair(g)}
-        for m in ("random", "pixel-diff"):
+        row["compute"] = f"{g['compute']:.3f}" if "compute" in g else ""
+        for m in ("random", "pixel-diff", "oracle"):
             hit = [r for r in same if r["method"] == m]
             row[m] = _pair(hit[0]) if hit else ""
         if ek:
             near = min(ek, key=lambda r: abs(r["sparsity"] - g["sparsity"]))
             row["every-k"] = f"{_pair(near)} (k={near['k']}, {near['sparsity']:.2f})"
         if same:
-            best = max([g] + same, key=lambda r: r["fidelity"])
+            best = max([g] + [r for r in same if r["method"] != "oracle"], key=lambda r: r["fidelity"])
             row["best"] = best["method"]
         rows.append(row)
     return rows
@@ -133,9 +134,10 @@ def _pair(r: dict) -> str:
 
 
 COMPARISON_COLUMNS = [("workload", "clip"), ("setting", "setting"), ("arch", "arch"), ("value", "swept"),
-                      ("sparsity", "sparsity"), ("gate", "gate mean / min"), ("random", "random mean / min"),
-                      ("pixel-diff", "pixel-diff mean / min"), ("every-k", "every-k (nearest sparsity)"),
-                      ("best", "best at same counts")]
+                      ("sparsity", "sparsity"), ("compute", "compute"), ("gate", "gate mean / min"),
+                      ("random", "random mean / min"), ("pixel-diff", "pixel-diff mean / min"),
+                      ("oracle", "oracle mean / min"), ("every-k", "every-k (nearest sparsity)"),
+                      ("best", "best deployable at same counts")]
 FRONTIER_COLUMNS = [("workload", "clip"), ("method", "method"), ("points", "runs"),
                     ("at_0.99", "sparsity at fidelity 0.99"), ("at_0.98", "sparsity at fidelity 0.98")]
 TARGET_COLUMNS = [("target", "target"), ("clip", "clip"), ("measured", "measured"), ("met", "met")]
@@ -148,11 +150,115 @@ FRONTIER_NOTE = ("Per method, its runs' (mean sparsity, mean fidelity) points pl
                  "frontier falls below the level right after the dense point. random / pixel-diff pool the runs "
                  "paired with every gate setting of that architecture.")
 COMPARISON_NOTE = ("Fidelity = cosine of the pooled output to dense, mean / min over frames (the first, dense frame "
-                   "excluded). random and pixel-diff compute exactly the gate run's per-frame patch counts in the same "
+                   "excluded); random: mean over its seeds. random, pixel-diff and oracle (upper bound, not deployable) compute exactly the gate run's per-frame patch counts in the same "
                    "architecture and settings (through `active=`); every-k is the dense model every k-th frame, the "
                    "k whose share of skipped frames is nearest the gate's sparsity.")
 
 
+
+
+# -- matched compute (issue #20) -------------------------------------------------------------------
+
+METRIC_NAMES = (("fidelity", "pooled"), ("patch_fidelity", "patch-token"), ("moving_fidelity", "moving-patch"))
+
+
+def interpolate_at(points: list[tuple[float, float]], c: float, upper: bool = True) -> float | None:
+    """Value at compute ``c`` along a method's points ``(compute, value)``, linear between the two that
+    bracket it. ``upper``: only the frontier (each point better than every cheaper one; the dense point
+    (1, 1) included), for a fidelity; else every point (a wall time). None below the cheapest point."""
+    pts = sorted(set(points) | ({(1.0, 1.0)} if upper else set()))
+    if upper:
+        front = []
+        for x, y in pts:
+            if not front or y > front[-1][1]:
+                front.append((x, y))
+        pts = front
+    if not pts or c < pts[0][0] - 1e-12:
+        return None
+    for (x0, y0), (x1, y1) in zip(pts, pts[1:]):
+        if x0 <= c <= x1:
+            return y0 if x1 == x0 else y0 + (y1 - y0) * (c - x0) / (x1 - x0)
+    return pts[-1][1] if c >= pts[-1][0] and not upper else None  # a wall time past the dearest point: its value
+
+
+def matched_rows(records: list[dict]) -> list[dict]:
+    """Per clip, at the ``default`` gate run's compute (computed token-layers / dense): the default, every-k
+    interpolated along its frontier, and the oracle, random (mean +- sd over seeds) and pixel-diff at the
+    default's own per-frame counts: the three metrics and wall time per frame."""
+    rows = []
+    for g in records:
+        if g["method"] != "gate" or g["setting"] != DEFAULT or "compute" not in g:
+            continue
+        clip, c = g["workload"], g["compute"]
+        row0 = {"workload": clip, "compute": f"{c:.3f}"}
+        rows.append({**row0, "method": f"default gate ({g['arch']}, thr {g['engine_settings']['threshold']})",
+                     **_metric_cells(g), "ms": f"{g['ms_per_frame']:.1f}"})
+        ek = [r for r in records if r["workload"] == clip and r["method"] == "every-k" and "compute" in r]
+        if ek:
+            cells = {}
+            for m, _ in METRIC_NAMES:
+                v = interpolate_at([(r["compute"], r[m]) for r in ek], c)
+                cells[m] = "below k range" if v is None else f"{v:.4f}"
+            ms = interpolate_at([(r["compute"], r["ms_per_frame"]) for r in ek] + [(1.0, g.get("dense_ms_per_frame", 0.0))],
+                                c, upper=False)
+            ks = sorted(r["k"] for r in ek)
+            rows.append({**row0, "method": f"every-k, interpolated (k {ks[0]}..{ks[-1]})", **cells,
+                         "ms": "" if ms is None else f"{ms:.1f}"})
+        for method, label in (("oracle", "oracle, same counts (upper bound)"), ("random", "random, same counts"),
+                              ("pixel-diff", "pixel-diff, same counts")):
+            hit = [r for r in records if r["workload"] == clip and r["method"] == method and r.get("paired_setting") == DEFAULT
+                   and r["kwargs"] == g["kwargs"]]
+            if hit:
+                r = hit[0]
+                seeds = f" ({len(r['seeds'])} seeds, mean +- sd)" if r.get("seeds") else ""
+                rows.append({**row0, "compute": f"{r['compute']:.3f}", "method": label + seeds, **_metric_cells(r),
+                             "ms": f"{r['ms_per_frame']:.1f}"})
+        rows.append({**row0, "compute": "1.000", "method": "dense", "fidelity": "1", "patch_fidelity": "1",
+                     "moving_fidelity": "1", "ms": f"{g['dense_ms_per_frame']:.1f}" if "dense_ms_per_frame" in g else ""})
+    return rows
+
+
+def _metric_cells(r: dict) -> dict:
+    out = {}
+    for m, _ in METRIC_NAMES:
+        sd = r.get(f"{m}_sd")
+        out[m] = f"{r[m]:.4f}" + (f" +- {sd:.4f}" if sd is not None else "") + f" (min {r[f'{m}_min']:.4f})"
+    return out
+
+
+def matched_verdicts(records: list[dict]) -> list[str]:
+    """Issue #20 part 6's first target, read from the measured numbers: at the default's compute, the default
+    against every-k (patch-token and moving-patch higher; pooled no lower than every-k - 0.001)."""
+    lines = []
+    for g in records:
+        if g["method"] != "gate" or g["setting"] != DEFAULT or "compute" not in g:
+            continue
+        ek = [r for r in records if r["workload"] == g["workload"] and r["method"] == "every-k" and "compute" in r]
+        parts = []
+        for m, name in METRIC_NAMES:
+            v = interpolate_at([(r["compute"], r[m]) for r in ek], g["compute"]) if ek else None
+            if v is None:
+                parts.append(f"{name}: no every-k point at this compute")
+                continue
+            ok = g[m] >= v - 0.001 if m == "fidelity" else g[m] > v
+            parts.append(f"{name} {g[m]:.4f} vs every-k {v:.4f} ({'met' if ok else 'NOT met'})")
+        lines.append(f"- {g['workload']} at compute {g['compute']:.3f}: " + "; ".join(parts))
+    return lines
+
+
+MATCHED_COLUMNS = [("workload", "clip"), ("method", "method"), ("compute", "compute"), ("fidelity", "pooled cosine"),
+                   ("patch_fidelity", "patch-token cosine"), ("moving_fidelity", "moving-patch cosine"),
+                   ("ms", "ms / frame (CPU)")]
+MATCHED_NOTE = ("Compute = computed token-layers / dense token-layers over the frames after the first (gate: each frame's "
+                "computed tokens, prefix included, x layers run, from `NeuroFlowOutput.token_layers` where the engine "
+                "reports it, else counted from `active_mask`; every-k: the share of dense frames). Every-k's values are "
+                "interpolated linearly along its frontier (k values and the dense point) at the default's compute; "
+                "oracle, random and pixel-diff compute exactly the default's per-frame counts in the same architecture "
+                "(forced through `active=`). Cosines: mean over frames (min over frames in brackets); patch-token: mean "
+                "over patch tokens of `last_hidden_state`; moving-patch: over the 20% of patches whose dense final "
+                "feature changed most from the previous frame. ms / frame: the engine call's wall time, mean over the "
+                "frames after the first (every-k: the dense forward on its dense frames, 0 on reused ones), on a shared "
+                "CPU: read ratios within one clip, not absolute times.")
 
 
 def target_summary(rows: list[dict]) -> list[str]:
@@ -194,6 +300,11 @@ def tables(records: list[dict]) -> str:
         markdown_table(targets, TARGET_COLUMNS),
         "Sparsest gate run of any measured setting at the target fidelities (for comparison with the default):",
         "\n".join(best_gate_lines(records)),
+        "## Matched compute: default vs every-k vs oracle vs random (issue #20)", MATCHED_NOTE,
+        markdown_table(matched_rows(records), MATCHED_COLUMNS) if matched_rows(records) else "No default run with compute.",
+        "Default vs every-k at the default's compute (patch-token and moving-patch must be higher, pooled no lower "
+        "than every-k - 0.001):",
+        "\n".join(matched_verdicts(records)) or "No default run with compute.",
         "## Sparsity reached at fidelity 0.99 / 0.98", FRONTIER_NOTE,
         markdown_table(frontier_rows(records), FRONTIER_COLUMNS),
         "## Gate vs baselines at the same per-frame counts", COMPARISON_NOTE,
