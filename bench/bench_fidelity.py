@@ -20,21 +20,35 @@ with no arguments at all: whatever the engine's defaults are. Settings whose arg
 installed engine does not accept are reported as skipped. Add or replace settings with
 ``--settings 'name={"threshold": [0.1, 0.2], "ema_decay": 0.05}'``.
 
-Per run: mean and minimum over frames of the cosine of the pooled output (``pooler_output``) to
-the dense model's, and mean sparsity. Baselines, in the same architecture with the same caches
-(same kwargs, patches forced through ``active=``), at the gate run's own per-frame counts:
+Per run, mean and minimum over frames: the cosine to the dense model's output of the pooled output
+(``pooler_output``; ``fidelity``), of the patch tokens of ``last_hidden_state`` (mean over patch
+tokens; ``patch_fidelity``) and of the moving patches (the 20% of patches whose dense final feature
+changed most from the previous frame; ``moving_fidelity``); mean sparsity; ``compute``, computed
+token-layers / dense token-layers (each frame's computed tokens, prefix included, x the layers run:
+``NeuroFlowOutput.token_layers`` where the engine reports it, else counted from ``active_mask`` and
+the encoder's layer count; ``token_layers_source`` says which); and ``ms_per_frame``, the wall time
+of the engine call (CPU: shared, noisy; read ratios). Baselines, in the same architecture with the
+same caches (same kwargs, patches forced through ``active=``), at the gate run's own per-frame counts:
 
-* ``random``: that many patches drawn uniformly (torch generator, seed 0);
+* ``random``: that many patches drawn uniformly, over several seeds (``--seeds``, default 0 1 2):
+  every number is the mean over the draws, ``<metric>_sd`` their spread, ``<metric>_seeds`` each;
 * ``pixel-diff``: the patches whose pixels changed most since the previous frame;
-* ``every-k``: the dense model on every k-th frame, its last output reused in between
-  (sparsity = share of skipped frames, close to ``1 - 1/k``).
+* ``oracle``: the patches whose dense final feature differs most (``1 - cos``) from what the engine
+  holds (its ``last_hidden_state`` of the previous frame): an upper bound, not deployable;
+* ``every-k``: the dense model on every k-th frame (``--every-k``), its last output reused in
+  between (compute = the share of dense frames; wall time = the dense forward's on those frames).
+
+``--baselines default`` gives the baselines to the ``default`` setting's run only (a focused run).
+The matched-compute table compares, per clip, the default with every-k interpolated along its
+frontier at the default's compute and with oracle / random / pixel-diff at the default's counts.
 
 Architecture B runs for reference only: in the ``ema`` setting (the paper's gate), without
 baselines (it needs distillation to be usable). Two settings that resolve to the same engine
 arguments (e.g. ``default`` and ``ema`` at the default threshold) share one run.
 
 Writes ``bench/results/fidelity.jsonl`` (appended), ``bench/results/fidelity.md`` (latest run),
-one frontier figure per clip ``bench/results/fidelity_<clip>.png`` and regenerates
+one figure per clip ``bench/results/fidelity_<clip>.png`` (the three metrics against compute)
+and regenerates
 ``bench/RESULTS.md`` (section "Real weights": per clip, the sparsity each method reaches at
 fidelity 0.99 and 0.98, interpolated linearly along the method's Pareto frontier, and the
 targets of issue #12 checked for the ``default`` setting).

@@ -1,6 +1,8 @@
 """Reading ``bench/results/fidelity.jsonl``: frontiers, the sparsity each method reaches at a
-fidelity level, gate-vs-baseline tables and the targets of issue #12 (part 5) for the ``default``
-setting. Pure Python (no torch), shared by ``bench_fidelity.py`` and ``results_page.py``.
+fidelity level, gate-vs-baseline tables, the targets of issue #12 (part 5) for the ``default``
+setting and the matched-compute comparison of issue #20 (default vs every-k interpolated at the
+default's compute vs oracle / random / pixel-diff at its counts, on the three metrics). Pure
+Python (no torch), shared by ``bench_fidelity.py`` and ``results_page.py``.
 """
 
 from __future__ import annotations
@@ -330,9 +332,11 @@ def page_section(records: list[dict], figure_dir: str) -> list[str]:
     """The results page's "Real weights" section (markdown lines)."""
     lines = ["## Real weights", "",
              "Regenerated from `bench/results/fidelity.jsonl` (`python bench/bench_fidelity.py`, see `bench/README.md`).",
-             "Fidelity = cosine of the pooled output to the dense model's on the same frame; random and pixel-diff",
-             "run inside the same architecture with the same caches, at the gate's own per-frame patch counts;",
-             "every-k is the dense model every k-th frame with its output reused in between.", ""]
+             "Fidelity = cosine of the pooled output to the dense model's on the same frame (patch-token and",
+             "moving-patch cosines in the matched-compute table and the figures); random (mean over seeds), pixel-diff",
+             "and oracle (upper bound) run inside the same architecture with the same caches, at the gate's own",
+             "per-frame patch counts; every-k is the dense model every k-th frame with its output reused in between.",
+             "Figures: pooled, patch-token and moving-patch cosine against compute (computed token-layers / dense).", ""]
     if not records:
         return lines + ["No fidelity run has been recorded yet.", ""]
     for (device, quick), recs in sorted(latest_runs(records).items()):

@@ -73,6 +73,10 @@ def test_e2e_benchmark_quick_matrix_on_tiny_models(tmp_path):
     for r in records:
         assert r["p50_ms"] > 0 and 0 <= r["sparsity"] <= 1 and -1 <= r["fidelity"] <= 1.0001
     assert all(r["speedup"] == 1.0 for r in records if r["contender"] == "dense")
+    for r in records:  # the random baseline: mean and spread over its draws
+        if r["contender"] == "random":
+            assert r["seeds"] == [0, 1, 2] and len(r["fidelity_seeds"]) == 3 and r["fidelity_sd"] >= 0
+            assert abs(r["fidelity"] - sum(r["fidelity_seeds"]) / 3) < 1e-9
     page = (out / "RESULTS.md").read_text()
     assert "## cpu" in page and "quick matrix" in page and "All configurations" in page
     assert len(list(out.glob("e2e_*.png"))) == 4
@@ -132,6 +136,63 @@ def test_fidelity_benchmark_end_to_end_on_a_tiny_model(tmp_path):
     page = (out / "RESULTS.md").read_text()
     assert "## Real weights" in page and "**Not real weights**" in page
     assert "default beats random selection" in page and "sparsity at fidelity 0.99" in page
+    assert "Matched compute: default vs every-k vs oracle vs random" in page
+
+
+def test_fidelity_benchmark_compute_axis_and_baselines(tmp_path):
+    """The new columns on a tiny random DINOv2 (2 layers, 16 patches, 12 frames of the synthetic clip): patch-token
+    and moving-patch cosines, compute = computed token-layers / dense, wall time, random over seeds, the oracle."""
+    from transformers import Dinov2Config, Dinov2Model
+
+    Dinov2Model(Dinov2Config(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                             patch_size=14, image_size=56)).save_pretrained(tmp_path / "tiny")
+    out = tmp_path / "out"
+    frames = 12
+    records = run_script("bench_fidelity.py", "--quick", "--frames", str(frames), "--resolution", "56", "--clips",
+                         "synthetic", "--model", str(tmp_path / "tiny"), "--only", "default", "--every-k", "2", "3", "5",
+                         "--seeds", "0", "1", "2", out=out)
+    by = {r["method"]: r for r in records if r["method"] != "every-k"}
+    assert set(by) == {"gate", "random", "pixel-diff", "oracle"}
+    for r in records:
+        for m in ("fidelity", "patch_fidelity", "moving_fidelity"):
+            assert -1 <= r[f"{m}_min"] <= r[m] <= 1.0001
+        assert 0 < r["compute"] <= 1 and r["ms_per_frame"] >= 0 and r["dense_ms_per_frame"] > 0
+    for r in records:  # every-k: compute is the share of dense frames among frames 1 .. F-1, exactly
+        if r["method"] == "every-k":
+            dense_frames = sum(1 for t in range(1, frames) if t % r["k"] == 0)
+            assert r["compute"] == dense_frames / (frames - 1)
+    gate = by["gate"]
+    # 16 patches + CLS, 2 layers: compute = mean over frames of (CLS + active) / 17, the same for every baseline
+    # run at the gate's counts (the engine's own token_layers, or the fallback, count the prefix token).
+    assert abs(gate["compute"] - (1 + 16 * (1 - gate["sparsity"])) / 17) < 1e-6
+    for m in ("random", "pixel-diff", "oracle"):
+        assert abs(by[m]["compute"] - gate["compute"]) < 1e-6
+    rnd = by["random"]
+    assert rnd["seeds"] == [0, 1, 2] and len(rnd["patch_fidelity_seeds"]) == 3 and rnd["patch_fidelity_sd"] >= 0
+    assert abs(rnd["patch_fidelity"] - sum(rnd["patch_fidelity_seeds"]) / 3) < 1e-9
+    # The oracle computes, per frame, the patches whose held feature is furthest from dense: on the patch tokens it
+    # must beat every random draw at the same counts (the synthetic clip moves only a few boxes).
+    assert by["oracle"]["patch_fidelity"] > max(rnd["patch_fidelity_seeds"])
+    assert by["oracle"]["moving_fidelity"] > rnd["moving_fidelity"]
+    page = (out / "RESULTS.md").read_text()
+    assert "oracle, same counts (upper bound)" in page and "random, same counts (3 seeds, mean +- sd)" in page
+    assert "every-k, interpolated (k 2..5)" in page and "ms / frame (CPU)" in page
+
+
+def test_matched_compute_interpolation():
+    """Every-k at another method's compute: linear along its frontier (dense point (1, 1) included); None below
+    its cheapest point; a dominated point is not on the frontier."""
+    sys.path.insert(0, str(ROOT / "bench"))
+    try:
+        from fidelity_report import interpolate_at
+    finally:
+        sys.path.remove(str(ROOT / "bench"))
+    pts = [(0.25, 0.90), (0.5, 0.96), (0.4, 0.80)]  # (0.4, 0.80) is beaten by the cheaper (0.25, 0.90)
+    assert abs(interpolate_at(pts, 0.25) - 0.90) < 1e-12
+    assert abs(interpolate_at(pts, 0.375) - 0.93) < 1e-12
+    assert abs(interpolate_at(pts, 0.75) - 0.98) < 1e-12
+    assert interpolate_at(pts, 0.1) is None
+    assert abs(interpolate_at([(0.5, 40.0), (1.0, 80.0)], 0.75, upper=False) - 60.0) < 1e-12
 
 
 def test_fidelity_frontier_interpolation():
