@@ -132,7 +132,8 @@ def _swept(r: dict) -> str:
 
 
 def _pair(r: dict) -> str:
-    return f"{r['fidelity']:.4f} / {r['fidelity_min']:.4f}"
+    sd = f" (sd {r['fidelity_sd']:.4f}, {len(r['seeds'])} seeds)" if "fidelity_sd" in r and r.get("seeds") else ""
+    return f"{r['fidelity']:.4f} / {r['fidelity_min']:.4f}{sd}"
 
 
 COMPARISON_COLUMNS = [("workload", "clip"), ("setting", "setting"), ("arch", "arch"), ("value", "swept"),
