@@ -43,4 +43,4 @@ def test_readme_example_runs_as_written(tmp_path):
     assert len(lines) == 8 and lines[0] == "0 [0.0, 0.0]", done.stdout  # first frames dense
     later = [json.loads(line.split(" ", 1)[1]) for line in lines[1:]]
     assert all(0.0 < s < 1.0 for row in later for s in row), done.stdout  # the gate skips some patches
-    assert (tmp_path / "tiny-siglip" / "config.json").is_file()
+    assert (tmp_path / "streams.pt").is_file() and (tmp_path / "tiny-siglip" / "config.json").is_file()
