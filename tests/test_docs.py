@@ -3,7 +3,9 @@
 - Every ```python block runs (CPU, in a fresh folder) unless the line before it is
   ``<!-- gpu-only: REASON -->`` or ``<!-- no-run: REASON -->`` (see docs/contributing.md).
 - Every ``neuroflow ...`` command in a ```bash block parses with the real argument parser
-  (subcommand, flags, choices and argument counts); running them is too slow for CI.
+  (subcommand, flags, choices and argument counts); running them is too slow for CI. Commands
+  quoted inline in prose name a real subcommand and real flags; ``python bench/*.py`` /
+  ``tools/*.py`` commands name an existing script that defines each flag used.
 - Every generated block (option defaults and CLI tables) equals what tools/docs_tables.py
   generates from the code now.
 - Every relative link points to a file that exists.
@@ -93,6 +95,39 @@ def test_neuroflow_command_parses(item, cmd):
     except SystemExit as exc:  # argparse exits 2 on an unknown flag, a bad choice or a missing value
         pytest.fail(f"{_id(item)}: `neuroflow {' '.join(cmd)}` does not parse (exit {exc.code})")
     assert args.command == cmd[0]
+
+
+def _options(sub) -> set[str]:
+    return {o for a in sub._actions for o in a.option_strings}
+
+
+INLINE = [(page, m.group(1)) for page in PAGES
+          for m in re.finditer(r"`(neuroflow [a-z][^`]*)`", page.read_text(encoding="utf-8"))]
+
+
+@pytest.mark.parametrize("page,span", INLINE, ids=[f"{p.name}:{s[:40]}" for p, s in INLINE])
+def test_inline_neuroflow_commands_use_real_flags(page, span):
+    """Commands quoted in prose (`neuroflow serve --device cuda`) name a real subcommand and flags."""
+    subs = docs_tables._subparsers(__import__("neuroflow.cli", fromlist=["parser"]).parser())
+    words = span.split()
+    assert words[1] in subs, f"{page.name}: `{span}`: no subcommand {words[1]!r}"
+    unknown = [w.split("=")[0] for w in words[2:] if w.startswith("--") and w.split("=")[0] not in _options(subs[words[1]])]
+    assert not unknown, f"{page.name}: `{span}`: {words[1]} has no {unknown}"
+
+
+SCRIPTS = [(item, m.group(1), m.group(2)) for item in BASH
+           for m in re.finditer(r"python3? (bench/\w+\.py|tools/\w+\.py)([^\n#|&;]*)", re.sub(r"\\\n\s*", " ", item[3]))]
+
+
+@pytest.mark.parametrize("item,script,rest", SCRIPTS, ids=[f"{_id(i)}:{s}" for i, s, _ in SCRIPTS])
+def test_script_commands_exist_with_their_flags(item, script, rest):
+    """`python bench/x.py --flag` in a shell block: the script exists and defines each flag (its
+    source is read, not run: the benchmarks are too slow for CI)."""
+    path = ROOT / script
+    assert path.is_file(), f"{_id(item)}: {script} does not exist"
+    source = path.read_text(encoding="utf-8")
+    missing = [f for f in re.findall(r"(--[\w-]+)", rest) if f'"{f}"' not in source]
+    assert not missing, f"{_id(item)}: {script} defines no {missing}"
 
 
 def test_generated_tables_match_the_code():

@@ -118,7 +118,10 @@ def cli_table(sub: argparse.ArgumentParser) -> str:
         # e.g. --device: cuda when available), so the column stays empty then.
         shown = ("" if a.default in (None, False) or a.default is argparse.SUPPRESS or "default" in (a.help or "")
                  else _code(a.default))
-        rows.append(f"| {name} | {values} | {shown} | {_cell(a.help or '')} |")
+        text = a.help or ""
+        if "%(" in text:  # argparse expands %(default)s and friends in --help; so does the table
+            text = text % {**vars(a), "prog": sub.prog}
+        rows.append(f"| {name} | {values} | {shown} | {_cell(text)} |")
     return "\n".join(rows) + "\n"
 
 
@@ -137,7 +140,17 @@ def dataclass_table(cls) -> str:
 
 
 def tables() -> dict[str, str]:
-    """Every generated block by name."""
+    """Every generated block by name, as on a machine without a GPU (some commands' defaults and
+    help texts name the device they find; the docs must not depend on where they are built)."""
+    from unittest import mock
+
+    import torch
+
+    with mock.patch.object(torch.cuda, "is_available", return_value=False):
+        return _tables()
+
+
+def _tables() -> dict[str, str]:
     from neuroflow.cli import parser
 
     out = {"gate": gate_table()}
