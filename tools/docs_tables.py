@@ -76,12 +76,9 @@ def gate_table() -> str:
     head = "| option | default | " + " | ".join(f'`preset="{n}"`' for n in names) + " | meaning |"
     rows = [head, "|" + "---|" * (3 + len(names))]
     for p in params:
-        if p.default is FROM_PRESET:
-            default = "from the preset"
-            per = [_code(PRESETS[n][p.name]) for n in names]
-        else:
-            default = _code(p.default)
-            per = [""] * len(names)
+        default = "from the preset" if p.default is FROM_PRESET else _code(p.default)
+        # A preset that leaves a setting out uses the signature's default (empty cell).
+        per = [_code(PRESETS[n][p.name]) if p.name in PRESETS[n] else "" for n in names]
         rows.append(f"| `{p.name}` | {default} | " + " | ".join(per) + f" | {_cell(docs.get(p.name, ''))} |")
     return "\n".join(rows) + "\n"
 
