@@ -1,4 +1,4 @@
-"""The README's quick start runs as written (in a fresh folder), so it cannot rot."""
+"""The README's set-up commands and its example run as written (in a fresh folder), so they cannot rot."""
 
 import json
 import os
@@ -8,19 +8,33 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+README = (ROOT / "README.md").read_text(encoding="utf-8")
+DEMO = 'pip install torch==2.13.0 -e ".[video]" && neuroflow demo'
+TESTS = 'pip install torch==2.13.0 -e ".[test]" && python -m pytest -q tests'
 
 
-def quick_start_code() -> str:
-    text = (ROOT / "README.md").read_text(encoding="utf-8")
-    section = text.split("\n## Quick start\n", 1)[1].split("\n## ", 1)[0]
+def example_code() -> str:
+    section = README.split("\n## Example\n", 1)[1].split("\n## ", 1)[0]
     blocks = re.findall(r"```python\n(.*?)```", section, re.S)
-    assert len(blocks) == 1, "the quick start has exactly one python block"
+    assert len(blocks) == 1, "the example section has exactly one python block"
     return blocks[0]
 
 
-def test_readme_quick_start_runs_as_written(tmp_path):
-    code = quick_start_code()
-    assert "Preprocessor" in code and "save_pretrained" in code  # what the quick start must show
+def test_setup_commands_open_the_readme_and_ci_runs_the_test_command():
+    first = README.split("\n", 1)[1].lstrip("\n").split("\n")
+    assert first[:4] == ["```bash", DEMO, TESTS, "```"], first[:4]
+    ci = [line.strip() for line in (ROOT / ".ci" / "run").read_text(encoding="utf-8").splitlines()]
+    assert TESTS in ci, ".ci/run must call the README's test command verbatim"
+
+
+def test_readme_is_short():
+    assert len(README.splitlines()) <= 250
+
+
+def test_readme_example_runs_as_written(tmp_path):
+    code = example_code()
+    assert len(code.splitlines()) <= 15
+    assert "Preprocessor" in code and "save_pretrained" in code  # what the example must show
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
     done = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, env=env,
                           timeout=300)
