@@ -171,6 +171,10 @@ class NeuroFlow(nn.Module):
             since the last keyframe (this frame included) exceeds f.
             Every-k frame skipping is ``keyframe_every=k, skip_below=1.0``. See
             ``neuroflow.gate_settings`` for the whole rule; ``frame_kind`` reports each decision.
+        batch_budget: None or a float f in (0, 1]: one call's non-keyframe frames (M of them)
+            compute at most ``floor(M * f * N)`` patches together, the first in one batch-wide
+            ranking (stale first, then surprise), so a static stream leaves its share to a busy
+            one; keyframes (first frames included) are dense and count against nothing.
         kv_layers: Architecture KV only (partial depth): the layers that keep key/value caches;
             the others run as in C (computed tokens attend to computed tokens only). None
             (default): every layer. An int K: the last K layers (0 is exactly C with
@@ -208,6 +212,7 @@ class NeuroFlow(nn.Module):
         skip_below: float | None = None,
         keyframe_every: int | None = None,
         keyframe_drift: float | None = None,
+        batch_budget: float | None = None,
     ):
         super().__init__()
         if check_finite not in (True, False, "eager", "deferred"):
@@ -223,7 +228,8 @@ class NeuroFlow(nn.Module):
         settings = GateSettings(threshold=threshold, ema_decay=ema_decay, floor_tokens=floor_tokens,
                                 reference=reference, max_staleness=max_staleness, budget=budget,
                                 motion_norm=motion_norm, scene_cut=scene_cut, skip_below=skip_below,
-                                keyframe_every=keyframe_every, keyframe_drift=keyframe_drift)
+                                keyframe_every=keyframe_every, keyframe_drift=keyframe_drift,
+                                batch_budget=batch_budget)
         if cls_readout not in ("context", "active"):
             raise ValueError(f"cls_readout must be 'context' or 'active', got {cls_readout!r}")
         if cache_dtype is not None and not (isinstance(cache_dtype, torch.dtype)
@@ -373,6 +379,14 @@ class NeuroFlow(nn.Module):
     @keyframe_drift.setter
     def keyframe_drift(self, value: float | None) -> None:
         self._set_policy(keyframe_drift=value)
+
+    @property
+    def batch_budget(self) -> float | None:
+        return self._gate.batch_budget
+
+    @batch_budget.setter
+    def batch_budget(self, value: float | None) -> None:
+        self._set_gate(batch_budget=value)
 
     @property
     def arch(self) -> str:

@@ -47,6 +47,15 @@ The rules, per stream, per later frame (first frames are dense and set the refer
   frame skipping is ``keyframe_every=k, skip_below=1.0``: dense on every k-th frame, the last
   keyframe's outputs in between.
 
+* ``batch_budget=f`` (a fraction in (0, 1]): one call's non-keyframe frames (partial and skipped
+  ones) together compute at most ``floor(M * f * N)`` patches, M the number of those frames:
+  after each frame's own decision, the chosen patches of all of them are ranked together (stale
+  first, older first, then surprise descending, then frame and patch index ascending) and the
+  first ``floor(M * f * N)`` are kept; the others are treated as not chosen (their age grows, the
+  reference keeps them). Keyframes (first frames included) are dense and count against nothing.
+  So a static stream, choosing few patches or being skipped, leaves its share to a busy one. It
+  caps everything, the floor included; with ``threshold=None`` the batch budget alone decides.
+
 The decision of a later frame, in one rule: patches are ranked stale first (older first), then by
 surprise (descending), then by index (ascending); candidates are the stale patches and those over
 the threshold (all patches when there is no threshold), which is always a prefix of that ranking;
@@ -84,6 +93,7 @@ class GateSettings:
     skip_below: float | None = None
     keyframe_every: int | None = None
     keyframe_drift: float | None = None
+    batch_budget: float | None = None
 
     def __post_init__(self):
         self.check()
@@ -92,8 +102,8 @@ class GateSettings:
         """Raise ``ValueError`` naming the first bad setting."""
         thr = self.threshold
         if thr is None:
-            if self.budget is None:
-                raise ValueError("threshold=None needs a budget (the budget alone then picks the patches)")
+            if self.budget is None and self.batch_budget is None:
+                raise ValueError("threshold=None needs a budget or a batch_budget (the budget alone then picks the patches)")
             if self.motion_norm:
                 raise ValueError("motion_norm needs a threshold (with a budget alone it cannot change the choice)")
             if self.scene_cut is not None:
@@ -114,6 +124,7 @@ class GateSettings:
             raise ValueError("skip_below below 1.0 needs a threshold (it counts the patches that pass it)")
         check_keyframe_every(self.keyframe_every)
         check_keyframe_drift(self.keyframe_drift)
+        check_batch_budget(self.batch_budget)
 
     @property
     def policy(self) -> bool:
@@ -137,7 +148,8 @@ class GateSettings:
     def is_default_rule(self) -> bool:
         """True when only threshold, decay and floor matter (the paper's gate)."""
         return (self.reference == "ema" and self.max_staleness is None and self.budget is None
-                and not self.motion_norm and self.scene_cut is None and not self.policy)
+                and not self.motion_norm and self.scene_cut is None and not self.policy
+                and self.batch_budget is None)
 
     def budget_count(self, n: int) -> int | None:
         """The budget as a patch count for frames of ``n`` patches (None: no budget)."""
@@ -147,7 +159,7 @@ class GateSettings:
         """Plain values (tensors as lists) for logs and saved states."""
         out = {}
         for name in ("threshold", "ema_decay", "floor_tokens", "reference", "max_staleness", "budget",
-                     "motion_norm", "scene_cut", "skip_below", "keyframe_every", "keyframe_drift"):
+                     "motion_norm", "scene_cut", "skip_below", "keyframe_every", "keyframe_drift", "batch_budget"):
             v = getattr(self, name)
             out[name] = v.tolist() if isinstance(v, torch.Tensor) else v
         return out
@@ -224,3 +236,10 @@ def check_keyframe_drift(f) -> None:
         return
     if isinstance(f, bool) or not isinstance(f, (int, float)) or not math.isfinite(f) or f < 0:
         raise ValueError(f"keyframe_drift must be None or a finite number >= 0 (accumulated mean surprise), got {f!r}")
+
+
+def check_batch_budget(f) -> None:
+    if f is None:
+        return
+    if isinstance(f, bool) or not isinstance(f, float) or not 0.0 < f <= 1.0:
+        raise ValueError(f"batch_budget must be None or a float fraction in (0, 1] of the call's dense patches, got {f!r}")

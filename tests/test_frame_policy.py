@@ -244,3 +244,71 @@ def test_policy_state_saves_and_continues(tmp_path):
             oa, ob = a(x, stream_ids=["s", "b"]), b(x, stream_ids=["s", "b"])
             assert torch.equal(oa.frame_kind, ob.frame_kind) and torch.equal(oa.active_mask, ob.active_mask)
             assert_same_state(a.stream_state_dict(), b.stream_state_dict())
+
+
+@pytest.mark.parametrize("options", [
+    dict(threshold=0.01, floor_tokens=2, reference="computed", max_staleness=2),
+    dict(threshold=None, floor_tokens=0, motion_norm=False),
+    dict(threshold=0.01, floor_tokens=1, skip_below=0.05, keyframe_every=3),
+], ids=["threshold_stale", "budget_alone", "with_policy"])
+def test_batch_budget_kernel_path_matches_reference_and_shares_the_budget(monkeypatch, options):
+    """``batch_budget``: the non-keyframe frames of a call compute at most floor(M * f * N)
+    patches together; the busy stream gets more of them than the static one; the kernel path
+    (interpreter) decides as the reference path does, masks, ages and references alike."""
+    pytest.importorskip("triton")
+    model = make_model("siglip")
+    static, busy = _static_and_busy(6)
+    quiet = 0.8 * static + 0.2 * video(6, seed=8)  # a quieter stream: smaller changes
+    f = 0.3
+    settings = dict(arch="KV", ema_decay=0.2, batch_budget=f, **options)
+    kernels, reference = NeuroFlow(model, **settings), NeuroFlow(model, **settings)
+    got = torch.zeros(2, dtype=torch.int64)
+    with torch.inference_mode():
+        for t in range(6):
+            frames = torch.stack([quiet[t], busy[t]])
+            monkeypatch.setenv("TRITON_INTERPRET", "1")
+            a = kernels(frames, stream_ids=["s", "b"])
+            assert dispatch.last_path["gate"] == dispatch.TRITON
+            monkeypatch.setenv("TRITON_INTERPRET", "0")
+            b = reference(frames, stream_ids=["s", "b"])
+            assert torch.equal(a.active_mask, b.active_mask), f"frame {t}"
+            assert torch.equal(a.frame_kind, b.frame_kind), f"frame {t}"
+            for sid in ("s", "b"):
+                if "max_staleness" in options:
+                    assert torch.equal(stream_tensor(kernels, sid, "age"), stream_tensor(reference, sid, "age"))
+                ka, kb = stream_tensor(kernels, sid, "ema"), stream_tensor(reference, sid, "ema")
+                assert_same_up_to_rounding(ka, kb, kb, kb.double(), f"frame {t} {sid} reference")
+            n = a.active_mask.shape[1]
+            rest = a.frame_kind != KEYFRAME
+            assert a.active_mask[rest].sum().item() <= int(rest.sum().item() * (f * n))
+            got += torch.where(rest, a.active_mask.sum(1), 0)
+    assert dispatch.fallbacks == []
+    assert got[1] > got[0], got
+
+
+def test_batch_budget_alone_fills_the_budget_from_the_busy_stream():
+    """threshold=None: the batch budget alone decides; exactly floor(M * f * N) patches, and the
+    static stream (surprise 0 everywhere) gets none while the busy one has changing patches."""
+    model = make_model("siglip")
+    static, busy = _static_and_busy(3)
+    nf = NeuroFlow(model, arch="C", threshold=None, floor_tokens=0, ema_decay=0.2, batch_budget=0.25)
+    with torch.inference_mode():
+        nf(torch.stack([static[0], busy[0]]), stream_ids=["s", "b"])
+        out = nf(torch.stack([static[1], busy[1]]), stream_ids=["s", "b"])
+    n = out.active_mask.shape[1]
+    assert out.active_mask.sum().item() == int(2 * (0.25 * n))
+    assert out.active_mask[1].sum() > out.active_mask[0].sum()
+
+
+@pytest.mark.parametrize("bad", [0.0, 1.5, 1, True, "half", -0.2])
+def test_bad_batch_budget_raises_and_leaves_state_unchanged(bad):
+    with pytest.raises(ValueError, match="batch_budget"):
+        NeuroFlow(make_model("siglip"), batch_budget=bad)
+    nf = NeuroFlow(make_model("siglip"), batch_budget=0.5)
+    with torch.inference_mode():
+        nf(video(1), stream_ids=["s"])
+    snapshot = nf.stream_state_dict()
+    with pytest.raises(ValueError, match="batch_budget"):
+        nf.batch_budget = bad
+    assert nf.batch_budget == 0.5
+    assert_same_state(snapshot, nf.stream_state_dict())

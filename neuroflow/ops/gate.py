@@ -22,6 +22,7 @@ from ..reference.gate import (
     AGE_MAX,
     PackedFrames,
     as_settings,
+    batch_budget_mask,
     check_age_pool,
     check_gate_args,
     check_policy_pools,
@@ -201,6 +202,7 @@ def _gate_triton(frames, weight, bias, pos_embed, prefix, ema, slot, first, st: 
         select = dispatch.launchable(gate_select_kernel, dev)
         kind = _empty(b, dtype=torch.int8, device=dev) if st.policy else cut
         since, drift = policy if policy is not None else (bcount, surprise)
+        old_age = age.index_select(0, slot) if st.batch_budget is not None and age is not None else None
         select[(b,)](
             surprise, age if age is not None else bcount, slot, first_i8, active, bcount, fcount, cut,
             since, drift, kind,
@@ -214,6 +216,9 @@ def _gate_triton(frames, weight, bias, pos_embed, prefix, ema, slot, first, st: 
         )
         if saved is not None:
             ema.index_copy_(0, slot, torch.where((kind == 0).view(-1, 1, 1), saved, ema.index_select(0, slot)))
+        if st.batch_budget is not None:
+            _apply_batch_budget(st, surprise, active, bcount, fcount, age, old_age, slot, first, kind, cut, n, nb,
+                                cfg["BLOCK_P"])
     cu = _empty(b + 1, dtype=torch.int32, device=dev)
     index = _empty(cap, dtype=torch.int32, device=dev)
     packed = _empty(cap, d, dtype=frames.dtype, device=dev)
@@ -234,6 +239,26 @@ def _gate_triton(frames, weight, bias, pos_embed, prefix, ema, slot, first, st: 
     )
     frame_kind = kind if st.policy else _kinds(first, cut if st.scene_cut is not None else None)
     return PackedFrames(surprise, active.bool(), cu, index, packed, num_prefix, frame_kind)
+
+
+def _apply_batch_budget(st: GateSettings, surprise, active, bcount, fcount, age, old_age, slot, first, kind, cut,
+                        n: int, nb: int, block_p: int) -> None:
+    """The batch budget between the select and pack kernels, as torch ops on the device (no sync):
+    the batch-wide ranking of :func:`batch_budget_mask` over the select kernel's masks, then the
+    mask, the per-block and per-frame counts and the ages of the patches it cut rewritten."""
+    keyframe = (kind == 2) if st.policy else _kinds(first, cut if st.scene_cut is not None else None) == 2
+    chosen = active.bool()
+    stale = old_age >= st.max_staleness if old_age is not None else None
+    keep = batch_budget_mask(surprise, chosen, keyframe, st.batch_budget, stale, old_age)
+    active.copy_(keep.to(torch.int8))
+    padded = torch.nn.functional.pad(keep.to(torch.int32), (0, nb * block_p - n))
+    bcount.copy_(padded.view(-1, nb, block_p).sum(dim=2).to(torch.int32))
+    fcount.copy_(keep.sum(dim=1).to(torch.int32))
+    if age is not None:
+        # The select kernel set the ages of its chosen patches to 0; a patch the budget cut grew.
+        lost = chosen & ~keep
+        grown = (old_age + 1).clamp_max(AGE_MAX)
+        age.index_copy_(0, slot, torch.where(lost, grown, age.index_select(0, slot)).to(torch.int32))
 
 
 def _kinds(first: torch.Tensor, cut: torch.Tensor | None) -> torch.Tensor:

@@ -173,6 +173,32 @@ def priority_rank(surprise: torch.Tensor, stale: torch.Tensor | None, age: torch
     return rank
 
 
+def batch_budget_mask(surprise: torch.Tensor, active: torch.Tensor, keyframe: torch.Tensor, fraction: float,
+                      stale: torch.Tensor | None = None, age: torch.Tensor | None = None) -> torch.Tensor:
+    """The batch budget (``GateSettings.batch_budget``) on the frames' chosen patches, without a
+    host sync: ``surprise`` ``[B, N]`` float32 (as ranked, i.e. normalised under motion norm),
+    ``active`` ``[B, N]`` bool (each frame's own choice), ``keyframe`` ``[B]`` bool (dense, never
+    cut), ``stale``/``age`` ``[B, N]`` (the ages before this frame) with ``max_staleness``.
+    Returns the kept ``[B, N]`` bool: keyframes as they were, and of the other frames' chosen
+    patches the first ``floor(M * fraction * N)`` of the batch-wide ranking (stale first, older
+    first, then surprise descending, then frame, then patch index ascending), M = non-keyframes."""
+    b, n = surprise.shape
+    cand = (active & ~keyframe.view(-1, 1)).flatten()
+    # Float64 product in the order the host writes it, (fraction * N) * M, then floor.
+    limit = torch.floor((~keyframe).sum().to(torch.float64) * (fraction * n)).to(torch.int64)
+    # Stable sorts from the least significant key to the most significant one; flattening keeps
+    # frame-major, patch-ascending order for the ties.
+    order = torch.sort(surprise.flatten(), descending=True, stable=True).indices
+    if stale is not None:
+        key = torch.where(stale, age.to(torch.int64), -1).flatten()[order]
+        order = order[torch.sort(key, descending=True, stable=True).indices]
+    order = order[torch.sort(cand[order].to(torch.int8), descending=True, stable=True).indices]
+    rank = torch.empty_like(order)
+    rank[order] = torch.arange(b * n, device=surprise.device)
+    keep = (cand & (rank < limit)).view(b, n)
+    return torch.where(keyframe.view(-1, 1), active, keep)
+
+
 def gate_decision_reference(
     h: torch.Tensor,
     ema: torch.Tensor,
@@ -265,6 +291,8 @@ def gate_decision_reference(
             k = k.clamp_max(budget)
         chosen = priority_rank(surprise, stale, age) < k.view(-1, 1)
     active = key_rows | (chosen & ~skip.view(-1, 1))
+    if st.batch_budget is not None and force_active is None:
+        active = batch_budget_mask(surprise, active, key, st.batch_budget, stale, age)
 
     if st.reference == "computed":
         new_ema = torch.where(active.unsqueeze(-1), hf, ema)
