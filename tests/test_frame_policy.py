@@ -312,3 +312,28 @@ def test_bad_batch_budget_raises_and_leaves_state_unchanged(bad):
         nf.batch_budget = bad
     assert nf.batch_budget == 0.5
     assert_same_state(snapshot, nf.stream_state_dict())
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_policy_and_batch_budget_on_cuda():
+    """On a GPU: every-k through the compiled kernels (bit for bit against the engine's own dense
+    frames), and the adaptive policy with a batch budget keeps its bound, with no fallback."""
+    model = make_model("dinov2").cuda()
+    clips = torch.stack([video(6, seed=0), video(6, seed=1)], dim=1).cuda()
+    nf, fresh = NeuroFlow(model, keyframe_every=2, skip_below=1.0), NeuroFlow(model)
+    adaptive = NeuroFlow(model, threshold=0.01, skip_below=0.05, keyframe_every=4, batch_budget=0.3)
+    with torch.inference_mode():
+        for t in range(clips.shape[0]):
+            out = nf(clips[t], stream_ids=["a", "b"])
+            assert dispatch.last_path["gate"] == dispatch.TRITON
+            if t % 2 == 0:
+                fresh.reset()
+                want = fresh(clips[t], stream_ids=["a", "b"])
+            assert out.frame_kind.tolist() == [KEYFRAME if t % 2 == 0 else SKIP] * 2
+            assert torch.equal(out.last_hidden_state, want.last_hidden_state)
+            assert torch.equal(out.pooler_output, want.pooler_output)
+            o = adaptive(clips[t], stream_ids=["a", "b"])
+            rest = o.frame_kind != KEYFRAME
+            n = o.active_mask.shape[1]
+            assert o.active_mask[rest].sum().item() <= int(rest.sum().item() * (0.3 * n))
+    assert dispatch.fallbacks == []
