@@ -190,9 +190,12 @@ def _chunk_keys(s_row, age_row, n0, offs, N, K, STALE: tl.constexpr):
 def gate_select_kernel(
     surprise_ptr, age_ptr, slot_ptr, first_ptr,
     active_ptr, bcount_ptr, fcount_ptr, cut_ptr,
+    since_ptr, drift_ptr, kind_ptr,
     N, NB, threshold, floor_k, budget_k, cut_count, K, age_max,
+    skip_count, every_k, drift_bound,
     HAS_THR: tl.constexpr, MOTION: tl.constexpr, STALE: tl.constexpr, BUDGET: tl.constexpr,
     SCENE_CUT: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_P: tl.constexpr,
+    POLICY: tl.constexpr = False,
 ):
     """The gate options' decision for one frame (program = frame), after :func:`gate_embed_kernel`.
 
@@ -201,7 +204,13 @@ def gate_select_kernel(
     the new ages. first_ptr: [B] int8.
     Outputs: active_ptr [B, N] int8; bcount_ptr [B, NB] int32 active patches per BLOCK_P block
     (for the pack kernel's placement); fcount_ptr [B] int32 active patches of the frame; cut_ptr
-    [B] int8, 1 on a scene cut (a keyframe that is not a first frame).
+    [B] int8, 1 on a scene cut (a keyframe that is not a first frame; with POLICY any keyframe
+    that is not a first frame).
+
+    POLICY (the frame policy, ``neuroflow/gate_settings.py``): since_ptr [S] int32 and drift_ptr
+    [S] float32 counters at row slot_ptr[frame], rewritten; kind_ptr out [B] int8 (0 skip, 1
+    partial, 2 keyframe). A keyframe when since + 1 >= every_k or drift + mean raw surprise >
+    drift_bound; else a skip when at most skip_count patches pass the threshold (raw).
 
     Rule: k = min(budget_k, max(floor_k, candidates)) with candidates = stale or over the
     threshold (every patch without one); active = the k first in the ranking of
@@ -221,7 +230,8 @@ def gate_select_kernel(
     # Pass 1: the frame's mean surprise and the raw count over the threshold (scene cut).
     mean = 0.0
     raw_pass = 0
-    if MOTION or SCENE_CUT:
+    raw_total = 0.0
+    if MOTION or SCENE_CUT or POLICY:
         total = tl.zeros((BLOCK_S,), dtype=tl.float32)
         over = tl.zeros((BLOCK_S,), dtype=tl.int32)
         for n0 in range(0, N, BLOCK_S):
@@ -229,12 +239,23 @@ def gate_select_kernel(
             s = tl.load(s_row + n0 + offs, mask=m, other=0.0)
             total += s
             over += (m & (s > threshold)).to(tl.int32)
-        mean = tl.where(first, 0.0, tl.sum(total, axis=0) / N)  # first frames: inf, unused
+        raw_total = tl.sum(total, axis=0)
+        mean = tl.where(first, 0.0, raw_total / N)  # first frames: inf, unused
         raw_pass = tl.sum(over, axis=0)
     cut = first_v < 0  # False
     if SCENE_CUT:
         cut = (raw_pass >= cut_count) & (first_v == 0)
     keyframe = first | cut
+    skip = first_v < 0  # False
+    if POLICY:
+        since = tl.load(since_ptr + slot)
+        acc = tl.load(drift_ptr + slot) + raw_total / N
+        keyframe = keyframe | (since + 1 >= every_k) | (acc > drift_bound)
+        skip = (~keyframe) & (raw_pass <= skip_count)
+        tl.store(since_ptr + slot, tl.where(keyframe, 0, since + 1))
+        tl.store(drift_ptr + slot, tl.where(keyframe, 0.0, acc))
+        tl.store(kind_ptr + frame, tl.where(keyframe, 2, tl.where(skip, 0, 1)).to(tl.int8))
+        cut = keyframe & (first_v == 0)
 
     # Pass 2: normalised surprise, candidates, the key range.
     cand_v = tl.zeros((BLOCK_S,), dtype=tl.int32)
@@ -263,7 +284,7 @@ def gate_select_kernel(
     k = tl.maximum(cand, floor_k)
     if BUDGET:
         k = tl.minimum(k, budget_k)
-    k = tl.where(keyframe, N, k)
+    k = tl.where(keyframe, N, tl.where(skip, 0, k))
 
     # The k-th largest key v (count(key >= v) >= k > count(key > v)), when the candidates are not
     # the answer: bisection, invariant count(key >= lo) >= k and count(key >= hi) < k.
@@ -311,7 +332,7 @@ def gate_select_kernel(
         rank = ties + tl.cumsum(eq.to(tl.int32), axis=0) - 1
         ties += tl.sum(eq.to(tl.int32), axis=0)
         picked = m & ((key > v) | (eq & (rank < need)))
-        act = tl.where(keyframe, m, tl.where(use_cand, m & c, picked))
+        act = tl.where(keyframe, m, tl.where(use_cand, m & c, picked) & (~skip))
         tl.store(active_ptr + frame * N + p, act.to(tl.int8), mask=m)
         tl.store(bcount_ptr + frame * NB + b, tl.sum(act.to(tl.int32), axis=0))
         if STALE:
@@ -329,6 +350,7 @@ def gate_pack_kernel(
     B, N, D, NB, threshold, floor_k,
     NUM_PREFIX: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_NB: tl.constexpr, BLOCK_C: tl.constexpr, KF: tl.constexpr, SELECTED: tl.constexpr,
+    kind_ptr, POLICY: tl.constexpr = False,
 ):
     """Decide and place the active patches of one block, and pack the frame's prefix tokens.
 
@@ -343,6 +365,8 @@ def gate_pack_kernel(
     SELECTED (the gate options): :func:`gate_select_kernel` has decided; active_ptr is its mask
     (read, not written), bcount_ptr its per-block active counts, fcount_ptr [B] int32 the frames'
     counts. The active patches' embeddings are written by :func:`gate_rows_kernel` afterwards.
+    POLICY (with SELECTED): kind_ptr [B] int8 frame kinds; a skipped frame (kind 0) has an empty
+    segment, its prefix tokens are not packed either.
     """
     pid = tl.program_id(0)
     frame = tl.program_id(1)
@@ -352,21 +376,33 @@ def gate_pack_kernel(
     # from its passed count alone: passed if at least floor_k passed, else floor_k.
     seg_start = 0
     row_counts = tl.load(bcount_ptr + frame * NB + offs_nb, mask=offs_nb < NB, other=0)
+    runs = pid >= 0  # True; a skipped frame (POLICY) packs nothing
     if SELECTED:
         for f in range(0, frame):
-            seg_start += NUM_PREFIX + tl.load(fcount_ptr + f)
+            if POLICY:
+                seg_start += tl.where(tl.load(kind_ptr + f) != 0, NUM_PREFIX + tl.load(fcount_ptr + f), 0)
+            else:
+                seg_start += NUM_PREFIX + tl.load(fcount_ptr + f)
         count = tl.load(fcount_ptr + frame)
         passed = count
+        if POLICY:
+            runs = tl.load(kind_ptr + frame) != 0
     else:
         for f in range(0, frame):
             passed_f = tl.sum(tl.load(bcount_ptr + f * NB + offs_nb, mask=offs_nb < NB, other=0), axis=0)
             seg_start += NUM_PREFIX + tl.maximum(passed_f, floor_k)
         passed = tl.sum(row_counts, axis=0)
         count = tl.maximum(passed, floor_k)
+    end = seg_start + NUM_PREFIX + count
+    write_prefix = pid == 0
+    if POLICY:
+        end = tl.where(runs, end, seg_start)
+        write_prefix = write_prefix & runs
     if pid == 0:
-        tl.store(cu_ptr + frame + 1, seg_start + NUM_PREFIX + count)
+        tl.store(cu_ptr + frame + 1, end)
         if frame == 0:
             tl.store(cu_ptr, 0)
+    if write_prefix:
         for j in range(0, NUM_PREFIX):
             tl.store(index_ptr + seg_start + j, j)
             for d0 in range(0, D, BLOCK_D):

@@ -79,6 +79,13 @@ class Architecture:
     track_age: bool = False
     """Whether streams keep the gate's ``age`` ``[N]`` int32 (set by the engine with ``max_staleness``)."""
 
+    track_policy: bool = False
+    """Whether streams keep the frame policy's counters ``policy_since`` ``[1]`` int32 and
+    ``policy_drift`` ``[1]`` float32 (set by the engine with the frame policy)."""
+    keep_outputs: bool = False
+    """Whether streams keep their last computed outputs ``last_seq`` ``[T, D]`` and ``last_pooled``
+    ``[D_out]`` (model dtype; what a skipped frame returns; set by the engine with ``skip_below``)."""
+
     def state_specs(self, grid: Grid) -> Specs:
         a = self.adapter
         n = grid[0] * grid[1]
@@ -86,6 +93,14 @@ class Architecture:
         specs = {"ema": ((n, a.hidden_size), ema_dtype(a.dtype))}
         if self.track_age:
             specs["age"] = ((n,), torch.int32)
+        if self.track_policy:
+            specs["policy_since"] = ((1,), torch.int32)
+            specs["policy_drift"] = ((1,), torch.float32)
+        if self.keep_outputs:
+            specs["last_seq"] = ((self._tokens(grid), a.hidden_size), a.dtype)
+            width = pooled_width(a)
+            if width is not None:
+                specs["last_pooled"] = ((width,), a.dtype)
         return specs
 
     def _tokens(self, grid: Grid) -> int:
@@ -137,9 +152,12 @@ class Architecture:
             return self.adapter.encoder_input(fitted.tokens), fitted.packed
         cu = gate.cu_seqlens.tolist()
         lengths = [hi - lo for lo, hi in zip(cu, cu[1:])]
-        packed = Packed.exact(gate.cu_seqlens, gate.index[: cu[-1]], lengths,
-                              self.adapter.num_prefix + gate.active.shape[1])
-        return self.adapter.encoder_input(gate.packed[: cu[-1]]), packed
+        # At least one row: when every frame is skipped (frame policy) one padding row keeps the
+        # layers' shapes non-empty; rows past cu[-1] are never scattered nor attended to.
+        rows = max(cu[-1], 1)
+        packed = Packed(gate.cu_seqlens, gate.index[:rows], len(lengths),
+                        self.adapter.num_prefix + gate.active.shape[1], rows, max(lengths, default=0))
+        return self.adapter.encoder_input(gate.packed[:rows]), packed
 
     def _readout_from_cache(self, z: torch.Tensor, packed: Packed, batch: StreamBatch) -> ArchResult:
         """Write the fresh final-layer outputs ``z`` ``[T, D]`` into the cache and read every token
@@ -190,7 +208,10 @@ class ArchA(Architecture):
         new_anchors = anchors.clone()
         b, t_tok, d = x.shape
         if fitted is None:
-            computed = torch.cat([torch.ones_like(gate.active[:, : a.num_prefix]), gate.active], dim=1)
+            prefix = torch.ones_like(gate.active[:, : a.num_prefix])
+            if gate.frame_kind is not None:  # a skipped frame computes no token, its prefix neither
+                prefix = prefix & (gate.frame_kind != 0).view(-1, 1)
+            computed = torch.cat([prefix, gate.active], dim=1)
             rows = computed.flatten().nonzero().flatten()
             dest = rows
         else:
@@ -353,6 +374,19 @@ class ArchKV(Architecture):
                                                _kv_writer(batch, "kv_k", "kv_v", packed, j,
                                                           quantized=self._kv_quantized), **scales)
         return self._readout_from_cache(x, packed, batch)
+
+
+def pooled_width(adapter: VisionAdapter) -> int | None:
+    """``D_out`` of the model's ``pooler_output`` (None when it has no pooling)."""
+    pooling = adapter.spec.pooling
+    if pooling == "pooler":
+        if adapter.pooler is None:
+            return None
+        dense = getattr(adapter.pooler, "dense", None)
+        return dense.out_features if dense is not None else adapter.hidden_size
+    if pooling == "map" and adapter.head is None:
+        return None
+    return adapter.hidden_size
 
 
 def resolve_kv_layers(kv_layers, num_layers: int) -> tuple[int, ...]:

@@ -200,8 +200,14 @@ def static_patch_bound(settings, patches: int) -> int | None:
     """The most patches a later (non-first) frame can compute under gate ``settings``
     (:class:`~neuroflow.gate_settings.GateSettings`) for frames of ``patches`` patches, or None
     when only the data decides. A budget caps every later frame (stale patches and the floor
-    included), except a scene cut's keyframe, which is dense: with ``scene_cut`` set there is no
-    static bound."""
-    if settings.budget is None or settings.scene_cut is not None:
+    included), except a keyframe (scene cut, ``keyframe_every``, ``keyframe_drift``), which is
+    dense: with any of those set there is no static bound."""
+    if settings.keyframe_triggers:
         return None
-    return settings.budget_count(patches)
+    bounds = []
+    if settings.budget is not None:
+        bounds.append(settings.budget_count(patches))
+    if getattr(settings, "batch_budget", None) is not None:
+        # The batch's non-keyframe frames share floor(M * f * N) <= M * ceil(f * N) patches.
+        bounds.append(min(patches, math.ceil(settings.batch_budget * patches)))
+    return min(bounds) if bounds else None

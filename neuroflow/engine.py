@@ -67,6 +67,14 @@ class NeuroFlowOutput:
         sparsity: ``[B]`` float32, ``1 - N_active / N``.
         surprise: ``[B, N]`` float32, the gate's ``1 - cos(h, EMA)`` (``inf`` on first frames).
         first_frame: ``[B]`` bool, frames that started (or restarted) their stream densely.
+        frame_kind: ``[B]`` int8, what the frame policy made of each frame: :data:`SKIP` (0: no
+            encoder work, the stream's last computed outputs returned), :data:`PARTIAL` (1: the
+            gate's choice of patches) or :data:`KEYFRAME` (2: dense; first frames, scene cuts,
+            ``keyframe_every``, ``keyframe_drift``).
+        token_layers: ``[B]`` int64, token-layers computed for each frame: (prefix tokens + active
+            patches) times the encoder's L layers, 0 on a skip; a dense frame is ``T * L``. So
+            compute = ``token_layers.sum() / (B * T * L)``. Architecture A also runs attention
+            (not the MLP) over every token of every frame: its count is the tokens through the MLP.
     """
 
     pooler_output: torch.Tensor | None
@@ -75,6 +83,12 @@ class NeuroFlowOutput:
     sparsity: torch.Tensor
     surprise: torch.Tensor
     first_frame: torch.Tensor
+    frame_kind: torch.Tensor
+    token_layers: torch.Tensor
+
+
+SKIP, PARTIAL, KEYFRAME = 0, 1, 2
+"""Values of :attr:`NeuroFlowOutput.frame_kind`."""
 
 
 class NeuroFlow(nn.Module):
@@ -146,6 +160,21 @@ class NeuroFlow(nn.Module):
         scene_cut: None or a fraction in (0, 1]: a frame where more than this fraction of the
             patches pass the threshold (raw surprise) is a keyframe: every patch active, the
             reference restarted (not reported as a first frame).
+        skip_below: the frame policy's skip (None: off): a later frame that is not a keyframe and
+            where at most ``floor(skip_below * N)`` patches pass the threshold (raw surprise) is
+            skipped: no encoder work, caches and reference untouched, ages advance, the outputs
+            are exactly the stream's last computed frame's. In [0, 1]; below 1 needs a threshold.
+            Streams then keep ``last_seq`` ``[T, D]`` and ``last_pooled`` ``[D_out]``.
+        keyframe_every: None or K >= 1: a keyframe (dense, reference, ages and counters restarted)
+            at least every K frames, counted per stream from its first frame.
+        keyframe_drift: None or f >= 0: a keyframe when the sum of the frames' mean raw surprise
+            since the last keyframe (this frame included) exceeds f.
+            Every-k frame skipping is ``keyframe_every=k, skip_below=1.0``. See
+            ``neuroflow.gate_settings`` for the whole rule; ``frame_kind`` reports each decision.
+        batch_budget: None or a float f in (0, 1]: one call's non-keyframe frames (M of them)
+            compute at most ``floor(M * f * N)`` patches together, the first in one batch-wide
+            ranking (stale first, then surprise), so a static stream leaves its share to a busy
+            one; keyframes (first frames included) are dense and count against nothing.
         kv_layers: Architecture KV only (partial depth): the layers that keep key/value caches;
             the others run as in C (computed tokens attend to computed tokens only). None
             (default): every layer. An int K: the last K layers (0 is exactly C with
@@ -180,6 +209,10 @@ class NeuroFlow(nn.Module):
         scene_cut: float | None = None,
         kv_layers: int | Sequence[int] | None = None,
         preset: str = "measured",
+        skip_below: float | None = None,
+        keyframe_every: int | None = None,
+        keyframe_drift: float | None = None,
+        batch_budget: float | None = None,
     ):
         super().__init__()
         if check_finite not in (True, False, "eager", "deferred"):
@@ -194,7 +227,9 @@ class NeuroFlow(nn.Module):
         self.preset = preset
         settings = GateSettings(threshold=threshold, ema_decay=ema_decay, floor_tokens=floor_tokens,
                                 reference=reference, max_staleness=max_staleness, budget=budget,
-                                motion_norm=motion_norm, scene_cut=scene_cut)
+                                motion_norm=motion_norm, scene_cut=scene_cut, skip_below=skip_below,
+                                keyframe_every=keyframe_every, keyframe_drift=keyframe_drift,
+                                batch_budget=batch_budget)
         if cls_readout not in ("context", "active"):
             raise ValueError(f"cls_readout must be 'context' or 'active', got {cls_readout!r}")
         if cache_dtype is not None and not (isinstance(cache_dtype, torch.dtype)
@@ -211,6 +246,8 @@ class NeuroFlow(nn.Module):
             **({} if kv_layers is None else {"kv_layers": kv_layers}))
         self.architecture.check(settings.floor_tokens)
         self.architecture.track_age = max_staleness is not None
+        self.architecture.track_policy = settings.policy
+        self.architecture.keep_outputs = settings.skip_below is not None
         self._gate = _normalised(settings)
         warn_ineffective_settings(threshold=self._gate.threshold)
         self._warned_floor: set[tuple[int, Grid]] = set()  # (floor, grid) pairs already warned about
@@ -306,6 +343,50 @@ class NeuroFlow(nn.Module):
     @scene_cut.setter
     def scene_cut(self, value: float | None) -> None:
         self._set_gate(scene_cut=value)
+
+    def _set_policy(self, **changes) -> None:
+        # The policy's state tensors come and go with it: switching it on or off (or skip_below,
+        # which keeps the last outputs) only without streams.
+        new = _normalised(self._gate.replace(**changes))
+        if len(self._streams) and (new.policy != self._gate.policy
+                                   or (new.skip_below is None) != (self._gate.skip_below is None)):
+            raise ValueError("the frame policy (skip_below, keyframe_every, keyframe_drift) can be switched on or "
+                             "off only without streams (it adds or drops state tensors): call reset() first")
+        self._gate = new
+        self.architecture.track_policy = new.policy
+        self.architecture.keep_outputs = new.skip_below is not None
+
+    @property
+    def skip_below(self) -> float | None:
+        return self._gate.skip_below
+
+    @skip_below.setter
+    def skip_below(self, value: float | None) -> None:
+        self._set_policy(skip_below=value)
+
+    @property
+    def keyframe_every(self) -> int | None:
+        return self._gate.keyframe_every
+
+    @keyframe_every.setter
+    def keyframe_every(self, value: int | None) -> None:
+        self._set_policy(keyframe_every=value)
+
+    @property
+    def keyframe_drift(self) -> float | None:
+        return self._gate.keyframe_drift
+
+    @keyframe_drift.setter
+    def keyframe_drift(self, value: float | None) -> None:
+        self._set_policy(keyframe_drift=value)
+
+    @property
+    def batch_budget(self) -> float | None:
+        return self._gate.batch_budget
+
+    @batch_budget.setter
+    def batch_budget(self, value: float | None) -> None:
+        self._set_gate(batch_budget=value)
 
     @property
     def arch(self) -> str:
@@ -494,8 +575,9 @@ class NeuroFlow(nn.Module):
         """Sync-free packing runs where the gate runs its kernel (CUDA, or the interpreter);
         the CPU reference path reads its counts for free. With ``scene_cut`` and
         ``capacity="auto"`` the count is read exactly (one sync per call): a keyframe is dense by
-        the rule, data-dependently, and a bucket learnt on sparse frames would cut it."""
-        if self._planner.mode == "auto" and self._gate.scene_cut is not None:
+        the rule, data-dependently, and a bucket learnt on sparse frames would cut it; the same
+        with ``keyframe_every`` or ``keyframe_drift``."""
+        if self._planner.mode == "auto" and self._gate.keyframe_triggers:
             return False
         return self._planner.mode != "exact" and dispatch.wants_triton(device)
 
@@ -516,12 +598,12 @@ class NeuroFlow(nn.Module):
             def step(pixels):
                 out, fitted, _ = self._step_body(pixels, grid, batch, None, capacity, None)
                 return (out.pooler_output, out.last_hidden_state, out.active_mask, out.sparsity, out.surprise,
-                        fitted.need, fitted.cut)
+                        out.frame_kind, out.token_layers, fitted.need, fitted.cut)
 
             replayed = self._graphs.run(key, pixel_values, batch, step)
             if replayed is not None:
-                pooled, seq, computed, sparsity, surprise, need, cut = replayed
-                out = NeuroFlowOutput(pooled, seq, computed, sparsity, surprise, batch.first)
+                pooled, seq, computed, sparsity, surprise, kind, token_layers, need, cut = replayed
+                out = NeuroFlowOutput(pooled, seq, computed, sparsity, surprise, batch.first, kind, token_layers)
                 # After a replay the counts exist only once the whole step has run.
                 counts = self._counts(_Counts(need, cut), bad)
                 return out, HostCount(counts), plan_key, capacity
@@ -546,6 +628,8 @@ class NeuroFlow(nn.Module):
                 pixel_values, conv.weight, conv.bias, a.position_embeddings(grid), a.prefix_tokens(grid),
                 batch.update_in_place("ema"), batch.slot, batch.first, self._gate, force_active=active,
                 age=batch.update_in_place("age") if self._gate.max_staleness is not None else None,
+                policy=(batch.update_in_place("policy_since"), batch.update_in_place("policy_drift"))
+                if self._gate.policy else None,
             )
         n = gated.active.shape[1]
         fitted: Fitted | None = None
@@ -558,13 +642,29 @@ class NeuroFlow(nn.Module):
         count = HostCount(counts) if counts is not None else None
         result = self.architecture.step(pixel_values, gated, batch, fitted)
         computed = fitted.active if fitted is not None else gated.active
+        kind = gated.frame_kind
+        seq, pooled = result.last_hidden_state, result.pooler_output
+        if self._gate.skip_below is not None:
+            with stage("readout"):
+                # A skipped frame returns its stream's last computed outputs, exactly; every frame
+                # then leaves its outputs for the next skip (a skip writes back the same values).
+                skip = (kind == SKIP).view(-1, 1, 1)
+                seq = torch.where(skip, batch.rows("last_seq"), seq)
+                batch.write_rows("last_seq", seq)
+                if pooled is not None:
+                    pooled = torch.where(skip[:, 0], batch.rows("last_pooled"), pooled)
+                    batch.write_rows("last_pooled", pooled)
+        ran = (kind != SKIP).to(torch.int64)
+        token_layers = (computed.sum(dim=1) + self.adapter.num_prefix * ran) * len(self.adapter.layers)
         out = NeuroFlowOutput(
-            pooler_output=result.pooler_output,
-            last_hidden_state=result.last_hidden_state,
+            pooler_output=pooled,
+            last_hidden_state=seq,
             active_mask=computed,
             sparsity=1.0 - computed.sum(dim=1).float() / n,
             surprise=gated.surprise,
             first_frame=batch.first,
+            frame_kind=kind,
+            token_layers=token_layers,
         )
         return out, fitted, count
 

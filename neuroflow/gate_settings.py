@@ -25,6 +25,37 @@ The rules, per stream, per later frame (first frames are dense and set the refer
   before motion norm), the frame is a keyframe: every patch is active and the reference (and the
   ages) restart from this frame, as on a first frame. It is not reported as a first frame.
 
+* The frame policy (``skip_below``, ``keyframe_every``, ``keyframe_drift``): each later frame of
+  a stream is one of three kinds, decided on the device before the patch choice:
+
+  - **keyframe** (kind 2): a first frame, a scene cut, ``keyframe_every=K`` (the K-th frame since
+    the stream's last keyframe, counted from its first frame: frames 0, K, 2K, ... when no other
+    trigger fires), or ``keyframe_drift=f`` (the sum, over the frames since the last keyframe
+    this one included, of each frame's mean raw surprise is above f). Dense, the reference and
+    the ages restart as on a scene cut, the counters restart.
+  - **skip** (kind 0), when not a keyframe and at most ``floor(skip_below * N)`` patches pass the
+    threshold (raw surprise): no encoder work at all for the stream (not even its prefix tokens),
+    its caches and reference stay as they are (under ``reference="ema"`` the EMA does not take
+    the frame in), its ages grow by one; the outputs are the stream's last computed frame's,
+    exactly. A skip overrides the floor and the staleness bound (``keyframe_every`` bounds
+    staleness instead).
+  - **partial** (kind 1): every other frame, decided by the rule below.
+
+  Streams then keep ``policy_since`` ``[1]`` int32 (frames since the last keyframe) and
+  ``policy_drift`` ``[1]`` float32 (the accumulated mean surprise); with ``skip_below`` also
+  ``last_seq`` ``[T, D]`` and ``last_pooled`` ``[D_out]`` (the outputs a skip returns). Every-k
+  frame skipping is ``keyframe_every=k, skip_below=1.0``: dense on every k-th frame, the last
+  keyframe's outputs in between.
+
+* ``batch_budget=f`` (a fraction in (0, 1]): one call's non-keyframe frames (partial and skipped
+  ones) together compute at most ``floor(M * f * N)`` patches, M the number of those frames:
+  after each frame's own decision, the chosen patches of all of them are ranked together (stale
+  first, older first, then surprise descending, then frame and patch index ascending) and the
+  first ``floor(M * f * N)`` are kept; the others are treated as not chosen (their age grows, the
+  reference keeps them). Keyframes (first frames included) are dense and count against nothing.
+  So a static stream, choosing few patches or being skipped, leaves its share to a busy one. It
+  caps everything, the floor included; with ``threshold=None`` the batch budget alone decides.
+
 The decision of a later frame, in one rule: patches are ranked stale first (older first), then by
 surprise (descending), then by index (ascending); candidates are the stale patches and those over
 the threshold (all patches when there is no threshold), which is always a prefix of that ranking;
@@ -59,6 +90,10 @@ class GateSettings:
     budget: int | float | None = None
     motion_norm: bool = False
     scene_cut: float | None = None
+    skip_below: float | None = None
+    keyframe_every: int | None = None
+    keyframe_drift: float | None = None
+    batch_budget: float | None = None
 
     def __post_init__(self):
         self.check()
@@ -67,8 +102,8 @@ class GateSettings:
         """Raise ``ValueError`` naming the first bad setting."""
         thr = self.threshold
         if thr is None:
-            if self.budget is None:
-                raise ValueError("threshold=None needs a budget (the budget alone then picks the patches)")
+            if self.budget is None and self.batch_budget is None:
+                raise ValueError("threshold=None needs a budget or a batch_budget (the budget alone then picks the patches)")
             if self.motion_norm:
                 raise ValueError("motion_norm needs a threshold (with a budget alone it cannot change the choice)")
             if self.scene_cut is not None:
@@ -84,6 +119,26 @@ class GateSettings:
         if not isinstance(self.motion_norm, bool):
             raise ValueError(f"motion_norm must be True or False, got {self.motion_norm!r}")
         check_scene_cut(self.scene_cut)
+        check_skip_below(self.skip_below)
+        if self.skip_below is not None and self.skip_below < 1.0 and thr is None:
+            raise ValueError("skip_below below 1.0 needs a threshold (it counts the patches that pass it)")
+        check_keyframe_every(self.keyframe_every)
+        check_keyframe_drift(self.keyframe_drift)
+        check_batch_budget(self.batch_budget)
+
+    @property
+    def policy(self) -> bool:
+        """Whether the frame policy is on (any of skip_below, keyframe_every, keyframe_drift)."""
+        return self.skip_below is not None or self.keyframe_every is not None or self.keyframe_drift is not None
+
+    @property
+    def keyframe_triggers(self) -> bool:
+        """Whether a later frame can be a data-dependent keyframe (dense): scene cut or policy."""
+        return self.scene_cut is not None or self.keyframe_every is not None or self.keyframe_drift is not None
+
+    def skip_count(self, n: int) -> int:
+        """A frame with at most this many patches over the threshold is skipped (-1: never)."""
+        return -1 if self.skip_below is None else math.floor(self.skip_below * n)
 
     def replace(self, **changes) -> GateSettings:
         """A copy with ``changes`` applied (validated)."""
@@ -93,7 +148,8 @@ class GateSettings:
     def is_default_rule(self) -> bool:
         """True when only threshold, decay and floor matter (the paper's gate)."""
         return (self.reference == "ema" and self.max_staleness is None and self.budget is None
-                and not self.motion_norm and self.scene_cut is None)
+                and not self.motion_norm and self.scene_cut is None and not self.policy
+                and self.batch_budget is None)
 
     def budget_count(self, n: int) -> int | None:
         """The budget as a patch count for frames of ``n`` patches (None: no budget)."""
@@ -103,7 +159,7 @@ class GateSettings:
         """Plain values (tensors as lists) for logs and saved states."""
         out = {}
         for name in ("threshold", "ema_decay", "floor_tokens", "reference", "max_staleness", "budget",
-                     "motion_norm", "scene_cut"):
+                     "motion_norm", "scene_cut", "skip_below", "keyframe_every", "keyframe_drift", "batch_budget"):
             v = getattr(self, name)
             out[name] = v.tolist() if isinstance(v, torch.Tensor) else v
         return out
@@ -160,3 +216,30 @@ def check_scene_cut(scene_cut) -> None:
         return
     if isinstance(scene_cut, bool) or not isinstance(scene_cut, (int, float)) or not 0.0 < scene_cut <= 1.0:
         raise ValueError(f"scene_cut must be None or a fraction in (0, 1], got {scene_cut!r}")
+
+
+def check_skip_below(skip_below) -> None:
+    if skip_below is None:
+        return
+    if isinstance(skip_below, bool) or not isinstance(skip_below, (int, float)) or not 0.0 <= skip_below <= 1.0:
+        raise ValueError(f"skip_below must be None or a fraction in [0, 1] (share of patches over the "
+                         f"threshold at which a frame is skipped), got {skip_below!r}")
+
+
+def check_keyframe_every(k) -> None:
+    if k is not None and (isinstance(k, bool) or not isinstance(k, int) or k < 1):
+        raise ValueError(f"keyframe_every must be None or an int >= 1 (frames), got {k!r}")
+
+
+def check_keyframe_drift(f) -> None:
+    if f is None:
+        return
+    if isinstance(f, bool) or not isinstance(f, (int, float)) or not math.isfinite(f) or f < 0:
+        raise ValueError(f"keyframe_drift must be None or a finite number >= 0 (accumulated mean surprise), got {f!r}")
+
+
+def check_batch_budget(f) -> None:
+    if f is None:
+        return
+    if isinstance(f, bool) or not isinstance(f, float) or not 0.0 < f <= 1.0:
+        raise ValueError(f"batch_budget must be None or a float fraction in (0, 1] of the call's dense patches, got {f!r}")

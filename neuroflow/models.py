@@ -317,8 +317,10 @@ class VisionAdapter:
     def readout_packed(self, z: torch.Tensor, cu_seqlens: torch.Tensor, max_seqlen: int) -> tuple[torch.Tensor, torch.Tensor | None]:
         """:meth:`readout` for B streams whose tokens are packed: ``z`` ``[T, D]`` in segments
         ``cu_seqlens`` (int32 ``[B + 1]``, prefix tokens first in each). Returns ``(tokens [T, D],
-        pooler_output [B, D_out] or None)``; SigLIP's head attends within each segment only."""
-        first = cu_seqlens[:-1].long()
+        pooler_output [B, D_out] or None)``; SigLIP's head attends within each segment only.
+        An empty segment (a frame the frame policy skipped) gets an unspecified pooled row."""
+        # Clamped: an empty last segment starts at the row count (its pooled row is discarded).
+        first = cu_seqlens[:-1].long().clamp_max(max(z.shape[0] - 1, 0))
         pooling = self.spec.pooling
         if pooling == "norm_cls":
             return z, self.final_norm(z[first])

@@ -22,8 +22,10 @@ from ..reference.gate import (
     AGE_MAX,
     PackedFrames,
     as_settings,
+    batch_budget_mask,
     check_age_pool,
     check_gate_args,
+    check_policy_pools,
     ema_dtype,
     gate_reference,
     scene_cut_count,
@@ -40,6 +42,11 @@ candidates per block); with any gate option the select kernel takes any floor.""
 
 _TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
+POLICY_NEVER = 2**30
+"""``keyframe_every`` handed to the select kernel when it is not set (no stream gets that old)."""
+DRIFT_NEVER = 3.0e38
+"""``keyframe_drift`` handed to the select kernel when it is not set."""
+
 
 def _empty(*shape: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     """Allocates every kernel output; tests swap it for one that poisons (NaN, sentinels) to prove
@@ -47,7 +54,7 @@ def _empty(*shape: int, dtype: torch.dtype, device: torch.device) -> torch.Tenso
     return torch.empty(*shape, dtype=dtype, device=device)
 
 
-def _unsupported(frames, weight, pos_embed, ema, st: GateSettings, n, force_active, age) -> str | None:
+def _unsupported(frames, weight, pos_embed, ema, st: GateSettings, n, force_active, age, policy=None) -> str | None:
     """Why the kernel cannot take this call, or None."""
     if force_active is not None:
         return "a forced active mask"
@@ -63,6 +70,8 @@ def _unsupported(frames, weight, pos_embed, ema, st: GateSettings, n, force_acti
         return "non-contiguous age pool"
     if not ema.is_contiguous():
         return "non-contiguous EMA pool"
+    if policy is not None and not (policy[0].is_contiguous() and policy[1].is_contiguous()):
+        return "non-contiguous policy counters"
     if not dispatch.gpu_launch(frames.device) and frames.dtype == torch.bfloat16:
         return "bfloat16 under the Triton interpreter (its bf16 arithmetic is broken)"
     return None
@@ -83,6 +92,7 @@ def gate(
     config: dict | None = None,
     force_active: torch.Tensor | None = None,
     age: torch.Tensor | None = None,
+    policy: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> PackedFrames:
     """Gate and pack a batch of frames, one per stream; updates ``ema`` in place.
 
@@ -100,16 +110,22 @@ def gate(
             stay dense); the reference path runs it.
         age: ``[S, N]`` int32 age pool (frames since each patch was last computed), needed exactly
             when ``max_staleness`` is set; updated in place at the frames' slots like ``ema``.
+        policy: ``(since [S, 1] int32, drift [S, 1] float32)`` frame-policy counters, needed
+            exactly with the frame policy (``skip_below``/``keyframe_every``/``keyframe_drift``);
+            updated in place like ``ema``. The result's ``frame_kind`` then tells skip (0, empty
+            segment), partial (1) and keyframe (2).
     """
     n, d, p = check_gate_args(frames, weight, pos_embed, prefix, ema, slot, first)
     st = as_settings(threshold, ema_decay, floor_tokens)
     check_age_pool(st, age, ema)
-    unsupported = _unsupported(frames, weight, pos_embed, ema, st, n, force_active, age)
+    check_policy_pools(st, policy, ema)
+    unsupported = _unsupported(frames, weight, pos_embed, ema, st, n, force_active, age, policy)
     if dispatch.choose(OP, frames.device, unsupported) == dispatch.REFERENCE:
         return gate_reference(frames, weight, bias, pos_embed, prefix, ema, slot, first, st,
-                              force_active=force_active, age=age)
+                              force_active=force_active, age=age, policy=policy)
     with _on_device(frames.device):
-        return _gate_triton(frames, weight, bias, pos_embed, prefix, ema, slot, first, st, age, n, d, p, config)
+        return _gate_triton(frames, weight, bias, pos_embed, prefix, ema, slot, first, st, age, n, d, p, config,
+                            policy)
 
 
 def _on_device(device: torch.device):
@@ -118,7 +134,7 @@ def _on_device(device: torch.device):
 
 
 def _gate_triton(frames, weight, bias, pos_embed, prefix, ema, slot, first, st: GateSettings, age,
-                 n, d, p, config) -> PackedFrames:
+                 n, d, p, config, policy=None) -> PackedFrames:
     """Three launches for the paper's gate (embed + decide per block, place, embed the active
     rows); four with any option (:func:`gate_select_kernel` once per frame after the embed).
     No host synchronisation either way."""
@@ -166,6 +182,9 @@ def _gate_triton(frames, weight, bias, pos_embed, prefix, ema, slot, first, st: 
     embed = dispatch.launchable(gate_embed_kernel, dev)
     pack = dispatch.launchable(gate_pack_kernel, dev)
     sx = frames.stride()
+    # A skipped frame must leave the EMA as it was, but the embed kernel updates it before the
+    # decision: keep the frames' rows (a device copy, no sync) and put skipped frames' back below.
+    saved = ema.index_select(0, slot) if st.skip_below is not None and st.reference == "ema" else None
     embed[grid](
         frames, w2, bias_arg, pe, ema, slot, first_i8, surprise, bcount, cand_val, cand_idx,
         sx[0], sx[1], sx[2], sx[3], n, d, k, frames.shape[3] // p, nb, thr, float(ema_decay),
@@ -181,14 +200,25 @@ def _gate_triton(frames, weight, bias, pos_embed, prefix, ema, slot, first, st: 
         budget_k = st.budget_count(n)
         stale_k = st.max_staleness or 1
         select = dispatch.launchable(gate_select_kernel, dev)
+        kind = _empty(b, dtype=torch.int8, device=dev) if st.policy else cut
+        since, drift = policy if policy is not None else (bcount, surprise)
+        old_age = age.index_select(0, slot) if st.batch_budget is not None and age is not None else None
         select[(b,)](
             surprise, age if age is not None else bcount, slot, first_i8, active, bcount, fcount, cut,
+            since, drift, kind,
             n, nb, thr, floor_k, budget_k or n, scene_cut_count(st.scene_cut, n) if st.scene_cut else n + 1,
             stale_k, AGE_MAX,
+            st.skip_count(n), st.keyframe_every or POLICY_NEVER, float(st.keyframe_drift) if st.keyframe_drift is not None else DRIFT_NEVER,
             HAS_THR=threshold is not None, MOTION=st.motion_norm, STALE=st.max_staleness is not None,
             BUDGET=budget_k is not None, SCENE_CUT=st.scene_cut is not None,
-            BLOCK_S=min(cfg.get("BLOCK_S", SELECT_BLOCK), next_pow2(n)), BLOCK_P=cfg["BLOCK_P"], num_warps=4,
+            BLOCK_S=min(cfg.get("BLOCK_S", SELECT_BLOCK), next_pow2(n)), BLOCK_P=cfg["BLOCK_P"], POLICY=st.policy,
+            num_warps=4,
         )
+        if saved is not None:
+            ema.index_copy_(0, slot, torch.where((kind == 0).view(-1, 1, 1), saved, ema.index_select(0, slot)))
+        if st.batch_budget is not None:
+            _apply_batch_budget(st, surprise, active, bcount, fcount, age, old_age, slot, first, kind, cut, n, nb,
+                                cfg["BLOCK_P"])
     cu = _empty(b + 1, dtype=torch.int32, device=dev)
     index = _empty(cap, dtype=torch.int32, device=dev)
     packed = _empty(cap, d, dtype=frames.dtype, device=dev)
@@ -196,17 +226,45 @@ def _gate_triton(frames, weight, bias, pos_embed, prefix, ema, slot, first, st: 
         prefix.to(frames.dtype).contiguous(), first_i8, surprise, bcount, cand_val, cand_idx, fcount,
         active, cu, index, packed, b, n, d, nb, thr, floor_k,
         NUM_PREFIX=num_prefix, BLOCK_P=cfg["BLOCK_P"], BLOCK_D=cfg["BLOCK_D"],
-        BLOCK_NB=next_pow2(nb), BLOCK_C=next_pow2(nb * kf), KF=kf, SELECTED=options, **launch,
+        BLOCK_NB=next_pow2(nb), BLOCK_C=next_pow2(nb * kf), KF=kf, SELECTED=options,
+        kind_ptr=kind if st.policy else first_i8, POLICY=st.policy, **launch,
     )
     rows = dispatch.launchable(gate_rows_kernel, dev)
     rows[grid](
         frames, w2, bias_arg, pe, cu, index, packed, ema, slot, cut,
         sx[0], sx[1], sx[2], sx[3], n, d, k, frames.shape[3] // p,
         PATCH=p, NUM_PREFIX=num_prefix, BLOCK_P=cfg["BLOCK_P"], BLOCK_D=cfg["BLOCK_D"], BLOCK_K=cfg["BLOCK_K"],
-        HAS_BIAS=has_bias, IEEE=ieee, STORE_REF=st.reference == "computed" or st.scene_cut is not None,
-        REF_ON_CUT_ONLY=st.reference == "ema" and st.scene_cut is not None, **launch,
+        HAS_BIAS=has_bias, IEEE=ieee, STORE_REF=st.reference == "computed" or st.keyframe_triggers,
+        REF_ON_CUT_ONLY=st.reference == "ema" and st.keyframe_triggers, **launch,
     )
-    return PackedFrames(surprise, active.bool(), cu, index, packed, num_prefix)
+    frame_kind = kind if st.policy else _kinds(first, cut if st.scene_cut is not None else None)
+    return PackedFrames(surprise, active.bool(), cu, index, packed, num_prefix, frame_kind)
+
+
+def _apply_batch_budget(st: GateSettings, surprise, active, bcount, fcount, age, old_age, slot, first, kind, cut,
+                        n: int, nb: int, block_p: int) -> None:
+    """The batch budget between the select and pack kernels, as torch ops on the device (no sync):
+    the batch-wide ranking of :func:`batch_budget_mask` over the select kernel's masks, then the
+    mask, the per-block and per-frame counts and the ages of the patches it cut rewritten."""
+    keyframe = (kind == 2) if st.policy else _kinds(first, cut if st.scene_cut is not None else None) == 2
+    chosen = active.bool()
+    stale = old_age >= st.max_staleness if old_age is not None else None
+    keep = batch_budget_mask(surprise, chosen, keyframe, st.batch_budget, stale, old_age)
+    active.copy_(keep.to(torch.int8))
+    padded = torch.nn.functional.pad(keep.to(torch.int32), (0, nb * block_p - n))
+    bcount.copy_(padded.view(-1, nb, block_p).sum(dim=2).to(torch.int32))
+    fcount.copy_(keep.sum(dim=1).to(torch.int32))
+    if age is not None:
+        # The select kernel set the ages of its chosen patches to 0; a patch the budget cut grew.
+        lost = chosen & ~keep
+        grown = (old_age + 1).clamp_max(AGE_MAX)
+        age.index_copy_(0, slot, torch.where(lost, grown, age.index_select(0, slot)).to(torch.int32))
+
+
+def _kinds(first: torch.Tensor, cut: torch.Tensor | None) -> torch.Tensor:
+    """``[B]`` int8 frame kinds without the frame policy: 2 on first frames and scene cuts, else 1."""
+    key = first if cut is None else first | (cut != 0)
+    return torch.where(key, 2, 1).to(torch.int8)
 
 
 def compile_cases():

@@ -33,6 +33,13 @@ decision to, in this order:
 5. R update: EMA of every patch (``"ema"``), or R_i := h_i where active (``"computed"``); ages:
    0 where active, +1 elsewhere.
 
+The frame policy (``skip_below``, ``keyframe_every``, ``keyframe_drift``) runs between 1 and 2:
+``drift' = drift + mean_i s_i`` (raw); the frame is a keyframe when first, a scene cut,
+``since + 1 >= keyframe_every`` or ``drift' > keyframe_drift``; else it is skipped when at most
+``floor(skip_below * N)`` patches have ``s_i > threshold`` (no patch active, R unchanged, every
+age + 1); else partial (steps 3-5). Counters after the frame: ``since := 0, drift := 0`` on a
+keyframe, else ``since + 1`` and ``drift'``. ``frame_kind``: 0 skip, 1 partial, 2 keyframe.
+
 With none of the options set, the code path is the paper's gate exactly as before.
 """
 
@@ -71,6 +78,9 @@ class GateDecision:
             order, patches ascending.
         age: ``[B, N]`` int32 ages after this frame (with ``max_staleness``), else None.
         keyframe: ``[B]`` bool, frames that restarted the reference (first frames, scene cuts).
+        frame_kind: ``[B]`` int8, 0 skip, 1 partial, 2 keyframe.
+        since, drift: ``[B]`` int32 / float32 policy counters after this frame (with the frame
+            policy), else None.
     """
 
     ema: torch.Tensor
@@ -80,6 +90,9 @@ class GateDecision:
     index: torch.Tensor
     age: torch.Tensor | None = None
     keyframe: torch.Tensor | None = None
+    frame_kind: torch.Tensor | None = None
+    since: torch.Tensor | None = None
+    drift: torch.Tensor | None = None
 
     @property
     def counts(self) -> torch.Tensor:
@@ -160,6 +173,32 @@ def priority_rank(surprise: torch.Tensor, stale: torch.Tensor | None, age: torch
     return rank
 
 
+def batch_budget_mask(surprise: torch.Tensor, active: torch.Tensor, keyframe: torch.Tensor, fraction: float,
+                      stale: torch.Tensor | None = None, age: torch.Tensor | None = None) -> torch.Tensor:
+    """The batch budget (``GateSettings.batch_budget``) on the frames' chosen patches, without a
+    host sync: ``surprise`` ``[B, N]`` float32 (as ranked, i.e. normalised under motion norm),
+    ``active`` ``[B, N]`` bool (each frame's own choice), ``keyframe`` ``[B]`` bool (dense, never
+    cut), ``stale``/``age`` ``[B, N]`` (the ages before this frame) with ``max_staleness``.
+    Returns the kept ``[B, N]`` bool: keyframes as they were, and of the other frames' chosen
+    patches the first ``floor(M * fraction * N)`` of the batch-wide ranking (stale first, older
+    first, then surprise descending, then frame, then patch index ascending), M = non-keyframes."""
+    b, n = surprise.shape
+    cand = (active & ~keyframe.view(-1, 1)).flatten()
+    # Float64 product in the order the host writes it, (fraction * N) * M, then floor.
+    limit = torch.floor((~keyframe).sum().to(torch.float64) * (fraction * n)).to(torch.int64)
+    # Stable sorts from the least significant key to the most significant one; flattening keeps
+    # frame-major, patch-ascending order for the ties.
+    order = torch.sort(surprise.flatten(), descending=True, stable=True).indices
+    if stale is not None:
+        key = torch.where(stale, age.to(torch.int64), -1).flatten()[order]
+        order = order[torch.sort(key, descending=True, stable=True).indices]
+    order = order[torch.sort(cand[order].to(torch.int8), descending=True, stable=True).indices]
+    rank = torch.empty_like(order)
+    rank[order] = torch.arange(b * n, device=surprise.device)
+    keep = (cand & (rank < limit)).view(b, n)
+    return torch.where(keyframe.view(-1, 1), active, keep)
+
+
 def gate_decision_reference(
     h: torch.Tensor,
     ema: torch.Tensor,
@@ -169,6 +208,8 @@ def gate_decision_reference(
     floor_tokens=None,
     force_active: torch.Tensor | None = None,
     age: torch.Tensor | None = None,
+    since: torch.Tensor | None = None,
+    drift: torch.Tensor | None = None,
 ) -> GateDecision:
     """Gate a batch of frames, one frame per stream.
 
@@ -187,6 +228,8 @@ def gate_decision_reference(
             (baselines that choose patches another way; no scene cut, no staleness rule).
         age: ``[B, N]`` int32 frames since each patch was last computed; needed with
             ``max_staleness`` (ignored on first frames, where the staggered ages start).
+        since, drift: ``[B]`` int32 frames since the last keyframe and ``[B]`` float32 accumulated
+            mean surprise; needed with the frame policy (ignored on first frames).
     """
     st = as_settings(threshold, ema_decay, floor_tokens)
     b, n = h.shape[:2]
@@ -202,7 +245,8 @@ def gate_decision_reference(
         if isinstance(decay, torch.Tensor):
             decay = decay.to(ema.dtype).view(-1, 1, 1)
         new_ema = torch.where(first_rows.unsqueeze(-1), hf, (1.0 - decay) * ema + decay * hf)
-        return _decision(new_ema, surprise, active, None, first, h.device)
+        kind = torch.where(first, 2, 1).to(torch.int8)
+        return _decision(new_ema, surprise, active, None, first, h.device, kind)
 
     thr = st.threshold
     if isinstance(thr, torch.Tensor):
@@ -212,6 +256,21 @@ def gate_decision_reference(
     if st.scene_cut is not None:
         cut = ((raw.float() > thr).sum(dim=1) >= scene_cut_count(st.scene_cut, n)) & ~first
     key = first | cut
+    skip = torch.zeros_like(first)
+    new_since = new_drift = None
+    if st.policy:
+        if since is None or drift is None:
+            raise ValueError("the frame policy needs the streams' counters (since=[B] int32, drift=[B] float32)")
+        acc = drift.float() + raw.float().mean(dim=1)
+        if st.keyframe_every is not None:
+            key = key | (since + 1 >= st.keyframe_every)
+        if st.keyframe_drift is not None:
+            key = key | (acc > st.keyframe_drift)
+        if st.skip_below is not None:
+            passing = (raw.float() > thr).sum(dim=1) if thr is not None else torch.zeros_like(since)
+            skip = ~key & (passing <= st.skip_count(n))
+        new_since = torch.where(key, 0, since + 1).to(torch.int32)
+        new_drift = torch.where(key, 0.0, acc).to(torch.float32)
     key_rows = key.view(-1, 1)
     score = raw - raw.mean(dim=1, keepdim=True) if st.motion_norm else raw
     surprise = torch.where(first_rows, FIRST_FRAME_SURPRISE, score).float()
@@ -231,7 +290,9 @@ def gate_decision_reference(
         if budget is not None:
             k = k.clamp_max(budget)
         chosen = priority_rank(surprise, stale, age) < k.view(-1, 1)
-    active = key_rows | chosen
+    active = key_rows | (chosen & ~skip.view(-1, 1))
+    if st.batch_budget is not None and force_active is None:
+        active = batch_budget_mask(surprise, active, key, st.batch_budget, stale, age)
 
     if st.reference == "computed":
         new_ema = torch.where(active.unsqueeze(-1), hf, ema)
@@ -240,20 +301,23 @@ def gate_decision_reference(
         if isinstance(decay, torch.Tensor):
             decay = decay.to(ema.dtype).view(-1, 1, 1)
         new_ema = torch.where(key_rows.unsqueeze(-1), hf, (1.0 - decay) * ema + decay * hf)
+        # A skipped frame leaves the reference as it was (the EMA does not take it in).
+        new_ema = torch.where(skip.view(-1, 1, 1), ema, new_ema)
     new_age = None
     if k_stale is not None:
         start = staggered_ages(n, k_stale, h.device).expand(b, n)
         new_age = torch.where(key_rows, start, torch.where(active, 0, (age + 1).clamp_max(AGE_MAX))).to(torch.int32)
-    return _decision(new_ema, surprise, active, new_age, key, h.device)
+    kind = torch.where(key, 2, torch.where(skip, 0, 1)).to(torch.int8)
+    return _decision(new_ema, surprise, active, new_age, key, h.device, kind, new_since, new_drift)
 
 
-def _decision(new_ema, surprise, active, new_age, keyframe, device) -> GateDecision:
+def _decision(new_ema, surprise, active, new_age, keyframe, device, kind, since=None, drift=None) -> GateDecision:
     counts = active.sum(dim=1)
     cu_seqlens = torch.zeros(active.shape[0] + 1, dtype=torch.int32, device=device)
     cu_seqlens[1:] = torch.cumsum(counts, 0)
     index = active.nonzero()[:, 1]
     return GateDecision(ema=new_ema, surprise=surprise, active=active, cu_seqlens=cu_seqlens, index=index,
-                        age=new_age, keyframe=keyframe)
+                        age=new_age, keyframe=keyframe, frame_kind=kind, since=since, drift=drift)
 
 
 @dataclass
@@ -269,6 +333,8 @@ class PackedFrames:
         packed: ``[B * (P + N), D]`` model dtype, layer-0 embeddings of the packed tokens; rows past
             ``cu_seqlens[-1]`` are unused (not written).
         num_prefix: P.
+        frame_kind: ``[B]`` int8, 0 skip, 1 partial, 2 keyframe (first frames, scene cuts, policy
+            keyframes). A skipped frame's segment is empty (no prefix tokens either).
     """
 
     surprise: torch.Tensor
@@ -277,6 +343,7 @@ class PackedFrames:
     index: torch.Tensor
     packed: torch.Tensor
     num_prefix: int
+    frame_kind: torch.Tensor | None = None
 
     @property
     def max_seqlen(self) -> int:
@@ -300,34 +367,42 @@ def check_gate_args(frames, weight, pos_embed, prefix, ema, slot, first) -> tupl
 
 
 def gate_reference(frames, weight, bias, pos_embed, prefix, ema, slot, first, threshold, ema_decay=None,
-                   floor_tokens=None, force_active=None, age=None) -> PackedFrames:
+                   floor_tokens=None, force_active=None, age=None, policy=None) -> PackedFrames:
     """Same contract as :func:`neuroflow.ops.gate.gate`, as the unfused PyTorch chain (conv, add,
     cosine, compare, sort, gather). ``threshold`` is a :class:`GateSettings` or the first of the
     three positional settings; ``age`` is the ``[S, N]`` int32 age pool (with ``max_staleness``),
-    updated in place at the frames' slots like ``ema``."""
+    updated in place at the frames' slots like ``ema``; ``policy`` the ``(since [S, 1] int32,
+    drift [S, 1] float32)`` pools of the frame policy, updated likewise."""
     n, d, p = check_gate_args(frames, weight, pos_embed, prefix, ema, slot, first)
     st = as_settings(threshold, ema_decay, floor_tokens)
     check_age_pool(st, age, ema)
+    check_policy_pools(st, policy, ema)
     h = F.conv2d(frames, weight, bias, stride=p).flatten(2).transpose(1, 2) + pos_embed
     decided = gate_decision_reference(h, ema[slot], first, st, force_active=force_active,
-                                      age=None if age is None else age[slot])
+                                      age=None if age is None else age[slot],
+                                      since=None if policy is None else policy[0][slot, 0],
+                                      drift=None if policy is None else policy[1][slot, 0])
     with torch.no_grad():
         ema.index_copy_(0, slot, decided.ema.to(ema.dtype))
         if age is not None:
             age.index_copy_(0, slot, decided.age)
+        if policy is not None:
+            policy[0].index_copy_(0, slot, decided.since.view(-1, 1))
+            policy[1].index_copy_(0, slot, decided.drift.view(-1, 1))
     b, num_prefix = frames.shape[0], prefix.shape[0]
-    counts = decided.counts + num_prefix
+    run = decided.frame_kind != 0  # skipped frames pack nothing, not even their prefix tokens
+    counts = decided.counts + num_prefix * run
     cu = torch.zeros(b + 1, dtype=torch.int32, device=frames.device)
     cu[1:] = torch.cumsum(counts, 0)
     tokens = torch.cat([prefix.to(h.dtype).expand(b, -1, -1), h], dim=1)  # [B, P + N, D]
-    computed = torch.cat([torch.ones(b, num_prefix, dtype=torch.bool, device=h.device), decided.active], dim=1)
+    computed = torch.cat([run.view(-1, 1).expand(b, num_prefix), decided.active], dim=1)
     rows, pos = computed.nonzero(as_tuple=True)
     cap = b * (num_prefix + n)
     packed = tokens.new_empty(cap, d)
     index = torch.empty(cap, dtype=torch.int32, device=h.device)
     packed[: rows.shape[0]] = tokens[rows, pos]
     index[: rows.shape[0]] = pos.to(torch.int32)
-    return PackedFrames(decided.surprise, decided.active, cu, index, packed, num_prefix)
+    return PackedFrames(decided.surprise, decided.active, cu, index, packed, num_prefix, decided.frame_kind)
 
 
 def check_age_pool(st: GateSettings, age, ema) -> None:
@@ -341,3 +416,20 @@ def check_age_pool(st: GateSettings, age, ema) -> None:
     if age.dtype != torch.int32 or age.shape != ema.shape[:2] or age.device != ema.device:
         raise ValueError(f"age pool must be int32 {tuple(ema.shape[:2])} on {ema.device}, "
                          f"got {age.dtype} {tuple(age.shape)} on {age.device}")
+
+
+def check_policy_pools(st: GateSettings, policy, ema) -> None:
+    """The policy pools must come exactly with the frame policy: ``(since [S, 1] int32, drift
+    [S, 1] float32)`` on the EMA's device."""
+    if not st.policy:
+        if policy is not None:
+            raise ValueError("policy counters were given but no frame policy is set")
+        return
+    if policy is None:
+        raise ValueError("the frame policy needs the streams' counters (policy=(since [S, 1] int32, drift [S, 1] float32))")
+    since, drift = policy
+    s = ema.shape[0]
+    if since.dtype != torch.int32 or since.shape != (s, 1) or drift.dtype != torch.float32 or drift.shape != (s, 1) \
+            or since.device != ema.device or drift.device != ema.device:
+        raise ValueError(f"policy counters must be int32 and float32 [{s}, 1] on {ema.device}, got "
+                         f"{since.dtype} {tuple(since.shape)} and {drift.dtype} {tuple(drift.shape)}")
