@@ -243,14 +243,17 @@ def test_exported_streams_continue_on_another_shard_with_their_state(plain_shard
         for t in range(2):
             assert (await a.submit("m", t, check(cam[t])))["ok"]
         blob = await a.export_streams(["m"])
+        kept = "m" in a.engine.nf.stream_ids  # the source keeps it until the import succeeded
         imported = await b.import_streams(blob)
+        await a.drop_streams(["m"])
         reply = await b.submit("m", 2, check(cam[2]))
         stale = await b.submit("m", 1, check(cam[3]))
-        return blob, imported, reply, stale
+        return blob, kept, imported, reply, stale
 
     for t in range(2):
         ref("m", cam[t])
-    blob, imported, reply, stale = loop.run_until_complete(scenario())
+    blob, kept, imported, reply, stale = loop.run_until_complete(scenario())
+    assert kept
     assert state_moves.stream_ids(blob["state"]) == ["m"] and blob["seq"] == {"m": 1}
     assert imported["moved"] == ["m"] and imported["dense"] == [] and imported["error"] is None
     assert "m" not in a.engine.nf.stream_ids

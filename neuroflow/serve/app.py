@@ -11,7 +11,7 @@ import ray
 from ray import serve
 
 from .client import ServeClient
-from .front import Front, actor_name
+from .front import Front, actor_name, clear_shard_count
 from .http_api import handle
 from .spec import ServeConfig
 
@@ -25,7 +25,10 @@ class FrontDeployment(Front):
         from starlette.responses import JSONResponse
 
         status, body = await handle(self, request)
-        return JSONResponse(body, status_code=status)
+        headers = {}
+        if status >= 400 and body.get("retry_after_s") is not None:
+            headers["Retry-After"] = str(max(1, round(body["retry_after_s"])))  # whole seconds (RFC 9110)
+        return JSONResponse(body, status_code=status, headers=headers)
 
 
 def start(config: ServeConfig, host: str = "127.0.0.1", port: int = 8000, route_prefix: str = "/",
@@ -49,11 +52,13 @@ def start(config: ServeConfig, host: str = "127.0.0.1", port: int = 8000, route_
 
 
 def stop(config: ServeConfig) -> None:
-    """Delete the Serve application and kill its shard actors (their state is lost)."""
+    """Delete the Serve application and kill its shard actors (their state is lost); forget the
+    stored shard count."""
     try:
         serve.delete(config.app_name)
     except Exception:  # not deployed
         pass
+    clear_shard_count(config)
     k = 0
     while True:
         try:
