@@ -21,7 +21,7 @@ import torch
 
 from neuroflow.serve import state_moves
 from neuroflow.serve.batching import FrameBatcher, Pending
-from neuroflow.serve.errors import BadFrame
+from neuroflow.serve.errors import BadFrame, SequenceError
 from neuroflow.serve.frames import FrameChecker
 from neuroflow.serve.routing import HashRing, moves, shard_names
 from neuroflow.serve.spec import ServeConfig, build_engine, input_geometry
@@ -378,17 +378,52 @@ def test_handle_routes_by_the_ring_batches_and_a_killed_shard_restarts_only_its_
 
     r = asyncio.run(kill_during_frame())
     assert r.retries >= 1 and r.first_frame and r.shard == "shard-0", r  # resent, dense on the new process
+    assert r.state_lost and "restarted" in r.state_lost_reason, r
+    # The restarted shard knows no sequence numbers; the front still refuses old ones.
+    other = next(s for s in cams if s != victim and ring.shard_for(s) == "shard-0")
+    with pytest.raises(SequenceError, match="duplicate sequence number 1"):
+        client.send(other, 1, cams[other][1])
     ref.engine.nf.reset([s for s in cams if ring.shard_for(s) == "shard-0"])
     ref(victim, cams[victim][2])
     later = _frames(client, ref, {s: c for s, c in cams.items() if s != victim}, 2)
     for s, res in later.items():
         assert res.first_frame == (ring.shard_for(s) == "shard-0"), s  # shard-1's streams untouched
+        assert res.state_lost == (ring.shard_for(s) == "shard-0"), s
         assert res.retries == 0 or ring.shard_for(s) == "shard-0"
     assert all(not later[s].first_frame for s in survivors)
     stats = client.stats()
     assert stats["restarts"].get("shard-0") == 1 and "shard-1" not in stats["restarts"]
     assert stats["shards"]["shard-0"]["restarted"] and stats["shards"]["shard-0"]["pid"] != pid
     del ray
+
+
+def test_a_sticky_device_error_and_spent_restarts_each_bring_the_shard_back(served):
+    import ray
+
+    config, client, _, ref = served
+    ring = HashRing(shard_names(2), config.vnodes)
+    cams = {s: camera(400 + i, 3) for i, s in enumerate(f"g{i}" for i in range(40)) if ring.shard_for(s) == "shard-1"}
+    a, b = list(cams)[:2]
+    ref.engine.nf.reset([s for s in (a, b) if s in ref.engine.nf.stream_ids])
+    first = {s: client.send(s, 0, cams[s][0]) for s in (a, b)}
+    for s in (a, b):
+        ref(s, cams[s][0])
+    pid = client.stats()["shards"]["shard-1"]["pid"]
+    actor = ray.get_actor(f"{config.app_name}/shard-1", namespace=config.namespace)
+    assert ray.get(actor.inject_fault.remote("sticky"))["ok"]
+    r = client.send(a, 1, cams[a][1])  # the process exits; Ray restarts it; the front resends
+    assert r.retries >= 1 and r.first_frame and r.state_lost and "restarted" in r.state_lost_reason, r
+    assert client.stats()["shards"]["shard-1"]["pid"] != pid
+    ref.engine.nf.reset([a])
+    assert close(r.embedding, ref(a, cams[a][1])[0])
+    # Out of restarts: the actor is dead for good; the front creates it again under its name.
+    ray.kill(ray.get_actor(f"{config.app_name}/shard-1", namespace=config.namespace), no_restart=True)
+    r = client.send(b, 1, cams[b][1])
+    assert r.retries >= 1 and r.first_frame and r.state_lost, r
+    ref.engine.nf.reset([b])
+    assert close(r.embedding, ref(b, cams[b][1])[0])
+    assert not first[a].state_lost and not first[b].state_lost
+    assert client.stats()["shards"]["shard-1"] is not None
 
 
 def test_scaling_moves_a_kth_of_the_streams_with_their_state(served):
@@ -408,6 +443,24 @@ def test_scaling_moves_a_kth_of_the_streams_with_their_state(served):
     assert set(back["moved"]) >= set(moved) and client.stats()["ring"] == ["shard-0", "shard-1"]
     final = _frames(client, ref, cams, 2)
     assert all(r.shard == old.shard_for(s) and not r.first_frame for s, r in final.items())
+
+    # Scale down, then a front that starts afresh (as after a front restart) keeps the scaled ring
+    # and the moved streams go on with their state.
+    assert client.scale(1)["ok"]
+    from neuroflow.serve.front import Front
+
+    async def fresh_front():
+        front = Front(config)
+        replies = await asyncio.gather(*(front.submit(s, 3, cams[s][3 - 1]) for s in cams))
+        return list(front.ring.shards), dict(zip(cams, replies))
+
+    ring, replies = asyncio.run(fresh_front())
+    assert ring == ["shard-0"]
+    for s, r in replies.items():
+        emb, first = ref(s, cams[s][2])
+        assert r["ok"] and r["shard"] == "shard-0" and not r["first_frame"] and not first, (s, r)
+        assert close(r["embedding"], emb)
+    assert client.scale(2)["ok"]
 
 
 def test_serve_command_rejects_bad_options_before_starting_ray(capsys, tmp_path):

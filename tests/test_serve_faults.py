@@ -313,3 +313,16 @@ def test_serve_spec_defaults_to_the_measured_preset_and_passes_engine_options():
                          (dict(max_staleness=-1), "max_staleness")]:
         with pytest.raises(ValueError, match=message):
             tiny_config(**bad).check()
+
+
+def test_retriable_errors_carry_a_retry_after_header():
+    from neuroflow.serve.errors import ComputeFailed, Overloaded, SequenceError, ShardTimeout, from_dict
+    from neuroflow.serve.http_api import response_headers
+
+    over = Overloaded("full").to_dict()
+    assert response_headers(429, over) == {"Retry-After": "1"}
+    assert response_headers(503, dict(ShardTimeout("slow").to_dict(), retry_after_s=2.5)) == {"Retry-After": "3"}
+    assert response_headers(409, SequenceError("dup").to_dict()) == {}
+    assert response_headers(500, ComputeFailed("x").to_dict()) == {} and ComputeFailed.retriable
+    back = from_dict(over)
+    assert isinstance(back, Overloaded) and back.retry_after_s == over["retry_after_s"] and back.status == 429

@@ -12,7 +12,7 @@ from ray import serve
 
 from .client import ServeClient
 from .front import Front, actor_name, clear_shard_count
-from .http_api import handle
+from .http_api import handle, response_headers
 from .spec import ServeConfig
 
 
@@ -25,10 +25,7 @@ class FrontDeployment(Front):
         from starlette.responses import JSONResponse
 
         status, body = await handle(self, request)
-        headers = {}
-        if status >= 400 and body.get("retry_after_s") is not None:
-            headers["Retry-After"] = str(max(1, round(body["retry_after_s"])))  # whole seconds (RFC 9110)
-        return JSONResponse(body, status_code=status, headers=headers)
+        return JSONResponse(body, status_code=status, headers=response_headers(status, body))
 
 
 def start(config: ServeConfig, host: str = "127.0.0.1", port: int = 8000, route_prefix: str = "/",

@@ -100,9 +100,11 @@ def clear_shard_count(config: ServeConfig) -> None:
 
 
 def existing_shards(config: ServeConfig, count: int | None = None) -> list[str]:
-    """Names of ``count`` (default ``config.num_shards``) shards, plus any later ones that already
-    exist (a scale-up that was not stored)."""
-    k = count or config.num_shards
+    """Names of the ``count`` shards :meth:`Front.scale` stored; without one, ``config.num_shards``
+    shards plus any later ones that already exist."""
+    if count is not None:  # stored by scale(): authoritative (a removed shard may still be dying)
+        return shard_names(count)
+    k = config.num_shards
     names = shard_names(k)
     while True:
         try:

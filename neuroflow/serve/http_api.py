@@ -31,6 +31,13 @@ from .front import Front, internal
 MAX_BODY_BYTES = 64 * 1024 * 1024
 
 
+def response_headers(status: int, body: dict) -> dict[str, str]:
+    """``Retry-After`` (whole seconds, at least 1, as HTTP wants) for an error with a retry hint."""
+    if status >= 400 and body.get("retry_after_s") is not None:
+        return {"Retry-After": str(max(1, int(-(-float(body["retry_after_s"]) // 1))))}
+    return {}
+
+
 def _reply_json(reply: dict) -> tuple[int, dict]:
     if not reply.get("ok"):
         err = reply["error"]
