@@ -469,9 +469,14 @@ def test_serve_command_rejects_bad_options_before_starting_ray(capsys, tmp_path)
     assert main(["serve", "--random-config", "[1]"]) == 2
     assert main(["serve", "--shards", "0"]) == 2
     assert main(["serve", "--max-batch", "0"]) == 2
+    assert main(["serve", "--max-streams", "0"]) == 2
+    assert main(["serve", "--max-queue", "0"]) == 2
+    assert main(["serve", "--max-staleness", "-1"]) == 2
     assert main(["serve", "--model", str(tmp_path / "missing")]) == 2
     (tmp_path / "empty").mkdir()
     assert main(["serve", "--model", str(tmp_path / "empty")]) == 1
     err = capsys.readouterr().err
     assert "--random-config must be a JSON object" in err and "--shards must be >= 1" in err
+    assert "max_streams must be an int >= 1" in err and "max_queue must be an int >= 1" in err
+    assert "max_staleness must be an int >= 0" in err
     assert "max_batch must be an int >= 1" in err and "missing: does not exist" in err and "no config.json" in err

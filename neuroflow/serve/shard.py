@@ -6,9 +6,14 @@ method returns plain data (dicts, numpy arrays): errors come back as
 ``{"ok": False, "error": ServeError.to_dict()}`` rather than as exceptions, so callers never
 depend on how Ray wraps exceptions.
 
-Per stream the shard keeps the engine state and the last accepted sequence number. A frame is
-checked (sequence number, then shape, dtype, NaN/Inf after the cast to the model dtype) before
-it is queued, so a refused frame changes nothing and never joins a batch. The engine runs in
+Per stream the shard keeps the engine state, the last accepted sequence number and that frame's
+result (so a caller that lost the answer can replay the frame and get it, instead of a duplicate
+refusal or a second computation). A frame is checked (sequence number, then shape, dtype, NaN/Inf
+after the cast to the model dtype, then the queue bound ``max_queue``) before it is queued, so a
+refused frame changes nothing and never joins a batch. A failed engine call is rolled back by the
+engine; its frames give their sequence numbers back (``compute_failed``, retriable). A sticky
+CUDA error ends the process (Ray restarts it). Streams the engine evicts (``max_streams``) are
+remembered (bounded) so their next frame says ``state_lost`` and their old numbers are refused. The engine runs in
 one worker thread, so the event loop keeps accepting frames while a batch computes; stream
 moves and resets run in the same thread, between batches.
 """
