@@ -59,7 +59,7 @@ def parse_args(argv=None):
     p.add_argument("--hang-at", type=float, default=7.0, help="seconds into the run to hang shard-1 (<0: never)")
     p.add_argument("--hang-s", type=float, default=2.0, help="how long shard-1's engine call hangs")
     p.add_argument("--shard-timeout", type=float, default=1.0, help="the front's wait for one shard call (s)")
-    p.add_argument("--max-queue", type=int, default=64, help="frames queued per shard at most (then 429)")
+    p.add_argument("--max-queue", type=int, default=3, help="frames queued per shard at most (then 429; small, so the hang sheds)")
     p.add_argument("--frame-size", type=int, default=64, help="camera frame side in pixels (PNG)")
     p.add_argument("--model", default=None, help="local checkpoint folder (default: random weights)")
     p.add_argument("--random-config", default=json.dumps(DEFAULT_RANDOM),
