@@ -64,6 +64,7 @@ class LocalFront(Front):
     def __init__(self, config, actors: dict[str, LocalActor]):
         self.actors = actors
         self.saved_counts: list[int] = []
+        self.removed: list[str] = []
         super().__init__(config)
 
     def _discover(self):
@@ -76,6 +77,11 @@ class LocalFront(Front):
 
     def _save_count(self, count):
         self.saved_counts.append(count)
+
+    def _remove_shard(self, name):
+        self.removed.append(name)
+        self.shards.pop(name)
+        self.actors.pop(name).shard._executor.shutdown(wait=True)
 
 
 @pytest.fixture()
@@ -280,7 +286,7 @@ def test_a_destination_dying_mid_move_leaves_the_ring_and_every_state(loop):
     close_all(loop, actors)
     assert not failed["ok"] and failed["error"]["error"] == "shard_unavailable" and "nothing moved" in \
         failed["error"]["message"]
-    assert ring == ["shard-0", "shard-1"] and front.saved_counts == [3]
+    assert ring == ["shard-0", "shard-1"] and front.saved_counts == [2, 3] and front.removed == ["shard-2"]
     assert sorted(ok["moved"]) == sorted(moves(old, new, cams)) and ok["dense"] == []
     for t, replies in enumerate((first, after, last)):
         for s, r in replies.items():

@@ -153,6 +153,9 @@ class Front:
     def _save_count(self, count: int) -> None:
         save_shard_count(self.config, count)
 
+    def _remove_shard(self, name: str) -> None:
+        ray.kill(self.shards.pop(name), no_restart=True)
+
     async def _lock(self, stream_id: Hashable) -> asyncio.Lock:
         entry = self._locks.setdefault(stream_id, [asyncio.Lock(), 0])
         entry[1] += 1
@@ -403,6 +406,10 @@ class Front:
                             await asyncio.wait_for(self.shards[dst].drop_streams.remote(ids), timeout=timeout)
                         except (RayActorError, asyncio.TimeoutError):
                             pass  # a dead destination holds nothing anyway
+                    # A restarted front must find the old ring, not the shards this call added.
+                    self._save_count(len(old.shards))
+                    for name in [n for n in names if n not in old.shards]:
+                        self._remove_shard(name)
                     return {"ok": False, "error": ShardUnavailable(
                         f"scaling to {num_shards} shards stopped, nothing moved: {type(exc).__name__}: {exc}; "
                         "the ring is unchanged, try again").to_dict()}
@@ -423,7 +430,7 @@ class Front:
             finally:
                 self._open.set()
             for name in [n for n in old.shards if n not in names]:
-                ray.kill(self.shards.pop(name), no_restart=True)
+                self._remove_shard(name)
             return {"ok": True, "shards": len(names), "moved": moved, "dense": dense, "errors": errors,
                     "seconds": time.perf_counter() - t0}
 
