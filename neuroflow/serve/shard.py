@@ -112,6 +112,7 @@ class Shard:
         self._lost: OrderedDict[Hashable, tuple[str, int]] = OrderedDict()
         self._lost_limit = max(LOST_LIMIT, 4 * (config.max_streams or 0))
         self._faults: list[tuple[str, float]] = []
+        self._die_on_import = False
         self._computing: list[Pending] = []
         self._closed = False
         self._inflight: Counter = Counter()
@@ -271,8 +272,13 @@ class Shard:
     async def inject_fault(self, kind: str, count: int = 1, seconds: float = 0.0) -> dict:
         """Fault injection for failure tests and load tests: the next ``count`` engine calls
         fail with ``kind``: ``"error"`` (an exception: the batch is rolled back), ``"sticky"``
-        (a sticky CUDA error: the process exits), ``"hang"`` (the call sleeps ``seconds`` first).
+        (a sticky CUDA error: the process exits), ``"hang"`` (the call sleeps ``seconds`` first);
+        ``"die_on_import"``: the process exits at the next :meth:`import_streams` (a destination
+        dying mid-move).
         """
+        if kind == "die_on_import":
+            self._die_on_import = True
+            return {"ok": True, "faults": len(self._faults)}
         if kind not in ("error", "sticky", "hang"):
             return {"ok": False, "error": BadRequest(f"unknown fault {kind!r}").to_dict()}
         self._faults += [(kind, float(seconds))] * int(count)
@@ -363,6 +369,8 @@ class Shard:
         """Take over streams exported by :meth:`export_streams`: their state joins this engine's
         (``load_stream_state_dict`` of the merge; checked by the engine) and their sequence numbers
         carry on. Returns ``{"moved": ids with state, "dense": ids that restart dense, "error"}``."""
+        if self._die_on_import:
+            os._exit(70)
 
         def work():
             nf = self.engine.nf
