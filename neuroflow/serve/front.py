@@ -22,7 +22,10 @@ Guarantees (one front replica; the application runs one):
   is sent as a *replay*: the shard answers the result it computed (or is computing) for that
   sequence number instead of computing it twice. Every frame is answered once;
 - the first frame a stream answers after its state was lost (its shard restarted, the engine
-  evicted it under ``max_streams``, a move without state) says ``state_lost=True`` and why;
+  evicted it under ``max_streams``, a move without state) says ``state_lost=True`` and why. The
+  front learns of a restart from the shard's process id, which it remembers per stream (the last
+  ``front_streams`` streams); a front that restarted itself has no such memory, so a stream whose
+  shard restarted in the same window runs dense (``first_frame``) without ``state_lost``;
 - :meth:`Front.scale` copies the streams whose shard changes to their new shard, switches the ring
   only when every copy arrived, then drops the originals (a destination dying mid-move leaves the
   old ring and every state in place); the shard count is stored in Ray's internal key-value store,
