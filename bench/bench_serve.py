@@ -1,14 +1,20 @@
 """Load test of ``neuroflow serve``: K shards, C cameras posting PNG frames over HTTP at a fixed
-rate, one shard killed mid-run.
+rate, one shard killed and another hung mid-run.
 
 Starts a local Ray instance (loopback only) and the serving application, then runs one thread per
 camera for ``--duration`` seconds: frame ``i`` of a camera is due at ``start + i / fps`` (sent at
 once when the camera is behind, never skipped). A camera resends a frame that got a retriable
-error (503) with the same sequence number until ``--give-up`` seconds; any other error, or giving
-up, counts the frame as lost. At ``--kill-at`` seconds the process of shard-0 gets SIGKILL; Ray
-restarts it and the front resends its frames in flight.
+error (429 overloaded, 503 shard_unavailable / shard_timeout, 500 compute_failed) with the same
+sequence number after the reply's ``retry_after_s`` until ``--give-up`` seconds; any other error,
+or giving up, counts the frame as lost. At ``--kill-at`` seconds the process of shard-0 gets
+SIGKILL; Ray restarts it and the front resends its frames in flight. At ``--hang-at`` seconds
+shard-1's next engine call sleeps ``--hang-s`` seconds (fault injection); the front answers
+``shard_timeout`` after ``--shard-timeout`` s, and the camera's resend is a replay that gets the
+hung call's result.
 
-Measured (client side unless noted): frames sent, answered, lost (goal: 0), throughput, latency
+Measured (client side unless noted): frames sent, answered, shed (429 replies: refused by a full
+shard queue, resent later), timeouts (503 shard_timeout replies), lost (goal: 0), replies with
+``state_lost`` and ``replayed``, throughput, latency
 p50/p99/max (request to reply, including retries), the p99 of the frames that were not in flight
 during the 10 s after the kill, batch sizes (frames per engine call, from the replies), restarts
 and retries (front counters), streams that restarted dense after the kill. Writes one JSON record to
@@ -39,18 +45,22 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import RESULTS, environment, markdown_table, write_results  # noqa: E402
 
-DEFAULT_RANDOM = {"hidden_size": 192, "intermediate_size": 768, "num_hidden_layers": 2, "num_attention_heads": 3,
-                  "image_size": 224, "patch_size": 16}
+DEFAULT_RANDOM = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 2,
+                  "image_size": 64, "patch_size": 16}
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--shards", type=int, default=2)
-    p.add_argument("--cameras", type=int, default=16)
-    p.add_argument("--fps", type=float, default=2.0, help="frames per second per camera")
-    p.add_argument("--duration", type=float, default=60.0, help="seconds of load")
-    p.add_argument("--kill-at", type=float, default=30.0, help="seconds into the run to SIGKILL shard-0 (<0: never)")
-    p.add_argument("--frame-size", type=int, default=224, help="camera frame side in pixels (PNG)")
+    p.add_argument("--cameras", type=int, default=8)
+    p.add_argument("--fps", type=float, default=4.0, help="frames per second per camera")
+    p.add_argument("--duration", type=float, default=12.0, help="seconds of load")
+    p.add_argument("--kill-at", type=float, default=3.0, help="seconds into the run to SIGKILL shard-0 (<0: never)")
+    p.add_argument("--hang-at", type=float, default=7.0, help="seconds into the run to hang shard-1 (<0: never)")
+    p.add_argument("--hang-s", type=float, default=2.0, help="how long shard-1's engine call hangs")
+    p.add_argument("--shard-timeout", type=float, default=1.0, help="the front's wait for one shard call (s)")
+    p.add_argument("--max-queue", type=int, default=3, help="frames queued per shard at most (then 429; small, so the hang sheds)")
+    p.add_argument("--frame-size", type=int, default=64, help="camera frame side in pixels (PNG)")
     p.add_argument("--model", default=None, help="local checkpoint folder (default: random weights)")
     p.add_argument("--random-config", default=json.dumps(DEFAULT_RANDOM),
                    help="SiglipVisionConfig fields of the random model (JSON)")
@@ -93,6 +103,8 @@ class Camera(threading.Thread):
         self.fps, self.start_at, self.stop_at, self.give_up = fps, start, stop_at, give_up
         self.results: list[dict] = []  # per frame: seq, sent, latency_s, ok, error, batch_size, first_frame
         self.retried_503 = 0
+        self.shed = 0  # 429 replies (full shard queue)
+        self.timeouts = 0  # 503 shard_timeout replies
 
     def _post(self, conn, seq: int, body: bytes):
         conn.request("POST", f"/models/{self.model}/streams/{self.name_}/frames?seq={seq}", body=body,
@@ -122,11 +134,17 @@ class Camera(threading.Thread):
                     status, reply = 0, {"error": f"connection: {type(exc).__name__}", "retriable": True}
                 if status == 200:
                     rec.update(ok=True, batch_size=reply["batch_size"], first_frame=reply["first_frame"],
-                               retries=reply["retries"], shard=reply["shard"])
+                               retries=reply["retries"], shard=reply["shard"], state_lost=reply["state_lost"],
+                               replayed=reply["replayed"])
                     break
                 if reply.get("retriable") and time.perf_counter() - sent < self.give_up:
-                    self.retried_503 += 1
-                    time.sleep(0.2)
+                    if status == 429:
+                        self.shed += 1
+                    elif reply.get("error") == "shard_timeout":
+                        self.timeouts += 1
+                    else:
+                        self.retried_503 += 1
+                    time.sleep(min(float(reply.get("retry_after_s") or 0.2), 1.0))
                     continue
                 rec["error"] = reply.get("error", f"HTTP {status}")
                 break
@@ -158,7 +176,7 @@ def main(argv=None) -> int:
         model_folder=args.model, random_config={} if args.model else json.loads(args.random_config),
         num_shards=args.shards, shard_cpus=0, torch_threads=args.threads, max_batch=args.max_batch,
         max_wait_ms=args.max_wait_ms, device=args.device, retry_timeout_s=args.give_up, app_name="nfbench",
-        namespace="nfbench",
+        namespace="nfbench", shard_timeout_s=args.shard_timeout, max_queue=args.max_queue,
     )
     port = args.port
     if port == 0:
@@ -185,6 +203,13 @@ def main(argv=None) -> int:
             os.kill(victim_pid, signal.SIGKILL)
             killed_at = time.perf_counter() - start
             print(f"killed shard-0 (pid {victim_pid}) at {killed_at:.1f} s", flush=True)
+        hung_at = None
+        if args.hang_at >= 0 and args.shards > 1:
+            time.sleep(max(0.0, start + args.hang_at - time.perf_counter()))
+            hung = ray.get_actor(f"{config.app_name}/shard-1", namespace=config.namespace)
+            ray.get(hung.inject_fault.remote("hang", 1, args.hang_s))
+            hung_at = time.perf_counter() - start
+            print(f"hung shard-1 for {args.hang_s:g} s at {hung_at:.1f} s", flush=True)
         for c in cams:
             c.join(timeout=max(1.0, stop_at - time.perf_counter()) + args.give_up + 10)
         wall = time.perf_counter() - start
@@ -225,9 +250,15 @@ def main(argv=None) -> int:
         "batch_hist": dict(sorted(Counter(sizes).items())),
         "killed_at_s": killed_at, "restarts": sum(stats["restarts"].values()), "front_retries": sum(stats["retries"].values()),
         "client_resends_503": sum(c.retried_503 for c in cams), "streams_dense_after_kill": len(dense_after_kill),
+        "shed_429": sum(c.shed for c in cams), "timeouts_503": sum(c.timeouts for c in cams),
+        "hung_at_s": hung_at, "hang_s": args.hang_s, "shard_timeout_s": args.shard_timeout, "max_queue": args.max_queue,
+        "replies_state_lost": sum(1 for r in ok if r.get("state_lost")),
+        "replies_replayed": sum(1 for r in ok if r.get("replayed")),
     }
     columns = [("shards", "shards"), ("cameras", "cameras"), ("fps_per_camera", "fps/cam"), ("duration_s", "s"),
-               ("frames_sent", "sent"), ("frames_ok", "ok"), ("frames_lost", "lost"), ("throughput_fps", "frames/s"),
+               ("frames_sent", "sent"), ("frames_ok", "answered"), ("shed_429", "shed (429)"),
+               ("timeouts_503", "timeouts (503)"), ("frames_lost", "lost"), ("replies_state_lost", "state_lost"),
+               ("replies_replayed", "replayed"), ("throughput_fps", "frames/s"),
                ("latency_p50_ms", "p50 ms"), ("latency_p99_ms", "p99 ms"), ("latency_p99_outside_kill_ms", "p99 ms (not in flight 10 s after kill)"),
                ("latency_max_ms", "max ms"), ("batch_mean", "batch mean"), ("batch_max", "batch max"),
                ("restarts", "restarts"), ("front_retries", "front retries"), ("streams_dense_after_kill", "dense restarts")]
@@ -236,7 +267,9 @@ def main(argv=None) -> int:
               f"ray {record['ray']}; commit {record['commit']}; {record['time']}.\n"
               f"Model: {record['model']}, **{record['weights']}** (serving figures only; embeddings meaningless). "
               f"Frames: {args.frame_size}x{args.frame_size} PNG over HTTP (loopback), one thread per camera, "
-              f"fixed rate; shard-0 SIGKILLed at {killed_at if killed_at is None else round(killed_at, 1)} s. "
+              f"fixed rate; shard-0 SIGKILLed at {killed_at if killed_at is None else round(killed_at, 1)} s, "
+              f"shard-1 hung {args.hang_s:g} s at {hung_at if hung_at is None else round(hung_at, 1)} s "
+              f"(front timeout {args.shard_timeout:g} s, max_queue {args.max_queue}). "
               f"Batch sizes: frames-weighted, from the replies; histogram {record['batch_hist']}. "
               f"Errors: {record['errors'] or 'none'}.")
     table = markdown_table([record], columns)

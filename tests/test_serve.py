@@ -12,6 +12,7 @@ import io
 import json
 import os
 import socket
+import time
 import urllib.error
 import urllib.request
 
@@ -21,7 +22,7 @@ import torch
 
 from neuroflow.serve import state_moves
 from neuroflow.serve.batching import FrameBatcher, Pending
-from neuroflow.serve.errors import BadFrame
+from neuroflow.serve.errors import BadFrame, SequenceError
 from neuroflow.serve.frames import FrameChecker
 from neuroflow.serve.routing import HashRing, moves, shard_names
 from neuroflow.serve.spec import ServeConfig, build_engine, input_geometry
@@ -243,14 +244,17 @@ def test_exported_streams_continue_on_another_shard_with_their_state(plain_shard
         for t in range(2):
             assert (await a.submit("m", t, check(cam[t])))["ok"]
         blob = await a.export_streams(["m"])
+        kept = "m" in a.engine.nf.stream_ids  # the source keeps it until the import succeeded
         imported = await b.import_streams(blob)
+        await a.drop_streams(["m"])
         reply = await b.submit("m", 2, check(cam[2]))
         stale = await b.submit("m", 1, check(cam[3]))
-        return blob, imported, reply, stale
+        return blob, kept, imported, reply, stale
 
     for t in range(2):
         ref("m", cam[t])
-    blob, imported, reply, stale = loop.run_until_complete(scenario())
+    blob, kept, imported, reply, stale = loop.run_until_complete(scenario())
+    assert kept
     assert state_moves.stream_ids(blob["state"]) == ["m"] and blob["seq"] == {"m": 1}
     assert imported["moved"] == ["m"] and imported["dense"] == [] and imported["error"] is None
     assert "m" not in a.engine.nf.stream_ids
@@ -375,11 +379,17 @@ def test_handle_routes_by_the_ring_batches_and_a_killed_shard_restarts_only_its_
 
     r = asyncio.run(kill_during_frame())
     assert r.retries >= 1 and r.first_frame and r.shard == "shard-0", r  # resent, dense on the new process
+    assert r.state_lost and "restarted" in r.state_lost_reason, r
+    # The restarted shard knows no sequence numbers; the front still refuses old ones.
+    other = next(s for s in cams if s != victim and ring.shard_for(s) == "shard-0")
+    with pytest.raises(SequenceError, match="duplicate sequence number 1"):
+        client.send(other, 1, cams[other][1])
     ref.engine.nf.reset([s for s in cams if ring.shard_for(s) == "shard-0"])
     ref(victim, cams[victim][2])
     later = _frames(client, ref, {s: c for s, c in cams.items() if s != victim}, 2)
     for s, res in later.items():
         assert res.first_frame == (ring.shard_for(s) == "shard-0"), s  # shard-1's streams untouched
+        assert res.state_lost == (ring.shard_for(s) == "shard-0"), s
         assert res.retries == 0 or ring.shard_for(s) == "shard-0"
     assert all(not later[s].first_frame for s in survivors)
     stats = client.stats()
@@ -388,9 +398,79 @@ def test_handle_routes_by_the_ring_batches_and_a_killed_shard_restarts_only_its_
     del ray
 
 
+def test_a_sticky_device_error_and_spent_restarts_each_bring_the_shard_back(served):
+    import ray
+
+    config, client, _, ref = served
+    ring = HashRing(shard_names(2), config.vnodes)
+    cams = {s: camera(400 + i, 3) for i, s in enumerate(f"g{i}" for i in range(40)) if ring.shard_for(s) == "shard-1"}
+    a, b = list(cams)[:2]
+    ref.engine.nf.reset([s for s in (a, b) if s in ref.engine.nf.stream_ids])
+    first = {s: client.send(s, 0, cams[s][0]) for s in (a, b)}
+    for s in (a, b):
+        ref(s, cams[s][0])
+    pid = client.stats()["shards"]["shard-1"]["pid"]
+    actor = ray.get_actor(f"{config.app_name}/shard-1", namespace=config.namespace)
+    assert ray.get(actor.inject_fault.remote("sticky"))["ok"]
+    r = client.send(a, 1, cams[a][1])  # the process exits; Ray restarts it; the front resends
+    assert r.retries >= 1 and r.first_frame and r.state_lost and "restarted" in r.state_lost_reason, r
+    assert client.stats()["shards"]["shard-1"]["pid"] != pid
+    ref.engine.nf.reset([a])
+    assert close(r.embedding, ref(a, cams[a][1])[0])
+    # Out of restarts: the actor is dead for good; the front creates it again under its name.
+    ray.kill(ray.get_actor(f"{config.app_name}/shard-1", namespace=config.namespace), no_restart=True)
+    r = client.send(b, 1, cams[b][1])
+    assert r.retries >= 1 and r.first_frame and r.state_lost, r
+    ref.engine.nf.reset([b])
+    assert close(r.embedding, ref(b, cams[b][1])[0])
+    assert not first[a].state_lost and not first[b].state_lost
+    assert client.stats()["shards"]["shard-1"] is not None
+
+
+def test_a_hung_shard_times_out_and_the_resend_gets_the_hung_frames_result(served):
+    import dataclasses
+
+    import ray
+
+    from neuroflow.serve.front import Front
+
+    config, _, _, ref = served
+    cam = camera(500, 3)
+    quick = dataclasses.replace(config, shard_timeout_s=1.0)  # a front (as after a restart) with a short wait
+
+    async def scenario():
+        front = Front(quick)
+        name = front.ring.shard_for("hang-0")
+        r0 = await front.submit("hang-0", 0, cam[0])
+        actor = ray.get_actor(f"{config.app_name}/{name}", namespace=config.namespace)
+        await actor.inject_fault.remote("hang", 1, 3.0)
+        t0 = asyncio.get_running_loop().time()
+        timed_out = await front.submit("hang-0", 1, cam[1])
+        waited = asyncio.get_running_loop().time() - t0
+        other = next(s for s in (f"hang-x{i}" for i in range(50)) if front.ring.shard_for(s) != name)
+        elsewhere = await front.submit(other, 0, cam[0])  # the other shard is not held up
+        replies = [timed_out]
+        while not replies[-1].get("ok") and len(replies) < 20:
+            await asyncio.sleep(replies[-1]["error"].get("retry_after_s", 0.5))
+            replies.append(await front.submit("hang-0", 1, cam[1]))
+        r2 = await front.submit("hang-0", 2, cam[2])
+        return r0, timed_out, waited, elsewhere, replies[-1], r2, front.tracked
+
+    r0, timed_out, waited, elsewhere, again, r2, tracked = asyncio.run(scenario())
+    assert timed_out["error"]["error"] == "shard_timeout" and timed_out["error"]["status"] == 503, timed_out
+    assert waited < 2.5 and elsewhere["ok"]
+    assert again["ok"] and again["replayed"], again  # the hung call's result, not a second computation
+    for t, r in enumerate((r0, again, r2)):
+        emb, first = ref("hang-0", cam[t])
+        assert close(r["embedding"], emb) and r["first_frame"] == first, t
+    assert tracked["locks"] == 0
+
+
 def test_scaling_moves_a_kth_of_the_streams_with_their_state(served):
     config, client, _, ref = served
-    cams = {f"z{i}": camera(200 + i, 3) for i in range(12)}
+    import ray
+
+    cams = {f"z{i}": camera(200 + i, 5) for i in range(12)}
     _frames(client, ref, cams, 0)
     old, new = HashRing(shard_names(2), config.vnodes), HashRing(shard_names(3), config.vnodes)
     expected = moves(old, new, cams)
@@ -406,6 +486,41 @@ def test_scaling_moves_a_kth_of_the_streams_with_their_state(served):
     final = _frames(client, ref, cams, 2)
     assert all(r.shard == old.shard_for(s) and not r.first_frame for s, r in final.items())
 
+    # A destination that dies mid-move: nothing moves, the ring and every state stay; a retry works.
+    from neuroflow.serve.front import shard_actor
+
+    for _ in range(100):  # the shard-2 that scale(2) killed may still hold its name for a moment
+        try:
+            assert ray.get(shard_actor(config, "shard-2").inject_fault.remote("die_on_import"))["ok"]
+            break
+        except ray.exceptions.RayActorError:
+            time.sleep(0.1)
+    else:
+        raise AssertionError("could not start a new shard-2")
+    failed = client.handle.scale.remote(3).result()
+    assert not failed["ok"] and failed["error"]["error"] == "shard_unavailable", failed
+    assert client.stats()["ring"] == ["shard-0", "shard-1"]
+    kept = _frames(client, ref, cams, 3)  # checked against the reference: state kept, one answer each
+    assert all(not r.first_frame and not r.state_lost and r.shard == old.shard_for(s) for s, r in kept.items())
+
+    # Scale down, then a front that starts afresh (as after a front restart) keeps the scaled ring
+    # and the moved streams go on with their state.
+    assert client.scale(1)["ok"]
+    from neuroflow.serve.front import Front
+
+    async def fresh_front():
+        front = Front(config)
+        replies = await asyncio.gather(*(front.submit(s, 4, cams[s][4]) for s in cams))
+        return list(front.ring.shards), dict(zip(cams, replies))
+
+    ring, replies = asyncio.run(fresh_front())
+    assert ring == ["shard-0"]
+    for s, r in replies.items():
+        emb, first = ref(s, cams[s][4])
+        assert r["ok"] and r["shard"] == "shard-0" and not r["first_frame"] and not first, (s, r)
+        assert close(r["embedding"], emb)
+    assert client.scale(2)["ok"]
+
 
 def test_serve_command_rejects_bad_options_before_starting_ray(capsys, tmp_path):
     from neuroflow.cli import main
@@ -413,9 +528,14 @@ def test_serve_command_rejects_bad_options_before_starting_ray(capsys, tmp_path)
     assert main(["serve", "--random-config", "[1]"]) == 2
     assert main(["serve", "--shards", "0"]) == 2
     assert main(["serve", "--max-batch", "0"]) == 2
+    assert main(["serve", "--max-streams", "0"]) == 2
+    assert main(["serve", "--max-queue", "0"]) == 2
+    assert main(["serve", "--max-staleness", "-1"]) == 2
     assert main(["serve", "--model", str(tmp_path / "missing")]) == 2
     (tmp_path / "empty").mkdir()
     assert main(["serve", "--model", str(tmp_path / "empty")]) == 1
     err = capsys.readouterr().err
     assert "--random-config must be a JSON object" in err and "--shards must be >= 1" in err
+    assert "max_streams must be an int >= 1" in err and "max_queue must be an int >= 1" in err
+    assert "max_staleness must be an int >= 0" in err
     assert "max_batch must be an int >= 1" in err and "missing: does not exist" in err and "no config.json" in err

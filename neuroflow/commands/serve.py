@@ -28,6 +28,7 @@ import threading
 import time
 
 from ..architectures import ARCHITECTURES
+from ..engine import PRESETS
 from ._common import DTYPES, CommandError, one_line, print_error
 
 
@@ -44,11 +45,23 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     m.add_argument("--dtype", choices=tuple(DTYPES), default="float32")
     m.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
                    help="cpu: shards are CPU workers; cuda: each shard gets one GPU (num_gpus=1)")
-    e = p.add_argument_group("engine")
-    e.add_argument("--arch", choices=ARCHITECTURES, default="C")
-    e.add_argument("--threshold", type=float, default=0.35)
-    e.add_argument("--ema-decay", type=float, default=0.01)
-    e.add_argument("--floor-tokens", type=int, default=4)
+    e = p.add_argument_group("engine (options left out come from --preset)")
+    e.add_argument("--preset", choices=tuple(PRESETS), default="measured",
+                   help="engine defaults (default measured: the measured default of the library; paper: the paper's)")
+    e.add_argument("--arch", choices=ARCHITECTURES, default=None)
+    e.add_argument("--threshold", type=float, default=None)
+    e.add_argument("--ema-decay", type=float, default=None)
+    e.add_argument("--floor-tokens", type=int, default=None)
+    e.add_argument("--reference", choices=("ema", "computed"), default=None,
+                   help="what a patch's surprise is measured against")
+    e.add_argument("--max-staleness", type=int, default=None,
+                   help="recompute a patch not computed for K frames (0: no bound)")
+    e.add_argument("--budget", type=float, default=None, help="most patches computed per later frame (a whole number >= 1: a count; below 1: a fraction)")
+    e.add_argument("--motion-norm", action="store_true", default=None, help="normalise surprise by global motion")
+    e.add_argument("--scene-cut", type=float, default=None, help="run a frame dense when this share of patches changes")
+    e.add_argument("--kv-layers", type=int, default=None, help="arch KV: the last K layers keep key/value caches (default: every layer)")
+    e.add_argument("--max-streams", type=int, default=None,
+                   help="streams each shard keeps (least recently seen evicted; default: no bound)")
     s = p.add_argument_group("shards and batching")
     s.add_argument("--shards", type=int, default=None,
                    help="shard count K (default: GPUs in the cluster / --gpus-per-shard with --device cuda, else 1)")
@@ -62,6 +75,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     s.add_argument("--max-restarts", type=int, default=10, help="Ray restarts of a dead shard (-1: always)")
     s.add_argument("--retry-timeout", type=float, default=30.0,
                    help="seconds the front keeps resending a frame whose shard died (default 30)")
+    s.add_argument("--shard-timeout", type=float, default=60.0,
+                   help="seconds the front waits for one shard call before a 503 shard_timeout (default 60)")
+    s.add_argument("--max-queue", type=int, default=1024,
+                   help="frames queued per shard at most; beyond it a 429 with Retry-After (default 1024)")
     r = p.add_argument_group("Ray and HTTP")
     r.add_argument("--address", default=None,
                    help="Ray cluster to join ('auto' or HOST:PORT; default: start a local one)")
@@ -70,6 +87,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     r.add_argument("--port", type=int, default=8000, help="HTTP port (default 8000)")
     r.add_argument("--app-name", default="neuroflow", help="Ray Serve application name (default neuroflow)")
     r.add_argument("--duration", type=float, default=None, help="stop after this many seconds (default: run until stopped)")
+
+
+def _budget(value: float | None):
+    """A whole-number budget is a patch count, else a fraction of the patches."""
+    if value is None:
+        return None
+    return int(value) if float(value).is_integer() and value >= 1 else value
 
 
 def _config(args):
@@ -87,12 +111,14 @@ def _config(args):
             raise CommandError("--random-config is for the random model; it cannot be combined with --model", code=2)
     config = ServeConfig(
         model_name=args.model_name, model_folder=args.model, random_config=random_config, seed=args.seed,
-        image_size=args.image_size, arch=args.arch, threshold=args.threshold, ema_decay=args.ema_decay,
-        floor_tokens=args.floor_tokens, dtype=args.dtype, device=args.device, num_shards=args.shards or 1,
+        image_size=args.image_size, preset=args.preset, arch=args.arch, threshold=args.threshold,
+        ema_decay=args.ema_decay, floor_tokens=args.floor_tokens, reference=args.reference,
+        max_staleness=args.max_staleness, budget=_budget(args.budget), motion_norm=args.motion_norm,
+        scene_cut=args.scene_cut, kv_layers=args.kv_layers, max_streams=args.max_streams, dtype=args.dtype, device=args.device, num_shards=args.shards or 1,
         shard_cpus=args.shard_cpus, shard_gpus=args.gpus_per_shard, torch_threads=args.threads,
         max_batch=args.max_batch,
         max_wait_ms=args.max_wait_ms, max_restarts=args.max_restarts, retry_timeout_s=args.retry_timeout,
-        app_name=args.app_name,
+        shard_timeout_s=args.shard_timeout, max_queue=args.max_queue, app_name=args.app_name,
     )
     try:
         config.check()

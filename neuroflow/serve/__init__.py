@@ -16,10 +16,14 @@ the rest need ``pip install "neuroflow[serve]"``.
 from .errors import (
     BadFrame,
     BadRequest,
+    ComputeFailed,
     InternalError,
+    Overloaded,
     SequenceError,
     ServeError,
+    ShardTimeout,
     ShardUnavailable,
+    ShuttingDown,
     UnknownModel,
     UnknownStream,
 )
@@ -27,6 +31,6 @@ from .routing import HashRing
 from .spec import ServeConfig
 
 __all__ = [
-    "BadFrame", "BadRequest", "HashRing", "InternalError", "SequenceError", "ServeConfig", "ServeError",
-    "ShardUnavailable", "UnknownModel", "UnknownStream",
+    "BadFrame", "BadRequest", "ComputeFailed", "HashRing", "InternalError", "Overloaded", "SequenceError",
+    "ServeConfig", "ServeError", "ShardTimeout", "ShardUnavailable", "ShuttingDown", "UnknownModel", "UnknownStream",
 ]

@@ -11,8 +11,8 @@ import ray
 from ray import serve
 
 from .client import ServeClient
-from .front import Front, actor_name
-from .http_api import handle
+from .front import Front, actor_name, clear_shard_count
+from .http_api import handle, response_headers
 from .spec import ServeConfig
 
 
@@ -25,7 +25,7 @@ class FrontDeployment(Front):
         from starlette.responses import JSONResponse
 
         status, body = await handle(self, request)
-        return JSONResponse(body, status_code=status)
+        return JSONResponse(body, status_code=status, headers=response_headers(status, body))
 
 
 def start(config: ServeConfig, host: str = "127.0.0.1", port: int = 8000, route_prefix: str = "/",
@@ -49,11 +49,13 @@ def start(config: ServeConfig, host: str = "127.0.0.1", port: int = 8000, route_
 
 
 def stop(config: ServeConfig) -> None:
-    """Delete the Serve application and kill its shard actors (their state is lost)."""
+    """Delete the Serve application and kill its shard actors (their state is lost); forget the
+    stored shard count."""
     try:
         serve.delete(config.app_name)
     except Exception:  # not deployed
         pass
+    clear_shard_count(config)
     k = 0
     while True:
         try:

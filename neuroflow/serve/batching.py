@@ -29,6 +29,8 @@ class Pending:
         pixels: ``[C, S, S]`` model input (any array type; the batcher only reads ``.shape``).
         future: resolved with the frame's result (or exception) by whoever runs the batch.
         enqueued: ``time.perf_counter()`` when it was queued.
+        prev_seq: the stream's last accepted sequence number before this frame (None: none), so
+            a failed batch can give the sequence number back.
     """
 
     stream_id: Hashable
@@ -36,6 +38,7 @@ class Pending:
     pixels: Any
     future: asyncio.Future
     enqueued: float = field(default_factory=time.perf_counter)
+    prev_seq: int | None = None
 
 
 class FrameBatcher:
@@ -58,6 +61,11 @@ class FrameBatcher:
 
     def __len__(self) -> int:
         return len(self._queue)
+
+    def drain(self) -> list[Pending]:
+        """Remove and return every queued frame (for a shard that closes)."""
+        items, self._queue = self._queue, []
+        return items
 
     def put(self, item: Pending) -> None:
         self._queue.append(item)

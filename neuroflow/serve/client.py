@@ -25,7 +25,12 @@ class FrameResult:
         first_frame: True when the stream (re)started densely with this frame.
         batch_size: frames in the engine call that computed it.
         shard: the shard that computed it.
-        retries: times the front sent it again after its shard died.
+        retries: times the front sent it again after its shard died or was unavailable.
+        state_lost: True on the first frame the stream answers after its state was lost (shard
+            restart, eviction under ``max_streams``, a move without state); ``state_lost_reason``
+            says which. The frame ran dense.
+        replayed: the shard answered a result it had already computed for this sequence number
+            (after a timeout or ``ActorUnavailableError``), not a second computation.
         timing: milliseconds: ``decode_ms`` (front), ``queue_ms`` (wait for a batch), ``compute_ms``
             (the engine call), ``shard_ms`` (in the shard), ``total_ms`` (in the front).
     """
@@ -39,6 +44,9 @@ class FrameResult:
     shard: str
     retries: int
     timing: dict
+    state_lost: bool = False
+    state_lost_reason: str | None = None
+    replayed: bool = False
 
     @classmethod
     def from_reply(cls, reply: dict) -> FrameResult:
@@ -46,7 +54,8 @@ class FrameResult:
             raise from_dict(reply["error"])
         return cls(reply["stream"], reply["seq"], np.asarray(reply["embedding"], dtype=np.float32),
                    reply["sparsity"], reply["first_frame"], reply["batch_size"], reply["shard"],
-                   reply["retries"], reply["timing"])
+                   reply["retries"], reply["timing"], bool(reply.get("state_lost")),
+                   reply.get("state_lost_reason"), bool(reply.get("replayed")))
 
 
 def _ok(reply: dict) -> dict:

@@ -20,8 +20,14 @@ class ServeError(Exception):
         super().__init__(message)
         self.message = message
 
+    #: seconds a client should wait before sending the same frame again (None: no hint)
+    retry_after_s: float | None = None
+
     def to_dict(self) -> dict:
-        return {"error": self.kind, "message": self.message, "retriable": self.retriable, "status": self.status}
+        d = {"error": self.kind, "message": self.message, "retriable": self.retriable, "status": self.status}
+        if self.retry_after_s is not None:
+            d["retry_after_s"] = float(self.retry_after_s)
+        return d
 
 
 class BadRequest(ServeError):
@@ -61,25 +67,70 @@ class SequenceError(ServeError):
 
 
 class ShardUnavailable(ServeError):
-    """The stream's shard did not come back within the retry window (it died and Ray has not
-    restarted it, or it ran out of restarts). Retriable: the same frame may be sent again."""
+    """The stream's shard did not come back within the retry window (it died and neither Ray nor
+    the front has brought it back). Retriable: the same frame may be sent again."""
 
     status = 503
     retriable = True
     kind = "shard_unavailable"
+    retry_after_s = 1.0
+
+
+class ShardTimeout(ServeError):
+    """The stream's shard did not answer within ``shard_timeout_s`` (hung or overloaded). The
+    frame may still be computed there: send the same frame again (same sequence number) and the
+    front asks the shard for that frame's result instead of computing it twice."""
+
+    status = 503
+    retriable = True
+    kind = "shard_timeout"
+    retry_after_s = 1.0
+
+
+class Overloaded(ServeError):
+    """The stream's shard has ``max_queue`` frames waiting; this frame was not queued and nothing
+    changed. Send the same frame again after ``retry_after_s``."""
+
+    status = 429
+    retriable = True
+    kind = "overloaded"
+    retry_after_s = 0.5
+
+
+class ComputeFailed(ServeError):
+    """The engine failed on the batch that held this frame. The engine rolled the batch back:
+    every stream of it keeps the state it had before this frame, and the frame's sequence number
+    was not used, so the same frame may be sent again."""
+
+    status = 500
+    retriable = True
+    kind = "compute_failed"
+
+
+class ShuttingDown(ServeError):
+    """The shard closed before this frame was computed (nothing changed for its stream)."""
+
+    status = 503
+    retriable = True
+    kind = "shutting_down"
+    retry_after_s = 1.0
 
 
 class InternalError(ServeError):
-    """The engine failed on a batch; the streams of that batch restart with a dense frame."""
+    """A bug in the serving layer (the message names the exception)."""
 
     status = 500
     kind = "internal"
 
 
 ERRORS = {cls.kind: cls for cls in (BadRequest, BadFrame, UnknownModel, UnknownStream, SequenceError,
-                                    ShardUnavailable, InternalError)}
+                                    ShardUnavailable, ShardTimeout, Overloaded, ComputeFailed, ShuttingDown,
+                                    InternalError)}
 
 
 def from_dict(d: dict) -> ServeError:
     """The error :meth:`ServeError.to_dict` described (an :class:`InternalError` for unknown kinds)."""
-    return ERRORS.get(d.get("error"), InternalError)(str(d.get("message", "")))
+    exc = ERRORS.get(d.get("error"), InternalError)(str(d.get("message", "")))
+    if d.get("retry_after_s") is not None:
+        exc.retry_after_s = float(d["retry_after_s"])
+    return exc

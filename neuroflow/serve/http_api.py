@@ -11,9 +11,12 @@ POST     ``/admin/scale?shards=K``                        change the shard count
 =======  ==============================================  ==========================================
 
 A frame's reply (200): ``{"stream", "seq", "embedding": [D floats], "sparsity", "first_frame",
-"batch_size", "shard", "retries", "timing": {"decode_ms", "queue_ms", "compute_ms", "shard_ms",
-"total_ms"}}``. Errors: ``{"error": kind, "message", "retriable", "status"}`` with that status
-(400 bad request, 404 unknown model or stream, 409 sequence, 422 bad frame, 503 shard unavailable).
+"state_lost", "state_lost_reason", "replayed", "batch_size", "shard", "retries", "timing":
+{"decode_ms", "queue_ms", "compute_ms", "shard_ms", "total_ms"}}``. Errors: ``{"error": kind,
+"message", "retriable", "status", "retry_after_s" (retriable kinds)}`` with that status (400 bad
+request, 404 unknown model or stream, 409 sequence, 422 bad frame, 429 overloaded, 500
+compute_failed (retriable: same seq) or internal, 503 shard_unavailable / shard_timeout /
+shutting_down) and a ``Retry-After`` header where ``retry_after_s`` is set.
 """
 
 from __future__ import annotations
@@ -26,6 +29,13 @@ from .errors import BadRequest, ServeError
 from .front import Front, internal
 
 MAX_BODY_BYTES = 64 * 1024 * 1024
+
+
+def response_headers(status: int, body: dict) -> dict[str, str]:
+    """``Retry-After`` (whole seconds, at least 1, as HTTP wants) for an error with a retry hint."""
+    if status >= 400 and body.get("retry_after_s") is not None:
+        return {"Retry-After": str(max(1, int(-(-float(body["retry_after_s"]) // 1))))}
+    return {}
 
 
 def _reply_json(reply: dict) -> tuple[int, dict]:

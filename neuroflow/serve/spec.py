@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from ..engine import NeuroFlow
+from ..engine import PRESETS, NeuroFlow
 from ..architectures import ARCHITECTURES
 from ..validation import check_ema_decay, check_floor_tokens, check_threshold
 from ..video import Preprocessor
@@ -38,7 +38,15 @@ class ServeConfig:
         image_size: model input side in pixels (a multiple of the patch size; default: the
             model config's ``image_size``). Images are resized to it; raw pixel arrays must
             already have it.
-        arch, threshold, ema_decay, floor_tokens: the engine's settings (``neuroflow.NeuroFlow``).
+        preset: the engine preset (``neuroflow.engine.PRESETS``; default ``"measured"``, the
+            measured default of the library) that every gate option left at None comes from.
+        arch, threshold, ema_decay, floor_tokens, reference, max_staleness: the engine's gate
+            settings (``neuroflow.NeuroFlow``); None: the preset's value. ``max_staleness=0``
+            means no staleness bound (the engine's None).
+        budget, motion_norm, scene_cut, kv_layers: further engine options (None: the engine's
+            default: no budget, no motion normalisation, no scene-cut test, every layer).
+        max_streams: streams each shard's engine keeps (least recently seen evicted beyond it;
+            the stream's next reply says ``state_lost``); None: no bound.
         dtype: ``"float32"``, ``"float16"`` or ``"bfloat16"``.
         device: ``"cpu"`` or ``"cuda"`` (each GPU shard gets one GPU from Ray: ``num_gpus=1``).
         num_shards: K shard actors, one engine each.
@@ -51,6 +59,12 @@ class ServeConfig:
         max_restarts: how often Ray restarts a dead shard (-1: always).
         retry_timeout_s: how long the front keeps retrying a frame whose shard died (same
             sequence number) before answering :class:`~neuroflow.serve.errors.ShardUnavailable`.
+        shard_timeout_s: how long the front waits for one shard call before answering
+            :class:`~neuroflow.serve.errors.ShardTimeout` (the stream's lock is then free).
+        max_queue: frames a shard holds queued at most; beyond it a frame is refused with
+            :class:`~neuroflow.serve.errors.Overloaded` (HTTP 429 with a retry-after).
+        front_streams: streams the front remembers (last answered sequence number and the
+            shard process that holds their state), least recently seen forgotten beyond it.
         max_image_side: larger encoded images or uint8 arrays are refused.
         app_name: Ray Serve application name; shard actors are named ``{app_name}/shard-{k}``.
         namespace: Ray namespace of the shard actors.
@@ -61,10 +75,18 @@ class ServeConfig:
     random_config: dict = field(default_factory=dict)
     seed: int = 0
     image_size: int | None = None
-    arch: str = "C"
-    threshold: float = 0.35
-    ema_decay: float = 0.01
-    floor_tokens: int = 4
+    preset: str = "measured"
+    arch: str | None = None
+    threshold: float | None = None
+    ema_decay: float | None = None
+    floor_tokens: int | None = None
+    reference: str | None = None
+    max_staleness: int | None = None
+    budget: int | float | None = None
+    motion_norm: bool | None = None
+    scene_cut: float | None = None
+    kv_layers: int | list | None = None
+    max_streams: int | None = None
     dtype: str = "float32"
     device: str = "cpu"
     num_shards: int = 2
@@ -76,6 +98,9 @@ class ServeConfig:
     vnodes: int = 160
     max_restarts: int = 10
     retry_timeout_s: float = 30.0
+    shard_timeout_s: float = 60.0
+    max_queue: int = 1024
+    front_streams: int = 100_000
     max_image_side: int = 4096
     app_name: str = "neuroflow"
     namespace: str = "neuroflow"
@@ -84,16 +109,30 @@ class ServeConfig:
         """Raise ``ValueError`` naming the first bad field (model files are checked by the shards)."""
         if not isinstance(self.model_name, str) or not self.model_name or "/" in self.model_name:
             raise ValueError(f"model_name must be a non-empty name without '/', got {self.model_name!r}")
-        if self.arch not in ARCHITECTURES:
+        if self.preset not in PRESETS:
+            raise ValueError(f"preset must be one of {', '.join(PRESETS)}, got {self.preset!r}")
+        if self.arch is not None and self.arch not in ARCHITECTURES:
             raise ValueError(f"arch must be one of {', '.join(ARCHITECTURES)}, got {self.arch!r}")
-        check_threshold(self.threshold)
-        check_ema_decay(self.ema_decay)
-        check_floor_tokens(self.floor_tokens)
+        if self.threshold is not None:
+            check_threshold(self.threshold)
+        if self.ema_decay is not None:
+            check_ema_decay(self.ema_decay)
+        if self.floor_tokens is not None:
+            check_floor_tokens(self.floor_tokens)
+        if self.max_staleness is not None and (isinstance(self.max_staleness, bool)
+                                               or not isinstance(self.max_staleness, int) or self.max_staleness < 0):
+            raise ValueError(f"max_staleness must be an int >= 0 (0: no bound) or None, got {self.max_staleness!r}")
+        for name in ("max_streams",):
+            v = getattr(self, name)
+            if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
+                raise ValueError(f"{name} must be an int >= 1 or None, got {v!r}")
+        if not self.shard_timeout_s > 0:
+            raise ValueError(f"shard_timeout_s must be > 0, got {self.shard_timeout_s!r}")
         if self.dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
         if self.device not in ("cpu", "cuda") and not self.device.startswith("cuda:"):
             raise ValueError(f"device must be 'cpu' or 'cuda', got {self.device!r}")
-        for name in ("num_shards", "max_batch", "vnodes", "max_image_side"):
+        for name in ("num_shards", "max_batch", "vnodes", "max_image_side", "max_queue", "front_streams"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise ValueError(f"{name} must be an int >= 1, got {v!r}")
@@ -204,11 +243,24 @@ def input_geometry(config: ServeConfig) -> tuple[Preprocessor, int, int]:
     return pre, side, int(getattr(vision, "num_channels", 3))
 
 
+def engine_options(config: ServeConfig) -> dict:
+    """The ``NeuroFlow`` keyword arguments ``config`` sets (options left at None are not passed,
+    so the preset or the engine's default decides them)."""
+    out = {}
+    for name in ("arch", "threshold", "ema_decay", "floor_tokens", "reference", "budget", "motion_norm",
+                 "scene_cut", "kv_layers"):
+        v = getattr(config, name)
+        if v is not None:
+            out[name] = v
+    if config.max_staleness is not None:
+        out["max_staleness"] = config.max_staleness or None  # 0: no bound
+    return out
+
+
 def build_engine(config: ServeConfig) -> Engine:
     """Load the model and wrap it in a NeuroFlow engine on ``config.device``."""
     pre, side, channels = input_geometry(config)
     model = load_vision_model(config)
-    nf = NeuroFlow(model, arch=config.arch, threshold=config.threshold, ema_decay=config.ema_decay,
-                   floor_tokens=config.floor_tokens, preset="paper")  # the command line's gate flags
+    nf = NeuroFlow(model, preset=config.preset, max_streams=config.max_streams, **engine_options(config))
     nf = nf.to(torch.device(config.device))
     return Engine(nf, pre, side, channels, DTYPES[config.dtype])
