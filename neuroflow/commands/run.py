@@ -10,10 +10,10 @@ Duplicate file names: two inputs with the same file name (e.g. day1/cam.mp4 and 
 become streams cam.mp4 and cam.mp4#2, with output files cam.* and cam-2.*; a warning on stderr
 names every renamed stream id and its path.
 
-Settings: what is not given comes from --preset (default measured, the same defaults as
-NeuroFlow(model): arch KV, threshold 0.05, reference computed, max staleness 4; --preset paper:
-the paper's Architecture C, EMA reference, threshold 0.35). An option that has no effect under
-the others (e.g. --ema-decay with reference computed) prints a warning.
+Settings: what is not given comes from --preset (by default the same preset as NeuroFlow(model),
+default measured; --preset paper for the paper's gate; the values of both are listed under
+--preset). An option that has no effect under the others (e.g. --ema-decay with reference
+computed) prints a warning.
 
 Writes into --out (default neuroflow_run_out/<date>-<time>):
   frames.jsonl, frames.csv  one row per frame: video, frame index, time, sparsity, latency, ...
