@@ -19,6 +19,7 @@ from . import dispatch
 from .architectures import Architecture, make_architecture
 from .capacity import CapacityPlanner, CapacityWarning, Fitted, HostCount, fit_to_capacity, static_patch_bound
 from .graphs import StepGraphs
+from .presets import DEFAULT_PRESET, FROM_PRESET, PRESETS, Default, check_preset, given, resolve  # noqa: F401  (PRESETS, FROM_PRESET: re-exported)
 from .profiling import _active as _active_timer
 from .gate_settings import GateSettings
 from .models import VisionAdapter
@@ -30,27 +31,6 @@ from .streams import Grid, StreamBatch, StreamStore
 from .validation import check_frames, check_stream_ids, warn_ineffective_settings
 
 STATE_FORMAT = 1
-
-
-class _FromPreset:
-    """The default of a setting that the ``preset`` decides."""
-
-    def __repr__(self) -> str:
-        return "<from preset>"
-
-
-FROM_PRESET = _FromPreset()
-
-PRESETS: dict[str, dict] = {
-    # Chosen by measurement on real DINOv2-S weights (bench/bench_fidelity.py; README "Choosing
-    # the defaults"): cached context, surprise against the embedding as last computed, every
-    # patch refreshed at least every 5th frame, threshold 0.05.
-    "measured": dict(arch="KV", threshold=0.05, ema_decay=0.01, floor_tokens=4, reference="computed", max_staleness=4),
-    # The paper's configuration: Architecture C, the EMA of every frame, threshold 0.35.
-    "paper": dict(arch="C", threshold=0.35, ema_decay=0.01, floor_tokens=4, reference="ema", max_staleness=None),
-}
-"""Named sets of defaults for ``arch``, ``threshold``, ``ema_decay``, ``floor_tokens``, ``reference``
-and ``max_staleness``; a setting given explicitly overrides its preset value."""
 
 
 @dataclass
@@ -106,12 +86,13 @@ class NeuroFlow(nn.Module):
         arch: ``"A"``, ``"B"``, ``"C"`` or ``"KV"`` (cached context; see ``neuroflow.architectures``).
         threshold: a patch is active when its surprise ``1 - cos`` is strictly above this; in
             [-1, 2] (below 0 every patch is active every frame); None only with a ``budget``.
-        ema_decay: weight of the new frame in the per-patch EMA, in [0, 1].
+        ema_decay: weight of the new frame in the per-patch EMA, in [0, 1]. Unused with
+            ``reference="computed"`` (the measured preset's): given explicitly there, it warns.
         floor_tokens: at least this many patches are active on every later frame (the most
             surprising ones when too few pass the threshold).
         cls_readout: for CLS-pooling models under Architecture C: ``"context"`` (default; the last
             layer attends to every token's cached input) or ``"active"`` (encoder on active tokens
-            only, as for SigLIP). Ignored otherwise.
+            only, as for SigLIP). It has no effect otherwise, and warns when given explicitly there.
         check_finite: reject frames with NaN or Inf. ``True``: on the CPU the check runs before
             anything else (the call raises and no state changes); on a GPU it is *deferred* so the
             call does not synchronise: a device flag is read at the start of the next call (or
@@ -146,15 +127,17 @@ class NeuroFlow(nn.Module):
             default a call runs under ``torch.no_grad()`` unless ``pixel_values`` requires grad,
             so weights that require grad (as Hugging Face loads them) do not push the call off
             the kernel path.
-        reference: what the surprise compares a patch with: ``"ema"`` (default, the paper: the
+        reference: what the surprise compares a patch with: ``"ema"`` (the paper preset: the
             EMA of every frame) or ``"computed"`` (the patch's layer-0 embedding when it was last
-            computed; ``ema_decay`` is then unused and the ``"ema"`` state holds those embeddings).
+            computed; the measured preset; ``ema_decay`` is then unused and the ``"ema"`` state
+            holds those embeddings).
         max_staleness: None, or K >= 1: a patch not computed for K frames in a row is computed on
             the next frame. Streams then keep an ``age`` state ``[N]`` int32, staggered on their
             first frame (``i mod (K + 1)``) so these refreshes spread over frames.
         budget: None, an int >= 1 (patches) or a float in (0, 1] (fraction of N): at most this
             many patches per later frame, the first in the gate's ranking (stale, then most
-            surprising, then lowest index). With ``threshold=None`` exactly that many.
+            surprising, then lowest index). With ``threshold=None`` exactly that many (and
+            ``floor_tokens`` has no effect: given explicitly, it warns).
         motion_norm: subtract the frame's mean surprise before the decision (the reported
             surprise is then the normalised one).
         scene_cut: None or a fraction in (0, 1]: a frame where more than this fraction of the
@@ -194,7 +177,7 @@ class NeuroFlow(nn.Module):
         threshold: float | None = FROM_PRESET,
         ema_decay: float = FROM_PRESET,
         floor_tokens: int = FROM_PRESET,
-        cls_readout: str = "context",
+        cls_readout: str = Default("context"),
         check_finite: bool = True,
         cache_dtype: torch.dtype | None = None,
         head_cache: bool = True,
@@ -208,7 +191,7 @@ class NeuroFlow(nn.Module):
         motion_norm: bool = False,
         scene_cut: float | None = None,
         kv_layers: int | Sequence[int] | None = None,
-        preset: str = "measured",
+        preset: str = DEFAULT_PRESET,
         skip_below: float | None = None,
         keyframe_every: int | None = None,
         keyframe_drift: float | None = None,
@@ -217,13 +200,14 @@ class NeuroFlow(nn.Module):
         super().__init__()
         if check_finite not in (True, False, "eager", "deferred"):
             raise ValueError(f"check_finite must be True, False, 'eager' or 'deferred', got {check_finite!r}")
-        if preset not in PRESETS:
-            raise ValueError(f"preset must be one of {', '.join(PRESETS)}, got {preset!r}")
-        given = dict(arch=arch, threshold=threshold, ema_decay=ema_decay, floor_tokens=floor_tokens,
-                     reference=reference, max_staleness=max_staleness)
-        chosen = {k: PRESETS[preset][k] if v is FROM_PRESET else v for k, v in given.items()}
+        check_preset(preset)
+        explicit = {name for name, v in dict(arch=arch, ema_decay=ema_decay, floor_tokens=floor_tokens,
+                                             cls_readout=cls_readout).items() if given(v)}
+        chosen = resolve(preset, arch=arch, threshold=threshold, ema_decay=ema_decay, floor_tokens=floor_tokens,
+                         reference=reference, max_staleness=max_staleness, cls_readout=cls_readout)
         arch, threshold, ema_decay = chosen["arch"], chosen["threshold"], chosen["ema_decay"]
         floor_tokens, reference, max_staleness = chosen["floor_tokens"], chosen["reference"], chosen["max_staleness"]
+        cls_readout = chosen["cls_readout"]
         self.preset = preset
         settings = GateSettings(threshold=threshold, ema_decay=ema_decay, floor_tokens=floor_tokens,
                                 reference=reference, max_staleness=max_staleness, budget=budget,
@@ -250,6 +234,13 @@ class NeuroFlow(nn.Module):
         self.architecture.keep_outputs = settings.skip_below is not None
         self._gate = _normalised(settings)
         warn_ineffective_settings(threshold=self._gate.threshold)
+        g = self._gate
+        warn_ineffective_settings(
+            ema_decay=g.ema_decay if "ema_decay" in explicit else None, reference=g.reference,
+            floor_tokens_given=g.floor_tokens if "floor_tokens" in explicit else None, threshold_none=g.threshold is None,
+            cls_readout=cls_readout if "cls_readout" in explicit else None,
+            cls_readout_used=self.architecture.name == "C" and self.adapter.pools_cls_token,
+            where=f"arch={self.architecture.name!r}, family={self.adapter.family!r}")
         self._warned_floor: set[tuple[int, Grid]] = set()  # (floor, grid) pairs already warned about
         self.check_finite = check_finite
         self.differentiable = bool(differentiable)
@@ -286,6 +277,7 @@ class NeuroFlow(nn.Module):
     @ema_decay.setter
     def ema_decay(self, value: float) -> None:
         self._set_gate(ema_decay=value)
+        warn_ineffective_settings(ema_decay=self._gate.ema_decay, reference=self._gate.reference)
 
     @property
     def floor_tokens(self) -> int:

@@ -133,7 +133,10 @@ def save_state_file(path: str | Path, state: dict, fingerprint: dict) -> Path:
     Raises:
         TypeError: ``state`` is not a dict, or the fingerprint holds something other than plain
             values.
-        OSError: the file cannot be written.
+        FileNotFoundError: the folder of ``path`` does not exist (the message names ``path``;
+            nothing is written); NotADirectoryError when that is a file. IsADirectoryError: ``path`` is a
+            folder. OSError: the file
+            cannot be written (the temporary file is removed, a previous file stays whole).
     """
     if not isinstance(state, dict):
         raise TypeError(f"state must be a dict, got {type(state).__name__}")
@@ -142,7 +145,19 @@ def save_state_file(path: str | Path, state: dict, fingerprint: dict) -> Path:
     _check_plain(fingerprint, "fingerprint")
     path = Path(path)
     payload = {"format": FORMAT, "version": FORMAT_VERSION, "fingerprint": fingerprint, "state": state}
-    fd, tmp = tempfile.mkstemp(dir=path.parent if str(path.parent) else ".", prefix=f".{path.name}.", suffix=".tmp")
+    folder = path.parent
+    # Checked here, so the error names the path the caller gave, not the temporary file.
+    if path.is_dir():
+        raise IsADirectoryError(f"state file {path}: is a folder; give a file name, e.g. {path / 'streams.pt'}")
+    if not folder.is_dir():
+        error = NotADirectoryError if folder.exists() else FileNotFoundError
+        what = "is not a folder" if folder.exists() else "does not exist"
+        raise error(f"state file {path}: cannot be written, its folder {folder} {what} "
+                    "(create the folder first); nothing was written")
+    try:
+        fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{path.name}.", suffix=".tmp")
+    except OSError as exc:
+        raise type(exc)(exc.errno, f"state file {path}: cannot be written ({exc.strerror}); nothing was written") from exc
     try:
         with os.fdopen(fd, "wb") as f:
             torch.save(payload, f)

@@ -21,13 +21,24 @@ from .models import VisionAdapter
 
 
 def warn_ineffective_settings(*, threshold: float | None = None, floor_tokens: int | None = None,
-                              num_patches: int | None = None, stacklevel: int = 3) -> None:
-    """Warn (``UserWarning``) about valid settings that switch the sparsity off.
+                              num_patches: int | None = None, ema_decay: float | None = None,
+                              reference: str | None = None, floor_tokens_given: int | None = None,
+                              threshold_none: bool = False, cls_readout: str | None = None,
+                              cls_readout_used: bool = True, where: str = "", stacklevel: int = 3) -> None:
+    """Warn (``UserWarning``) about valid settings that switch the sparsity off, or that have no
+    effect under the other settings (pass only settings the caller gave explicitly, never a
+    preset's value, so a default never warns).
 
     - ``threshold < 0``: surprise ``1 - cos`` is never below 0 and a patch is active iff its
       surprise is strictly above the threshold, so every patch is computed on every frame.
     - ``floor_tokens >= num_patches`` (``num_patches``: the patch count of a frame's grid, known
       once a frame is seen): the floor alone makes every patch active.
+    - ``ema_decay`` with ``reference="computed"``: the reference is the embedding as last
+      computed; no EMA is kept, so the decay is unused.
+    - ``floor_tokens_given > 0`` with ``threshold_none``: without a threshold every patch is a
+      candidate and the budget alone picks the count, so the floor never tops a frame up.
+    - ``cls_readout`` where ``cls_readout_used`` is False (it applies to CLS-pooling models under
+      Architecture C only; ``where`` names the architecture and family).
 
     Each argument left None is not checked. ``stacklevel`` as in ``warnings.warn``; the default
     points at the caller of the function that calls this one (the engine's constructor or setter).
@@ -42,6 +53,25 @@ def warn_ineffective_settings(*, threshold: float | None = None, floor_tokens: i
         warnings.warn(
             f"floor_tokens {floor_tokens} is not below the {num_patches} patches per frame, so the floor alone "
             "makes every patch active: the model runs dense and nothing is saved; lower floor_tokens",
+            UserWarning, stacklevel=stacklevel,
+        )
+    if ema_decay is not None and reference == "computed":
+        warnings.warn(
+            f"ema_decay {ema_decay} has no effect with reference='computed' (the surprise compares each patch "
+            "with its embedding as last computed; no EMA is kept): drop ema_decay, or pass reference='ema' "
+            "(or preset='paper') for the EMA gate",
+            UserWarning, stacklevel=stacklevel,
+        )
+    if floor_tokens_given and threshold_none:
+        warnings.warn(
+            f"floor_tokens {floor_tokens_given} has no effect with threshold=None (every patch is a candidate, "
+            "so the budget alone sets the count): drop floor_tokens, or set a threshold",
+            UserWarning, stacklevel=stacklevel,
+        )
+    if cls_readout is not None and not cls_readout_used:
+        warnings.warn(
+            f"cls_readout={cls_readout!r} has no effect here ({where}): it applies to CLS-pooling models "
+            "(CLIP, ViT, DINOv2) under Architecture C only; drop it",
             UserWarning, stacklevel=stacklevel,
         )
 

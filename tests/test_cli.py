@@ -130,6 +130,8 @@ def data(tmp_path_factory) -> Path:
                          vocab_size=50)).save_pretrained(root / "bert")
     for seed, (name, n) in enumerate(CLIPS.items()):
         write_h264(root / name, clip_frames(n, seed))
+    (root / "day2").mkdir()
+    write_h264(root / "day2" / "a.mp4", clip_frames(3, 5))  # the same file name as a.mp4, other content
     write_png_mov(root / "corrupt.mov", clip_frames(6, 2), corrupt_frame=3)
     write_empty_avi(root / "empty.avi")
     write_audio_only(root / "audio.wav")
@@ -167,6 +169,11 @@ def command_lines(data: Path, out: Path) -> dict[str, list[str]]:
         "corrupt": ["run", a, str(data / "corrupt.mov"), "--model", siglip, "--out", str(out / "corrupt")],
         "stride": ["run", a, "--model", siglip, "--stride", "2", "--max-frames", "2", "--batch", "1", "--arch", "KV",
                    "--no-overlay", "--quiet", "--out", str(out / "stride")],
+        # --ema-decay has no effect under the default preset (reference computed): it warns
+        "duplicates": ["run", a, str(data / "day2" / "a.mp4"), "--model", siglip, "--ema-decay", "0.5",
+                       "--no-overlay", "--out", str(out / "duplicates")],
+        "paper": ["run", a, "--model", siglip, "--preset", "paper", "--max-frames", "3", "--no-overlay", "--quiet",
+                  "--out", str(out / "paper")],
         "bad_videos": ["run", str(data / "missing.mp4"), str(data / "text.mp4"), str(data / "audio.wav"),
                        str(data / "empty.avi"), a, "--model", siglip, "--out", str(out / "bad_videos")],
         "bad_model": ["run", a, "--model", str(data / "bert"), "--out", str(out / "bad_model")],
@@ -235,9 +242,16 @@ def test_help_lists_the_subcommands_and_each_has_its_own(capsys):
     demo = help_text(["demo"], capsys)
     assert "--frames" in demo and "random" in demo
     run = help_text(["run"], capsys)
-    for option in ("--model", "--arch", "--threshold", "--decay", "--floor", "--resolution", "--device", "--dtype",
-                   "--batch", "--stride", "--max-frames", "--compare-dense", "--labels", "--quiet", "--format"):
+    gate = ("--preset", "--arch", "--threshold", "--ema-decay", "--decay", "--floor-tokens", "--floor", "--reference",
+            "--max-staleness", "--budget", "--motion-norm", "--scene-cut", "--kv-layers", "--cls-readout")
+    for option in gate + ("--model", "--resolution", "--device", "--dtype", "--batch", "--stride", "--max-frames",
+                          "--compare-dense", "--labels", "--quiet", "--format"):
         assert option in run, option
+    for option in gate:
+        assert option in demo, option
+    flat = " ".join(run.split())
+    assert "cam.mp4#2" in flat and "warning" in flat  # duplicate file names are documented
+    assert "default measured" in flat
 
 
 # -- neuroflow run ---------------------------------------------------------------------------------
@@ -302,6 +316,49 @@ def test_run_writes_every_output_for_two_streams(runs, out, data):
         assert word in done.stdout, word
     # the progress bar goes to stderr: frames done, rate, current sparsity
     assert "10/10" in done.stderr and "frame/s" in done.stderr and "sparsity" in done.stderr
+
+
+def test_run_defaults_to_the_api_default_preset(runs, out):
+    from neuroflow import NeuroFlow
+    from neuroflow.presets import DEFAULT_PRESET, PRESETS
+
+    done = runs["main"]
+    assert done.returncode == 0, done.stderr
+    settings = json.loads((out / "main" / "summary.json").read_text())["settings"]
+    api = NeuroFlow(SiglipVisionModel(SiglipVisionConfig(**TINY)))
+    assert settings["preset"] == DEFAULT_PRESET == api.preset and settings["given"] == []
+    for name, value in PRESETS[DEFAULT_PRESET].items():
+        assert settings[name] == value == getattr(api, name), name
+    assert f"preset '{DEFAULT_PRESET}' (the default)" in done.stdout
+    assert "warning" not in done.stderr  # the preset's own values never warn
+
+
+def test_run_preset_paper_gives_the_papers_rule(runs, out):
+    from neuroflow.presets import PRESETS
+
+    done = runs["paper"]
+    assert done.returncode == 0, done.stderr
+    assert done.stderr == ""
+    settings = json.loads((out / "paper" / "summary.json").read_text())["settings"]
+    assert settings["preset"] == "paper" and settings["given"] == []
+    assert {k: settings[k] for k in PRESETS["paper"]} == PRESETS["paper"]
+
+
+def test_run_warns_about_renamed_duplicates_and_ineffective_options(runs, out, data):
+    done = runs["duplicates"]
+    assert done.returncode == 0, done.stderr
+    warned = error_lines(done, "neuroflow run: warning: ")
+    assert len(warned) == 2, done.stderr
+    renamed = next(line for line in warned if "renamed" in line)
+    assert "'a.mp4#2'" in renamed and str(data / "day2" / "a.mp4") in renamed and "a-2" in renamed
+    assert "'a.mp4'" not in renamed  # only the renamed id is named as renamed
+    decay = next(line for line in warned if "ema_decay" in line)
+    assert "no effect" in decay and "reference='computed'" in decay
+    rows = read_jsonl(out / "duplicates" / "frames.jsonl")
+    assert {r["video"] for r in rows} == {"a.mp4", "a.mp4#2"}
+    assert np.load(out / "duplicates" / "embeddings" / "a-2.pooled.npy").shape == (3, 48)
+    summary = json.loads((out / "duplicates" / "summary.json").read_text())
+    assert summary["settings"]["given"] == ["ema_decay"] and summary["settings"]["ema_decay"] == 0.5
 
 
 def test_run_stride_max_frames_and_quiet(runs, out):
@@ -409,7 +466,20 @@ def test_demo_runs_random_siglip_base_on_synthetic_streams(runs, out):
     assert len(rows) == 6 and {r["video"] for r in rows} == {"cam-0.mp4", "cam-1.mp4"}
     summary = json.loads((folder / "summary.json").read_text())
     assert summary["random_weights"] and [a["arch"] for a in summary["archs"]] == ["C", "KV"]
+    assert summary["settings"]["preset"] == "measured" and summary["settings"]["given"] == ["arch"]
+    assert "settings    preset 'measured' (the default)" in done.stdout
     assert np.load(folder / "embeddings" / "cam-0.pooled.npy").shape == (3, 768)
+
+
+def test_demo_real_weights_line_names_the_preset():
+    from neuroflow.commands.demo import real_weights_line
+
+    default = real_weights_line("DINOv2-S", {"preset": "measured", "given": []})
+    assert "the default setting (preset 'measured'" in default
+    paper = real_weights_line("DINOv2-S", {"preset": "paper", "given": []})
+    assert "preset 'paper' (not the default 'measured')" in paper
+    mixed = real_weights_line("DINOv2-S", {"preset": "measured", "given": ["threshold", "max_staleness"]})
+    assert "preset 'measured' with --threshold, --max-staleness given" in mixed and "default setting" not in mixed
 
 
 def test_demo_clip_backgrounds():

@@ -1,12 +1,15 @@
 """Defaults come from a preset: ``"measured"`` (chosen on real weights, the default) or
 ``"paper"``; a setting given explicitly overrides its preset value."""
 
+import warnings
+
 import pytest
 import torch
 
 from conftest import make_model, video
 from neuroflow import NeuroFlow
 from neuroflow.engine import PRESETS
+from neuroflow.presets import DEFAULT_PRESET
 
 
 def test_the_default_is_the_measured_preset():
@@ -31,3 +34,115 @@ def test_the_paper_is_one_argument_away_and_explicit_settings_win():
     assert NeuroFlow(make_model("siglip"), max_staleness=None).max_staleness is None  # None is a real value
     with pytest.raises(ValueError, match="preset must be one of measured, paper"):
         NeuroFlow(make_model("siglip"), preset="fast")
+
+
+# -- settings with no effect warn, only when given explicitly ----------------------------------------
+
+def masks(nf, frames) -> torch.Tensor:
+    """``[F, N]`` bool: the patches computed on each frame of one stream."""
+    with torch.inference_mode():
+        return torch.cat([nf(frames[t : t + 1]).active_mask for t in range(frames.shape[0])])
+
+
+def ineffective(record) -> list[str]:
+    return [str(w.message) for w in record if issubclass(w.category, UserWarning) and "no effect" in str(w.message)]
+
+
+@pytest.mark.parametrize("preset", ["measured", "paper"])
+@pytest.mark.parametrize("family", ["siglip", "clip"])
+def test_preset_values_never_warn(preset, family):
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        nf = NeuroFlow(make_model(family), preset=preset)
+        masks(nf, video(2))
+
+
+def test_ema_decay_with_the_computed_reference_warns_once_and_changes_nothing():
+    frames = video(5)
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        engines = [NeuroFlow(make_model("siglip"), ema_decay=d) for d in (0.01, 0.5, 1.0)]
+    messages = ineffective(record)
+    assert len(messages) == 3 and all("ema_decay" in m and "reference='computed'" in m for m in messages)
+    assert engines[0].reference == "computed"
+    got = [masks(nf, frames) for nf in engines]
+    assert not got[0][1:].all(), "the gate must skip patches here for the comparison to mean anything"
+    assert all(torch.equal(got[0], m) for m in got[1:])  # the decay is unused: identical masks
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        engines[0].ema_decay = 0.3  # set later, explicitly: warns too
+    assert len(ineffective(record)) == 1
+
+
+def test_ema_decay_with_the_ema_reference_does_not_warn_and_matters():
+    frames = video(5)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        a = NeuroFlow(make_model("siglip"), reference="ema", ema_decay=0.01, threshold=0.02)
+        b = NeuroFlow(make_model("siglip"), reference="ema", ema_decay=1.0, threshold=0.02)
+    assert not torch.equal(masks(a, frames), masks(b, frames))
+
+
+def test_floor_tokens_without_a_threshold_warns_and_changes_nothing():
+    frames = video(5)
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        floored = NeuroFlow(make_model("siglip"), threshold=None, budget=3, floor_tokens=8)
+    messages = ineffective(record)
+    assert len(messages) == 1 and "floor_tokens 8" in messages[0] and "threshold=None" in messages[0]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the preset's floor, and an explicit 0, do not warn
+        plain = NeuroFlow(make_model("siglip"), threshold=None, budget=3)
+        NeuroFlow(make_model("siglip"), threshold=None, budget=3, floor_tokens=0)
+    got, expected = masks(floored, frames), masks(plain, frames)
+    assert torch.equal(got, expected) and (got[1:].sum(dim=1) == 3).all()
+
+
+@pytest.mark.parametrize(("family", "arch"), [("siglip", "C"), ("clip", "KV"), ("clip", "A")])
+def test_cls_readout_where_it_does_not_apply_warns_and_changes_nothing(family, arch):
+    frames = video(4)
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        given = NeuroFlow(make_model(family), arch=arch, cls_readout="active")
+    messages = ineffective(record)
+    assert len(messages) == 1 and "cls_readout='active'" in messages[0] and f"arch={arch!r}" in messages[0]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        default = NeuroFlow(make_model(family), arch=arch)
+    with torch.inference_mode():
+        for t in range(frames.shape[0]):
+            x, y = given(frames[t : t + 1]), default(frames[t : t + 1])
+            assert torch.equal(x.active_mask, y.active_mask)
+            assert torch.equal(x.last_hidden_state, y.last_hidden_state)
+
+
+def test_cls_readout_where_it_applies_does_not_warn():
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for readout in ("context", "active"):
+            nf = NeuroFlow(make_model("clip"), arch="C", cls_readout=readout)
+            assert nf.cls_readout == readout
+    assert NeuroFlow(make_model("clip"), arch="C").cls_readout == "context"  # the default
+
+
+def test_one_default_preset_for_the_api_and_the_command_line():
+    import argparse
+    import inspect
+
+    from neuroflow.commands._common import add_gate_arguments, chosen_archs, gate_kwargs
+
+    assert inspect.signature(NeuroFlow).parameters["preset"].default == DEFAULT_PRESET
+    p = argparse.ArgumentParser()
+    add_gate_arguments(p)
+    args = p.parse_args([])
+    assert gate_kwargs(args) == {"preset": DEFAULT_PRESET} and chosen_archs(args) == [PRESETS[DEFAULT_PRESET]["arch"]]
+    args = p.parse_args(["--preset", "paper", "--threshold", "none", "--budget", "0.25", "--max-staleness", "none",
+                         "--kv-layers", "1,3", "--motion-norm", "--reference", "ema", "--floor", "2"])
+    assert gate_kwargs(args) == {"preset": "paper", "threshold": None, "budget": 0.25, "max_staleness": None,
+                                 "kv_layers": (1, 3), "motion_norm": True, "reference": "ema", "floor_tokens": 2}
+    assert gate_kwargs(p.parse_args(["--budget", "12", "--kv-layers", "2", "--arch", "C"])) == {
+        "preset": DEFAULT_PRESET, "budget": 12, "kv_layers": 2, "arch": "C"}
+    several = argparse.ArgumentParser()
+    add_gate_arguments(several, several_archs=True)
+    assert chosen_archs(several.parse_args(["--arch", "C", "KV", "C"])) == ["C", "KV"]
+    assert "arch" not in gate_kwargs(several.parse_args(["--arch", "C", "KV"]))

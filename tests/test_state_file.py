@@ -213,3 +213,46 @@ def test_model_fingerprint_tells_models_apart_and_ignores_dtype_and_copies():
     assert weights_digest(make_model("siglip", seed=1)) != fp["weights"]  # same shapes, other weights
     assert weights_digest(make_model("siglip", layers=3)) != fp["weights"]
     assert model_fingerprint(VisionAdapter(make_model("clip")))["family"] == "clip"
+
+
+def test_save_into_a_missing_folder_names_the_path_given_and_writes_nothing(tmp_path):
+    target = tmp_path / "missing" / "streams.pt"
+    with pytest.raises(FileNotFoundError) as err:
+        save_state_file(target, state(), FINGERPRINT)
+    message = str(err.value)
+    assert str(target) in message and "does not exist" in message and ".tmp" not in message
+    assert list(tmp_path.iterdir()) == []  # no folder created, no temporary file left
+    (tmp_path / "a-file").write_text("x")
+    with pytest.raises(NotADirectoryError, match="is not a folder"):
+        save_state_file(tmp_path / "a-file" / "s.pt", state(), FINGERPRINT)
+    with pytest.raises(IsADirectoryError, match="is a folder"):
+        save_state_file(tmp_path, state(), FINGERPRINT)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a-file"]
+
+
+def test_engine_save_state_into_a_missing_folder(tmp_path):
+    from neuroflow import NeuroFlow
+
+    nf = NeuroFlow(make_model("siglip"))
+    with torch.inference_mode():
+        nf(torch.randn(1, 3, 32, 32), stream_ids=["cam"])
+    target = tmp_path / "no-such-folder" / "streams.pt"
+    with pytest.raises(FileNotFoundError, match=f"state file {target}: cannot be written"):
+        nf.save_state(target)
+    assert list(tmp_path.iterdir()) == []
+    assert nf.stream_ids == ["cam"]  # saving is read-only for the engine
+
+
+def test_a_save_that_fails_mid_write_leaves_the_previous_file_whole(tmp_path, monkeypatch):
+    path = save_state_file(tmp_path / "s.pt", {"x": torch.ones(1)}, FINGERPRINT)
+    before = path.read_bytes()
+
+    def broken_save(obj, f, *args, **kwargs):
+        f.write(b"half")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(torch, "save", broken_save)
+    with pytest.raises(OSError, match="No space left"):
+        save_state_file(path, {"x": torch.zeros(1)}, FINGERPRINT)
+    assert path.read_bytes() == before
+    assert [p.name for p in tmp_path.iterdir()] == ["s.pt"]  # the temporary file is gone

@@ -1,4 +1,5 @@
-"""What ``neuroflow demo`` and ``neuroflow run`` share: one-line errors, the library's loading,
+"""What ``neuroflow demo``, ``run`` and ``serve`` share: the gate options (``add_gate_arguments``,
+``gate_kwargs``, from ``_gate_options``), one-line errors, the library's loading,
 device and output-folder errors mapped to :class:`CommandError` (with the option names and exit
 codes of the command line), the progress bar and zero-shot tagging with the checkpoint's own text
 tower."""
@@ -25,10 +26,11 @@ from ..loading import load_model as _load_model
 from ..loading import pick_device as _pick_device
 from ..output_folder import OutputFolderError
 from ..output_folder import prepare_output_folder as _prepare_output_folder
+from ._gate_options import add_gate_arguments, chosen_archs, gate_kwargs
 
 __all__ = [
-    "DTYPES", "CommandError", "LoadedModel", "Progress", "ZeroShotTagger", "build_default_model", "default_device",
-    "load_model", "one_line", "parse_labels", "pick_device", "prepare_output_folder", "print_error",
+    "DTYPES", "CommandError", "LoadedModel", "Progress", "ZeroShotTagger", "add_gate_arguments", "build_default_model",
+    "chosen_archs", "default_device", "gate_kwargs", "load_model", "one_line", "parse_labels", "pick_device", "prepare_output_folder", "print_error", "print_warning",
     "quiet_transformers", "synchronize",
 ]
 
@@ -44,6 +46,11 @@ class CommandError(Exception):
 def print_error(command: str, message: str) -> None:
     """``neuroflow COMMAND: error: MESSAGE`` on stderr."""
     print(f"neuroflow {command}: error: {one_line(message, limit=1000)}", file=sys.stderr, flush=True)
+
+
+def print_warning(command: str, message: str) -> None:
+    """``neuroflow COMMAND: warning: MESSAGE`` on stderr."""
+    print(f"neuroflow {command}: warning: {one_line(message, limit=2000)}", file=sys.stderr, flush=True)
 
 
 def pick_device(name: str) -> torch.device:

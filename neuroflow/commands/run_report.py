@@ -11,11 +11,11 @@ from .run_stats import arch_summary
 RANDOM_WEIGHTS_NOTE = "random weights: sparsity and fidelity are correctness signals, not quality figures"
 
 
-def build_summary(sources, done, loaded, settings, resolution, grid, stats, dense, calls, wall, batch, failures,
-                  interrupted, device, dtype) -> dict:
+def build_summary(sources, done, loaded, settings, engine, resolution, grid, stats, dense, calls, wall, batch,
+                  failures, interrupted, device, dtype) -> dict:
     """What :func:`neuroflow.commands.run.process` returns and writes to ``summary.json``: the
-    model, settings, each video's frames and error, and one :func:`arch_summary` row per
-    architecture."""
+    model, settings (the first engine's, as resolved from its preset and the options given),
+    each video's frames and error, and one :func:`arch_summary` row per architecture."""
     frames = sum(s.count for s in done)
     per_video = {s.source.name: s for s in done}
     return {
@@ -27,9 +27,10 @@ def build_summary(sources, done, loaded, settings, resolution, grid, stats, dens
         "patches_per_frame": grid * grid,
         "device": str(device),
         "dtype": str(dtype).removeprefix("torch."),
-        "settings": {"arch": settings.archs[0], "threshold": settings.threshold, "ema_decay": settings.ema_decay,
-                     "floor_tokens": settings.floor_tokens, "batch": batch, "stride": settings.stride,
-                     "max_frames": settings.max_frames},
+        "settings": {"preset": engine.preset, "arch": settings.archs[0], **engine.gate_settings.as_dict(),
+                     "kv_layers": list(engine.kv_layers) if engine.kv_layers is not None else None,
+                     "given": list(settings.given), "batch": batch,
+                     "stride": settings.stride, "max_frames": settings.max_frames},
         "videos": [{"video": s.name, "path": str(s.path),
                     "frames": per_video[s.name].count if s.name in per_video else 0,
                     "error": per_video[s.name].error if s.name in per_video else None} for s in sources],
@@ -54,6 +55,7 @@ def summary_lines(summary: dict) -> list[str]:
         (f"frames      {summary['frames']} from {n_videos} video(s) in {summary['calls']} call(s) of up to "
          f"{summary['settings']['batch']} stream(s)"),
     ]
+    lines.append(f"settings    {settings_line(summary['settings'])}")
     if main["sparsity"] is not None:
         lines.append(f"sparsity    {main['sparsity']:.1%} of patches skipped (arch {main['arch']}, mean over frames "
                      f"after each stream's first, which is dense){rw}")
@@ -78,6 +80,21 @@ def summary_lines(summary: dict) -> list[str]:
     lines.append(f"outputs     {summary['outputs']['folder']}")
     lines += [f"  {name}" for name in summary["outputs"]["files"]]
     return lines
+
+
+def settings_line(settings: dict) -> str:
+    """``preset 'measured' (default): arch KV, threshold 0.05, ...; given: threshold``."""
+    from ..presets import DEFAULT_PRESET
+
+    preset = settings["preset"]
+    shown = ["arch", "threshold", "reference", "max_staleness", "floor_tokens"]
+    if settings["reference"] == "ema":
+        shown.insert(3, "ema_decay")
+    shown += [k for k in ("budget", "motion_norm", "scene_cut", "kv_layers") if settings.get(k) not in (None, False)]
+    text = (f"preset {preset!r}{' (the default)' if preset == DEFAULT_PRESET else ''}: "
+            + ", ".join(f"{k} {settings[k]}" for k in shown))
+    given = settings.get("given") or []
+    return text + (f"; given: {', '.join(given)}" if given else "; nothing overridden")
 
 
 def arch_table(summary: dict) -> list[str]:
