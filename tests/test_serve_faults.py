@@ -332,3 +332,25 @@ def test_retriable_errors_carry_a_retry_after_header():
     assert response_headers(500, ComputeFailed("x").to_dict()) == {} and ComputeFailed.retriable
     back = from_dict(over)
     assert isinstance(back, Overloaded) and back.retry_after_s == over["retry_after_s"] and back.status == 429
+
+
+def test_serve_command_takes_the_shared_gate_options():
+    """`neuroflow serve` parses the same gate and frame-policy options as `run` and `demo` (one
+    helper), left-out options stay None (the preset decides), and the engine receives them."""
+    import argparse
+
+    from neuroflow.commands import serve as serve_command
+
+    p = argparse.ArgumentParser()
+    serve_command.add_arguments(p)
+    config = serve_command._config(p.parse_args(["--random-config", '{"num_hidden_layers": 2}']))
+    assert config.preset == "measured" and config.threshold is None and config.skip_below is None
+    args = p.parse_args(["--preset", "paper", "--threshold", "0.2", "--max-staleness", "none", "--skip-below", "0.05",
+                         "--keyframe-every", "6", "--keyframe-drift", "1.5", "--batch-budget", "0.5"])
+    config = serve_command._config(args)
+    assert (config.preset, config.threshold, config.max_staleness) == ("paper", 0.2, 0)
+    assert (config.skip_below, config.keyframe_every, config.keyframe_drift, config.batch_budget) == (0.05, 6, 1.5, 0.5)
+    nf = build_engine(tiny_config(skip_below=0.05, keyframe_every=6, keyframe_drift=1.5, batch_budget=0.5)).nf
+    assert (nf.gate_settings.skip_below, nf.gate_settings.keyframe_every, nf.gate_settings.batch_budget) == (0.05, 6, 0.5)
+    with pytest.raises(ValueError, match="keyframe_every"):
+        tiny_config(keyframe_every=0).check()

@@ -16,7 +16,8 @@ from ..presets import DEFAULT_PRESET, PRESETS
 
 _NONE = "none"
 GATE_OPTIONS = ("threshold", "ema_decay", "floor_tokens", "reference", "max_staleness", "budget", "motion_norm",
-                "scene_cut", "kv_layers", "cls_readout")
+                "scene_cut", "kv_layers", "cls_readout", "skip_below", "keyframe_every", "keyframe_drift",
+                "batch_budget")
 """The ``NeuroFlow`` keyword arguments (and ``args`` attributes) these options set, besides
 ``preset`` and ``arch``."""
 
@@ -99,6 +100,19 @@ def add_gate_arguments(p: argparse.ArgumentParser | argparse._ArgumentGroup, sev
     p.add_argument("--kv-layers", type=_kv_layers, default=argparse.SUPPRESS, metavar="K|I,J,...",
                    help="architecture KV: cache the last K layers, or the listed layer indices (default every "
                         "layer); in a comparison of several --arch it applies to the KV engine")
+    p.add_argument("--skip-below", type=float, default=argparse.SUPPRESS, metavar="F",
+                   help="frame policy: a later frame where at most this fraction of the patches pass the threshold "
+                        "is skipped (the stream's last outputs are reused, no encoder work); 1.0 with "
+                        "--keyframe-every K is frame skipping, dense every K-th frame (default off)")
+    p.add_argument("--keyframe-every", type=int, default=argparse.SUPPRESS, metavar="K",
+                   help="frame policy: a keyframe (dense, reference and caches refreshed) at least every K frames "
+                        "of a stream (default off)")
+    p.add_argument("--keyframe-drift", type=float, default=argparse.SUPPRESS, metavar="D",
+                   help="frame policy: a keyframe once the frames' mean surprise summed since the last keyframe "
+                        "exceeds D (default off)")
+    p.add_argument("--batch-budget", type=float, default=argparse.SUPPRESS, metavar="F",
+                   help="one call computes at most this fraction of the non-keyframe frames' patches, shared "
+                        "across streams by the gate's ranking (default off)")
     p.add_argument("--cls-readout", choices=("context", "active"), default=argparse.SUPPRESS,
                    help="architecture C on CLS-pooling models (CLIP, ViT, DINOv2): the last layer attends to "
                         "every token's cached input (context, default) or to the computed tokens only (active)")

@@ -27,9 +27,7 @@ import signal
 import threading
 import time
 
-from ..architectures import ARCHITECTURES
-from ..engine import PRESETS
-from ._common import DTYPES, CommandError, one_line, print_error
+from ._common import DTYPES, CommandError, add_gate_arguments, gate_kwargs, one_line, print_error
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -46,20 +44,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     m.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
                    help="cpu: shards are CPU workers; cuda: each shard gets one GPU (num_gpus=1)")
     e = p.add_argument_group("engine (options left out come from --preset)")
-    e.add_argument("--preset", choices=tuple(PRESETS), default="measured",
-                   help="engine defaults (default measured: the measured default of the library; paper: the paper's)")
-    e.add_argument("--arch", choices=ARCHITECTURES, default=None)
-    e.add_argument("--threshold", type=float, default=None)
-    e.add_argument("--ema-decay", type=float, default=None)
-    e.add_argument("--floor-tokens", type=int, default=None)
-    e.add_argument("--reference", choices=("ema", "computed"), default=None,
-                   help="what a patch's surprise is measured against")
-    e.add_argument("--max-staleness", type=int, default=None,
-                   help="recompute a patch not computed for K frames (0: no bound)")
-    e.add_argument("--budget", type=float, default=None, help="most patches computed per later frame (a whole number >= 1: a count; below 1: a fraction)")
-    e.add_argument("--motion-norm", action="store_true", default=None, help="normalise surprise by global motion")
-    e.add_argument("--scene-cut", type=float, default=None, help="run a frame dense when this share of patches changes")
-    e.add_argument("--kv-layers", type=int, default=None, help="arch KV: the last K layers keep key/value caches (default: every layer)")
+    add_gate_arguments(e)
     e.add_argument("--max-streams", type=int, default=None,
                    help="streams each shard keeps (least recently seen evicted; default: no bound)")
     s = p.add_argument_group("shards and batching")
@@ -89,11 +74,18 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     r.add_argument("--duration", type=float, default=None, help="stop after this many seconds (default: run until stopped)")
 
 
-def _budget(value: float | None):
-    """A whole-number budget is a patch count, else a fraction of the patches."""
-    if value is None:
-        return None
-    return int(value) if float(value).is_integer() and value >= 1 else value
+def _engine_fields(args) -> dict:
+    """The :class:`~neuroflow.serve.spec.ServeConfig` engine fields from the shared gate options
+    (``--preset`` and what was given; the rest stays None: from the preset)."""
+    fields = gate_kwargs(args)
+    if "threshold" in fields and fields["threshold"] is None:
+        raise CommandError("--threshold none is not available in serve (a shard's budget alone cannot be "
+                           "set per stream); give a threshold", code=2)
+    if "max_staleness" in fields and fields["max_staleness"] is None:
+        fields["max_staleness"] = 0  # ServeConfig: 0 is no bound, None is the preset's
+    if "cls_readout" in fields:
+        raise CommandError("--cls-readout is not available in serve", code=2)
+    return fields
 
 
 def _config(args):
@@ -111,10 +103,7 @@ def _config(args):
             raise CommandError("--random-config is for the random model; it cannot be combined with --model", code=2)
     config = ServeConfig(
         model_name=args.model_name, model_folder=args.model, random_config=random_config, seed=args.seed,
-        image_size=args.image_size, preset=args.preset, arch=args.arch, threshold=args.threshold,
-        ema_decay=args.ema_decay, floor_tokens=args.floor_tokens, reference=args.reference,
-        max_staleness=args.max_staleness, budget=_budget(args.budget), motion_norm=args.motion_norm,
-        scene_cut=args.scene_cut, kv_layers=args.kv_layers, max_streams=args.max_streams, dtype=args.dtype, device=args.device, num_shards=args.shards or 1,
+        image_size=args.image_size, **_engine_fields(args), max_streams=args.max_streams, dtype=args.dtype, device=args.device, num_shards=args.shards or 1,
         shard_cpus=args.shard_cpus, shard_gpus=args.gpus_per_shard, torch_threads=args.threads,
         max_batch=args.max_batch,
         max_wait_ms=args.max_wait_ms, max_restarts=args.max_restarts, retry_timeout_s=args.retry_timeout,

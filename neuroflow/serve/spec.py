@@ -15,6 +15,8 @@ from pathlib import Path
 import torch
 
 from ..engine import PRESETS, NeuroFlow
+from ..gate_settings import check_batch_budget, check_keyframe_drift, check_keyframe_every, check_skip_below
+from ..presets import DEFAULT_PRESET
 from ..architectures import ARCHITECTURES
 from ..validation import check_ema_decay, check_floor_tokens, check_threshold
 from ..video import Preprocessor
@@ -38,13 +40,14 @@ class ServeConfig:
         image_size: model input side in pixels (a multiple of the patch size; default: the
             model config's ``image_size``). Images are resized to it; raw pixel arrays must
             already have it.
-        preset: the engine preset (``neuroflow.engine.PRESETS``; default ``"measured"``, the
+        preset: the engine preset (``neuroflow.presets.PRESETS``; default ``DEFAULT_PRESET``, the
             measured default of the library) that every gate option left at None comes from.
         arch, threshold, ema_decay, floor_tokens, reference, max_staleness: the engine's gate
             settings (``neuroflow.NeuroFlow``); None: the preset's value. ``max_staleness=0``
             means no staleness bound (the engine's None).
-        budget, motion_norm, scene_cut, kv_layers: further engine options (None: the engine's
-            default: no budget, no motion normalisation, no scene-cut test, every layer).
+        budget, motion_norm, scene_cut, kv_layers, skip_below, keyframe_every, keyframe_drift,
+            batch_budget: further engine options (None: the engine's default: no budget, no motion
+            normalisation, no scene-cut test, every layer, no frame policy, no batch budget).
         max_streams: streams each shard's engine keeps (least recently seen evicted beyond it;
             the stream's next reply says ``state_lost``); None: no bound.
         dtype: ``"float32"``, ``"float16"`` or ``"bfloat16"``.
@@ -75,7 +78,7 @@ class ServeConfig:
     random_config: dict = field(default_factory=dict)
     seed: int = 0
     image_size: int | None = None
-    preset: str = "measured"
+    preset: str = DEFAULT_PRESET
     arch: str | None = None
     threshold: float | None = None
     ema_decay: float | None = None
@@ -86,6 +89,10 @@ class ServeConfig:
     motion_norm: bool | None = None
     scene_cut: float | None = None
     kv_layers: int | list | None = None
+    skip_below: float | None = None
+    keyframe_every: int | None = None
+    keyframe_drift: float | None = None
+    batch_budget: float | None = None
     max_streams: int | None = None
     dtype: str = "float32"
     device: str = "cpu"
@@ -122,6 +129,10 @@ class ServeConfig:
         if self.max_staleness is not None and (isinstance(self.max_staleness, bool)
                                                or not isinstance(self.max_staleness, int) or self.max_staleness < 0):
             raise ValueError(f"max_staleness must be an int >= 0 (0: no bound) or None, got {self.max_staleness!r}")
+        check_skip_below(self.skip_below)
+        check_keyframe_every(self.keyframe_every)
+        check_keyframe_drift(self.keyframe_drift)
+        check_batch_budget(self.batch_budget)
         for name in ("max_streams",):
             v = getattr(self, name)
             if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
@@ -248,7 +259,7 @@ def engine_options(config: ServeConfig) -> dict:
     so the preset or the engine's default decides them)."""
     out = {}
     for name in ("arch", "threshold", "ema_decay", "floor_tokens", "reference", "budget", "motion_norm",
-                 "scene_cut", "kv_layers"):
+                 "scene_cut", "kv_layers", "skip_below", "keyframe_every", "keyframe_drift", "batch_budget"):
         v = getattr(config, name)
         if v is not None:
             out[name] = v
