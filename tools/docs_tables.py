@@ -41,7 +41,7 @@ def docstring_args(obj, section: str = "Args") -> dict[str, str]:
     doc = inspect.getdoc(obj) or ""
     lines = doc.split("\n")
     out: dict[str, str] = {}
-    inside, name = False, None
+    inside, names = False, []
     for line in lines:
         if line.strip() == f"{section}:":
             inside = True
@@ -50,12 +50,15 @@ def docstring_args(obj, section: str = "Args") -> dict[str, str]:
             continue
         if line and not line.startswith(" "):
             break
-        match = re.match(r"^    (\w+)(?: \([^)]*\))?: (.*)$", line)
+        # One entry may name several attributes: "    a, b, c: what they are".
+        match = re.match(r"^    (\w+(?:, \w+)*)(?: \([^)]*\))?: (.*)$", line)
         if match:
-            name = match.group(1)
-            out[name] = match.group(2)
-        elif name and line.startswith("        "):
-            out[name] += " " + line.strip()
+            names = match.group(1).split(", ")
+            for n in names:
+                out[n] = match.group(2)
+        elif names and line.startswith("        "):
+            for n in names:
+                out[n] += " " + line.strip()
         elif not line.strip():
             continue
     # The table's default columns are read from the code; the prose's own "(default ...)" remarks

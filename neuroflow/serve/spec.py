@@ -45,9 +45,10 @@ class ServeConfig:
         arch, threshold, ema_decay, floor_tokens, reference, max_staleness: the engine's gate
             settings (``neuroflow.NeuroFlow``); None: the preset's value. ``max_staleness=0``
             means no staleness bound (the engine's None).
-        budget, motion_norm, scene_cut, kv_layers, skip_below, keyframe_every, keyframe_drift,
-            batch_budget: further engine options (None: the engine's default: no budget, no motion
-            normalisation, no scene-cut test, every layer, no frame policy, no batch budget).
+        budget, motion_norm, scene_cut, kv_layers: further engine options (None: the engine's
+            default: no budget, no motion normalisation, no scene-cut test, every layer).
+        skip_below, keyframe_every, keyframe_drift, batch_budget: the frame policy and the batch
+            budget (``neuroflow.NeuroFlow``; None: off).
         max_streams: streams each shard's engine keeps (least recently seen evicted beyond it;
             the stream's next reply says ``state_lost``); None: no bound.
         dtype: ``"float32"``, ``"float16"`` or ``"bfloat16"``.
