@@ -128,6 +128,52 @@ def specialise(launch, capability: int):
     return ASTSource(fn, signature, constexprs, attrs), options
 
 
+DIVISIBILITY = 16
+"""Triton's runtime marks a pointer whose address, or an integer whose value, is a multiple of
+this (``tt.divisibility``); the compiled code then assumes it (vectorised, aligned accesses)."""
+
+
+def divisible_args(src) -> list[str]:
+    """Names of the arguments the binder specialised as divisible by :data:`DIVISIBILITY`: those
+    whose attributes in ``src.attrs`` (one entry per parameter, empty or not) hold
+    ``["tt.divisibility", 16]``."""
+    names = src.fn.arg_names
+    return sorted(names[path[0]] for path, attrs in src.attrs.items()
+                  if ["tt.divisibility", DIVISIBILITY] in [list(a) for a in attrs])
+
+
+def value_divisible_args(launch, src) -> list[str]:
+    """Names of the runtime arguments (not constexpr) whose *values* are divisible by
+    :data:`DIVISIBILITY`, read from the launch itself: a tensor's ``data_ptr()``, an int's value
+    (bools and floats never are). What :func:`divisible_args` must equal when the launch is
+    specialised as the runtime does it; independent of Triton's binder."""
+    fn = launch.kernel
+    bound = fn.signature.bind(*launch.args, **{k: v for k, v in launch.kwargs.items() if k in fn.arg_names})
+    out = []
+    for kp in fn.params:
+        if src.signature.get(kp.name) == "constexpr" or kp.name not in bound.arguments:
+            continue
+        if kp.do_not_specialize or kp.do_not_specialize_on_alignment:
+            continue
+        value = bound.arguments[kp.name]
+        if hasattr(value, "data_ptr"):
+            divisible = value.data_ptr() % DIVISIBILITY == 0
+        elif isinstance(value, int) and not isinstance(value, bool):
+            divisible = value % DIVISIBILITY == 0
+        else:
+            divisible = False
+        if divisible:
+            out.append(kp.name)
+    return sorted(out)
+
+
+def unaligned_pointers(report: dict) -> list[str]:
+    """Pointer arguments of a report that the specialisation did not mark divisible (a base
+    address not a multiple of 16 bytes: the kernel compiles to unaligned accesses)."""
+    return [name for name, ty in report["signature"].items()
+            if ty.startswith("*") and name not in report["divisible_args"]]
+
+
 def _tool(name: str) -> Path:
     import triton
 
@@ -156,8 +202,10 @@ def compile_report(case: CompileCase, launch, capability: int) -> dict:
         "num_warps": options.num_warps,
         "num_stages": options.num_stages,
         "signature": {k: v for k, v in src.signature.items() if v != "constexpr"},
-        # Arguments the runtime specialises (16-byte aligned pointers, integers divisible by 16).
-        "divisible_args": sorted(src.fn.arg_names[path[0]] for path in src.attrs),
+        # Arguments the binder specialised as divisible by 16 (aligned pointers, integers), and
+        # the same read from the launch's values: the two must agree (see ``problems``).
+        "divisible_args": divisible_args(src),
+        "value_divisible_args": value_divisible_args(launch, src),
         "shared_bytes": int(compiled.metadata.shared),
         "registers": regs,
         "stack_bytes": stack,
@@ -173,6 +221,9 @@ def compile_report(case: CompileCase, launch, capability: int) -> dict:
 def problems(report: dict, case: CompileCase) -> list[str]:
     out = []
     sm = report["sm"]
+    if report.get("divisible_args") != report.get("value_divisible_args"):
+        out.append(f"specialisation marks {report['divisible_args']} divisible by {DIVISIBILITY}, "
+                   f"the launch's values {report['value_divisible_args']}")
     if report["shared_bytes"] > SHARED_LIMIT[sm]:
         out.append(f"shared memory {report['shared_bytes']} B > sm_{sm} limit {SHARED_LIMIT[sm]} B")
     if report["local_bytes"] or report["stack_bytes"] > PARKED_STACK_BYTES or report["spill_instructions_in_loops"]:

@@ -30,38 +30,44 @@ FORMAT = "neuroflow-stream-state"
 FORMAT_VERSION = 1
 """Bumped whenever the layout of ``state`` changes; files of another version are refused."""
 
-_DIGEST_TENSORS = 16  # tensors sampled for the weight digest (spread over the model)
-_DIGEST_VALUES = 8  # values sampled from each
-
-
 class StateFileError(ValueError):
     """A state file that cannot be used; the message names the file and the reason."""
 
 
 # -- fingerprints ----------------------------------------------------------------------------------
 
-def weights_digest(model: nn.Module) -> str:
-    """A short hex digest (16 characters) of a model's weights, cheap to compute.
+def _digest_bytes(t: torch.Tensor) -> bytes:
+    """Every element of ``t`` as bytes: floating point rounded to bfloat16 (so a float32 model and
+    its bfloat16 copy agree; the rounding is the same on every device), integers as int64, bools
+    as bytes. The conversion runs where the tensor is; only the bfloat16 copy travels to the host."""
+    t = t.detach()
+    if t.is_complex():
+        t = torch.view_as_real(t)
+    if t.is_floating_point():
+        t = t.to(torch.bfloat16).view(torch.int16)
+    elif t.dtype == torch.bool:
+        t = t.to(torch.uint8)
+    else:
+        t = t.to(torch.int64)
+    return t.contiguous().cpu().numpy().tobytes()
 
-    It covers every parameter's and buffer's name, shape and the number of tensors, plus
-    ``_DIGEST_VALUES`` evenly spaced values of ``_DIGEST_TENSORS`` tensors spread over the model,
-    rounded to bfloat16 so that a float32 model and its bfloat16 copy give the same digest.
-    Two different checkpoints of one architecture differ in the sampled values (with overwhelming
-    probability); the same checkpoint on another device gives the same digest.
+
+def weights_digest(model: nn.Module) -> str:
+    """A short hex digest (16 characters) of a model's weights: SHA-256 over every parameter's
+    and buffer's name, shape and every element (floating point rounded to bfloat16, see
+    :func:`_digest_bytes`), in ``state_dict`` order.
+
+    Any change of any element that survives bfloat16 rounding changes the digest; a float32
+    model and its bfloat16 copy give the same digest, and so does the same checkpoint on another
+    device. Cost: one pass over the weights (a ViT-B, 86M parameters, hashes in well under a
+    second on one CPU core); it runs when a state file is saved or loaded, never per frame.
     """
     named = list(model.state_dict().items())
     h = hashlib.sha256()
     h.update(str(len(named)).encode())
     for name, t in named:
-        h.update(f"{name}:{tuple(t.shape)};".encode())
-    floats = [(name, t) for name, t in named if t.is_floating_point() and t.numel() > 0]
-    if floats:
-        picks = sorted({round(k * (len(floats) - 1) / max(1, _DIGEST_TENSORS - 1)) for k in range(_DIGEST_TENSORS)})
-        for k in picks:
-            flat = floats[k][1].detach().reshape(-1)
-            idx = torch.linspace(0, flat.numel() - 1, min(_DIGEST_VALUES, flat.numel()), device=flat.device).long()
-            values = flat[idx].to(torch.bfloat16).float().cpu().tolist()
-            h.update(struct.pack(f"<{len(values)}f", *values))
+        h.update(f"{name}:{tuple(t.shape)}:{'f' if t.is_floating_point() else 'i'};".encode())
+        h.update(_digest_bytes(t))
     return h.hexdigest()[:16]
 
 

@@ -256,3 +256,42 @@ def test_a_save_that_fails_mid_write_leaves_the_previous_file_whole(tmp_path, mo
         save_state_file(path, {"x": torch.zeros(1)}, FINGERPRINT)
     assert path.read_bytes() == before
     assert [p.name for p in tmp_path.iterdir()] == ["s.pt"]  # the temporary file is gone
+
+
+def test_weights_digest_sees_a_change_in_every_tensor():
+    """Each parameter and buffer in turn (the patch-embedding bias, which the gate reads,
+    included): one element changed, at the end of the tensor, where no sampling would look, then
+    restored. Every change gives a new digest; restoring gives the first one back."""
+    model = make_model("siglip")
+    base = weights_digest(model)
+    state = model.state_dict()
+    assert len(state) > 16  # more tensors than the digest once sampled
+    seen = {base}
+    for name, t in state.items():
+        flat = t.view(-1)
+        old = flat[-1].clone()
+        with torch.no_grad():
+            # A step bfloat16 keeps (its 8-bit mantissa): the digest is meant to ignore less.
+            flat[-1] = old + (old.abs() + 1 if t.is_floating_point() else 1)
+        changed = weights_digest(model)
+        with torch.no_grad():
+            flat[-1] = old
+        assert changed not in seen, f"changing {name} left the digest unchanged (or equal to another change's)"
+        seen.add(changed)
+    assert weights_digest(model) == base
+    assert "embeddings.patch_embedding.bias" in state
+
+
+def test_weights_digest_sees_every_element_of_a_tensor():
+    """Every element of the patch-embedding bias, in turn: a change anywhere in a tensor shows."""
+    model = make_model("siglip")
+    base = weights_digest(model)
+    w = model.state_dict()["embeddings.patch_embedding.bias"].view(-1)
+    for i in range(w.numel()):
+        old = w[i].clone()
+        with torch.no_grad():
+            w[i] = old + old.abs() + 1
+        assert weights_digest(model) != base, f"element {i} not covered"
+        with torch.no_grad():
+            w[i] = old
+    assert weights_digest(model) == base

@@ -2,12 +2,31 @@
 
 Under the Triton interpreter every tensor is on the CPU, so a sync cannot be timed; instead the
 calls that synchronise on a GPU are intercepted and recorded when the *direct caller* is a file of
-the ``neuroflow`` package: ``Tensor.item/tolist/__bool__/__int__/__float__/__index__/nonzero/
-cpu/numpy``, ``torch.nonzero``, indexing with a bool tensor (``x[mask]``, ``x[mask] = y``: the
-result size needs a device read) and ``torch.cuda.synchronize``. Not counted: calls made inside
-``neuroflow/reference/`` (the CPU reference and the interpreter-only offset checks; the test
-asserts every op took its kernel) and reads of :class:`neuroflow.capacity.HostCount`'s host copy
-(pinned memory written by a copy the host already waited for, never a device tensor).
+the ``neuroflow`` package:
+
+* reads of device values: ``Tensor.item/tolist/__bool__/__int__/__float__/__index__/nonzero/
+  numpy``, ``torch.nonzero``;
+* device-to-host copies: ``Tensor.cpu()``, ``Tensor.to(...)`` naming the CPU (a device string,
+  ``torch.device``, ``device=`` or a CPU tensor), and ``Tensor.copy_`` into a CPU tensor, except a
+  ``non_blocking`` copy into pinned memory (what :class:`neuroflow.capacity.HostCount` does on
+  CUDA). Under the interpreter the engine's device *is* the CPU, so every such move or copy counts:
+  a steady-state step moves nothing between devices;
+* ops whose result size is data-dependent: indexing with a bool tensor (``x[mask]``,
+  ``x[mask] = y``), ``masked_select`` (function and method), ``repeat_interleave`` with tensor
+  repeats and no ``output_size``;
+* waits: ``torch.cuda.synchronize``, ``torch.cuda.Event.synchronize``,
+  ``torch.cuda.Stream.synchronize`` and the device-generic ``torch.Event`` / ``torch.Stream``
+  ``synchronize`` (immutable C types: seen through ``sys.setprofile``).
+
+Not counted: calls made inside ``neuroflow/reference/`` (the CPU reference and the interpreter-only
+offset checks; the test asserts every op took its kernel) and reads of
+:class:`neuroflow.capacity.HostCount`'s host copy (pinned memory written by a copy the host already
+waited for, never a device tensor). **By design** and recorded apart (``by_design``), never in
+``calls``: ``HostCount.wait``'s event wait, which the next call makes at its start
+(``NeuroFlow.sync_errors``) for the previous call's counts; that event was recorded right after
+the previous call's gate, so the host waits for that gate only, never for the current call's work
+(one wait per call on CUDA; on the CPU there is no event). The steady-state tests give HostCount an
+event as on CUDA and assert exactly that one wait per call.
 """
 
 from __future__ import annotations
@@ -20,27 +39,68 @@ import torch
 
 import neuroflow
 from conftest import make_model, video
-from neuroflow import NeuroFlow, dispatch
+from neuroflow import NeuroFlow, capacity, dispatch
 
 PACKAGE = str(Path(neuroflow.__file__).parent)
 REFERENCE = str(Path(PACKAGE) / "reference")
 METHODS = ("item", "tolist", "__bool__", "__int__", "__float__", "__index__", "nonzero", "cpu", "numpy")
+BY_DESIGN = {("capacity.py", "HostCount.wait")}
+"""(file, function) sites whose waits are by design (see the module doc)."""
+
+
+def _device_of(value) -> torch.device | None:
+    if isinstance(value, torch.Tensor):
+        return value.device
+    if isinstance(value, (str, torch.device)) or (isinstance(value, int) and not isinstance(value, bool)):
+        return torch.device(value) if not isinstance(value, int) else torch.device("cuda", value)
+    return None
+
+
+def _to_target(args, kwargs) -> torch.device | None:
+    """The device a ``Tensor.to`` call names, or None (a dtype-only conversion)."""
+    for key in ("device", "other"):
+        if kwargs.get(key) is not None:
+            return _device_of(kwargs[key])
+    return _device_of(args[0]) if args else None
 
 
 class SyncRecorder:
-    def __init__(self):
-        self.calls: list[str] = []
+    """Records host-synchronising calls whose direct caller is a file under one of ``roots``
+    (default: the ``neuroflow`` package) and not under ``excluded`` (default: its reference)."""
 
-    def _record(self, what: str, tensor=None) -> None:
-        caller = sys._getframe(2)
+    def __init__(self, roots=(PACKAGE,), excluded=(REFERENCE,)):
+        self.roots, self.excluded = tuple(map(str, roots)), tuple(map(str, excluded))
+        self.calls: list[str] = []
+        self.by_design: list[str] = []
+        self._previous_profile = None
+
+    def _record(self, what: str, tensor=None, frame=None) -> None:
+        caller = frame if frame is not None else sys._getframe(2)
         path = caller.f_code.co_filename
-        if not path.startswith(PACKAGE) or path.startswith(REFERENCE):
+        if not path.startswith(self.roots) or path.startswith(self.excluded):
             return
         if tensor is not None and getattr(tensor, "_neuroflow_host_copy", False):
             return
-        self.calls.append(f"{what} at {Path(path).relative_to(PACKAGE)}:{caller.f_lineno}")
+        root = next(r for r in self.roots if path.startswith(r))
+        where = Path(path).relative_to(root if Path(root).is_dir() else Path(root).parent)
+        entry = f"{what} at {where}:{caller.f_lineno}"
+        if (where.as_posix(), caller.f_code.co_qualname) in BY_DESIGN:
+            self.by_design.append(entry)
+        else:
+            self.calls.append(entry)
+
+    def _profile(self, frame, event, arg):
+        # torch.Event / torch.Stream are immutable C types: their synchronize is seen as a C call.
+        if event == "c_call" and getattr(arg, "__name__", None) == "synchronize" \
+                and type(getattr(arg, "__self__", None)) in (torch.Event, torch.Stream):
+            self._record(f"{type(arg.__self__).__name__}.synchronize", frame=frame)
+        if self._previous_profile is not None:
+            self._previous_profile(frame, event, arg)
 
     def install(self, monkeypatch) -> "SyncRecorder":
+        """Intercept every construct of the module doc (undone by ``monkeypatch.undo()``; call
+        :meth:`uninstall` too for the profile hook)."""
+        recorder = self
         for name in METHODS:
             original = getattr(torch.Tensor, name)
 
@@ -49,7 +109,42 @@ class SyncRecorder:
                 return __original(self_, *args, **kwargs)
 
             monkeypatch.setattr(torch.Tensor, name, wrapper)
-        recorder = self
+
+        to = torch.Tensor.to
+
+        def tensor_to(self_, *args, **kwargs):
+            target = _to_target(args, kwargs)
+            if target is not None and target.type == "cpu":
+                recorder._record("Tensor.to(cpu)", self_)
+            return to(self_, *args, **kwargs)
+
+        monkeypatch.setattr(torch.Tensor, "to", tensor_to)
+        copy = torch.Tensor.copy_
+
+        def tensor_copy(self_, src, non_blocking=False):
+            if self_.device.type == "cpu" and not (non_blocking and self_.is_pinned()):
+                recorder._record("Tensor.copy_ into a CPU tensor", src)
+            return copy(self_, src, non_blocking)
+
+        monkeypatch.setattr(torch.Tensor, "copy_", tensor_copy)
+        for owner, label in ((torch, "torch"), (torch.Tensor, "Tensor")):
+            masked_select = owner.masked_select
+
+            def selecting(*args, __original=masked_select, __label=label, **kwargs):
+                recorder._record(f"{__label}.masked_select")
+                return __original(*args, **kwargs)
+
+            monkeypatch.setattr(owner, "masked_select", selecting)
+            repeat_interleave = owner.repeat_interleave
+
+            def repeating(*args, __original=repeat_interleave, __label=label, **kwargs):
+                # The one-argument form ``torch.repeat_interleave(repeats)`` repeats its indices.
+                repeats = kwargs.get("repeats", args[1] if len(args) > 1 else args[0] if args else None)
+                if isinstance(repeats, torch.Tensor) and kwargs.get("output_size") is None:
+                    recorder._record(f"{__label}.repeat_interleave without output_size")
+                return __original(*args, **kwargs)
+
+            monkeypatch.setattr(owner, "repeat_interleave", repeating)
         nonzero = torch.nonzero
 
         def torch_nonzero(*args, **kwargs):
@@ -74,37 +169,78 @@ class SyncRecorder:
             return sync(*args, **kwargs)
 
         monkeypatch.setattr(torch.cuda, "synchronize", cuda_sync)
+        for cls in (torch.cuda.Event, torch.cuda.Stream):
+            original = cls.synchronize
+
+            def waiting(self_, *args, __original=original, __name=f"torch.cuda.{cls.__name__}", **kwargs):
+                recorder._record(f"{__name}.synchronize")
+                return __original(self_, *args, **kwargs)
+
+            monkeypatch.setattr(cls, "synchronize", waiting)
+        self._previous_profile = sys.getprofile()
+        sys.setprofile(self._profile)
         return self
+
+    def uninstall(self) -> None:
+        sys.setprofile(self._previous_profile)
 
 
 CASES = [("siglip", "A"), ("siglip", "B"), ("siglip", "C"), ("siglip", "KV"), ("clip", "C"),
          ("dinov2_registers", "KV")]
 
 
+def _host_counts_with_events(monkeypatch) -> None:
+    """Give every :class:`~neuroflow.capacity.HostCount` an event, as on CUDA (on the CPU it has
+    none and ``wait()`` waits for nothing): the by-design wait of the next call is then seen."""
+    init = capacity.HostCount.__init__
+
+    def with_event(self, values):
+        init(self, values)
+        self._event = torch.Event(device="cpu")  # never recorded: the CPU backend has no events
+
+    monkeypatch.setattr(capacity.HostCount, "__init__", with_event)
+
+
+STEADY_CALLS = 3
+"""Calls recorded after the warm-up (first frames, then one call to learn the bucket)."""
+
+
 def _steady_state_syncs(monkeypatch, family, arch, **options):
+    """``(recorder, last output, engine)`` of ``STEADY_CALLS`` steady-state calls of two streams."""
     model = make_model(family)
     nf = NeuroFlow(model, arch=arch, threshold=0.02, ema_decay=0.2, floor_tokens=3, **options)
-    frames = torch.stack([video(5, seed=0), video(5, seed=1)], dim=1)  # [F, 2, 3, H, W]
+    frames = torch.stack([video(2 + STEADY_CALLS, seed=0), video(2 + STEADY_CALLS, seed=1)], dim=1)
+    _host_counts_with_events(monkeypatch)
     recorder = SyncRecorder()
-    for t in range(frames.shape[0]):
-        if t == 2:  # first frames (dense) and one more to learn the bucket: warm-up
-            recorder.install(monkeypatch)
-        out = nf(frames[t], stream_ids=["x", "y"])
-        assert dispatch.last_path["gate"] == dispatch.TRITON
-        if arch != "A":
-            assert dispatch.last_path["varlen_attention"] == dispatch.TRITON
-        if arch in ("C", "KV"):
-            assert dispatch.last_path["cache_scatter"] == dispatch.TRITON
-    monkeypatch.undo()
+    try:
+        for t in range(frames.shape[0]):
+            if t == 2:  # first frames (dense) and one more to learn the bucket: warm-up
+                recorder.install(monkeypatch)
+            out = nf(frames[t], stream_ids=["x", "y"])
+            assert dispatch.last_path["gate"] == dispatch.TRITON
+            if arch != "A":
+                assert dispatch.last_path["varlen_attention"] == dispatch.TRITON
+            if arch in ("C", "KV"):
+                assert dispatch.last_path["cache_scatter"] == dispatch.TRITON
+    finally:
+        recorder.uninstall()
+        monkeypatch.undo()
     assert dispatch.fallbacks == []
-    return recorder.calls, out, nf
+    return recorder, out, nf
+
+
+def _assert_sync_free(recorder) -> None:
+    assert recorder.calls == []
+    # The one by-design wait per call: the previous call's counts (see the module doc).
+    assert len(recorder.by_design) == STEADY_CALLS, recorder.by_design
+    assert all(c.startswith("Event.synchronize at capacity.py:") for c in recorder.by_design), recorder.by_design
 
 
 @pytest.mark.parametrize("family,arch", CASES)
 def test_steady_state_step_makes_no_host_sync(triton_path, monkeypatch, family, arch):
     # check_finite=True defers the check on CUDA only; "deferred" makes the CPU do what CUDA does.
-    calls, out, nf = _steady_state_syncs(monkeypatch, family, arch, check_finite="deferred")
-    assert calls == []
+    recorder, out, nf = _steady_state_syncs(monkeypatch, family, arch, check_finite="deferred")
+    _assert_sync_free(recorder)
     assert nf.overflowed_frames == 0
     assert out.pooler_output is not None or out.last_hidden_state is not None
 
@@ -124,8 +260,8 @@ OPTION_CASES = [
                          ids=[f"{f}-{a}-{'-'.join(o)}" for f, a, o in OPTION_CASES])
 def test_steady_state_step_with_gate_options_and_cache_layouts_makes_no_host_sync(triton_path, monkeypatch,
                                                                                  family, arch, options):
-    calls, out, nf = _steady_state_syncs(monkeypatch, family, arch, check_finite="deferred", **options)
-    assert calls == []
+    recorder, out, nf = _steady_state_syncs(monkeypatch, family, arch, check_finite="deferred", **options)
+    _assert_sync_free(recorder)
     assert nf.overflowed_frames == 0
     if "budget" in options:  # the budget caps every later frame: the bucket never exceeds it
         n = out.active_mask.shape[1]
@@ -135,14 +271,15 @@ def test_steady_state_step_with_gate_options_and_cache_layouts_makes_no_host_syn
 def test_the_recorder_catches_the_exact_count_read(triton_path, monkeypatch):
     """``capacity="exact"`` reads the token count on the host (what every call did before the
     capacity buckets): the recorder must see it, so the test above can fail."""
-    calls, _, _ = _steady_state_syncs(monkeypatch, "siglip", "C", capacity="exact")
+    calls = _steady_state_syncs(monkeypatch, "siglip", "C", capacity="exact")[0].calls
     assert any(c.startswith("Tensor.tolist at architectures.py") for c in calls), calls
 
 
 def test_scene_cut_under_auto_capacity_packs_exactly(triton_path, monkeypatch):
     """A scene cut makes a keyframe dense whatever the bucket: ``capacity="auto"`` then reads the
     count (documented sync) instead of cutting the keyframe."""
-    calls, _, nf = _steady_state_syncs(monkeypatch, "siglip", "C", scene_cut=0.9)
+    recorder, _, nf = _steady_state_syncs(monkeypatch, "siglip", "C", scene_cut=0.9)
+    calls = recorder.calls
     assert any(c.startswith("Tensor.tolist at architectures.py") for c in calls), calls
     assert nf.overflowed_frames == 0
 
@@ -150,5 +287,122 @@ def test_scene_cut_under_auto_capacity_packs_exactly(triton_path, monkeypatch):
 def test_the_recorder_catches_the_eager_finiteness_check(triton_path, monkeypatch):
     """The eager finiteness check (a device read per call) is seen too; the default defers it on
     a GPU only, so here it is forced."""
-    calls, _, _ = _steady_state_syncs(monkeypatch, "siglip", "B", check_finite="eager")
+    calls = _steady_state_syncs(monkeypatch, "siglip", "B", check_finite="eager")[0].calls
     assert any("validation.py" in c for c in calls), calls
+
+
+# -- the recorder itself: one tiny function per construct, in this file (watched like the package) --
+
+class _NotAnEvent:
+    """Stands in for a CUDA event or stream without a GPU (``torch.cuda.Event()`` needs CUDA):
+    the recorder sees the call before the real method rejects it."""
+
+
+def _cuda_wait(cls):
+    def wait():
+        target = cls() if torch.cuda.is_available() else _NotAnEvent()
+        try:
+            cls.synchronize(target)
+        except (TypeError, RuntimeError, AttributeError):
+            assert not torch.cuda.is_available()
+    return wait
+
+
+def _x():
+    return torch.arange(6, dtype=torch.float32)
+
+
+CONSTRUCTS = {
+    "Tensor.cpu": (lambda: _x().cpu(), "Tensor.cpu"),
+    "Tensor.to('cpu')": (lambda: _x().to("cpu"), "Tensor.to(cpu)"),
+    "Tensor.to(torch.device)": (lambda: _x().to(torch.device("cpu"), torch.float16), "Tensor.to(cpu)"),
+    "Tensor.to(device=)": (lambda: _x().to(device="cpu", non_blocking=True), "Tensor.to(cpu)"),
+    "Tensor.to(cpu tensor)": (lambda: _x().to(torch.zeros(1)), "Tensor.to(cpu)"),
+    "Tensor.copy_": (lambda: torch.empty(6).copy_(_x()), "Tensor.copy_ into a CPU tensor"),
+    "torch.masked_select": (lambda: torch.masked_select(_x(), _x() > 2), "torch.masked_select"),
+    "Tensor.masked_select": (lambda: _x().masked_select(_x() > 2), "Tensor.masked_select"),
+    "Tensor.repeat_interleave(counts)": (lambda: _x().repeat_interleave(torch.ones(6, dtype=torch.int64)),
+                                         "Tensor.repeat_interleave without output_size"),
+    "torch.repeat_interleave(x, counts)": (
+        lambda: torch.repeat_interleave(_x(), torch.ones(6, dtype=torch.int64), dim=0),
+        "torch.repeat_interleave without output_size"),
+    "torch.repeat_interleave(counts)": (lambda: torch.repeat_interleave(torch.ones(3, dtype=torch.int64)),
+                                        "torch.repeat_interleave without output_size"),
+    "torch.Event.synchronize": (lambda: torch.Event(device="cpu").synchronize(), "Event.synchronize"),
+    "torch.Stream.synchronize": (lambda: torch.Stream(device="cpu").synchronize(), "Stream.synchronize"),
+    "torch.cuda.Event.synchronize": (_cuda_wait(torch.cuda.Event), "torch.cuda.Event.synchronize"),
+    "torch.cuda.Stream.synchronize": (_cuda_wait(torch.cuda.Stream), "torch.cuda.Stream.synchronize"),
+    "torch.cuda.synchronize": (lambda: torch.cuda.synchronize() if torch.cuda.is_available() else
+                               _swallow(torch.cuda.synchronize), "torch.cuda.synchronize"),
+    "Tensor.item": (lambda: _x()[0].item(), "Tensor.item"),
+    "bool mask": (lambda: _x()[_x() > 2], "bool-mask Tensor.__getitem__"),
+}
+
+
+def _swallow(fn):
+    try:
+        fn()
+    except (RuntimeError, AssertionError, AttributeError):
+        pass
+
+
+def _recorded(monkeypatch, fn) -> SyncRecorder:
+    recorder = SyncRecorder(roots=(__file__,), excluded=())
+    recorder.install(monkeypatch)
+    try:
+        fn()
+    finally:
+        recorder.uninstall()
+        monkeypatch.undo()
+    return recorder
+
+
+@pytest.mark.parametrize("name", sorted(CONSTRUCTS))
+def test_the_recorder_catches_each_construct(monkeypatch, name):
+    fn, what = CONSTRUCTS[name]
+    calls = _recorded(monkeypatch, fn).calls
+    assert [c for c in calls if c.startswith(f"{what} at test_sync_free.py:")], calls
+
+
+def test_the_recorder_lets_device_side_work_pass(monkeypatch):
+    """What never reads the device on the host is not recorded: dtype conversions, repeats
+    counted on the host or given their output size, plain indexing."""
+    def work():
+        x = _x()
+        x.to(torch.float16)
+        x.to(dtype=torch.int64)
+        x.repeat_interleave(2)
+        torch.repeat_interleave(x, torch.ones(6, dtype=torch.int64), output_size=6)
+        x[torch.tensor([0, 2])]
+        x[1:3]
+    assert _recorded(monkeypatch, work).calls == []
+
+
+def test_the_recorder_ignores_other_files(monkeypatch):
+    """Only the watched files' own calls count (the package's, in the steady-state tests)."""
+    recorder = SyncRecorder()  # watches neuroflow/, not this file
+    recorder.install(monkeypatch)
+    try:
+        _x().cpu()
+        torch.masked_select(_x(), _x() > 2)
+    finally:
+        recorder.uninstall()
+        monkeypatch.undo()
+    assert recorder.calls == [] and recorder.by_design == []
+
+
+def test_host_count_wait_is_seen_and_by_design(monkeypatch):
+    """``HostCount.wait`` with an event (as on CUDA) is intercepted, at capacity.py, and filed as
+    the by-design wait, not as a sync of the step."""
+    _host_counts_with_events(monkeypatch)
+    count = capacity.HostCount(torch.tensor([3, 0]))
+    recorder = SyncRecorder()
+    recorder.install(monkeypatch)
+    try:
+        count.wait()
+        assert count.values() == [3, 0]
+    finally:
+        recorder.uninstall()
+        monkeypatch.undo()
+    assert recorder.calls == []
+    assert len(recorder.by_design) == 1 and recorder.by_design[0].startswith("Event.synchronize at capacity.py:")
