@@ -25,8 +25,8 @@ Per run, mean and minimum over frames: the cosine to the dense model's output of
 tokens; ``patch_fidelity``) and of the moving patches (the 20% of patches whose dense final feature
 changed most from the previous frame; ``moving_fidelity``); mean sparsity; ``compute``, computed
 token-layers / dense token-layers (each frame's computed tokens, prefix included, x the layers run:
-``NeuroFlowOutput.token_layers``, required; a missing count is an error, not recounted from ``active_mask`` and
-the encoder's layer count; ``token_layers_source`` says which); and ``ms_per_frame``, the wall time
+``NeuroFlowOutput.token_layers``, required: a missing count is an error, never recounted from
+``active_mask``; ``token_layers_source`` records "engine"); and ``ms_per_frame``, the wall time
 of the engine call (CPU: shared, noisy; read ratios). Baselines, in the same architecture with the
 same caches (same kwargs, patches forced through ``active=``), at the gate run's own per-frame counts:
 
