@@ -25,8 +25,8 @@ Per run, mean and minimum over frames: the cosine to the dense model's output of
 tokens; ``patch_fidelity``) and of the moving patches (the 20% of patches whose dense final feature
 changed most from the previous frame; ``moving_fidelity``); mean sparsity; ``compute``, computed
 token-layers / dense token-layers (each frame's computed tokens, prefix included, x the layers run:
-``NeuroFlowOutput.token_layers`` where the engine reports it, else counted from ``active_mask`` and
-the encoder's layer count; ``token_layers_source`` says which); and ``ms_per_frame``, the wall time
+``NeuroFlowOutput.token_layers``, required: a missing count is an error, never recounted from
+``active_mask``; ``token_layers_source`` records "engine"); and ``ms_per_frame``, the wall time
 of the engine call (CPU: shared, noisy; read ratios). Baselines, in the same architecture with the
 same caches (same kwargs, patches forced through ``active=``), at the gate run's own per-frame counts:
 
@@ -220,13 +220,12 @@ class Run:
 
 
 def token_layers(out, nf) -> tuple[torch.Tensor, str]:
-    """``[S]`` int64 computed token-layers of one call: the engine's own count where it reports one,
-    else (prefix tokens + active patches) x the encoder's layer count."""
+    """``[S]`` int64 computed token-layers of one call, as the engine reports them
+    (``NeuroFlowOutput.token_layers``; skipped frames count 0, keyframes count dense)."""
     reported = getattr(out, "token_layers", None)
-    if reported is not None:
-        return reported.to("cpu", torch.int64), "engine"
-    prefix, layers = nf.adapter.num_prefix, len(nf.adapter.layers)
-    return (out.active_mask.sum(1).cpu().to(torch.int64) + prefix) * layers, "active_mask"
+    if reported is None:
+        raise RuntimeError("NeuroFlowOutput.token_layers missing: this bench needs an engine that reports its compute")
+    return reported.to("cpu", torch.int64), "engine"
 
 
 def run_engine(model, frames, dense: Dense, kwargs: dict, masks=None) -> Run:
