@@ -320,6 +320,12 @@ class Shard:
                    and i not in self._lost]
         if unknown:
             return {"ok": False, "error": UnknownStream(f"unknown stream(s): {', '.join(map(repr, unknown))}").to_dict()}
+        await self._forget(ids)
+        return {"ok": True, "reset": list(ids)}
+
+    async def _forget(self, ids: list[Hashable]) -> None:
+        """Wait for the streams' frames in flight, then drop their engine state, sequence
+        numbers, stored results and lost-state flags."""
         await self._drain(ids)
         held = [i for i in ids if i in self.engine.nf.stream_ids]
         if held:
@@ -328,7 +334,6 @@ class Shard:
             self._last_seq.pop(i, None)
             self._results.pop(i, None)
             self._lost.pop(i, None)
-        return {"ok": True, "reset": list(ids)}
 
     async def export_streams(self, ids: list[Hashable]) -> dict:
         """A copy of streams for another shard: wait for their frames in flight, return
@@ -355,14 +360,7 @@ class Shard:
 
     async def drop_streams(self, ids: list[Hashable]) -> dict:
         """Forget streams that now live on another shard (engine state, sequence numbers)."""
-        await self._drain(ids)
-        held = [i for i in ids if i in self.engine.nf.stream_ids]
-        if held:
-            await self._run(self.engine.nf.reset, held)
-        for i in ids:
-            self._last_seq.pop(i, None)
-            self._results.pop(i, None)
-            self._lost.pop(i, None)
+        await self._forget(ids)
         return {"ok": True, "dropped": list(ids)}
 
     async def import_streams(self, blob: dict) -> dict:
