@@ -320,10 +320,10 @@ class Shard:
                    and i not in self._lost]
         if unknown:
             return {"ok": False, "error": UnknownStream(f"unknown stream(s): {', '.join(map(repr, unknown))}").to_dict()}
-        await self._forget(ids)
+        await self._drop_streams(ids)
         return {"ok": True, "reset": list(ids)}
 
-    async def _forget(self, ids: list[Hashable]) -> None:
+    async def _drop_streams(self, ids: list[Hashable]) -> None:
         """Wait for the streams' frames in flight, then drop their engine state, sequence
         numbers, stored results and lost-state flags."""
         await self._drain(ids)
@@ -360,7 +360,7 @@ class Shard:
 
     async def drop_streams(self, ids: list[Hashable]) -> dict:
         """Forget streams that now live on another shard (engine state, sequence numbers)."""
-        await self._forget(ids)
+        await self._drop_streams(ids)
         return {"ok": True, "dropped": list(ids)}
 
     async def import_streams(self, blob: dict) -> dict:
