@@ -10,7 +10,8 @@ setup(
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
     # kernels/ ships inside the package as neuroflow.kernels: a top-level `kernels` would shadow
-    # the Hugging Face package of that name, which transformers imports.
+    # the Hugging Face package of that name, which transformers imports. It has no __init__.py
+    # (kernels/README.md says why), so it is a namespace sub-package once installed.
     packages=["neuroflow", *(f"neuroflow.{p}" for p in find_packages("neuroflow")), "neuroflow.kernels"],
     package_dir={"neuroflow": "neuroflow", "neuroflow.kernels": "kernels"},
     install_requires=["torch>=2.4", "transformers>=5.17", "numpy"],

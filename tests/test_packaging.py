@@ -20,7 +20,7 @@ def test_installed_copy_ships_kernels_inside_neuroflow(tmp_path):
          "--target", str(target), str(src)],
         check=True, capture_output=True, text=True,
     )
-    assert (target / "neuroflow" / "kernels" / "__init__.py").is_file()
+    assert (target / "neuroflow" / "kernels" / "gate.py").is_file()
     assert not (target / "kernels").exists(), "kernels/ was installed as a top-level package"
     probe = (
         "import importlib.util, neuroflow, neuroflow.kernels, transformers\n"
@@ -68,3 +68,21 @@ def test_readme_opens_with_the_two_commands_ci_runs():
     assert run_main.endswith("&& neuroflow demo") and '".[video]"' in run_main and "pytest" in run_tests
     ci = (ROOT / ".ci" / "run").read_text()
     assert run_tests in ci, "`.ci/run` must run the README's test command verbatim"
+
+
+def test_checkout_root_on_sys_path_does_not_shadow_hugging_face_kernels(tmp_path):
+    """``python -m pytest`` or ``python -c`` from the repo root puts the root first on ``sys.path``.
+    ``kernels/`` there must never be imported as a top-level ``kernels``: transformers imports the
+    Hugging Face package of that name (>= 5.25 requires it), which ours would shadow."""
+    probe = (
+        "import importlib.util, sys\n"
+        "spec = importlib.util.find_spec('kernels')\n"
+        f"root = {str(ROOT / 'kernels')!r}\n"
+        "if spec is not None and spec.origin is not None:\n"
+        "    assert not spec.origin.startswith(root), spec.origin\n"
+        "import transformers.activations, neuroflow.kernels.gate\n"  # the import that failed on a shadowing kernels/
+        "print(neuroflow.kernels.gate.__name__)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", probe], cwd=ROOT, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.strip().splitlines()[-1] == "neuroflow.kernels.gate"
