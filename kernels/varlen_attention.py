@@ -35,14 +35,17 @@ HEAD_DIM_TILES = (16, 32, 48, 64, 80, 96, 128)
 # within shared memory on both. Not yet timed on a GPU: tune these first when one is available.
 def _config(upper: int | None, width: int, elem: int) -> dict:
     block_m = upper or 128
-    # Wide heads (128) and fp32 operands halve the key tile on the larger query tiles: the
-    # largest that compiles without spills on sm_80 (255-register cap).
-    narrow_n = (width == 128 and block_m >= 64) or (elem == 4 and width > 64)
     # A head-dim tail (width not a power of two) adds a [BLOCK_M, 16]-output dot to the chain of
     # dots, and Triton then lays the whole chain's warps along M: with more warps than 16-row
     # slices of the tile, every warp would compute the same rows. Small tiles with a tail
     # therefore get one warp per 16 rows.
     has_tail = width & (width - 1) != 0
+    # Wide heads (128) and fp32 operands halve the key tile on the larger query tiles: the
+    # largest that compiles without spills on sm_80 (255-register cap). So do fp32's 128-row
+    # tiles and the 48-wide tail tile at 64 rows: with strides not divisible by 16 (3 heads of
+    # 32 or 40) their 64-key steps park 16-24 bytes on the stack on sm_80.
+    narrow_n = ((width == 128 and block_m >= 64) or (elem == 4 and (width > 64 or block_m == 128))
+                or (has_tail and width < 64 and block_m == 64))
     warps = 8 if block_m == 128 else (block_m // 16 if has_tail and block_m < 64 else 4)
     if has_tail and block_m < 64:
         # One or two warps hold the whole key/value tile: 32 keys per step (16 for fp32), one

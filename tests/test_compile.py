@@ -7,6 +7,7 @@ lent GPU machine's release, whose ptxas allocates registers differently from new
 
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -45,6 +46,31 @@ def test_default_configs_compile_for_sm80_and_sm90(python):
     # (``problems`` also holds the binder's divisible set equal to the one read from the values.)
     for r in reports:
         assert compile_check.unaligned_pointers(r) == [], (r["case"], r["divisible_args"])
+    _check_coverage(reports)
+
+
+def _check_coverage(reports):
+    """What the check must compile, read from the reports (not from the case list): each gate
+    kernel in every dtype the gate accepts (fp32 is Hugging Face's default), every head-dim tile
+    of the attention, and each kernel also specialised with integer arguments that are not
+    divisible by 16 (a different compiled kernel than the all-divisible launch)."""
+    from neuroflow.kernels.varlen_attention import HEAD_DIM_TILES
+    from neuroflow.ops.varlen_attention import padded_head_dim
+
+    def first_pointer_type(r):
+        return next(t for t in r["signature"].values() if t.startswith("*"))
+
+    for kernel in ("gate_embed_kernel", "gate_rows_kernel"):
+        assert {first_pointer_type(r) for r in reports if r["kernel"] == kernel} >= {"*fp16", "*bf16", "*fp32"}, kernel
+    widths = {next(w for w in HEAD_DIM_TILES if w >= padded_head_dim(int(m.group(1))))
+              for r in reports if r["kernel"] == "varlen_attention_fwd_kernel"
+              for m in [re.search(r" d(\d+) ", r["case"])]}
+    assert widths == set(HEAD_DIM_TILES), sorted(widths)
+    for kernel in {r["kernel"] for r in reports}:
+        ints = [(r, [n for n, t in r["signature"].items() if t in ("i32", "i64")]) for r in reports if r["kernel"] == kernel]
+        odd = [r["case"] for r, names in ints if set(names) - set(r["value_divisible_args"])]
+        if any(names for _, names in ints):
+            assert odd, f"{kernel}: every compiled launch had all integer arguments divisible by 16"
 
 
 def test_spills_are_placed_inside_or_outside_loops():

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from neuroflow import dispatch
-from neuroflow.kernels.gate import GATE_CONFIG, GATE_TILES
+from neuroflow.kernels.gate import GATE_CONFIG, GATE_CONFIG_FP32, GATE_TILES
 from neuroflow.ops import gate as gate_op
 from neuroflow.ops.gate import MAX_FLOOR, gate
 from neuroflow.reference.gate import cosine_surprise, gate_decision_reference, gate_reference, select_active
@@ -632,21 +632,22 @@ def _on(device, request, dtype):
     (torch.float32, "all_computed"), (torch.float32, "all_ema"),
 ], ids=lambda v: str(v).removeprefix("torch."))
 def test_gate_kernels_per_dtype_match_reference(request, monkeypatch, device, dtype, options):
-    """The default GPU launch tile (three 64-patch blocks, D = 200 over two 128-wide tiles), one
-    first frame, NaN-poisoned outputs, in each dtype; with the paper's rule and with every option
-    but motion norm."""
+    """The default GPU launch tile of each dtype (three 64-patch blocks; D = 200 over two 128-wide
+    tiles, in fp32 over seven 32-wide ones), one first frame, NaN-poisoned outputs; with the
+    paper's rule and with every option but motion norm."""
     dev = _on(device, request, dtype)
+    config = GATE_CONFIG_FP32 if dtype == torch.float32 else GATE_CONFIG
     monkeypatch.setattr(gate_op, "_empty", _poisoned)
     inputs = [t.to(dev) for t in make_inputs(3, (9, 15), 200, dtype, prefix=1, seed=31)]
     first = torch.tensor([False, True, False], device=dev)
     probe = gate_reference(*inputs[:5], inputs[5].clone(), inputs[6], first, 0.0, 0.1, 0)
     threshold = gap_threshold(probe.surprise.cpu())
     if options == "paper":
-        out, ref, hp, emas = run_both(inputs, first, threshold, 0.1, 4, config=GATE_CONFIG)
+        out, ref, hp, emas = run_both(inputs, first, threshold, 0.1, 4, config=config)
     else:
         opts = dict(KERNEL_OPTION_CASES[options])
         opts.pop("motion_norm")  # a normalised threshold needs a gap of its own (covered above)
         st = GateSettings(threshold=threshold, ema_decay=0.1, floor_tokens=4, **opts)
         age = (torch.arange(135, device=dev) % (st.max_staleness + 1)).to(torch.int32).repeat(5, 1)
-        out, ref, hp, emas = run_both_options(inputs, first, st, age=age, config=GATE_CONFIG)
+        out, ref, hp, emas = run_both_options(inputs, first, st, age=age, config=config)
     check(out, ref, hp, emas, inputs[6])

@@ -140,6 +140,7 @@ def _gate_triton(frames, weight, bias, pos_embed, prefix, ema, slot, first, st: 
     No host synchronisation either way."""
     from ..kernels.gate import (
         GATE_CONFIG,
+        GATE_CONFIG_FP32,
         SELECT_BLOCK,
         gate_embed_kernel,
         gate_pack_kernel,
@@ -152,7 +153,8 @@ def _gate_triton(frames, weight, bias, pos_embed, prefix, ema, slot, first, st: 
 
     dev = frames.device
     # A D tile wider than the model's D would only be masked off (small test models).
-    cfg = dict(GATE_CONFIG, BLOCK_D=min(GATE_CONFIG["BLOCK_D"], max(16, next_pow2(d))))
+    base = GATE_CONFIG_FP32 if frames.dtype == torch.float32 else GATE_CONFIG
+    cfg = dict(base, BLOCK_D=min(base["BLOCK_D"], max(16, next_pow2(d))))
     if not dispatch.gpu_launch(dev):
         # The interpreter pays per program and per loop step, not per element: one tile per frame.
         cfg.update(BLOCK_P=min(256, next_pow2(n)), BLOCK_D=next_pow2(d), BLOCK_K=next_pow2(weight[0].numel()))
@@ -272,14 +274,18 @@ def compile_cases():
     (``python -m neuroflow.compile_check``) at the largest frames the engine is for, so the pack
     kernel's per-frame block tables are full size: SigLIP-base geometry at 1792 px (16-px patches,
     D 768, floor 4) and so400m geometry at 1792 px (14-px patches, D 1152, floor 16), one CLS
-    token, in each dtype the kernel accepts on a GPU; plus the gate options' three-launch path
-    (every option with ``reference="computed"``, and the EMA reference with a scene cut, which
-    writes references only on cuts). Nothing runs: the launches are recorded."""
+    token, in each dtype the kernel accepts on a GPU (fp32 too: Hugging Face loads models in
+    fp32 by default); plus the gate options' three-launch path (every option with
+    ``reference="computed"``, and the EMA reference with a scene cut, which writes references
+    only on cuts). The ``odd`` cases take grids one patch short of those sides (N = 127^2 and
+    111^2: patch and row counts not divisible by 16), because the runtime specialises each integer
+    argument on its divisibility and a launch with other values compiles another kernel. Nothing
+    runs: the launches are recorded."""
     from ..compile_check import CompileCase
 
-    def launcher(dtype, patch, dim, settings):
+    def launcher(dtype, patch, dim, settings, odd=False):
         def run():
-            side = 1792 // patch * patch
+            side = (1792 // patch - odd) * patch
             n = (side // patch) ** 2
             age = torch.zeros(3, n, dtype=torch.int32) if settings.max_staleness is not None else None
             gate(torch.empty(2, 3, side, side, dtype=dtype), torch.empty(dim, 3, patch, patch, dtype=dtype),
@@ -289,8 +295,10 @@ def compile_cases():
 
     paper = [(f"gate {str(dtype).removeprefix('torch.')} p{patch} d{dim} floor{floor}", dtype, patch, dim,
               GateSettings(threshold=0.35, ema_decay=0.01, floor_tokens=floor))
-             for dtype in (torch.float16, torch.bfloat16)
+             for dtype in (torch.float16, torch.bfloat16, torch.float32)
              for patch, dim, floor in ((16, 768, 4), (14, 1152, 16))]
+    paper.append(("gate float32 p14 d1152 floor16 odd", torch.float32, 14, 1152,
+                  GateSettings(threshold=0.35, ema_decay=0.01, floor_tokens=16), True))
     options = [
         ("gate options computed+stale+budget+motion+cut fp16 p16 d768", torch.float16, 16, 768,
          GateSettings(threshold=0.1, floor_tokens=4, reference="computed", max_staleness=8, budget=0.1,
@@ -299,6 +307,11 @@ def compile_cases():
          GateSettings(threshold=None, floor_tokens=0, max_staleness=4, budget=512)),
         ("gate options ema+scene-cut fp16 p16 d768", torch.float16, 16, 768,
          GateSettings(threshold=0.1, floor_tokens=4, scene_cut=0.5)),
+        ("gate options computed+stale+budget fp32 p16 d768 odd", torch.float32, 16, 768,
+         GateSettings(threshold=0.1, floor_tokens=4, reference="computed", max_staleness=8, budget=0.1), True),
     ]
-    return [CompileCase(name, launcher(dtype, patch, dim, st), uses_dot=True, no_dot=("gate_select_kernel", "gate_pack_kernel"))
-            for name, dtype, patch, dim, st in paper + options]
+    # fp32 takes its dot in IEEE fp32 (GATE_CONFIG_FP32): no tensor-core instructions to find.
+    return [CompileCase(name, launcher(dtype, patch, dim, st, *odd), uses_dot=True,
+                        tensor_cores=() if dtype == torch.float32 else (80, 90),
+                        no_dot=("gate_select_kernel", "gate_pack_kernel"))
+            for name, dtype, patch, dim, st, *odd in paper + options]

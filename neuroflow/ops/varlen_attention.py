@@ -433,6 +433,12 @@ def compile_cases():
     80 (64 + 16 split: the so400m case and ViT-H). fp16 and fp32 (TF32): every class; bf16 (same
     code apart from the element type): the shortest and the long class; int8 key/value caches
     with fp16 queries: every class, with bf16 / fp32 queries the shortest and the long class.
+    Every other head-dim tile rule (:data:`~neuroflow.kernels.varlen_attention.HEAD_DIM_TILES`:
+    one head dim per tile width and per split form, 16 to 128) in fp16 every class, in fp32 and
+    with int8 caches (split forms) the shortest and the long class, on *odd* launches: 3 heads, 197-token key segments
+    and a query length one short of the class bound, so strides and lengths are not all
+    divisible by 16 (the runtime specialises each integer on its divisibility, and such a
+    launch compiles another kernel); 64/72/80 get the odd launch too, in fp16.
     Contiguous q/k/v (the launcher's aligned variant) reading a per-stream cache through
     ``kv_start`` (the KV path; the default path differs by one scalar load). The split-over-keys
     variant for the shortest class in fp16 d64, int8 d72 and fp32 d80. Nothing runs: the
@@ -440,10 +446,10 @@ def compile_cases():
     """
     from ..compile_check import CompileCase
 
-    def launcher(dtype, kv_dtype, head_dim, lo, hi, cfg, splits=1):
+    def launcher(dtype, kv_dtype, head_dim, lo, hi, cfg, splits=1, odd=False):
         def run():
-            heads, streams, tokens = 2, 2, 256
-            max_q = hi or 256
+            heads, streams, tokens = (3, 2, 197) if odd else (2, 2, 256)
+            max_q = (hi - 1 if hi else tokens) if odd else (hi or 256)
             q = torch.empty(streams * max_q, heads, head_dim, dtype=dtype)
             kv = torch.empty(streams * tokens, heads, head_dim, dtype=kv_dtype)
             scales = torch.empty(streams * tokens, heads) if kv_dtype == torch.int8 else None
@@ -463,9 +469,20 @@ def compile_cases():
         (torch.bfloat16, torch.int8, (0, 3)),
         (torch.float32, torch.int8, (0, 3)),
     ]
+    # Head dims 16..128, one per tile width and split form: 16, 32, 64, 128 whole; 24 (16 + a
+    # masked 8 -> tile 32), 40 and 48 (32 + a masked or a full 16 -> tile 48), 96 (64 + 32), 112
+    # (64 + a masked 48 -> tile 128); 72 and 80 as above.
+    other_dims = (16, 24, 32, 40, 48, 96, 112, 128)
+    split_dims = tuple(d for d in other_dims if head_dim_split(d)[1])
+    plan = [(dtype, kv, dims, classes, False) for dtype, kv, classes in plan for dims in ((64, 72, 80),)]
+    plan += [
+        (torch.float16, torch.float16, (64, 72, 80) + other_dims, every, True),
+        (torch.float32, torch.float32, other_dims, (0, 3), True),
+        (torch.float16, torch.int8, split_dims, (0, 3), True),
+    ]
     cases = []
-    for dtype, kv_dtype, classes in plan:
-        for head_dim in (64, 72, 80):
+    for dtype, kv_dtype, head_dims, classes, odd in plan:
+        for head_dim in head_dims:
             schedule = launch_schedule(256, head_dim, dtype, kv_dtype=kv_dtype)
             for i in classes:
                 lo, hi, cfg = schedule[i]
@@ -474,8 +491,9 @@ def compile_cases():
                     name += f"/kv {str(kv_dtype).removeprefix('torch.')}"
                 cases.append(CompileCase(
                     f"varlen_attention {name} d{head_dim} q<={hi or 'long'} "
-                    f"M{cfg['BLOCK_M']} N{cfg['BLOCK_N']} w{cfg['num_warps']} s{cfg['num_stages']}",
-                    launcher(dtype, kv_dtype, head_dim, lo, hi, cfg),
+                    f"M{cfg['BLOCK_M']} N{cfg['BLOCK_N']} w{cfg['num_warps']} s{cfg['num_stages']}"
+                    + (" odd" if odd else ""),
+                    launcher(dtype, kv_dtype, head_dim, lo, hi, cfg, odd=odd),
                     uses_dot=True,
                     # wgmma works on 64-row warpgroup tiles: 16- and 32-row query tiles compile to
                     # mma.sync (HMMA) on sm_90 too, so HGMMA is required only from BLOCK_M = 64 on.
