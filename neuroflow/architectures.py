@@ -75,6 +75,16 @@ class Architecture:
 
     takes_kv_layers: ClassVar[bool] = False
 
+    @property
+    def uses_kv_cache(self) -> bool:
+        """Whether streams keep key/value caches (what ``cache_dtype`` sets)."""
+        return False
+
+    @property
+    def _cache_dtype_config(self) -> str | None:
+        """``cache_dtype`` as saved states record it: None where no cache uses it."""
+        return str(self.cache_dtype) if self.cache_dtype is not None and self.uses_kv_cache else None
+
     # -- what a stream remembers -------------------------------------------------------------------
     track_age: bool = False
     """Whether streams keep the gate's ``age`` ``[N]`` int32 (set by the engine with ``max_staleness``)."""
@@ -279,10 +289,13 @@ class ArchC(Architecture):
     def uses_context_readout(self) -> bool:
         return self.adapter.pools_cls_token and self.cls_readout == "context"
 
+    @property
+    def uses_kv_cache(self) -> bool:
+        return self.uses_context_readout
+
     def config(self) -> dict:
         return {**super().config(), "cls_readout": self.cls_readout if self.uses_context_readout else None,
-                "cache_dtype": str(self.cache_dtype) if self.cache_dtype is not None else None,
-                "head_cache": self._uses_head_cache}
+                "cache_dtype": self._cache_dtype_config, "head_cache": self._uses_head_cache}
 
     def state_specs(self, grid: Grid) -> Specs:
         specs = {**super().state_specs(grid), **self._cache_specs(grid)}
@@ -329,6 +342,10 @@ class ArchKV(Architecture):
         """Indices of the cached layers, ascending (every layer by default)."""
 
     @property
+    def uses_kv_cache(self) -> bool:
+        return bool(self.kv_layer_ids)
+
+    @property
     def kv_layers(self) -> tuple[int, ...] | None:
         """The cached layers as given in normal form: None when every layer is cached."""
         return None if len(self.kv_layer_ids) == len(self.adapter.layers) else self.kv_layer_ids
@@ -339,7 +356,7 @@ class ArchKV(Architecture):
 
     def config(self) -> dict:
         kv = self.kv_layers
-        return {**super().config(), "cache_dtype": str(self.cache_dtype) if self.cache_dtype is not None else None,
+        return {**super().config(), "cache_dtype": self._cache_dtype_config,
                 "head_cache": self._uses_head_cache, "kv_layers": list(kv) if kv is not None else None}
 
     def state_specs(self, grid: Grid) -> Specs:

@@ -180,7 +180,7 @@ class NeuroFlow(nn.Module):
         cls_readout: str = Default("context"),
         check_finite: bool = True,
         cache_dtype: torch.dtype | None = None,
-        head_cache: bool = True,
+        head_cache: bool = Default(True),
         max_streams: int | None = None,
         capacity: str | int = "auto",
         differentiable: bool = False,
@@ -202,12 +202,13 @@ class NeuroFlow(nn.Module):
             raise ValueError(f"check_finite must be True, False, 'eager' or 'deferred', got {check_finite!r}")
         check_preset(preset)
         explicit = {name for name, v in dict(arch=arch, ema_decay=ema_decay, floor_tokens=floor_tokens,
-                                             cls_readout=cls_readout).items() if given(v)}
+                                             cls_readout=cls_readout, head_cache=head_cache).items() if given(v)}
         chosen = resolve(preset, arch=arch, threshold=threshold, ema_decay=ema_decay, floor_tokens=floor_tokens,
-                         reference=reference, max_staleness=max_staleness, cls_readout=cls_readout)
+                         reference=reference, max_staleness=max_staleness, cls_readout=cls_readout,
+                         head_cache=head_cache)
         arch, threshold, ema_decay = chosen["arch"], chosen["threshold"], chosen["ema_decay"]
         floor_tokens, reference, max_staleness = chosen["floor_tokens"], chosen["reference"], chosen["max_staleness"]
-        cls_readout = chosen["cls_readout"]
+        cls_readout, head_cache = chosen["cls_readout"], chosen["head_cache"]
         self.preset = preset
         settings = GateSettings(threshold=threshold, ema_decay=ema_decay, floor_tokens=floor_tokens,
                                 reference=reference, max_staleness=max_staleness, budget=budget,
@@ -240,6 +241,9 @@ class NeuroFlow(nn.Module):
             floor_tokens_given=g.floor_tokens if "floor_tokens" in explicit else None, threshold_none=g.threshold is None,
             cls_readout=cls_readout if "cls_readout" in explicit else None,
             cls_readout_used=self.architecture.name == "C" and self.adapter.pools_cls_token,
+            head_cache=head_cache if "head_cache" in explicit else None,
+            head_cache_used=self.architecture.name in ("C", "KV") and self.adapter.has_map_head,
+            cache_dtype=cache_dtype, cache_dtype_used=self.architecture.uses_kv_cache,
             where=f"arch={self.architecture.name!r}, family={self.adapter.family!r}")
         self._warned_floor: set[tuple[int, Grid]] = set()  # (floor, grid) pairs already warned about
         self.check_finite = check_finite

@@ -24,7 +24,9 @@ def warn_ineffective_settings(*, threshold: float | None = None, floor_tokens: i
                               num_patches: int | None = None, ema_decay: float | None = None,
                               reference: str | None = None, floor_tokens_given: int | None = None,
                               threshold_none: bool = False, cls_readout: str | None = None,
-                              cls_readout_used: bool = True, where: str = "", stacklevel: int = 3) -> None:
+                              cls_readout_used: bool = True, head_cache: bool | None = None,
+                              head_cache_used: bool = True, cache_dtype=None, cache_dtype_used: bool = True,
+                              where: str = "", stacklevel: int = 3) -> None:
     """Warn (``UserWarning``) about valid settings that switch the sparsity off, or that have no
     effect under the other settings (pass only settings the caller gave explicitly, never a
     preset's value, so a default never warns).
@@ -39,6 +41,10 @@ def warn_ineffective_settings(*, threshold: float | None = None, floor_tokens: i
       candidate and the budget alone picks the count, so the floor never tops a frame up.
     - ``cls_readout`` where ``cls_readout_used`` is False (it applies to CLS-pooling models under
       Architecture C only; ``where`` names the architecture and family).
+    - ``head_cache`` where ``head_cache_used`` is False (it applies to SigLIP's attention-pooling
+      head under Architectures C and KV only).
+    - ``cache_dtype`` where ``cache_dtype_used`` is False (the architecture keeps no key/value
+      cache: A, B, and C without the context readout).
 
     Each argument left None is not checked. ``stacklevel`` as in ``warnings.warn``; the default
     points at the caller of the function that calls this one (the engine's constructor or setter).
@@ -72,6 +78,18 @@ def warn_ineffective_settings(*, threshold: float | None = None, floor_tokens: i
         warnings.warn(
             f"cls_readout={cls_readout!r} has no effect here ({where}): it applies to CLS-pooling models "
             "(CLIP, ViT, DINOv2) under Architecture C only; drop it",
+            UserWarning, stacklevel=stacklevel,
+        )
+    if head_cache is not None and not head_cache_used:
+        warnings.warn(
+            f"head_cache={head_cache!r} has no effect here ({where}): it caches the keys and values of SigLIP's "
+            "attention-pooling head under Architectures C and KV only; drop it",
+            UserWarning, stacklevel=stacklevel,
+        )
+    if cache_dtype is not None and not cache_dtype_used:
+        warnings.warn(
+            f"cache_dtype={cache_dtype} has no effect here ({where}): this architecture keeps no key/value cache "
+            "(KV does, and C with cls_readout='context' on a CLS-pooling model); drop it",
             UserWarning, stacklevel=stacklevel,
         )
 

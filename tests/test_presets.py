@@ -125,6 +125,43 @@ def test_cls_readout_where_it_applies_does_not_warn():
     assert NeuroFlow(make_model("clip"), arch="C").cls_readout == "context"  # the default
 
 
+@pytest.mark.parametrize(("family", "arch", "setting", "needle"), [
+    ("siglip", "A", dict(head_cache=False), "head_cache=False"),
+    ("clip", "KV", dict(head_cache=False), "head_cache=False"),  # CLS pooling: no attention-pooling head
+    ("siglip", "A", dict(cache_dtype=torch.float16), "cache_dtype=torch.float16"),
+    ("siglip", "B", dict(cache_dtype=torch.float16), "cache_dtype=torch.float16"),
+    ("siglip", "C", dict(cache_dtype=torch.float16), "cache_dtype=torch.float16"),  # no context readout
+    ("siglip", "KV", dict(cache_dtype=torch.float16, kv_layers=0), "cache_dtype=torch.float16"),
+])
+def test_cache_settings_where_no_cache_exists_warn_and_change_nothing(family, arch, setting, needle):
+    frames = video(4)
+    base = {k: v for k, v in setting.items() if k == "kv_layers"}
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        given = NeuroFlow(make_model(family), arch=arch, **setting)
+    messages = ineffective(record)
+    assert len(messages) == 1 and needle in messages[0] and f"arch={arch!r}" in messages[0], messages
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        default = NeuroFlow(make_model(family), arch=arch, **base)
+    assert given.stream_state_dict()["config"] == default.stream_state_dict()["config"]
+    with torch.inference_mode():
+        for t in range(frames.shape[0]):
+            x, y = given(frames[t : t + 1]), default(frames[t : t + 1])
+            assert torch.equal(x.active_mask, y.active_mask)
+            assert torch.equal(x.last_hidden_state, y.last_hidden_state)
+
+
+@pytest.mark.parametrize(("family", "arch", "setting"), [
+    ("siglip", "C", dict(head_cache=False)), ("siglip", "KV", dict(head_cache=True)),
+    ("siglip", "KV", dict(cache_dtype=torch.float16)), ("clip", "C", dict(cache_dtype=torch.float16)),
+])
+def test_cache_settings_where_they_apply_do_not_warn(family, arch, setting):
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        NeuroFlow(make_model(family), arch=arch, **setting)
+
+
 def test_one_default_preset_for_the_api_and_the_command_line():
     import argparse
     import inspect
