@@ -632,9 +632,9 @@ def _on(device, request, dtype):
     (torch.float32, "all_computed"), (torch.float32, "all_ema"),
 ], ids=lambda v: str(v).removeprefix("torch."))
 def test_gate_kernels_per_dtype_match_reference(request, monkeypatch, device, dtype, options):
-    """The default GPU launch tile of each dtype (three 64-patch blocks; D = 200 over two 128-wide
-    tiles, in fp32 over seven 32-wide ones), one first frame, NaN-poisoned outputs; with the
-    paper's rule and with every option but motion norm."""
+    """The default GPU launch tile of each dtype (135 patches in three 64-patch blocks, D = 200 over
+    two 128-wide tiles; in fp32 five 32-patch blocks and seven 32-wide D tiles), one first frame,
+    NaN-poisoned outputs; with the paper's rule and with every option but motion norm."""
     dev = _on(device, request, dtype)
     config = GATE_CONFIG_FP32 if dtype == torch.float32 else GATE_CONFIG
     monkeypatch.setattr(gate_op, "_empty", _poisoned)
