@@ -231,7 +231,8 @@ def _gate_features_triton(tokens, num_prefix: int, ema, slot, first, st: GateSet
     r = torch.arange(cap, device=dev)
     frame = torch.searchsorted(cu[1:].to(torch.int64), r, right=True).clamp_max(b - 1)
     valid = r < cu[-1]
-    packed = tokens.reshape(cap, d)[torch.where(valid, frame * t + index.to(torch.int64), 0)]
+    # (The clamp changes no real row; it keeps the compile check's recorded, unrun launches in bounds.)
+    packed = tokens.reshape(cap, d)[torch.where(valid, frame * t + index.to(torch.int64).clamp(0, t - 1), 0)]
     # reference="computed": the computed patches' features become their reference (keyframes: all).
     chosen = active.bool()
     ema.index_copy_(0, slot, torch.where(chosen.unsqueeze(-1), h.to(ema.dtype), old_ref))
@@ -418,5 +419,23 @@ def compile_cases():
         ("gate options ema+scene-cut fp16 p16 d768", torch.float16, 16, 768,
          GateSettings(threshold=0.1, floor_tokens=4, scene_cut=0.5)),
     ]
-    return [CompileCase(name, launcher(dtype, patch, dim, st), uses_dot=True, no_dot=("gate_select_kernel", "gate_pack_kernel"))
-            for name, dtype, patch, dim, st in paper + options]
+    def features_launcher(dtype, patch, dim, settings):
+        def run():  # the gate on probe features (probe_layers): select and pack kernels only
+            n = (1792 // patch) ** 2
+            age = torch.zeros(3, n, dtype=torch.int32) if settings.max_staleness is not None else None
+            policy = (torch.zeros(3, 1, dtype=torch.int32), torch.zeros(3, 1)) if settings.policy else None
+            gate_features(torch.empty(2, 1 + n, dim, dtype=dtype), 1, torch.empty(3, n, dim), torch.tensor([0, 2]),
+                          torch.tensor([False, True]), settings, age=age, policy=policy)
+        return run
+
+    features = [
+        ("gate features computed+stale fp16 p14 d384", torch.float16, 14, 384,
+         GateSettings(threshold=0.05, floor_tokens=4, reference="computed", max_staleness=4)),
+        ("gate features computed+policy+batch-budget bf16 p16 d768", torch.bfloat16, 16, 768,
+         GateSettings(threshold=0.05, floor_tokens=4, reference="computed", max_staleness=4, skip_below=0.1,
+                      keyframe_every=8, batch_budget=0.5)),
+    ]
+    return ([CompileCase(name, launcher(dtype, patch, dim, st), uses_dot=True,
+                         no_dot=("gate_select_kernel", "gate_pack_kernel"))
+             for name, dtype, patch, dim, st in paper + options]
+            + [CompileCase(name, features_launcher(dtype, patch, dim, st)) for name, dtype, patch, dim, st in features])
