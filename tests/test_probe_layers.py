@@ -279,3 +279,20 @@ def test_kernel_path_fallback_is_recorded(triton_path):
             nf(frames[1:], active=torch.ones(1, 30, dtype=torch.bool))
     assert dispatch.last_path["gate_features"] == dispatch.REFERENCE
     assert ("gate_features", "a forced active mask") in dispatch.fallbacks
+
+
+def test_command_line_and_serving_pass_the_option_on():
+    import argparse
+
+    from neuroflow.commands._common import add_gate_arguments, gate_kwargs
+    from neuroflow.serve.spec import ServeConfig, engine_options
+
+    p = argparse.ArgumentParser()
+    add_gate_arguments(p)
+    assert gate_kwargs(p.parse_args(["--probe-layers", "2", "--threshold", "0.1"]))["probe_layers"] == 2
+    assert "probe_layers" not in gate_kwargs(p.parse_args([]))
+    assert engine_options(ServeConfig(probe_layers=2))["probe_layers"] == 2
+    assert "probe_layers" not in engine_options(ServeConfig())
+    for bad in (-1, 1.5, True):
+        with pytest.raises(ValueError, match="probe_layers"):
+            ServeConfig(probe_layers=bad).check()
