@@ -788,6 +788,7 @@ class NeuroFlow(nn.Module):
             f"ema_decay={self._gate.ema_decay}, floor_tokens={self._gate.floor_tokens}"
             + "".join(f", {k}={v!r}" for k, v in self._gate.as_dict().items()
                       if k not in ("threshold", "ema_decay", "floor_tokens") and v != GateSettings.__dataclass_fields__[k].default)
+            + (f", probe_layers={self.probe_layers}" if self.probe_layers else "")
             + f", streams={len(self._streams)}"
         )
 
