@@ -58,16 +58,23 @@ class Architecture:
         head_cache: cache SigLIP's pooling-head keys/values per token (C and KV).
         cls_readout: C on CLS-pooling models: ``"context"`` or ``"active"``.
         kv_layers: KV only (see :class:`ArchKV`); any other architecture rejects it.
+        probe_layers: KV only (see :class:`ArchKV`); any other architecture rejects a nonzero one.
     """
 
     name: ClassVar[str]
     needs_all_tokens: ClassVar[bool] = False
     """Whether the step needs every token's layer-0 embedding, not only the packed ones."""
 
+    probe_layers: int = 0
+    """Layers run densely on every token before the gate decides (:class:`ArchKV` only)."""
+
     def __init__(self, adapter: VisionAdapter, cache_dtype: torch.dtype | None = None, head_cache: bool = True,
-                 cls_readout: str = "context", kv_layers=None):
+                 cls_readout: str = "context", kv_layers=None, probe_layers: int = 0):
         if kv_layers is not None and not self.takes_kv_layers:
             raise ValueError(f"kv_layers is an option of architecture KV, not {self.name!r}")
+        if probe_layers != 0 and not self.takes_kv_layers:
+            raise ValueError(f"probe_layers is an option of architecture KV, not {self.name!r} "
+                             "(its gate decides on layer-0 embeddings only)")
         self.adapter = adapter
         self.cache_dtype = cache_dtype
         self.head_cache = head_cache
@@ -156,10 +163,12 @@ class Architecture:
 
         With ``fitted`` (the engine's sync-free packing, :func:`neuroflow.capacity.fit_to_capacity`)
         nothing is read on the host. Without it (distillation, callers of :meth:`run`) the token
-        count is read once: one device->host copy of the offsets.
+        count is read once: one device->host copy of the offsets. Behind a probe
+        (``probe_layers``) the packed rows are layer-l hidden states, taken as they are.
         """
+        enter = self.adapter.encoder_input if not self.probe_layers else (lambda x: x)
         if fitted is not None:
-            return self.adapter.encoder_input(fitted.tokens), fitted.packed
+            return enter(fitted.tokens), fitted.packed
         cu = gate.cu_seqlens.tolist()
         lengths = [hi - lo for lo, hi in zip(cu, cu[1:])]
         # At least one row: when every frame is skipped (frame policy) one padding row keeps the
@@ -167,7 +176,20 @@ class Architecture:
         rows = max(cu[-1], 1)
         packed = Packed(gate.cu_seqlens, gate.index[:rows], len(lengths),
                         self.adapter.num_prefix + gate.active.shape[1], rows, max(lengths, default=0))
-        return self.adapter.encoder_input(gate.packed[:rows]), packed
+        return enter(gate.packed[:rows]), packed
+
+    def probe(self, frames: torch.Tensor) -> torch.Tensor:
+        """The dense probe: ``frames`` ``[B, C, H, W]`` -> every token's input to layer
+        ``probe_layers`` ``[B, T_tok, D]`` (model dtype), the first ``probe_layers`` layers run on
+        every token of every frame (one packed segment per frame; no cache: they see the whole
+        frame)."""
+        a = self.adapter
+        x = a.encoder_input(a.embed(frames))
+        b, t_tok, d = x.shape
+        cu = torch.arange(b + 1, dtype=torch.int32, device=x.device) * t_tok
+        index = torch.arange(t_tok, dtype=torch.int32, device=x.device).repeat(b)
+        packed = Packed(cu, index, b, t_tok, b * t_tok, t_tok)
+        return run_packed(a.layers[: self.probe_layers], x.reshape(b * t_tok, d), packed).view(b, t_tok, d)
 
     def _readout_from_cache(self, z: torch.Tensor, packed: Packed, batch: StreamBatch) -> ArchResult:
         """Write the fresh final-layer outputs ``z`` ``[T, D]`` into the cache and read every token
@@ -327,19 +349,25 @@ class ArchKV(Architecture):
     kernel); at the other layers (partial depth, ``kv_layers``) they attend to each other only.
 
     Args:
-        kv_layers: the layers that keep key/value caches. None (default): every layer. An int K:
-            the last K layers (0: none, i.e. C with the active-token readout). A sequence of
-            distinct layer indices in ``[0, L)``, e.g. ``range(1, L, 2)`` for every other layer
-            (stored in ascending order).
+        kv_layers: the layers that keep key/value caches. None (default): every layer (every
+            layer past the probe). An int K: the last K layers (0: none, i.e. C with the
+            active-token readout). A sequence of distinct layer indices in ``[0, L)``, e.g.
+            ``range(1, L, 2)`` for every other layer (stored in ascending order).
+        probe_layers: l in ``[0, L)``: the first l layers run densely on every token of a frame
+            that runs (:meth:`probe`), the gate decides on their output (the input to layer l),
+            and only the computed tokens go through layers l..L-1. The probe layers keep no
+            cache (``kv_layers`` may not name them). 0 (default): the gate decides on layer-0
+            embeddings.
     """
 
     name = "KV"
     takes_kv_layers = True
 
-    def __init__(self, adapter: VisionAdapter, kv_layers=None, **options):
+    def __init__(self, adapter: VisionAdapter, kv_layers=None, probe_layers: int = 0, **options):
         super().__init__(adapter, **options)
-        self.kv_layer_ids: tuple[int, ...] = resolve_kv_layers(kv_layers, len(adapter.layers))
-        """Indices of the cached layers, ascending (every layer by default)."""
+        self.probe_layers = check_probe_layers(probe_layers, len(adapter.layers))
+        self.kv_layer_ids: tuple[int, ...] = resolve_kv_layers(kv_layers, len(adapter.layers), self.probe_layers)
+        """Indices of the cached layers, ascending (every layer past the probe by default)."""
 
     @property
     def uses_kv_cache(self) -> bool:
@@ -347,8 +375,8 @@ class ArchKV(Architecture):
 
     @property
     def kv_layers(self) -> tuple[int, ...] | None:
-        """The cached layers as given in normal form: None when every layer is cached."""
-        return None if len(self.kv_layer_ids) == len(self.adapter.layers) else self.kv_layer_ids
+        """The cached layers as given in normal form: None when every layer past the probe is cached."""
+        return None if len(self.kv_layer_ids) == len(self.adapter.layers) - self.probe_layers else self.kv_layer_ids
 
     @property
     def _uses_head_cache(self) -> bool:
@@ -356,8 +384,10 @@ class ArchKV(Architecture):
 
     def config(self) -> dict:
         kv = self.kv_layers
+        # probe_layers only when set: states saved without a probe keep loading as they did.
         return {**super().config(), "cache_dtype": self._cache_dtype_config,
-                "head_cache": self._uses_head_cache, "kv_layers": list(kv) if kv is not None else None}
+                "head_cache": self._uses_head_cache, "kv_layers": list(kv) if kv is not None else None,
+                **({"probe_layers": self.probe_layers} if self.probe_layers else {})}
 
     def state_specs(self, grid: Grid) -> Specs:
         specs = {**super().state_specs(grid), **self._cache_specs(grid)}
@@ -382,7 +412,7 @@ class ArchKV(Architecture):
                 scales = {key: t.view(s * num_kv, t_tok, -1)
                           for key, t in _kv_scales(batch, "kv_k_scale", "kv_v_scale").items()}
         with stage("encoder"):
-            for layer, parts in enumerate(a.layers):
+            for layer, parts in enumerate(a.layers[self.probe_layers :], start=self.probe_layers):
                 j = cached.get(layer)
                 if j is None:
                     x = packed_layer(parts, x, packed)
@@ -406,17 +436,27 @@ def pooled_width(adapter: VisionAdapter) -> int | None:
     return adapter.hidden_size
 
 
-def resolve_kv_layers(kv_layers, num_layers: int) -> tuple[int, ...]:
+def check_probe_layers(probe_layers, num_layers: int) -> int:
+    """``probe_layers`` must be an int in ``[0, L)`` (at least the last layer runs gated)."""
+    if isinstance(probe_layers, bool) or not isinstance(probe_layers, int) or not 0 <= probe_layers < num_layers:
+        raise ValueError(f"probe_layers must be an int in [0, {num_layers}) (the model has {num_layers} layers; "
+                         f"the gate decides on the input to that layer), got {probe_layers!r}")
+    return probe_layers
+
+
+def resolve_kv_layers(kv_layers, num_layers: int, probe_layers: int = 0) -> tuple[int, ...]:
     """``kv_layers`` (None, an int K, or a sequence of layer indices) -> the cached layers'
-    indices, ascending. Raises ``ValueError`` for anything else."""
+    indices, ascending (None: every layer from ``probe_layers`` on). Raises ``ValueError`` for
+    anything else, and for a probe layer (dense, it keeps no cache)."""
     if kv_layers is None:
-        return tuple(range(num_layers))
+        return tuple(range(probe_layers, num_layers))
     if isinstance(kv_layers, bool):
         raise ValueError(f"kv_layers must be None, an int or a sequence of layer indices, got {kv_layers!r}")
     if isinstance(kv_layers, int):
-        if not 0 <= kv_layers <= num_layers:
+        if not 0 <= kv_layers <= num_layers - probe_layers:
             raise ValueError(f"kv_layers={kv_layers}: the number of last layers to cache must be in "
-                             f"[0, {num_layers}] (the model has {num_layers} layers)")
+                             f"[0, {num_layers - probe_layers}] (the model has {num_layers} layers"
+                             + (f", the first {probe_layers} of them the dense probe" if probe_layers else "") + ")")
         return tuple(range(num_layers - kv_layers, num_layers))
     try:
         ids = list(kv_layers)
@@ -432,6 +472,10 @@ def resolve_kv_layers(kv_layers, num_layers: int) -> tuple[int, ...]:
     dup = sorted({i for i in ids if ids.count(i) > 1})
     if dup:
         raise ValueError(f"kv_layers lists layer {dup[0]} more than once")
+    probed = [i for i in ids if i < probe_layers]
+    if probed:
+        raise ValueError(f"kv_layers lists layer {probed[0]}, one of the {probe_layers} dense probe layers "
+                         "(probe_layers): they see every token and keep no cache")
     return tuple(sorted(ids))
 
 

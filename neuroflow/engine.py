@@ -23,7 +23,7 @@ from .presets import DEFAULT_PRESET, FROM_PRESET, PRESETS, Default, check_preset
 from .profiling import _active as _active_timer
 from .gate_settings import GateSettings
 from .models import VisionAdapter
-from .ops.gate import gate
+from .ops.gate import gate, gate_features
 from .reference.cache_scatter import QUANT_MAX
 from .profiling import stage
 from .state_file import StateFileError, load_state_file, model_fingerprint, save_state_file
@@ -55,6 +55,8 @@ class NeuroFlowOutput:
             patches) times the encoder's L layers, 0 on a skip; a dense frame is ``T * L``. So
             compute = ``token_layers.sum() / (B * T * L)``. Architecture A also runs attention
             (not the MLP) over every token of every frame: its count is the tokens through the MLP.
+            With ``probe_layers=l`` the dense probe counts too: ``T * l + (prefix tokens + active
+            patches) * (L - l)``, ``T * l`` on a skip.
     """
 
     pooler_output: torch.Tensor | None
@@ -163,6 +165,19 @@ class NeuroFlow(nn.Module):
             (default): every layer. An int K: the last K layers (0 is exactly C with
             ``cls_readout="active"``). A sequence of distinct indices in ``[0, L)``, e.g.
             ``range(1, L, 2)``. State per stream shrinks to ``[len(kv_layers), T, W]`` per cache.
+        probe_layers: Architecture KV only: l in ``[0, L)``. The first l layers run densely on
+            every token (prefix included) of every frame that runs, and the gate decides on each
+            patch's layer-l hidden state (the input to layer l) against its layer-l state when
+            last computed (needs ``reference="computed"``; ``"ema"`` is refused); the computed
+            tokens continue through layers l..L-1 with key/value caches (the probe layers keep
+            none: ``kv_layers`` counts from layer l). Threshold, floor, staleness, budgets, scene
+            cut and the frame policy act on that surprise (its scale differs from layer 0's:
+            sweep the threshold). A partial frame costs ``T * l + (P + active) * (L - l)``
+            token-layers; a keyframe ``T * L``; a skipped frame ``T * l`` (the skip is decided on
+            the probe's features, so the probe has run; nothing else runs). 0 (default): the gate
+            decides on layer-0 embeddings, exactly as without the option. The kernel path runs
+            the probe through the packed encoder and the gate's select and pack kernels on its
+            features (no host sync; :func:`neuroflow.ops.gate.gate_features`).
 
     Call with ``pixel_values [B, C, H, W]`` (model dtype and device; H and W multiples of the patch
     size) and ``stream_ids`` (B distinct hashable ids; default ``0..B-1``). A stream that is new,
@@ -196,6 +211,7 @@ class NeuroFlow(nn.Module):
         keyframe_every: int | None = None,
         keyframe_drift: float | None = None,
         batch_budget: float | None = None,
+        probe_layers: int = 0,
     ):
         super().__init__()
         if check_finite not in (True, False, "eager", "deferred"):
@@ -228,7 +244,8 @@ class NeuroFlow(nn.Module):
         self.vision_model = self.adapter.model
         self.architecture: Architecture = make_architecture(
             arch, self.adapter, cache_dtype=cache_dtype, head_cache=bool(head_cache), cls_readout=cls_readout,
-            **({} if kv_layers is None else {"kv_layers": kv_layers}))
+            probe_layers=probe_layers, **({} if kv_layers is None else {"kv_layers": kv_layers}))
+        _check_probe_reference(self.architecture.probe_layers, settings)
         self.architecture.check(settings.floor_tokens)
         self.architecture.track_age = max_staleness is not None
         self.architecture.track_policy = settings.policy
@@ -263,7 +280,9 @@ class NeuroFlow(nn.Module):
         return self._gate
 
     def _set_gate(self, **changes) -> None:
-        self._gate = _normalised(self._gate.replace(**changes))
+        new = _normalised(self._gate.replace(**changes))
+        _check_probe_reference(self.probe_layers, new)
+        self._gate = new
 
     @property
     def threshold(self) -> float | None:
@@ -405,6 +424,12 @@ class NeuroFlow(nn.Module):
     def kv_layers(self) -> tuple[int, ...] | None:
         """Architecture KV: the cached layers, ascending (None: every layer). None for the others."""
         return getattr(self.architecture, "kv_layers", None)
+
+    @property
+    def probe_layers(self) -> int:
+        """Layers run densely before the gate decides (Architecture KV; 0: the gate decides on
+        layer-0 embeddings). Fixed for the engine's life: the references it keeps depend on it."""
+        return self.architecture.probe_layers
 
     @property
     def max_streams(self) -> int | None:
@@ -619,14 +644,24 @@ class NeuroFlow(nn.Module):
         where ``bad`` is None and the caller copies them after the replay)."""
         a = self.adapter
         conv = a.patch_conv
-        with stage("gate"):
-            gated = gate(
-                pixel_values, conv.weight, conv.bias, a.position_embeddings(grid), a.prefix_tokens(grid),
-                batch.update_in_place("ema"), batch.slot, batch.first, self._gate, force_active=active,
-                age=batch.update_in_place("age") if self._gate.max_staleness is not None else None,
-                policy=(batch.update_in_place("policy_since"), batch.update_in_place("policy_drift"))
-                if self._gate.policy else None,
-            )
+        probe = self.architecture.probe_layers
+        pools = dict(
+            age=batch.update_in_place("age") if self._gate.max_staleness is not None else None,
+            policy=(batch.update_in_place("policy_since"), batch.update_in_place("policy_drift"))
+            if self._gate.policy else None,
+        )
+        if probe:
+            with stage("encoder"):
+                features = self.architecture.probe(pixel_values)
+            with stage("gate"):
+                gated = gate_features(features, a.num_prefix, batch.update_in_place("ema"), batch.slot, batch.first,
+                                      self._gate, force_active=active, **pools)
+        else:
+            with stage("gate"):
+                gated = gate(
+                    pixel_values, conv.weight, conv.bias, a.position_embeddings(grid), a.prefix_tokens(grid),
+                    batch.update_in_place("ema"), batch.slot, batch.first, self._gate, force_active=active, **pools,
+                )
         n = gated.active.shape[1]
         fitted: Fitted | None = None
         if capacity is not None:
@@ -651,7 +686,9 @@ class NeuroFlow(nn.Module):
                     pooled = torch.where(skip[:, 0], batch.rows("last_pooled"), pooled)
                     batch.write_rows("last_pooled", pooled)
         ran = (kind != SKIP).to(torch.int64)
-        token_layers = (computed.sum(dim=1) + self.adapter.num_prefix * ran) * len(self.adapter.layers)
+        # The probe runs on every token of every frame (a skip is decided on its output).
+        token_layers = ((computed.sum(dim=1) + a.num_prefix * ran) * (len(a.layers) - probe)
+                        + (a.num_prefix + n) * probe)
         out = NeuroFlowOutput(
             pooler_output=pooled,
             last_hidden_state=seq,
@@ -755,6 +792,7 @@ class NeuroFlow(nn.Module):
             f"ema_decay={self._gate.ema_decay}, floor_tokens={self._gate.floor_tokens}"
             + "".join(f", {k}={v!r}" for k, v in self._gate.as_dict().items()
                       if k not in ("threshold", "ema_decay", "floor_tokens") and v != GateSettings.__dataclass_fields__[k].default)
+            + (f", probe_layers={self.probe_layers}" if self.probe_layers else "")
             + f", streams={len(self._streams)}"
         )
 
@@ -789,6 +827,14 @@ def _normalised(st: GateSettings) -> GateSettings:
     compare and print the same however they were given."""
     return st.replace(threshold=None if st.threshold is None else float(st.threshold),
                       ema_decay=float(st.ema_decay), floor_tokens=int(st.floor_tokens))
+
+
+def _check_probe_reference(probe_layers: int, settings: GateSettings) -> None:
+    """A probe's gate keeps last-computed layer-l states: the EMA reference is not implemented there."""
+    if probe_layers and settings.reference != "computed":
+        raise ValueError(f"probe_layers={probe_layers} needs reference='computed' (the gate compares each patch's "
+                         f"layer-{probe_layers} state with its state when last computed), got "
+                         f"reference={settings.reference!r}")
 
 
 def _is_plain_id(i) -> bool:

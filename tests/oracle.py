@@ -176,13 +176,16 @@ def gate_stream(embeddings, threshold, ema_decay, floor_tokens, **options):
 
 
 def run_stream(model, frames, arch, threshold, ema_decay, floor_tokens, cls_context=True, masks=None, cuts=None,
-               kv_layers=None, **options):
+               kv_layers=None, probe_layers=0, **options):
     """Run one stream's frames ``[F, 3, H, W]``; returns one dict per frame.
 
     ``options`` are the gate options (reference, max_staleness, budget, motion_norm, scene_cut);
     with any of them the frame's gate is :func:`options_step` (``cuts``: the replayed scene cuts).
     ``kv_layers`` (KV only): indices of the layers that see every token; the others see the
     computed tokens only (None: every layer).
+    ``probe_layers`` (KV only): the first l layers run on every token of every frame and the gate
+    decides on their output's patch rows (the input to layer l); the KV rule then applies from
+    layer l on (its layers below l are the dense ones).
 
     ``masks`` (list of ``[N]`` bool) replays given gate decisions instead of deciding, so a
     float64 run can follow exactly the decisions of a float32 run.
@@ -194,7 +197,10 @@ def run_stream(model, frames, arch, threshold, ema_decay, floor_tokens, cls_cont
     results = []
     for t in range(frames.shape[0]):
         emb = embed(model, frames[t : t + 1])[0]  # [T, D]
-        patches = emb[p:]
+        probed = encoder_input(model, emb[None])
+        for layer in layers[:probe_layers]:
+            probed = run_layer(layer, probed)  # the dense probe: every token, no cache
+        patches = probed[0, p:] if probe_layers else emb[p:]
         cut = False
         if ema is None:
             active = torch.ones(patches.shape[0], dtype=torch.bool)
@@ -210,7 +216,7 @@ def run_stream(model, frames, arch, threshold, ema_decay, floor_tokens, cls_cont
         if masks is not None:
             active = masks[t]
         idx = list(range(p)) + [p + i for i in range(patches.shape[0]) if active[i]]
-        x = encoder_input(model, emb[None])  # [1, T, D]
+        x = probed if probe_layers else encoder_input(model, emb[None])  # [1, T, D]
         if arch == "B":
             sub = x[:, idx]
             for layer in layers:
@@ -223,6 +229,8 @@ def run_stream(model, frames, arch, threshold, ema_decay, floor_tokens, cls_cont
             inputs = [torch.zeros_like(x) for _ in layers] if inputs is None else inputs
             sub = x[:, idx]
             for l, (layer, layer_inputs) in enumerate(zip(layers, inputs)):
+                if l < probe_layers:
+                    continue  # x holds their output already
                 if kv_layers is not None and l not in kv_layers:
                     sub = run_layer(layer, sub)  # this layer keeps no context: computed tokens only
                     continue
@@ -257,5 +265,6 @@ def run_stream(model, frames, arch, threshold, ema_decay, floor_tokens, cls_cont
                 anchors[l] = out
                 h = out
             seq, pooled = readout(model, h[None])
-        results.append({"cut": cut, "ages": ages, "active": active, "ema": ema.clone(), "pooled": pooled[0].clone(), "seq": seq[0].clone(), "idx": idx})
+        results.append({"cut": cut, "ages": ages, "active": active, "ema": ema.clone(), "pooled": pooled[0].clone(),
+                        "seq": seq[0].clone(), "idx": idx, "probed": probed.clone()})
     return results

@@ -570,11 +570,16 @@ def test_gate_options_kernel_over_frames(triton_path, poisoned):
 @pytest.mark.parametrize("config", [None, {"BLOCK_P": 8, "BLOCK_S": 8}])
 def test_budget_ties_in_kernel_take_the_lowest_indices(triton_path, poisoned, config):
     """Identical patches tie on surprise (and, stale, on age): the kernel's selection at the k-th
-    key takes them in index order, across select chunks and pack blocks, as the reference does."""
+    key takes them in index order, across select chunks and pack blocks, as the reference does.
+    Exact small-integer inputs and a generator of its own, as in the floor tie test above (random
+    floats let the interpreter's matmul round identical patches an ulp apart)."""
+    g = torch.Generator().manual_seed(3)
     frames, weight, bias, pos, pre, ema, slot = make_inputs(2, (4, 8), 64, torch.float32, prefix=1, seed=3)
-    frames = frames[:, :, :PATCH, :PATCH].repeat(1, 1, 4, 8)
+    frames = torch.randint(-2, 3, (2, 3, PATCH, PATCH), generator=g).float().repeat(1, 1, 4, 8)
+    weight = torch.randint(-2, 3, weight.shape, generator=g).float() / 8
+    bias = torch.randint(-2, 3, bias.shape, generator=g).float() / 8
     pos = torch.zeros_like(pos)
-    ema[:] = torch.randn(64)
+    ema[:] = torch.randint(-3, 4, (64,), generator=g).float()
     inputs = (frames, weight, bias, pos, pre, ema, slot)
     age = torch.zeros(5, 32, dtype=torch.int32)
     age[slot[1], 5:20] = 4  # stream 1: patches 5..19 stale with equal ages

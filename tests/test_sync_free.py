@@ -217,7 +217,7 @@ def _steady_state_syncs(monkeypatch, family, arch, **options):
             if t == 2:  # first frames (dense) and one more to learn the bucket: warm-up
                 recorder.install(monkeypatch)
             out = nf(frames[t], stream_ids=["x", "y"])
-            assert dispatch.last_path["gate"] == dispatch.TRITON
+            assert dispatch.last_path["gate_features" if nf.probe_layers else "gate"] == dispatch.TRITON
             if arch != "A":
                 assert dispatch.last_path["varlen_attention"] == dispatch.TRITON
             if arch in ("C", "KV"):
@@ -253,6 +253,9 @@ OPTION_CASES = [
     ("siglip", "KV", dict(kv_layers=1)),
     ("dinov2_registers", "KV", dict(kv_layers=1, cache_dtype=torch.int8)),
     ("siglip", "KV", dict(cache_dtype=torch.int8, budget=0.25)),
+    # The gate on a dense probe's features (torch ops, then the select and pack kernels).
+    ("dinov2", "KV", dict(reference="computed", max_staleness=2, probe_layers=1)),
+    ("siglip", "KV", dict(reference="computed", probe_layers=1, budget=0.5, skip_below=0.1)),
 ]
 
 

@@ -17,7 +17,7 @@ from ..presets import DEFAULT_PRESET, PRESETS
 _NONE = "none"
 GATE_OPTIONS = ("threshold", "ema_decay", "floor_tokens", "reference", "max_staleness", "budget", "motion_norm",
                 "scene_cut", "kv_layers", "cls_readout", "skip_below", "keyframe_every", "keyframe_drift",
-                "batch_budget")
+                "batch_budget", "probe_layers")
 """The ``NeuroFlow`` keyword arguments (and ``args`` attributes) these options set, besides
 ``preset`` and ``arch``."""
 
@@ -100,6 +100,11 @@ def add_gate_arguments(p: argparse.ArgumentParser | argparse._ArgumentGroup, sev
     p.add_argument("--kv-layers", type=_kv_layers, default=argparse.SUPPRESS, metavar="K|I,J,...",
                    help="architecture KV: cache the last K layers, or the listed layer indices (default every "
                         "layer); in a comparison of several --arch it applies to the KV engine")
+    p.add_argument("--probe-layers", type=int, default=argparse.SUPPRESS, metavar="L",
+                   help="architecture KV: run the first L layers densely on every token and let the gate decide "
+                        "on their output (reference computed only; the probe counts in the compute); 0: decide on "
+                        "the layer-0 embedding (default 0); in a comparison of several --arch it applies to the "
+                        "KV engine")
     p.add_argument("--skip-below", type=float, default=argparse.SUPPRESS, metavar="F",
                    help="frame policy: a later frame where at most this fraction of the patches pass the threshold "
                         "is skipped (the stream's last outputs are reused, no encoder work); 1.0 with "

@@ -29,6 +29,7 @@ def build_summary(sources, done, loaded, settings, engine, resolution, grid, sta
         "dtype": str(dtype).removeprefix("torch."),
         "settings": {"preset": engine.preset, "arch": settings.archs[0], **engine.gate_settings.as_dict(),
                      "kv_layers": list(engine.kv_layers) if engine.kv_layers is not None else None,
+                     "probe_layers": engine.probe_layers,
                      "given": list(settings.given), "batch": batch,
                      "stride": settings.stride, "max_frames": settings.max_frames},
         "videos": [{"video": s.name, "path": str(s.path),
@@ -90,7 +91,8 @@ def settings_line(settings: dict) -> str:
     shown = ["arch", "threshold", "reference", "max_staleness", "floor_tokens"]
     if settings["reference"] == "ema":
         shown.insert(3, "ema_decay")
-    shown += [k for k in ("budget", "motion_norm", "scene_cut", "kv_layers") if settings.get(k) not in (None, False)]
+    shown += [k for k in ("budget", "motion_norm", "scene_cut", "kv_layers", "probe_layers")
+              if settings.get(k) not in (None, False, 0)]
     text = (f"preset {preset!r}{' (the default)' if preset == DEFAULT_PRESET else ''}: "
             + ", ".join(f"{k} {settings[k]}" for k in shown))
     given = settings.get("given") or []

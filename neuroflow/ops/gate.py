@@ -20,19 +20,24 @@ from .. import dispatch
 from ..gate_settings import GateSettings
 from ..reference.gate import (
     AGE_MAX,
+    FIRST_FRAME_SURPRISE,
     PackedFrames,
     as_settings,
     batch_budget_mask,
     check_age_pool,
+    check_feature_args,
     check_gate_args,
     check_policy_pools,
+    cosine_surprise,
     ema_dtype,
+    gate_features_reference,
     gate_reference,
     scene_cut_count,
 )
 from ._launch import cdiv, next_pow2
 
-__all__ = ["MAX_FLOOR", "GateSettings", "PackedFrames", "ema_dtype", "gate", "gate_reference"]
+__all__ = ["MAX_FLOOR", "GateSettings", "PackedFrames", "ema_dtype", "gate", "gate_features", "gate_features_reference",
+           "gate_reference"]
 
 OP = "gate"
 
@@ -128,6 +133,113 @@ def gate(
                             policy)
 
 
+OP_FEATURES = "gate_features"
+
+
+def gate_features(
+    tokens: torch.Tensor,
+    num_prefix: int,
+    ema: torch.Tensor,
+    slot: torch.Tensor,
+    first: torch.Tensor,
+    settings: GateSettings,
+    force_active: torch.Tensor | None = None,
+    age: torch.Tensor | None = None,
+    policy: tuple[torch.Tensor, torch.Tensor] | None = None,
+    config: dict | None = None,
+) -> PackedFrames:
+    """The gate on given features instead of the layer-0 embedding (``NeuroFlow(probe_layers=l)``):
+    decide on every patch's layer-l hidden state, pack the computed tokens' rows.
+
+    Args:
+        tokens: ``[B, P + N, D]`` every token's features (the input to layer l: prefix tokens,
+            then the patches in row-major order), any float dtype; the packed rows are theirs.
+        num_prefix: P.
+        ema: ``[S, N, D]`` float32 reference pool: each patch's features when it was last computed
+            (``settings.reference`` must be ``"computed"``), row ``slot[b]`` for frame b; the
+            computed patches' rows are rewritten in place.
+        slot: ``[B]`` int64. first: ``[B]`` bool, first frames (dense, reference := features).
+        settings: the gate's :class:`GateSettings` (every option but ``reference="ema"``).
+        force_active, age, policy: as for :func:`gate` (``force_active`` runs the reference path).
+        config: kernel launch settings (tests); default per device.
+
+    The kernel path: the cosine surprise against the pool as device-side torch ops, then the
+    gate's select and pack kernels (:func:`gate_select_kernel`, :func:`gate_pack_kernel`) as in
+    :func:`gate`, the packed rows gathered from ``tokens``; no host synchronisation. The reference
+    is :func:`neuroflow.reference.gate.gate_features_reference`.
+    """
+    check_feature_args(tokens, num_prefix, ema, slot, first, settings)
+    check_age_pool(settings, age, ema)
+    check_policy_pools(settings, policy, ema)
+    unsupported = _features_unsupported(tokens, ema, settings, force_active, age, policy)
+    if dispatch.choose(OP_FEATURES, tokens.device, unsupported) == dispatch.REFERENCE:
+        return gate_features_reference(tokens, num_prefix, ema, slot, first, settings, force_active=force_active,
+                                       age=age, policy=policy)
+    with _on_device(tokens.device):
+        return _gate_features_triton(tokens, num_prefix, ema, slot, first, settings, age, policy, config)
+
+
+def _features_unsupported(tokens, ema, st: GateSettings, force_active, age, policy) -> str | None:
+    """Why the kernel path of :func:`gate_features` cannot take this call, or None."""
+    if force_active is not None:
+        return "a forced active mask"
+    if torch.is_grad_enabled() and tokens.requires_grad:
+        return "gradients are needed and the kernel is forward-only"
+    if isinstance(st.threshold, torch.Tensor) or isinstance(st.ema_decay, torch.Tensor):
+        return "per-frame thresholds or decays"
+    if age is not None and not age.is_contiguous():
+        return "non-contiguous age pool"
+    if policy is not None and not (policy[0].is_contiguous() and policy[1].is_contiguous()):
+        return "non-contiguous policy counters"
+    return None
+
+
+def _gate_features_triton(tokens, num_prefix: int, ema, slot, first, st: GateSettings, age, policy,
+                          config) -> PackedFrames:
+    """Surprise as torch ops, then the select and pack kernels; rows gathered from ``tokens``."""
+    from ..kernels.gate import GATE_CONFIG, gate_pack_kernel
+
+    b, t, d = tokens.shape
+    n, dev = t - num_prefix, tokens.device
+    cfg = dict(GATE_CONFIG)
+    if not dispatch.gpu_launch(dev):
+        cfg.update(BLOCK_P=min(256, next_pow2(n)))  # the interpreter: one pack block per frame
+    cfg.update(config or {})
+    nb = cdiv(n, cfg["BLOCK_P"])
+    slot = slot.to(torch.int64)
+    first_i8 = first.to(torch.int8)
+    h = tokens[:, num_prefix:]
+    old_ref = ema.index_select(0, slot)
+    # The select kernel reads the raw surprise (inf on first frames) and normalises it itself.
+    surprise = torch.where(first.view(-1, 1), FIRST_FRAME_SURPRISE, cosine_surprise(h, old_ref)).float().contiguous()
+    bcount = _empty(b, nb, dtype=torch.int32, device=dev)
+    active, fcount, cut, kind = _select(surprise, bcount, age, slot, first, first_i8, st, policy, n, nb, cfg)
+    cap = b * t
+    cu = _empty(b + 1, dtype=torch.int32, device=dev)
+    index = _empty(cap, dtype=torch.int32, device=dev)
+    # The pack kernel places the tokens (cu_seqlens, index); it copies no channel (D = 0): the rows
+    # are the features, gathered below. Its candidate and prefix arguments are not read (SELECTED).
+    dispatch.launchable(gate_pack_kernel, dev)[(nb, b)](
+        tokens, first_i8, surprise, bcount, surprise, bcount, fcount,
+        active, cu, index, tokens, b, n, 0, nb, 0.0, 0,
+        NUM_PREFIX=num_prefix, BLOCK_P=cfg["BLOCK_P"], BLOCK_D=16,
+        BLOCK_NB=next_pow2(nb), BLOCK_C=next_pow2(nb), KF=1, SELECTED=True,
+        kind_ptr=kind if st.policy else first_i8, POLICY=st.policy,
+        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+    )
+    # Row r of frame f holds token index[r] of f; rows past cu[B] read row 0 (unused, as in gate()).
+    r = torch.arange(cap, device=dev)
+    frame = torch.searchsorted(cu[1:].to(torch.int64), r, right=True).clamp_max(b - 1)
+    valid = r < cu[-1]
+    # (The clamp changes no real row; it keeps the compile check's recorded, unrun launches in bounds.)
+    packed = tokens.reshape(cap, d)[torch.where(valid, frame * t + index.to(torch.int64).clamp(0, t - 1), 0)]
+    # reference="computed": the computed patches' features become their reference (keyframes: all).
+    chosen = active.bool()
+    ema.index_copy_(0, slot, torch.where(chosen.unsqueeze(-1), h.to(ema.dtype), old_ref))
+    frame_kind = kind if st.policy else _kinds(first, cut if st.scene_cut is not None else None)
+    return PackedFrames(surprise, chosen, cu, index, packed, num_prefix, frame_kind)
+
+
 def _on_device(device: torch.device):
     """Launch on the tensors' GPU, whatever the current device is."""
     return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
@@ -138,15 +250,7 @@ def _gate_triton(frames, weight, bias, pos_embed, prefix, ema, slot, first, st: 
     """Three launches for the paper's gate (embed + decide per block, place, embed the active
     rows); four with any option (:func:`gate_select_kernel` once per frame after the embed).
     No host synchronisation either way."""
-    from ..kernels.gate import (
-        GATE_CONFIG,
-        GATE_CONFIG_FP32,
-        SELECT_BLOCK,
-        gate_embed_kernel,
-        gate_pack_kernel,
-        gate_rows_kernel,
-        gate_select_kernel,
-    )
+    from ..kernels.gate import GATE_CONFIG, GATE_CONFIG_FP32, gate_embed_kernel, gate_pack_kernel, gate_rows_kernel
 
     threshold, ema_decay, floor_tokens = st.threshold, st.ema_decay, st.floor_tokens
     options = not st.is_default_rule
@@ -195,32 +299,11 @@ def _gate_triton(frames, weight, bias, pos_embed, prefix, ema, slot, first, st: 
     )
     cap = b * (num_prefix + n)
     active = _empty(b, n, dtype=torch.int8, device=dev)
-    fcount = cut = bcount
+    fcount = cut = kind = bcount
     if options:
-        fcount = _empty(b, dtype=torch.int32, device=dev)
-        cut = _empty(b, dtype=torch.int8, device=dev)
-        budget_k = st.budget_count(n)
-        stale_k = st.max_staleness or 1
-        select = dispatch.launchable(gate_select_kernel, dev)
-        kind = _empty(b, dtype=torch.int8, device=dev) if st.policy else cut
-        since, drift = policy if policy is not None else (bcount, surprise)
-        old_age = age.index_select(0, slot) if st.batch_budget is not None and age is not None else None
-        select[(b,)](
-            surprise, age if age is not None else bcount, slot, first_i8, active, bcount, fcount, cut,
-            since, drift, kind,
-            n, nb, thr, floor_k, budget_k or n, scene_cut_count(st.scene_cut, n) if st.scene_cut else n + 1,
-            stale_k, AGE_MAX,
-            st.skip_count(n), st.keyframe_every or POLICY_NEVER, float(st.keyframe_drift) if st.keyframe_drift is not None else DRIFT_NEVER,
-            HAS_THR=threshold is not None, MOTION=st.motion_norm, STALE=st.max_staleness is not None,
-            BUDGET=budget_k is not None, SCENE_CUT=st.scene_cut is not None,
-            BLOCK_S=min(cfg.get("BLOCK_S", SELECT_BLOCK), next_pow2(n)), BLOCK_P=cfg["BLOCK_P"], POLICY=st.policy,
-            num_warps=4,
-        )
+        active, fcount, cut, kind = _select(surprise, bcount, age, slot, first, first_i8, st, policy, n, nb, cfg)
         if saved is not None:
             ema.index_copy_(0, slot, torch.where((kind == 0).view(-1, 1, 1), saved, ema.index_select(0, slot)))
-        if st.batch_budget is not None:
-            _apply_batch_budget(st, surprise, active, bcount, fcount, age, old_age, slot, first, kind, cut, n, nb,
-                                cfg["BLOCK_P"])
     cu = _empty(b + 1, dtype=torch.int32, device=dev)
     index = _empty(cap, dtype=torch.int32, device=dev)
     packed = _empty(cap, d, dtype=frames.dtype, device=dev)
@@ -241,6 +324,41 @@ def _gate_triton(frames, weight, bias, pos_embed, prefix, ema, slot, first, st: 
     )
     frame_kind = kind if st.policy else _kinds(first, cut if st.scene_cut is not None else None)
     return PackedFrames(surprise, active.bool(), cu, index, packed, num_prefix, frame_kind)
+
+
+def _select(surprise, bcount, age, slot, first, first_i8, st: GateSettings, policy, n: int, nb: int, cfg: dict):
+    """The gate options' decision (:func:`gate_select_kernel`, then the batch budget) on the
+    frames' surprise ``[B, N]`` float32 (rewritten under motion norm); updates the age and policy
+    pools in place and writes ``bcount`` ``[B, NB]``. Returns ``(active [B, N] int8, fcount [B]
+    int32, cut [B] int8, kind [B] int8)`` (``kind`` is ``cut`` without the frame policy)."""
+    from ..kernels.gate import SELECT_BLOCK, gate_select_kernel
+
+    b, dev = surprise.shape[0], surprise.device
+    thr = 0.0 if st.threshold is None else float(st.threshold)
+    active = _empty(b, n, dtype=torch.int8, device=dev)
+    fcount = _empty(b, dtype=torch.int32, device=dev)
+    cut = _empty(b, dtype=torch.int8, device=dev)
+    budget_k = st.budget_count(n)
+    stale_k = st.max_staleness or 1
+    select = dispatch.launchable(gate_select_kernel, dev)
+    kind = _empty(b, dtype=torch.int8, device=dev) if st.policy else cut
+    since, drift = policy if policy is not None else (bcount, surprise)
+    old_age = age.index_select(0, slot) if st.batch_budget is not None and age is not None else None
+    select[(b,)](
+        surprise, age if age is not None else bcount, slot, first_i8, active, bcount, fcount, cut,
+        since, drift, kind,
+        n, nb, thr, min(st.floor_tokens, n), budget_k or n,
+        scene_cut_count(st.scene_cut, n) if st.scene_cut else n + 1, stale_k, AGE_MAX,
+        st.skip_count(n), st.keyframe_every or POLICY_NEVER, float(st.keyframe_drift) if st.keyframe_drift is not None else DRIFT_NEVER,
+        HAS_THR=st.threshold is not None, MOTION=st.motion_norm, STALE=st.max_staleness is not None,
+        BUDGET=budget_k is not None, SCENE_CUT=st.scene_cut is not None,
+        BLOCK_S=min(cfg.get("BLOCK_S", SELECT_BLOCK), next_pow2(n)), BLOCK_P=cfg["BLOCK_P"], POLICY=st.policy,
+        num_warps=4,
+    )
+    if st.batch_budget is not None:
+        _apply_batch_budget(st, surprise, active, bcount, fcount, age, old_age, slot, first, kind, cut, n, nb,
+                            cfg["BLOCK_P"])
+    return active, fcount, cut, kind
 
 
 def _apply_batch_budget(st: GateSettings, surprise, active, bcount, fcount, age, old_age, slot, first, kind, cut,
@@ -310,8 +428,25 @@ def compile_cases():
         ("gate options computed+stale+budget fp32 p16 d768 odd", torch.float32, 16, 768,
          GateSettings(threshold=0.1, floor_tokens=4, reference="computed", max_staleness=8, budget=0.1), True),
     ]
+    def features_launcher(dtype, patch, dim, settings):
+        def run():  # the gate on probe features (probe_layers): select and pack kernels only
+            n = (1792 // patch) ** 2
+            age = torch.zeros(3, n, dtype=torch.int32) if settings.max_staleness is not None else None
+            policy = (torch.zeros(3, 1, dtype=torch.int32), torch.zeros(3, 1)) if settings.policy else None
+            gate_features(torch.empty(2, 1 + n, dim, dtype=dtype), 1, torch.empty(3, n, dim), torch.tensor([0, 2]),
+                          torch.tensor([False, True]), settings, age=age, policy=policy)
+        return run
+
+    features = [
+        ("gate features computed+stale fp16 p14 d384", torch.float16, 14, 384,
+         GateSettings(threshold=0.05, floor_tokens=4, reference="computed", max_staleness=4)),
+        ("gate features computed+policy+batch-budget bf16 p16 d768", torch.bfloat16, 16, 768,
+         GateSettings(threshold=0.05, floor_tokens=4, reference="computed", max_staleness=4, skip_below=0.1,
+                      keyframe_every=8, batch_budget=0.5)),
+    ]
     # fp32 takes its dot in IEEE fp32 (GATE_CONFIG_FP32): no tensor-core instructions to find.
-    return [CompileCase(name, launcher(dtype, patch, dim, st, *odd), uses_dot=True,
-                        tensor_cores=() if dtype == torch.float32 else (80, 90),
-                        no_dot=("gate_select_kernel", "gate_pack_kernel"))
-            for name, dtype, patch, dim, st, *odd in paper + options]
+    return ([CompileCase(name, launcher(dtype, patch, dim, st, *odd), uses_dot=True,
+                         tensor_cores=() if dtype == torch.float32 else (80, 90),
+                         no_dot=("gate_select_kernel", "gate_pack_kernel"))
+             for name, dtype, patch, dim, st, *odd in paper + options]
+            + [CompileCase(name, features_launcher(dtype, patch, dim, st)) for name, dtype, patch, dim, st in features])

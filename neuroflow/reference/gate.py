@@ -378,6 +378,48 @@ def gate_reference(frames, weight, bias, pos_embed, prefix, ema, slot, first, th
     check_age_pool(st, age, ema)
     check_policy_pools(st, policy, ema)
     h = F.conv2d(frames, weight, bias, stride=p).flatten(2).transpose(1, 2) + pos_embed
+    tokens = torch.cat([prefix.to(h.dtype).expand(frames.shape[0], -1, -1), h], dim=1)  # [B, P + N, D]
+    return _decide_and_pack(tokens, prefix.shape[0], ema, slot, first, st, force_active, age, policy)
+
+
+def gate_features_reference(tokens, num_prefix, ema, slot, first, settings, force_active=None, age=None,
+                            policy=None) -> PackedFrames:
+    """The gate on given features (``NeuroFlow(probe_layers=l)``): the contract of
+    :func:`neuroflow.ops.gate.gate_features`, as plain PyTorch.
+
+    ``tokens`` ``[B, P + N, D]`` (any float dtype) are every token's layer-l hidden states; the
+    decision (:func:`gate_decision_reference`, ``reference="computed"`` only) compares the patch
+    rows with the reference pool ``ema`` ``[S, N, D]`` float32 (each patch's layer-l state when it
+    was last computed), which is updated in place like the age and policy pools; the computed
+    tokens' rows of ``tokens`` are packed."""
+    check_feature_args(tokens, num_prefix, ema, slot, first, settings)
+    check_age_pool(settings, age, ema)
+    check_policy_pools(settings, policy, ema)
+    return _decide_and_pack(tokens, num_prefix, ema, slot, first, settings, force_active, age, policy)
+
+
+def check_feature_args(tokens, num_prefix, ema, slot, first, st: GateSettings) -> None:
+    """The arguments of the gate on features: shapes, and the one reference it implements."""
+    if st.reference != "computed":
+        raise ValueError(f"the gate on layer features keeps last-computed references only (reference='computed'), "
+                         f"got reference={st.reference!r}")
+    if tokens.dim() != 3 or not tokens.is_floating_point() or not 0 <= num_prefix < tokens.shape[1]:
+        raise ValueError(f"features must be [B, P + N, D] float with P = {num_prefix} prefix tokens, "
+                         f"got {tokens.dtype} {tuple(tokens.shape)}")
+    b, t, d = tokens.shape
+    n = t - num_prefix
+    if ema.dim() != 3 or ema.shape[1:] != (n, d) or not ema.is_floating_point():
+        raise ValueError(f"reference pool must be [S, {n}, {d}] float, got {tuple(ema.shape)} {ema.dtype}")
+    if slot.shape != (b,) or first.shape != (b,):
+        raise ValueError("slot and first need one entry per frame")
+
+
+def _decide_and_pack(tokens, num_prefix, ema, slot, first, st: GateSettings, force_active, age, policy) -> PackedFrames:
+    """Decide on the patch rows of ``tokens`` ``[B, P + N, D]``, write the pools, pack the computed
+    tokens (prefix rows first, then the active patches ascending) of the frames that run."""
+    b, t, d = tokens.shape
+    n = t - num_prefix
+    h = tokens[:, num_prefix:]
     decided = gate_decision_reference(h, ema[slot], first, st, force_active=force_active,
                                       age=None if age is None else age[slot],
                                       since=None if policy is None else policy[0][slot, 0],
@@ -389,12 +431,10 @@ def gate_reference(frames, weight, bias, pos_embed, prefix, ema, slot, first, th
         if policy is not None:
             policy[0].index_copy_(0, slot, decided.since.view(-1, 1))
             policy[1].index_copy_(0, slot, decided.drift.view(-1, 1))
-    b, num_prefix = frames.shape[0], prefix.shape[0]
     run = decided.frame_kind != 0  # skipped frames pack nothing, not even their prefix tokens
     counts = decided.counts + num_prefix * run
-    cu = torch.zeros(b + 1, dtype=torch.int32, device=frames.device)
+    cu = torch.zeros(b + 1, dtype=torch.int32, device=tokens.device)
     cu[1:] = torch.cumsum(counts, 0)
-    tokens = torch.cat([prefix.to(h.dtype).expand(b, -1, -1), h], dim=1)  # [B, P + N, D]
     computed = torch.cat([run.view(-1, 1).expand(b, num_prefix), decided.active], dim=1)
     rows, pos = computed.nonzero(as_tuple=True)
     cap = b * (num_prefix + n)

@@ -49,6 +49,8 @@ class ServeConfig:
             default: no budget, no motion normalisation, no scene-cut test, every layer).
         skip_below, keyframe_every, keyframe_drift, batch_budget: the frame policy and the batch
             budget (``neuroflow.NeuroFlow``; None: off).
+        probe_layers: architecture KV: the first l layers run densely and the gate decides on
+            their output (``neuroflow.NeuroFlow``; None: the engine's default 0, layer 0).
         max_streams: streams each shard's engine keeps (least recently seen evicted beyond it;
             the stream's next reply says ``state_lost``); None: no bound.
         dtype: ``"float32"``, ``"float16"`` or ``"bfloat16"``.
@@ -94,6 +96,7 @@ class ServeConfig:
     keyframe_every: int | None = None
     keyframe_drift: float | None = None
     batch_budget: float | None = None
+    probe_layers: int | None = None
     max_streams: int | None = None
     dtype: str = "float32"
     device: str = "cpu"
@@ -134,6 +137,10 @@ class ServeConfig:
         check_keyframe_every(self.keyframe_every)
         check_keyframe_drift(self.keyframe_drift)
         check_batch_budget(self.batch_budget)
+        if self.probe_layers is not None and (isinstance(self.probe_layers, bool) or not isinstance(self.probe_layers, int)
+                                              or self.probe_layers < 0):
+            raise ValueError(f"probe_layers must be an int >= 0 (0: the gate decides on layer 0) or None, "
+                             f"got {self.probe_layers!r}")
         for name in ("max_streams",):
             v = getattr(self, name)
             if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
@@ -260,7 +267,8 @@ def engine_options(config: ServeConfig) -> dict:
     so the preset or the engine's default decides them)."""
     out = {}
     for name in ("arch", "threshold", "ema_decay", "floor_tokens", "reference", "budget", "motion_norm",
-                 "scene_cut", "kv_layers", "skip_below", "keyframe_every", "keyframe_drift", "batch_budget"):
+                 "scene_cut", "kv_layers", "skip_below", "keyframe_every", "keyframe_drift", "batch_budget",
+                 "probe_layers"):
         v = getattr(config, name)
         if v is not None:
             out[name] = v
