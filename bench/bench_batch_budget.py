@@ -16,6 +16,9 @@ through ONE ``NeuroFlow`` (model: as in ``bench_fidelity.py``, DINOv2-S/14 from 
   ``floor(f * N)`` patches (so M of them never exceed the shared cap).
 * ``shared, budget alone`` / ``even, budget alone``: the same with ``threshold=None``: the budget alone
   decides (shared: exactly ``floor(M * f * N)`` patches per call; even: exactly ``floor(f * N)`` per frame).
+* ``shared, no staleness bound`` / ``even, no staleness bound``: the default gate with ``max_staleness=None``:
+  the preset's bound (K = 4) makes ~N / 5 patches per stream and frame due, and due patches rank before any
+  surprise, so a budget below ~1 / 5 is spent on refreshes alone (equal shares, whatever moves).
 * ``every-k``: the dense model on every k-th frame of every stream, its outputs reused in between.
 * ``default``: ``NeuroFlow(model)``, at its own compute, for reference.
 
@@ -56,6 +59,10 @@ QUICK_FRACTIONS = (0.15, 0.35)
 EVERY_K = (2, 3, 4, 6, 8)
 SHARED, EVEN = "shared", "even"
 ALONE = ", budget alone"
+FRESH = ", no staleness bound"
+MODES = {"": {}, ALONE: {"threshold": None}, FRESH: {"max_staleness": None}}
+"""Method suffix -> NeuroFlow kwargs added to both budgets: the default gate, the budget alone, and the default gate
+without the preset's staleness bound (whose due refreshes, ~N / (K + 1) per frame, rank before any surprise)."""
 
 
 @dataclass
@@ -70,14 +77,13 @@ class Trace:
 
 
 def contenders(fractions, n: int) -> list[tuple[str, float | None, dict]]:
-    """(name, f, NeuroFlow kwargs) for every engine run: the default, then per f the shared and even budgets,
-    with the default threshold and with the budget alone (``threshold=None``)."""
+    """(name, f, NeuroFlow kwargs) for every engine run: the default, then per f the shared and even budgets in
+    every mode of :data:`MODES`."""
     runs = [("default", None, {})]
     for f in fractions:
         cap = max(1, math.floor(f * n))  # the even split's per-frame cap: M of them never exceed floor(M * f * N)
-        runs += [(SHARED, f, {"batch_budget": f}), (EVEN, f, {"budget": cap}),
-                 (SHARED + ALONE, f, {"batch_budget": f, "threshold": None}),
-                 (EVEN + ALONE, f, {"budget": cap, "threshold": None})]
+        for suffix, extra in MODES.items():
+            runs += [(SHARED + suffix, f, {"batch_budget": f, **extra}), (EVEN + suffix, f, {"budget": cap, **extra})]
     return runs
 
 

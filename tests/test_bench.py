@@ -277,7 +277,7 @@ def test_batch_budget_benchmark_compute_accounting():
     names = ["static", "quiet", "busy"]
     records = bb.measure(model, frames, names, [f], [2, 3], {"bench": "test"})
     by = {r["method"]: r for r in records if r["method"] != "every-k"}
-    assert set(by) == {"default", bb.SHARED, bb.EVEN, bb.SHARED + bb.ALONE, bb.EVEN + bb.ALONE}
+    assert set(by) == {"default", *(m + suffix for m in (bb.SHARED, bb.EVEN) for suffix in bb.MODES)}
     n, prefix, layers = records[0]["patches"], records[0]["prefix"], records[0]["layers"]
     assert n == 30
     cap = math.floor(f * n)
@@ -314,7 +314,7 @@ def test_batch_budget_benchmark_compute_accounting():
             k = r["kwargs"]["k"]
             assert r["compute"] == sum(1 for t in range(1, frames_n) if t % k == 0) / (frames_n - 1)
     rows = bb.matched_rows(records)
-    assert [r["method"] for r in rows] == [bb.SHARED, bb.SHARED + bb.ALONE]
+    assert [r["method"] for r in rows] == [bb.SHARED + suffix for suffix in bb.MODES]
     assert "Matched compute" in bb.report(records)
 
 
@@ -328,7 +328,8 @@ def test_batch_budget_benchmark_end_to_end(tmp_path):
     records = run_script("bench_batch_budget.py", "--quick", "--frames", "4", "--resolution", "56", "--clips",
                          "synthetic", "--model", str(tmp_path / "tiny"), "--every-k", "2", out=out)
     assert {r["method"] for r in records} == {"every-k", "default", "shared", "even", "shared, budget alone",
-                                             "even, budget alone"}
+                                             "even, budget alone", "shared, no staleness bound",
+                                             "even, no staleness bound"}
     assert all(r["real_weights"] is False and r["frames"] == 4 and r["streams"] == ["synthetic"] for r in records)
     md = (out / "batch_budget.md").read_text()
     assert "not real-weight figures" in md and "## Per stream" in md and "ms / call (CPU)" in md
