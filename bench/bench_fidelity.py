@@ -192,13 +192,23 @@ def dense_reference(model, frames: torch.Tensor, n: int) -> Dense:
     return Dense(pooled, hidden, ms, moving, prefix)
 
 
+def stream_metrics(pooled: torch.Tensor, hidden: torch.Tensor, dense: Dense, t: int) -> torch.Tensor:
+    """``[S, 3]`` float32: per stream, (pooled cosine, patch-token cosine, moving-patch cosine) of one frame's
+    outputs to dense (means over patch tokens / moving patches). ``pooled [S, D_out]``, ``hidden [S, T, D]``,
+    float32 CPU. Every stream has the same number of moving patches, so :func:`frame_metrics` is the mean."""
+    p = dense.prefix
+    pool = F.cosine_similarity(pooled, dense.pooled[t])  # [S]
+    per_patch = F.cosine_similarity(hidden[:, p:], dense.hidden[t][:, p:], dim=-1)  # [S, N]
+    moving = dense.moving[t]
+    moving_mean = (per_patch * moving).sum(1) / moving.sum(1)
+    return torch.stack([pool, per_patch.mean(1), moving_mean], dim=1)
+
+
 def frame_metrics(pooled: torch.Tensor, hidden: torch.Tensor, dense: Dense, t: int) -> tuple[float, float, float]:
     """(pooled cosine, patch-token cosine, moving-patch cosine) of one frame's outputs to dense, means over
     streams (and patch tokens / moving patches). ``pooled [S, D_out]``, ``hidden [S, T, D]``, float32 CPU."""
-    p = dense.prefix
-    pool = F.cosine_similarity(pooled, dense.pooled[t]).mean().item()
-    per_patch = F.cosine_similarity(hidden[:, p:], dense.hidden[t][:, p:], dim=-1)  # [S, N]
-    return pool, per_patch.mean().item(), per_patch[dense.moving[t]].mean().item()
+    pool, patch, moving = stream_metrics(pooled, hidden, dense, t).mean(0).tolist()
+    return pool, patch, moving
 
 
 # -- runs ------------------------------------------------------------------------------------------

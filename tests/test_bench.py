@@ -249,3 +249,87 @@ def test_cache_memory_target_is_read_from_the_records():
                rec("too big", "a", 0.99, 26), rec("too big", "b", 0.98, 26)]
     rows = {r["setting"]: r["met"] for r in target_rows(records)}
     assert rows == {"close": "yes", "one clip off": "no"}
+
+
+def test_batch_budget_benchmark_compute_accounting():
+    """bench_batch_budget.py's core on a tiny random DINOv2 (30 patches, not a power of two) over a batch of a static,
+    a quiet and a busy stream: the shared budget's non-keyframe patches per call never exceed floor(M * f * N)
+    (exactly that with the budget alone), the even split caps every frame at floor(f * N) (exactly that with the
+    budget alone), compute is the engine's token-layers as the counts give them, and the static stream leaves its
+    share of the shared budget to the busy one."""
+    import math
+
+    import torch
+
+    from conftest import make_model, video
+
+    sys.path.insert(0, str(ROOT / "bench"))
+    try:
+        import bench_batch_budget as bb
+    finally:
+        sys.path.remove(str(ROOT / "bench"))
+    model = make_model("dinov2")
+    frames_n, f = 7, 0.3
+    static = video(1, seed=5).expand(frames_n, -1, -1, -1)
+    busy = video(frames_n, seed=3)
+    quiet = 0.8 * static + 0.2 * video(frames_n, seed=8)
+    frames = torch.stack([static, quiet, busy], dim=1)  # [F, S, 3, H, W]
+    names = ["static", "quiet", "busy"]
+    records = bb.measure(model, frames, names, [f], [2, 3], {"bench": "test"})
+    by = {r["method"]: r for r in records if r["method"] != "every-k"}
+    assert set(by) == {"default", *(m + suffix for m in (bb.SHARED, bb.EVEN) for suffix in bb.MODES)}
+    n, prefix, layers = records[0]["patches"], records[0]["prefix"], records[0]["layers"]
+    assert n == 30
+    cap = math.floor(f * n)
+    for method, r in by.items():
+        counts, kinds = torch.tensor(r["counts"]), torch.tensor(r["kinds"])
+        assert counts.shape == (frames_n, 3) and (kinds[0] == 2).all() and (counts[0] == n).all()
+        rest = kinds[1:] != 2  # [F - 1, S] non-keyframes
+        assert rest.all()  # no keyframe triggers: every later frame counts against the budget
+        later = counts[1:]
+        if method.startswith(bb.SHARED):
+            limit = math.floor(rest.sum(1)[0].item() * (f * n))
+            assert (later.sum(1) <= limit).all(), (method, later.sum(1).tolist(), limit)
+            if method.endswith(bb.ALONE):
+                assert (later.sum(1) == limit).all(), (method, later.sum(1).tolist(), limit)
+        if method.startswith(bb.EVEN):
+            assert r["kwargs"]["budget"] == cap and (later <= cap).all(), (method, later.tolist())
+            if method.endswith(bb.ALONE):
+                assert (later == cap).all(), (method, later.tolist())
+        # compute: the engine's token-layers, which are (prefix + patches) x layers on every frame that runs
+        expect = ((later + prefix).double() / (prefix + n)).mean().item()
+        assert abs(r["compute"] - expect) < 1e-9, (method, r["compute"], expect)
+        shares = [r["per_stream"][s]["share"] for s in names]
+        assert abs(sum(shares) - 1) < 1e-9
+        assert abs(sum(r["per_stream"][s]["compute"] for s in names) / 3 - r["compute"]) < 1e-9
+        for m in ("fidelity", "patch_fidelity", "moving_fidelity"):
+            assert -1 <= r[f"{m}_min"] <= r[m] <= 1.0001
+    # The static stream (no surprise, only staleness refreshes) gives its share of the shared budget to the busy
+    # one; the even split gives every stream the same cap, so the busy stream gets more under the shared budget.
+    alone = by[bb.SHARED + bb.ALONE]["per_stream"]
+    assert alone["busy"]["share"] > alone["static"]["share"]
+    assert alone["busy"]["share"] > by[bb.EVEN + bb.ALONE]["per_stream"]["busy"]["share"]
+    for r in records:
+        if r["method"] == "every-k":  # dense frames' share of frames 1 .. F-1, on every stream
+            k = r["kwargs"]["k"]
+            assert r["compute"] == sum(1 for t in range(1, frames_n) if t % k == 0) / (frames_n - 1)
+    rows = bb.matched_rows(records)
+    assert [r["method"] for r in rows] == [bb.SHARED + suffix for suffix in bb.MODES]
+    assert "Matched compute" in bb.report(records)
+
+
+def test_batch_budget_benchmark_end_to_end(tmp_path):
+    """bench_batch_budget.py --quick writes its records and table (tiny random DINOv2, labelled as such)."""
+    from transformers import Dinov2Config, Dinov2Model
+
+    Dinov2Model(Dinov2Config(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                             patch_size=14, image_size=56)).save_pretrained(tmp_path / "tiny")
+    out = tmp_path / "out"
+    records = run_script("bench_batch_budget.py", "--quick", "--frames", "4", "--resolution", "56", "--clips",
+                         "synthetic", "--model", str(tmp_path / "tiny"), "--every-k", "2", out=out)
+    assert {r["method"] for r in records} == {"every-k", "default", "shared", "even", "shared, budget alone",
+                                             "even, budget alone", "shared, no staleness bound",
+                                             "even, no staleness bound"}
+    assert all(r["real_weights"] is False and r["frames"] == 4 and r["streams"] == ["synthetic"] for r in records)
+    md = (out / "batch_budget.md").read_text()
+    assert "not real-weight figures" in md and "## Per stream" in md and "ms / call (CPU)" in md
