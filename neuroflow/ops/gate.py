@@ -1,7 +1,8 @@
 """The gate as one fused op over a batch of frames: the launcher of ``kernels/gate.py``.
 
 ``gate(...)`` embeds the frames (patch convolution + position embedding), compares each patch with
-its stream's EMA, updates the EMA in place, applies the threshold and floor, and packs the computed
+its stream's EMA (of the embedding, or under ``signal="patch"`` of the patch embedding without the
+position embedding), updates the EMA in place, applies the threshold and floor, and packs the computed
 tokens of every frame (prefix tokens, then active patches in ascending order) into one ``[T, D]``
 batch with ``cu_seqlens``: the input the packed encoder takes.
 
@@ -101,7 +102,9 @@ def gate(
         weight: patch-embedding convolution weight ``[D, C, p, p]``; bias ``[D]`` or None.
         pos_embed: ``[N, D]`` position embeddings of the frame's patch grid, model dtype.
         prefix: ``[P, D]`` layer-0 embeddings of the prefix tokens (P = 0 for SigLIP).
-        ema: ``[S, N, D]`` float32 EMA pool; row ``slot[b]`` belongs to frame b's stream.
+        ema: ``[S, N, D]`` float32 EMA pool; row ``slot[b]`` belongs to frame b's stream. It holds
+            the reference of the settings' signal: layer-0 embeddings, or under
+            ``signal="patch"`` patch embeddings without the position embedding.
         slot: ``[B]`` int64. first: ``[B]`` bool, the stream's first frame (EMA := h).
         threshold: a :class:`GateSettings` (then ``ema_decay`` and ``floor_tokens`` stay None), or
             the paper's three settings ``threshold, ema_decay, floor_tokens`` as numbers.
@@ -149,6 +152,7 @@ def _gate_triton(frames, weight, bias, pos_embed, prefix, ema, slot, first, st: 
 
     threshold, ema_decay, floor_tokens = st.threshold, st.ema_decay, st.floor_tokens
     options = not st.is_default_rule
+    signal_pe = st.signal == "embedding"  # the surprise's vectors include the position embedding
 
     dev = frames.device
     # A D tile wider than the model's D would only be masked off (small test models).
@@ -189,7 +193,8 @@ def _gate_triton(frames, weight, bias, pos_embed, prefix, ema, slot, first, st: 
         frames, w2, bias_arg, pe, ema, slot, first_i8, surprise, bcount, cand_val, cand_idx,
         sx[0], sx[1], sx[2], sx[3], n, d, k, frames.shape[3] // p, nb, thr, float(ema_decay),
         PATCH=p, BLOCK_P=cfg["BLOCK_P"], BLOCK_D=cfg["BLOCK_D"], BLOCK_K=cfg["BLOCK_K"], KF=kf,
-        HAS_BIAS=has_bias, IEEE=ieee, DECIDE=not options, WRITE_EMA=st.reference == "ema", **launch,
+        HAS_BIAS=has_bias, IEEE=ieee, DECIDE=not options, WRITE_EMA=st.reference == "ema", SIGNAL_PE=signal_pe,
+        **launch,
     )
     cap = b * (num_prefix + n)
     active = _empty(b, n, dtype=torch.int8, device=dev)
@@ -235,7 +240,7 @@ def _gate_triton(frames, weight, bias, pos_embed, prefix, ema, slot, first, st: 
         sx[0], sx[1], sx[2], sx[3], n, d, k, frames.shape[3] // p,
         PATCH=p, NUM_PREFIX=num_prefix, BLOCK_P=cfg["BLOCK_P"], BLOCK_D=cfg["BLOCK_D"], BLOCK_K=cfg["BLOCK_K"],
         HAS_BIAS=has_bias, IEEE=ieee, STORE_REF=st.reference == "computed" or st.keyframe_triggers,
-        REF_ON_CUT_ONLY=st.reference == "ema" and st.keyframe_triggers, **launch,
+        REF_ON_CUT_ONLY=st.reference == "ema" and st.keyframe_triggers, SIGNAL_PE=signal_pe, **launch,
     )
     frame_kind = kind if st.policy else _kinds(first, cut if st.scene_cut is not None else None)
     return PackedFrames(surprise, active.bool(), cu, index, packed, num_prefix, frame_kind)
@@ -274,7 +279,8 @@ def compile_cases():
     D 768, floor 4) and so400m geometry at 1792 px (14-px patches, D 1152, floor 16), one CLS
     token, in each dtype the kernel accepts on a GPU; plus the gate options' three-launch path
     (every option with ``reference="computed"``, and the EMA reference with a scene cut, which
-    writes references only on cuts). Nothing runs: the launches are recorded."""
+    writes references only on cuts), and ``signal="patch"`` on both paths. Nothing runs: the
+    launches are recorded."""
     from ..compile_check import CompileCase
 
     def launcher(dtype, patch, dim, settings):
@@ -299,6 +305,11 @@ def compile_cases():
          GateSettings(threshold=None, floor_tokens=0, max_staleness=4, budget=512)),
         ("gate options ema+scene-cut fp16 p16 d768", torch.float16, 16, 768,
          GateSettings(threshold=0.1, floor_tokens=4, scene_cut=0.5)),
+        # signal="patch": the surprise without PE; the rows kernel then holds both p and p + PE.
+        ("gate patch-signal fp16 p16 d768 floor4", torch.float16, 16, 768,
+         GateSettings(threshold=0.1, ema_decay=0.01, floor_tokens=4, signal="patch")),
+        ("gate options patch-signal computed+stale bf16 p14 d1152", torch.bfloat16, 14, 1152,
+         GateSettings(threshold=0.1, floor_tokens=4, reference="computed", max_staleness=4, signal="patch")),
     ]
     return [CompileCase(name, launcher(dtype, patch, dim, st), uses_dot=True, no_dot=("gate_select_kernel", "gate_pack_kernel"))
             for name, dtype, patch, dim, st in paper + options]

@@ -49,6 +49,8 @@ class ServeConfig:
             default: no budget, no motion normalisation, no scene-cut test, every layer).
         skip_below, keyframe_every, keyframe_drift, batch_budget: the frame policy and the batch
             budget (``neuroflow.NeuroFlow``; None: off).
+        signal: what the gate's surprise compares, ``"embedding"`` or ``"patch"``
+            (``neuroflow.NeuroFlow``; None: the engine's default, ``"embedding"``).
         max_streams: streams each shard's engine keeps (least recently seen evicted beyond it;
             the stream's next reply says ``state_lost``); None: no bound.
         dtype: ``"float32"``, ``"float16"`` or ``"bfloat16"``.
@@ -94,6 +96,7 @@ class ServeConfig:
     keyframe_every: int | None = None
     keyframe_drift: float | None = None
     batch_budget: float | None = None
+    signal: str | None = None
     max_streams: int | None = None
     dtype: str = "float32"
     device: str = "cpu"
@@ -260,7 +263,7 @@ def engine_options(config: ServeConfig) -> dict:
     so the preset or the engine's default decides them)."""
     out = {}
     for name in ("arch", "threshold", "ema_decay", "floor_tokens", "reference", "budget", "motion_norm",
-                 "scene_cut", "kv_layers", "skip_below", "keyframe_every", "keyframe_drift", "batch_budget"):
+                 "scene_cut", "kv_layers", "skip_below", "keyframe_every", "keyframe_drift", "batch_budget", "signal"):
         v = getattr(config, name)
         if v is not None:
             out[name] = v
