@@ -5,7 +5,8 @@ The paper's gate takes three launches and no host synchronisation:
 
 1. :func:`gate_embed_kernel`, one program per (block of BLOCK_P patches, frame): patch embedding
    as a ``[BLOCK_P, C*p*p] x [C*p*p, D]`` tensor-core product read straight from the frame,
-   + bias + position embedding, then, per D tile, the cosine terms against the stream's EMA and
+   + bias + position embedding (not under ``signal="patch"``, whose surprise is on the patch
+   embedding alone), then, per D tile, the cosine terms against the stream's EMA and
    the in-place EMA update; finally the surprise, the block's count of patches over the
    threshold, and the block's ``KF`` most surprising patches (candidates for the floor rule).
 2. :func:`gate_pack_kernel`, same grid: from the block counts it derives every frame's active
@@ -67,10 +68,12 @@ def _embed_tile(
     px_frame, w_ptr, b_ptr, pe_ptr, p_off, offs_p, p_mask, offs_d, d_mask,
     sx_c, sx_h, sx_w, D, K,
     PATCH: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_K: tl.constexpr,
-    HAS_BIAS: tl.constexpr, IEEE: tl.constexpr,
+    HAS_BIAS: tl.constexpr, IEEE: tl.constexpr, ADD_PE: tl.constexpr = True,
 ):
     """Layer-0 embeddings of BLOCK_P patches x BLOCK_D channels, fp32, rounded through the model
     dtype exactly where the model rounds (after the convolution, after the position embedding).
+    Without ADD_PE the patch embeddings alone (the convolution + bias, rounded): the gate's
+    ``signal="patch"``; :func:`_add_pe` completes them.
 
     px_frame: the frame's first pixel; p_off: [BLOCK_P] int32 offset of each patch's top-left pixel.
     """
@@ -89,9 +92,19 @@ def _embed_tile(
     dt = w_ptr.dtype.element_ty
     if HAS_BIAS:
         acc += tl.load(b_ptr + offs_d, mask=d_mask, other=0.0).to(tl.float32)[None, :]
+    x = acc.to(dt).to(tl.float32)
+    if ADD_PE:
+        x = _add_pe(x, pe_ptr, w_ptr, offs_p, p_mask, offs_d, d_mask, D)
+    return x
+
+
+@triton.jit
+def _add_pe(x, pe_ptr, w_ptr, offs_p, p_mask, offs_d, d_mask, D):
+    """Patch embeddings x (fp32, model-dtype values) + position embeddings, rounded through the
+    model dtype (w_ptr's) as the model rounds the sum."""
+    dt = w_ptr.dtype.element_ty
     pe = tl.load(pe_ptr + (offs_p[:, None] * D + offs_d[None, :]), mask=p_mask[:, None] & d_mask[None, :], other=0.0)
-    h = acc.to(dt).to(tl.float32) + pe.to(tl.float32)
-    return h.to(dt).to(tl.float32)
+    return (x + pe.to(tl.float32)).to(dt).to(tl.float32)
 
 
 @triton.jit
@@ -102,9 +115,13 @@ def gate_embed_kernel(
     N, D, K, GW, NB, threshold, decay,
     PATCH: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_K: tl.constexpr,
     KF: tl.constexpr, HAS_BIAS: tl.constexpr, IEEE: tl.constexpr,
-    DECIDE: tl.constexpr = True, WRITE_EMA: tl.constexpr = True,
+    DECIDE: tl.constexpr = True, WRITE_EMA: tl.constexpr = True, SIGNAL_PE: tl.constexpr = True,
 ):
     """Embed, compare with the EMA, update the EMA in place.
+
+    The surprise and the EMA are of the gate's signal: the layer-0 embedding h (SIGNAL_PE), or
+    the patch embedding without the position embedding (``signal="patch"``; the EMA pool then
+    holds that). The packed tokens (:func:`gate_rows_kernel`) are h either way.
 
     With the gate options (DECIDE False) the decision is left to :func:`gate_select_kernel`:
     bcount and cand_* are not written; with ``reference="computed"`` (WRITE_EMA False) the stored
@@ -135,7 +152,7 @@ def gate_embed_kernel(
         offs_d = d0 + tl.arange(0, BLOCK_D)
         d_mask = offs_d < D
         h = _embed_tile(px_frame, w_ptr, b_ptr, pe_ptr, p_off, offs_p, p_mask, offs_d, d_mask,
-                        sx_c, sx_h, sx_w, D, K, PATCH, BLOCK_P, BLOCK_D, BLOCK_K, HAS_BIAS, IEEE)
+                        sx_c, sx_h, sx_w, D, K, PATCH, BLOCK_P, BLOCK_D, BLOCK_K, HAS_BIAS, IEEE, SIGNAL_PE)
         m2 = p_mask[:, None] & d_mask[None, :]
         e_off = offs_p[:, None] * D + offs_d[None, :]
         e = tl.load(ema_slot + e_off, mask=m2, other=0.0)
@@ -462,7 +479,7 @@ def gate_rows_kernel(
     N, D, K, GW,
     PATCH: tl.constexpr, NUM_PREFIX: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_K: tl.constexpr, HAS_BIAS: tl.constexpr, IEEE: tl.constexpr,
-    STORE_REF: tl.constexpr, REF_ON_CUT_ONLY: tl.constexpr,
+    STORE_REF: tl.constexpr, REF_ON_CUT_ONLY: tl.constexpr, SIGNAL_PE: tl.constexpr = True,
 ):
     """Embed the active patches only: program (j, frame) takes packed rows
     ``cu[frame] + NUM_PREFIX + j*BLOCK_P ...`` of the frame (its j-th BLOCK_P active patches, in
@@ -474,7 +491,9 @@ def gate_rows_kernel(
     cu_ptr [B + 1] int32 and index_ptr (token position, patch n -> NUM_PREFIX + n) from the pack
     kernel; packed_ptr [B*(NUM_PREFIX+N), D] model dtype. STORE_REF: also write the embeddings
     (fp32) into the reference pool ema_ptr [S, N, D] at row slot_ptr[frame] (every computed patch
-    under ``reference="computed"``; with REF_ON_CUT_ONLY only on scene-cut frames, cut_ptr [B] int8).
+    under ``reference="computed"``; with REF_ON_CUT_ONLY only on scene-cut frames, cut_ptr [B] int8);
+    without SIGNAL_PE (``signal="patch"``) the reference gets the patch embeddings before the
+    position embedding is added, the packed rows the embeddings with it.
     """
     pid = tl.program_id(0)
     frame = tl.program_id(1)
@@ -494,9 +513,12 @@ def gate_rows_kernel(
         for d0 in range(0, D, BLOCK_D):
             offs_d = d0 + tl.arange(0, BLOCK_D)
             d_mask = offs_d < D
-            h = _embed_tile(px_frame, w_ptr, b_ptr, pe_ptr, p_off, patch, valid, offs_d, d_mask,
-                            sx_c, sx_h, sx_w, D, K, PATCH, BLOCK_P, BLOCK_D, BLOCK_K, HAS_BIAS, IEEE)
+            x = _embed_tile(px_frame, w_ptr, b_ptr, pe_ptr, p_off, patch, valid, offs_d, d_mask,
+                            sx_c, sx_h, sx_w, D, K, PATCH, BLOCK_P, BLOCK_D, BLOCK_K, HAS_BIAS, IEEE, SIGNAL_PE)
+            h = x  # the gate's signal x; the packed token h = x + PE
+            if not SIGNAL_PE:
+                h = _add_pe(x, pe_ptr, w_ptr, patch, valid, offs_d, d_mask, D)
             tl.store(out_rows + offs_d[None, :], h.to(packed_ptr.dtype.element_ty), mask=valid[:, None] & d_mask[None, :])
             if STORE_REF:
                 ref_rows = ema_ptr + tl.load(slot_ptr + frame) * N * D + patch[:, None].to(tl.int64) * D
-                tl.store(ref_rows + offs_d[None, :], h, mask=ref_valid[:, None] & d_mask[None, :])
+                tl.store(ref_rows + offs_d[None, :], x, mask=ref_valid[:, None] & d_mask[None, :])

@@ -160,6 +160,11 @@ class NeuroFlow(nn.Module):
             compute at most ``floor(M * f * N)`` patches together, the first in one batch-wide
             ranking (stale first, then surprise), so a static stream leaves its share to a busy
             one; keyframes (first frames included) are dense and count against nothing.
+        signal: what the surprise compares: ``"embedding"`` (default; the layer-0 embedding
+            ``h = W x + b + PE``) or ``"patch"`` (the patch projection ``p = W x + b`` without the
+            position embedding: a change of content alone, however large PE is). The ``"ema"``
+            state then holds ``p`` (its EMA, or its last-computed value); the encoder's tokens
+            are ``h`` either way. Switched only without streams; saved stream state records it.
         kv_layers: Architecture KV only (partial depth): the layers that keep key/value caches;
             the others run as in C (computed tokens attend to computed tokens only). None
             (default): every layer. An int K: the last K layers (0 is exactly C with
@@ -212,6 +217,7 @@ class NeuroFlow(nn.Module):
         keyframe_drift: float | None = None,
         batch_budget: float | None = None,
         probe_layers: int = 0,
+        signal: str = "embedding",
     ):
         super().__init__()
         if check_finite not in (True, False, "eager", "deferred"):
@@ -230,7 +236,7 @@ class NeuroFlow(nn.Module):
                                 reference=reference, max_staleness=max_staleness, budget=budget,
                                 motion_norm=motion_norm, scene_cut=scene_cut, skip_below=skip_below,
                                 keyframe_every=keyframe_every, keyframe_drift=keyframe_drift,
-                                batch_budget=batch_budget)
+                                batch_budget=batch_budget, signal=signal)
         if cls_readout not in ("context", "active"):
             raise ValueError(f"cls_readout must be 'context' or 'active', got {cls_readout!r}")
         if cache_dtype is not None and not (isinstance(cache_dtype, torch.dtype)
@@ -394,6 +400,21 @@ class NeuroFlow(nn.Module):
     @keyframe_drift.setter
     def keyframe_drift(self, value: float | None) -> None:
         self._set_policy(keyframe_drift=value)
+
+    @property
+    def signal(self) -> str:
+        """``"embedding"`` or ``"patch"``: what the surprise compares (see ``signal`` above)."""
+        return self._gate.signal
+
+    @signal.setter
+    def signal(self, value: str) -> None:
+        # The stored reference is of the signal: h under one, p under the other.
+        new = self._gate.replace(signal=value)
+        if new.signal != self._gate.signal and len(self._streams):
+            raise ValueError("signal can change only without streams (their stored reference is of the old signal): "
+                             "call reset() first")
+        _check_probe_reference(self.probe_layers, new)
+        self._gate = _normalised(new)
 
     @property
     def batch_budget(self) -> float | None:
@@ -720,7 +741,13 @@ class NeuroFlow(nn.Module):
             "num_prefix": a.num_prefix,
             "patch_size": a.patch_size,
             **self.architecture.config(),
+            **self._signal_config(),
         }
+
+    def _signal_config(self) -> dict:
+        # The "ema" state holds the signal's reference; the key only when it is not the default,
+        # so states saved before the option existed stay loadable.
+        return {} if self._gate.signal == "embedding" else {"signal": self._gate.signal}
 
     def stream_state_dict(self) -> dict:
         """Every stream's state as plain data (tensors on the CPU); see :meth:`load_stream_state_dict`.
@@ -738,22 +765,23 @@ class NeuroFlow(nn.Module):
     def load_stream_state_dict(self, state: dict) -> None:
         """Replace every stream's state with a :meth:`stream_state_dict` snapshot.
 
-        The snapshot must come from an engine with the same architecture and model geometry;
-        nothing changes if it does not.
+        The snapshot must come from an engine with the same architecture, model geometry and gate
+        ``signal`` (the stored reference is of it); nothing changes if it does not.
         """
         self.sync_errors()
         if state.get("format") != STATE_FORMAT:
             raise ValueError(f"unknown stream-state format {state.get('format')!r} (expected {STATE_FORMAT})")
         mine, theirs = self._config(), state.get("config", {})
         if mine != theirs:
-            diff = {k: (theirs.get(k), v) for k, v in mine.items() if theirs.get(k) != v}
+            diff = {k: (theirs.get(k), mine.get(k)) for k in {**theirs, **mine} if theirs.get(k) != mine.get(k)}
             raise ValueError(f"stream state was saved by an incompatible engine (saved vs this): {diff}")
         self._streams.load(state)
 
     def state_fingerprint(self) -> dict:
         """What a saved state belongs to: the model (family, geometry, a digest of its weights)
         and the settings that decide what the state means (architecture and its cache options)."""
-        return {"model": model_fingerprint(self.adapter), "settings": self.architecture.config()}
+        return {"model": model_fingerprint(self.adapter), "settings": {**self.architecture.config(),
+                                                                        **self._signal_config()}}
 
     def save_state(self, path: str | Path) -> None:
         """Write every stream's state to ``path`` with a format version and
@@ -830,11 +858,15 @@ def _normalised(st: GateSettings) -> GateSettings:
 
 
 def _check_probe_reference(probe_layers: int, settings: GateSettings) -> None:
-    """A probe's gate keeps last-computed layer-l states: the EMA reference is not implemented there."""
+    """A probe's gate keeps last-computed layer-l states: the EMA reference is not implemented
+    there, and the layer-0 ``signal`` has no meaning."""
     if probe_layers and settings.reference != "computed":
         raise ValueError(f"probe_layers={probe_layers} needs reference='computed' (the gate compares each patch's "
                          f"layer-{probe_layers} state with its state when last computed), got "
                          f"reference={settings.reference!r}")
+    if probe_layers and settings.signal != "embedding":
+        raise ValueError(f"signal={settings.signal!r} chooses a layer-0 signal; with probe_layers={probe_layers} the "
+                         f"gate decides on layer-{probe_layers} states: drop signal or probe_layers")
 
 
 def _is_plain_id(i) -> bool:

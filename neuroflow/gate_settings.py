@@ -10,6 +10,15 @@ The rules, per stream, per later frame (first frames are dense and set the refer
   where the patch is computed this frame, and ``ema_decay`` is unused. Both keep their state in
   the stream's ``"ema"`` tensor (under ``"computed"`` it holds last-computed embeddings), so state
   layouts are the same.
+* ``signal``: the vector the surprise is computed on. ``"embedding"`` (default): the layer-0
+  embedding ``h_i = W x_i + b + PE_i``. ``"patch"``: the patch projection without the position
+  embedding, ``p_i = W x_i + b``. ``PE_i`` is the same every frame, so it cancels in a
+  difference of two embeddings of one patch but not in their cosine, which it dilutes (a patch
+  whose content changed keeps part of its cosine to its old embedding through the shared
+  ``PE_i``, the more so the larger ``PE_i``); ``"patch"`` compares content alone. The reference (EMA or last computed) is then
+  kept of ``p``, not ``h``: the stream's ``"ema"`` state holds ``p`` (same layout, another
+  meaning, so a stream's state is not portable between signals). The tokens the encoder gets
+  are ``h`` under either signal.
 * ``motion_norm``: the frame's mean surprise is subtracted before the decision (the paper's
   "global motion norm"); the surprise reported is the normalised one, the value that was
   compared with the threshold.
@@ -72,6 +81,8 @@ from dataclasses import dataclass, replace
 import torch
 
 REFERENCES = ("ema", "computed")
+SIGNALS = ("embedding", "patch")
+"""Values of ``GateSettings.signal``: what the surprise compares (see the module docstring)."""
 
 
 @dataclass(frozen=True)
@@ -94,6 +105,7 @@ class GateSettings:
     keyframe_every: int | None = None
     keyframe_drift: float | None = None
     batch_budget: float | None = None
+    signal: str = "embedding"
 
     def __post_init__(self):
         self.check()
@@ -125,6 +137,7 @@ class GateSettings:
         check_keyframe_every(self.keyframe_every)
         check_keyframe_drift(self.keyframe_drift)
         check_batch_budget(self.batch_budget)
+        check_signal(self.signal)
 
     @property
     def policy(self) -> bool:
@@ -146,7 +159,8 @@ class GateSettings:
 
     @property
     def is_default_rule(self) -> bool:
-        """True when only threshold, decay and floor matter (the paper's gate)."""
+        """True when only threshold, decay and floor matter (the paper's gate, on either
+        ``signal``: the signal changes what the surprise compares, not the decision rule)."""
         return (self.reference == "ema" and self.max_staleness is None and self.budget is None
                 and not self.motion_norm and self.scene_cut is None and not self.policy
                 and self.batch_budget is None)
@@ -159,7 +173,7 @@ class GateSettings:
         """Plain values (tensors as lists) for logs and saved states."""
         out = {}
         for name in ("threshold", "ema_decay", "floor_tokens", "reference", "max_staleness", "budget",
-                     "motion_norm", "scene_cut", "skip_below", "keyframe_every", "keyframe_drift", "batch_budget"):
+                     "motion_norm", "scene_cut", "skip_below", "keyframe_every", "keyframe_drift", "batch_budget", "signal"):
             v = getattr(self, name)
             out[name] = v.tolist() if isinstance(v, torch.Tensor) else v
         return out
@@ -193,6 +207,12 @@ def check_floor_tokens(floor_tokens) -> None:
 def check_reference(reference) -> None:
     if reference not in REFERENCES:
         raise ValueError(f"reference must be 'ema' or 'computed', got {reference!r}")
+
+
+def check_signal(signal) -> None:
+    if signal not in SIGNALS:
+        raise ValueError(f"signal must be 'embedding' (layer-0 embedding, position embedding included) or 'patch' "
+                         f"(patch projection without the position embedding), got {signal!r}")
 
 
 def check_max_staleness(k) -> None:

@@ -7,6 +7,7 @@ from conftest import make_model, video
 from helpers import assert_same_state, stream_tensor
 from helpers import PaperFlow
 from neuroflow import NeuroFlow, UnsupportedModelError
+from neuroflow.state_file import StateFileError
 
 
 @pytest.fixture
@@ -68,7 +69,7 @@ def test_bad_call_is_rejected_and_state_untouched(engine_with_streams, case):
     ("floor_tokens", -1), ("floor_tokens", 2.5), ("floor_tokens", True),
     ("threshold", None), ("reference", "last"), ("max_staleness", 0), ("max_staleness", 1.5),
     ("budget", 0), ("budget", 1.5), ("budget", -0.5), ("motion_norm", "yes"), ("scene_cut", 0.0),
-    ("scene_cut", 2.0),
+    ("scene_cut", 2.0), ("signal", "raw"), ("signal", None),
 ])
 def test_settings_out_of_range(engine_with_streams, setting, value):
     nf, _ = engine_with_streams
@@ -101,6 +102,27 @@ def test_gate_option_combinations_are_checked(engine_with_streams):
     nf.reset()
     nf.max_staleness = 3
     assert "age" in nf.state_bytes_per_stream(40, 48)
+
+
+def test_signal_switches_only_without_streams(engine_with_streams, tmp_path):
+    """The stored reference is of the gate's signal: switching it under live streams raises and
+    changes nothing; a state saved under one signal does not load into an engine of the other."""
+    nf, frames = engine_with_streams
+    before = nf.stream_state_dict()
+    with pytest.raises(ValueError, match="signal can change only without streams"):
+        nf.signal = "patch"
+    assert nf.signal == "embedding" and nf.gate_settings.signal == "embedding"
+    assert_same_state(before, nf.stream_state_dict())
+    nf.save_state(tmp_path / "embedding.pt")
+    other = PaperFlow(make_model("siglip"), threshold=0.02, ema_decay=0.2, floor_tokens=3, signal="patch")
+    with pytest.raises(ValueError, match="signal"):
+        other.load_stream_state_dict(before)
+    with pytest.raises(StateFileError):
+        other.load_state(tmp_path / "embedding.pt")
+    assert other.stream_ids == []
+    nf.reset()
+    nf.signal = "patch"
+    assert nf.gate_settings.signal == "patch"
 
 
 def test_bad_arch_and_readout():

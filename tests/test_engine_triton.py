@@ -72,3 +72,34 @@ def test_engine_gate_options_through_kernels_match_oracle(monkeypatch, options):
     assert dispatch.fallbacks == []
     if "scene_cut" in opts:
         assert [r["cut"] for r in want[0]] == [False, False, False, True, False]
+
+
+@pytest.mark.parametrize("options", [
+    dict(arch="C", threshold=0.02, ema_decay=0.2, floor_tokens=3),
+    dict(arch="KV", threshold=0.02, floor_tokens=2, reference="computed", max_staleness=2),
+], ids=["paper_rule", "computed_stale"])
+def test_engine_patch_signal_through_kernels_matches_reference_path(monkeypatch, options):
+    """``signal="patch"`` through the kernels (paper rule and the options path): decisions and
+    outputs as the engine on the reference path over frames that carry the stored reference
+    (the pools themselves are checked op by op in tests/test_gate.py), no fallback."""
+    pytest.importorskip("triton")
+    model = make_model("dinov2")
+    model64 = as_double(model)
+    frames = torch.stack([video(4, seed=2), video(4, seed=3)], dim=1)
+    kernels, reference = PaperFlow(model, signal="patch", **options), PaperFlow(model, signal="patch", **options)
+    with torch.inference_mode():
+        for t in range(frames.shape[0]):
+            monkeypatch.setenv("TRITON_INTERPRET", "1")
+            a = kernels(frames[t], stream_ids=["x", "y"])
+            assert dispatch.last_path["gate"] == dispatch.TRITON
+            monkeypatch.setenv("TRITON_INTERPRET", "0")
+            b = reference(frames[t], stream_ids=["x", "y"])
+            assert dispatch.last_path["gate"] == dispatch.REFERENCE
+            assert torch.equal(a.active_mask, b.active_mask), f"frame {t}"
+            if t:
+                assert 0 < int(a.active_mask.sum()) < a.active_mask.numel(), "the test clip must gate partially"
+            ref32, ref64 = dense(model, frames[t]), dense(model64, frames[t].double())
+            for field in ("pooler_output", "last_hidden_state"):
+                assert_same_up_to_rounding(getattr(a, field), getattr(b, field), getattr(ref32, field),
+                                           getattr(ref64, field), f"frame {t} {field}")
+    assert dispatch.fallbacks == []

@@ -656,3 +656,119 @@ def test_gate_kernels_per_dtype_match_reference(request, monkeypatch, device, dt
         age = (torch.arange(135, device=dev) % (st.max_staleness + 1)).to(torch.int32).repeat(5, 1)
         out, ref, hp, emas = run_both_options(inputs, first, st, age=age, config=config)
     check(out, ref, hp, emas, inputs[6])
+
+
+# -- signal="patch": the surprise on the patch embedding, without the position embedding --------
+
+def _patch_embeddings(frames, weight, bias):
+    """``[B, N, D]`` patch embeddings ``W x + b`` (no position embedding)."""
+    return torch.nn.functional.conv2d(frames, weight, bias, stride=PATCH).flatten(2).transpose(1, 2)
+
+
+@pytest.mark.parametrize("reference", ["ema", "computed"])
+def test_patch_signal_is_blind_to_position_embeddings(reference):
+    """The same pixels again under other position embeddings: under ``signal="patch"`` nothing is
+    surprising (only the floor computes), under the default signal the position change alone
+    passes the threshold. The reference holds p (no PE) under the patch signal, h under the
+    default; the packed tokens are p + PE under both."""
+    frames, weight, bias, pos, pre, ema, slot = make_inputs(2, (5, 7), 48, torch.float64, prefix=1, seed=41)
+    g = torch.Generator().manual_seed(41)
+    moved = torch.randn(pos.shape, generator=g, dtype=torch.float64) * pos.std()
+    p = _patch_embeddings(frames, weight, bias)
+    counts = {}
+    for signal in ("embedding", "patch"):
+        st = GateSettings(threshold=0.01, ema_decay=0.5, floor_tokens=2, reference=reference, signal=signal)
+        pool = ema.double()
+        gate_reference(frames, weight, bias, pos, pre, pool, slot, torch.tensor([True, True]), st)
+        assert torch.equal(pool[slot], p if signal == "patch" else p + pos)
+        out = gate_reference(frames, weight, bias, moved, pre, pool, slot, torch.tensor([False, False]), st)
+        counts[signal] = out.active.sum(1).tolist()
+        if signal == "patch":
+            assert out.surprise.abs().max() < 1e-12
+        rows = torch.cat([out.active.new_ones(2, 1), out.active], dim=1)  # the prefix token, then patches
+        want = torch.cat([pre.expand(2, -1, -1), p + moved], dim=1)[rows]
+        assert torch.equal(out.packed[: int(out.cu_seqlens[-1])], want)
+    assert counts["patch"] == [2, 2]
+    assert min(counts["embedding"]) > 2, counts
+
+
+def test_patch_signal_ranks_equal_content_changes_equally():
+    """Two patches with the same pixels change the same way; patch 0 has a large position
+    embedding, patch 1 none. In the default signal the shared PE dilutes patch 0's cosine (it
+    looks less surprising); the patch signal gives both the same surprise. A threshold between
+    the two default surprises computes patch 1 alone under the default, both under "patch"."""
+    g = torch.Generator().manual_seed(5)
+    dim = 16
+    weight = torch.randn(dim, 3, PATCH, PATCH, generator=g, dtype=torch.float64) * 0.2
+    bias = torch.randn(dim, generator=g, dtype=torch.float64) * 0.1
+    pos = torch.zeros(2, dim, dtype=torch.float64)
+    pos[0] = 10 * torch.randn(dim, generator=g, dtype=torch.float64)
+    tile = torch.randn(1, 3, PATCH, PATCH, generator=g, dtype=torch.float64)
+    change = torch.randn(1, 3, PATCH, PATCH, generator=g, dtype=torch.float64)
+    before, after = tile.repeat(1, 1, 1, 2), (tile + change).repeat(1, 1, 1, 2)
+    pre, slot = torch.zeros(0, dim, dtype=torch.float64), torch.tensor([0])
+    emb = gate_decision_reference(_patch_embeddings(after, weight, bias) + pos,
+                                  _patch_embeddings(before, weight, bias) + pos, torch.tensor([False]), 0.5, 0.0, 0)
+    s0, s1 = emb.surprise[0].tolist()
+    assert s0 < s1 / 4, (s0, s1)
+    threshold = (s0 + s1) / 2
+    active = {}
+    for signal in ("embedding", "patch"):
+        st = GateSettings(threshold=threshold, ema_decay=0.0, floor_tokens=0, signal=signal)
+        pool = torch.zeros(1, 2, dim, dtype=torch.float64)
+        gate_reference(before, weight, bias, pos, pre, pool, slot, torch.tensor([True]), st)
+        out = gate_reference(after, weight, bias, pos, pre, pool, slot, torch.tensor([False]), st)
+        active[signal] = out.active[0].tolist()
+        if signal == "patch":  # the same pixels through the same weights: the same p, bit for bit
+            assert out.surprise[0, 0] == out.surprise[0, 1]
+    assert active == {"embedding": [False, True], "patch": [True, True]}
+
+
+def test_patch_signal_is_validated():
+    with pytest.raises(ValueError, match="signal must be 'embedding'"):
+        GateSettings(signal="raw")
+    with pytest.raises(ValueError, match="signal must be"):
+        GateSettings(signal=None)
+    assert GateSettings(signal="patch").is_default_rule  # the paper's decision rule on another signal
+
+
+PATCH_SIGNAL_CASES = {
+    # name: (grid, dtype, settings besides signal="patch"; threshold None: a gap of the surprises)
+    "paper_odd_grid": ((5, 7), torch.float32, dict(floor_tokens=3)),
+    "paper_fp16": ((6, 5), torch.float16, dict(floor_tokens=2)),
+    "paper_one_patch": ((1, 1), torch.float32, dict(floor_tokens=1)),
+    "paper_none_beyond_floor": ((4, 6), torch.float32, dict(threshold=2.0, floor_tokens=0)),
+    "one_patch_none_active": ((1, 1), torch.float32, dict(threshold=2.0, floor_tokens=0)),
+    "computed_stale": ((5, 7), torch.float32, dict(floor_tokens=3, reference="computed", max_staleness=2)),
+    "ema_scene_cut": ((5, 7), torch.float32, dict(floor_tokens=3, scene_cut=0.9)),
+    "computed_floor_only": ((3, 5), torch.float32, dict(threshold=2.0, floor_tokens=4, reference="computed",
+                                                        budget=9)),
+}
+
+
+@pytest.mark.parametrize("case", sorted(PATCH_SIGNAL_CASES))
+@pytest.mark.parametrize("tiles", ["one_tile", "small_tiles"])
+def test_patch_signal_in_kernel_matches_reference(triton_path, poisoned, case, tiles):
+    """``signal="patch"`` through the kernels (two-launch paper path and the options path),
+    against the reference: decisions, surprises, packed tokens (with PE), and the reference pool
+    (without PE), NaN-poisoned outputs, awkward shapes (N = 35, N = 1, nothing active)."""
+    grid, dtype, opts = PATCH_SIGNAL_CASES[case]
+    config = {"BLOCK_P": 8, "BLOCK_D": 16, "BLOCK_K": 16, "BLOCK_S": 8} if tiles == "small_tiles" else None
+    frames, weight, bias, pos, pre, ema, slot = make_inputs(3, grid, 40, dtype, prefix=1, seed=51)
+    ema[slot] -= pos.float()  # a history of p, not of p + PE
+    inputs = (frames, weight, bias, pos, pre, ema, slot)
+    first = torch.tensor([False, True, False])
+    opts = dict(opts)
+    if "threshold" not in opts:
+        probe = gate_reference(*inputs[:5], ema.clone(), slot, first, GateSettings(threshold=0.0, floor_tokens=0,
+                                                                                     signal="patch"))
+        opts["threshold"] = gap_threshold(probe.surprise)
+    st = GateSettings(ema_decay=0.1, signal="patch", **opts)
+    n = grid[0] * grid[1]
+    age = (torch.arange(n) % 3).to(torch.int32).repeat(5, 1) if st.max_staleness else None
+    out, ref, hp, emas = run_both_options(inputs, first, st, age, config)
+    check(out, ref, hp, emas, slot)
+    counts = out.active.sum(1).tolist()
+    assert counts[1] == n
+    if case.endswith("none_active") or case.endswith("none_beyond_floor"):
+        assert counts[0] == counts[2] == 0 and out.cu_seqlens.tolist() == [0, 1, 2 + n, 3 + n]

@@ -65,6 +65,19 @@ def _gate_options_args():
     return positional, kw
 
 
+def _gate_patch_signal_args():
+    """The gate with ``signal="patch"`` (the surprise without the position embedding), the paper's
+    rule otherwise: the signal as the op's keyword argument."""
+    from neuroflow.gate_settings import GateSettings
+    from neuroflow.ops.library import gate_op_settings
+
+    frames, weight, bias, pos, prefix, ema, slot, first = _gate_args()[:8]
+    kw = gate_op_settings(GateSettings(threshold=0.1, ema_decay=0.2, floor_tokens=2, signal="patch"), pos.shape[0])
+    positional = (frames, weight, bias, pos, prefix, ema, slot, first, kw.pop("threshold"), kw.pop("ema_decay"),
+                  kw.pop("floor_tokens"), None)
+    return positional, kw
+
+
 def _scatter_int8_args():
     """The quantising cache scatter: an int8 cache and its ``[S, T, G]`` scales, both mutated."""
     cache, slot, src, cu, index, _ = _scatter_args()
@@ -76,6 +89,7 @@ OPS = {
     "varlen_attention int8": (lambda: torch.ops.neuroflow.varlen_attention, _varlen_int8_args),
     "gate": (lambda: torch.ops.neuroflow.gate, _gate_args),
     "gate options": (lambda: torch.ops.neuroflow.gate, _gate_options_args),
+    "gate patch signal": (lambda: torch.ops.neuroflow.gate, _gate_patch_signal_args),
     "cache_scatter": (lambda: torch.ops.neuroflow.cache_scatter, _scatter_args),
     "cache_scatter int8": (lambda: torch.ops.neuroflow.cache_scatter, _scatter_int8_args),
 }
@@ -141,6 +155,14 @@ def test_option_forms_of_the_ops_match_the_python_functions():
     assert not torch.equal(pa[11], _gate_options_args()[0][11])  # the ages did change
     for g, w in zip(got, (ref.surprise, ref.active, ref.cu_seqlens)):
         assert torch.equal(g, w)
+    (pa, kw), (pb, _) = _gate_patch_signal_args(), _gate_patch_signal_args()
+    assert kw["signal"] == "patch"
+    got = torch.ops.neuroflow.gate(*pa, **kw)
+    ref = gate(*pb[:8], GateSettings(threshold=0.1, ema_decay=0.2, floor_tokens=2, signal="patch"))
+    assert torch.equal(pa[5], pb[5])  # the EMA (of the patch embeddings), in place
+    for g, w in zip(got, (ref.surprise, ref.active, ref.cu_seqlens)):
+        assert torch.equal(g, w)
+    assert not torch.equal(got[0], torch.ops.neuroflow.gate(*_gate_args())[0])  # the signal reached the gate
     a, b = _scatter_int8_args(), _scatter_int8_args()
     torch.ops.neuroflow.cache_scatter(*a)
     cache_scatter(*b[:5], scale=b[5])

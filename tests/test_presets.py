@@ -177,8 +177,10 @@ def test_one_default_preset_for_the_api_and_the_command_line():
                          "--kv-layers", "1,3", "--motion-norm", "--reference", "ema", "--floor", "2"])
     assert gate_kwargs(args) == {"preset": "paper", "threshold": None, "budget": 0.25, "max_staleness": None,
                                  "kv_layers": (1, 3), "motion_norm": True, "reference": "ema", "floor_tokens": 2}
-    assert gate_kwargs(p.parse_args(["--budget", "12", "--kv-layers", "2", "--arch", "C"])) == {
-        "preset": DEFAULT_PRESET, "budget": 12, "kv_layers": 2, "arch": "C"}
+    assert gate_kwargs(p.parse_args(["--budget", "12", "--kv-layers", "2", "--arch", "C", "--signal", "patch"])) == {
+        "preset": DEFAULT_PRESET, "budget": 12, "kv_layers": 2, "arch": "C", "signal": "patch"}
+    with pytest.raises(SystemExit):
+        p.parse_args(["--signal", "raw"])
     several = argparse.ArgumentParser()
     add_gate_arguments(several, several_archs=True)
     assert chosen_archs(several.parse_args(["--arch", "C", "KV", "C"])) == ["C", "KV"]

@@ -140,6 +140,7 @@ def test_token_layers_count_the_probe():
     (dict(probe_layers=1, arch="A"), "option of architecture KV, not 'A'"),
     (dict(probe_layers=1, arch="B"), "option of architecture KV, not 'B'"),
     (dict(probe_layers=1, reference="ema"), "needs reference='computed'"),
+    (dict(probe_layers=1, signal="patch"), "chooses a layer-0 signal"),
     (dict(probe_layers=1, kv_layers=[0, 2]), "one of the 1 dense probe layers"),
     (dict(probe_layers=2, kv_layers=2), r"in \[0, 1\]"),
 ])
@@ -155,6 +156,10 @@ def test_rejections_and_failures_leave_every_stream_as_it_was(monkeypatch):
     before, settings = nf.stream_state_dict(), nf.gate_settings
     with pytest.raises(ValueError, match="needs reference='computed'"):
         nf.reference = "ema"
+    nf2 = NeuroFlow(model, probe_layers=1, **GATE)
+    with pytest.raises(ValueError, match="chooses a layer-0 signal"):
+        nf2.signal = "patch"
+    assert nf2.signal == "embedding"
     assert nf.gate_settings == settings
     # A failure after the gate wrote its references (in the gated layers) is rolled back.
     monkeypatch.setattr(type(nf.architecture), "_readout_from_cache",

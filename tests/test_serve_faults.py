@@ -314,6 +314,7 @@ def test_serve_spec_defaults_to_the_measured_preset_and_passes_engine_options():
     nf = build_engine(tiny_config(preset="paper", threshold=0.2, max_streams=7, max_staleness=3)).nf
     assert nf.preset == "paper" and nf.arch == "C" and nf.max_streams == 7 and nf.max_staleness == 3
     assert build_engine(tiny_config(max_staleness=0)).nf.max_staleness is None
+    assert build_engine(tiny_config(signal="patch")).nf.signal == "patch"
     for bad, message in [(dict(preset="fast"), "preset must be one of"), (dict(max_streams=0), "max_streams"),
                          (dict(max_queue=0), "max_queue"), (dict(shard_timeout_s=0), "shard_timeout_s"),
                          (dict(max_staleness=-1), "max_staleness")]:

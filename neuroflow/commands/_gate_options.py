@@ -12,12 +12,13 @@ from __future__ import annotations
 import argparse
 
 from ..architectures import ARCHITECTURES
+from ..gate_settings import SIGNALS
 from ..presets import DEFAULT_PRESET, PRESETS
 
 _NONE = "none"
 GATE_OPTIONS = ("threshold", "ema_decay", "floor_tokens", "reference", "max_staleness", "budget", "motion_norm",
                 "scene_cut", "kv_layers", "cls_readout", "skip_below", "keyframe_every", "keyframe_drift",
-                "batch_budget", "probe_layers")
+                "batch_budget", "probe_layers", "signal")
 """The ``NeuroFlow`` keyword arguments (and ``args`` attributes) these options set, besides
 ``preset`` and ``arch``."""
 
@@ -87,6 +88,10 @@ def add_gate_arguments(p: argparse.ArgumentParser | argparse._ArgumentGroup, sev
     p.add_argument("--reference", choices=("ema", "computed"), default=argparse.SUPPRESS,
                    help="what the surprise compares a patch with: the EMA of every frame, or its embedding as "
                         f"last computed ({both('reference')})")
+    p.add_argument("--signal", choices=SIGNALS, default=argparse.SUPPRESS,
+                   help="what the surprise compares: the layer-0 embedding (embedding: patch + position "
+                        "embedding) or the patch embedding alone (patch: without the position embedding, a change "
+                        "of content alone) (default embedding)")
     p.add_argument("--max-staleness", type=_or_none(int), default=argparse.SUPPRESS, metavar="K",
                    help="a patch not computed for K frames in a row is computed on the next; 'none': no bound "
                         f"({both('max_staleness')})")

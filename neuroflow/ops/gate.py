@@ -1,7 +1,8 @@
 """The gate as one fused op over a batch of frames: the launcher of ``kernels/gate.py``.
 
 ``gate(...)`` embeds the frames (patch convolution + position embedding), compares each patch with
-its stream's EMA, updates the EMA in place, applies the threshold and floor, and packs the computed
+its stream's EMA (of the embedding, or under ``signal="patch"`` of the patch embedding without the
+position embedding), updates the EMA in place, applies the threshold and floor, and packs the computed
 tokens of every frame (prefix tokens, then active patches in ascending order) into one ``[T, D]``
 batch with ``cu_seqlens``: the input the packed encoder takes.
 
@@ -106,7 +107,9 @@ def gate(
         weight: patch-embedding convolution weight ``[D, C, p, p]``; bias ``[D]`` or None.
         pos_embed: ``[N, D]`` position embeddings of the frame's patch grid, model dtype.
         prefix: ``[P, D]`` layer-0 embeddings of the prefix tokens (P = 0 for SigLIP).
-        ema: ``[S, N, D]`` float32 EMA pool; row ``slot[b]`` belongs to frame b's stream.
+        ema: ``[S, N, D]`` float32 EMA pool; row ``slot[b]`` belongs to frame b's stream. It holds
+            the reference of the settings' signal: layer-0 embeddings, or under
+            ``signal="patch"`` patch embeddings without the position embedding.
         slot: ``[B]`` int64. first: ``[B]`` bool, the stream's first frame (EMA := h).
         threshold: a :class:`GateSettings` (then ``ema_decay`` and ``floor_tokens`` stay None), or
             the paper's three settings ``threshold, ema_decay, floor_tokens`` as numbers.
@@ -254,6 +257,7 @@ def _gate_triton(frames, weight, bias, pos_embed, prefix, ema, slot, first, st: 
 
     threshold, ema_decay, floor_tokens = st.threshold, st.ema_decay, st.floor_tokens
     options = not st.is_default_rule
+    signal_pe = st.signal == "embedding"  # the surprise's vectors include the position embedding
 
     dev = frames.device
     # A D tile wider than the model's D would only be masked off (small test models).
@@ -295,7 +299,8 @@ def _gate_triton(frames, weight, bias, pos_embed, prefix, ema, slot, first, st: 
         frames, w2, bias_arg, pe, ema, slot, first_i8, surprise, bcount, cand_val, cand_idx,
         sx[0], sx[1], sx[2], sx[3], n, d, k, frames.shape[3] // p, nb, thr, float(ema_decay),
         PATCH=p, BLOCK_P=cfg["BLOCK_P"], BLOCK_D=cfg["BLOCK_D"], BLOCK_K=cfg["BLOCK_K"], KF=kf,
-        HAS_BIAS=has_bias, IEEE=ieee, DECIDE=not options, WRITE_EMA=st.reference == "ema", **launch,
+        HAS_BIAS=has_bias, IEEE=ieee, DECIDE=not options, WRITE_EMA=st.reference == "ema", SIGNAL_PE=signal_pe,
+        **launch,
     )
     cap = b * (num_prefix + n)
     active = _empty(b, n, dtype=torch.int8, device=dev)
@@ -320,7 +325,7 @@ def _gate_triton(frames, weight, bias, pos_embed, prefix, ema, slot, first, st: 
         sx[0], sx[1], sx[2], sx[3], n, d, k, frames.shape[3] // p,
         PATCH=p, NUM_PREFIX=num_prefix, BLOCK_P=cfg["BLOCK_P"], BLOCK_D=cfg["BLOCK_D"], BLOCK_K=cfg["BLOCK_K"],
         HAS_BIAS=has_bias, IEEE=ieee, STORE_REF=st.reference == "computed" or st.keyframe_triggers,
-        REF_ON_CUT_ONLY=st.reference == "ema" and st.keyframe_triggers, **launch,
+        REF_ON_CUT_ONLY=st.reference == "ema" and st.keyframe_triggers, SIGNAL_PE=signal_pe, **launch,
     )
     frame_kind = kind if st.policy else _kinds(first, cut if st.scene_cut is not None else None)
     return PackedFrames(surprise, active.bool(), cu, index, packed, num_prefix, frame_kind)
@@ -395,7 +400,7 @@ def compile_cases():
     token, in each dtype the kernel accepts on a GPU (fp32 too: Hugging Face loads models in
     fp32 by default); plus the gate options' three-launch path (every option with
     ``reference="computed"``, and the EMA reference with a scene cut, which writes references
-    only on cuts). The ``odd`` cases take grids one patch short of those sides (N = 127^2 and
+    only on cuts), and ``signal="patch"`` on both paths. The ``odd`` cases take grids one patch short of those sides (N = 127^2 and
     111^2: patch and row counts not divisible by 16), because the runtime specialises each integer
     argument on its divisibility and a launch with other values compiles another kernel. Nothing
     runs: the launches are recorded."""
@@ -427,6 +432,11 @@ def compile_cases():
          GateSettings(threshold=0.1, floor_tokens=4, scene_cut=0.5)),
         ("gate options computed+stale+budget fp32 p16 d768 odd", torch.float32, 16, 768,
          GateSettings(threshold=0.1, floor_tokens=4, reference="computed", max_staleness=8, budget=0.1), True),
+        # signal="patch": the surprise without PE; the rows kernel then holds both p and p + PE.
+        ("gate patch-signal fp16 p16 d768 floor4", torch.float16, 16, 768,
+         GateSettings(threshold=0.1, ema_decay=0.01, floor_tokens=4, signal="patch")),
+        ("gate options patch-signal computed+stale bf16 p14 d1152", torch.bfloat16, 14, 1152,
+         GateSettings(threshold=0.1, floor_tokens=4, reference="computed", max_staleness=4, signal="patch")),
     ]
     def features_launcher(dtype, patch, dim, settings):
         def run():  # the gate on probe features (probe_layers): select and pack kernels only

@@ -2,7 +2,7 @@
 
 * ``torch.ops.neuroflow.gate(frames, weight, bias, pos_embed, prefix, ema!, slot, first, threshold,
   ema_decay, floor_tokens, age!, *, reference="ema", max_staleness=None, budget=None,
-  motion_norm=False, scene_cut=None) -> (surprise, active, cu_seqlens, index, packed)``: mutates ``ema``
+  motion_norm=False, scene_cut=None, signal="embedding") -> (surprise, active, cu_seqlens, index, packed)``: mutates ``ema``
   (and ``age``, a tensor or None: positional, for the same reason as the attention's scales, and
   required, see below); every :class:`~neuroflow.gate_settings.GateSettings` option is an
   argument (``budget`` as a patch count: :func:`gate_op_settings` turns a settings value, fractions
@@ -64,16 +64,19 @@ def gate_op(
     budget: int | None = None,
     motion_norm: bool = False,
     scene_cut: float | None = None,
+    signal: str = "embedding",
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     st = GateSettings(threshold=threshold, ema_decay=ema_decay, floor_tokens=floor_tokens, reference=reference,
-                      max_staleness=max_staleness, budget=budget, motion_norm=motion_norm, scene_cut=scene_cut)
+                      max_staleness=max_staleness, budget=budget, motion_norm=motion_norm, scene_cut=scene_cut,
+                      signal=signal)
     out = gate(frames, weight, bias, pos_embed, prefix, ema, slot, first, st, age=age)
     return out.surprise, out.active, out.cu_seqlens, out.index, out.packed
 
 
 @gate_op.register_fake
 def _gate_fake(frames, weight, bias, pos_embed, prefix, ema, slot, first, threshold, ema_decay, floor_tokens,
-               age, *, reference="ema", max_staleness=None, budget=None, motion_norm=False, scene_cut=None):
+               age, *, reference="ema", max_staleness=None, budget=None, motion_norm=False, scene_cut=None,
+               signal="embedding"):
     b, _, h, w = frames.shape
     p = weight.shape[2]
     n = (h // p) * (w // p)
@@ -98,7 +101,7 @@ def gate_op_settings(settings: GateSettings, num_patches: int) -> dict:
     return dict(threshold=settings.threshold, ema_decay=float(settings.ema_decay),
                 floor_tokens=int(settings.floor_tokens), reference=settings.reference,
                 max_staleness=settings.max_staleness, budget=settings.budget_count(num_patches),
-                motion_norm=settings.motion_norm, scene_cut=settings.scene_cut)
+                motion_norm=settings.motion_norm, scene_cut=settings.scene_cut, signal=settings.signal)
 
 
 @torch.library.custom_op(f"{NAMESPACE}::cache_scatter", mutates_args=("cache", "scale"))

@@ -41,6 +41,11 @@ age + 1); else partial (steps 3-5). Counters after the frame: ``since := 0, drif
 keyframe, else ``since + 1`` and ``drift'``. ``frame_kind``: 0 skip, 1 partial, 2 keyframe.
 
 With none of the options set, the code path is the paper's gate exactly as before.
+
+``signal="patch"`` (``GateSettings.signal``) changes only what ``h`` is above: the patch
+projection ``p = W x + b`` instead of ``p + PE``, and so what the reference R holds (p's EMA, or
+p as last computed). :func:`gate_decision_reference` works on whichever it is given;
+:func:`gate_reference` hands it the signal and packs ``p + PE`` either way.
 """
 
 from __future__ import annotations
@@ -214,10 +219,11 @@ def gate_decision_reference(
     """Gate a batch of frames, one frame per stream.
 
     Args:
-        h: ``[B, N, D]`` layer-0 patch embeddings (patch embedding + position embedding), any
-            float dtype.
-        ema: ``[B, N, D]`` float32 reference rows of the frames' streams (the EMA; last-computed
-            embeddings under ``reference="computed"``), ignored where ``first``.
+        h: ``[B, N, D]`` the gate's signal, any float dtype: layer-0 patch embeddings (patch
+            embedding + position embedding), or the patch embeddings alone under
+            ``signal="patch"`` (the rule is the same; the caller picks the vectors).
+        ema: ``[B, N, D]`` float32 reference rows of the frames' streams (the EMA of the signal;
+            its last-computed values under ``reference="computed"``), ignored where ``first``.
         first: ``[B]`` bool, True for a stream's first frame after a reset.
         threshold: a :class:`GateSettings` (then ``ema_decay`` and ``floor_tokens`` stay None), or
             the surprise threshold (strict ``>``): a number or a ``[B]`` tensor (one per frame,
@@ -325,7 +331,8 @@ class PackedFrames:
     """The gate's output for B frames of N patches, P prefix tokens per frame.
 
     Attributes:
-        surprise: ``[B, N]`` float32, ``1 - cos(h, EMA)`` (``inf`` on first frames).
+        surprise: ``[B, N]`` float32, ``1 - cos(h, EMA)`` (``p`` for ``h`` under
+            ``signal="patch"``; ``inf`` on first frames).
         active: ``[B, N]`` bool.
         cu_seqlens: ``[B + 1]`` int32; segment b = frame b's P prefix tokens then its active patches.
         index: ``[B * (P + N)]`` int32, position in the frame's token sequence of each packed
@@ -369,7 +376,9 @@ def check_gate_args(frames, weight, pos_embed, prefix, ema, slot, first) -> tupl
 def gate_reference(frames, weight, bias, pos_embed, prefix, ema, slot, first, threshold, ema_decay=None,
                    floor_tokens=None, force_active=None, age=None, policy=None) -> PackedFrames:
     """Same contract as :func:`neuroflow.ops.gate.gate`, as the unfused PyTorch chain (conv, add,
-    cosine, compare, sort, gather). ``threshold`` is a :class:`GateSettings` or the first of the
+    cosine, compare, sort, gather). The surprise and ``ema`` are of the settings' signal (``h`` or,
+    under ``signal="patch"``, the patch embedding without PE); ``packed`` holds ``h`` either way.
+    ``threshold`` is a :class:`GateSettings` or the first of the
     three positional settings; ``age`` is the ``[S, N]`` int32 age pool (with ``max_staleness``),
     updated in place at the frames' slots like ``ema``; ``policy`` the ``(since [S, 1] int32,
     drift [S, 1] float32)`` pools of the frame policy, updated likewise."""
@@ -377,9 +386,11 @@ def gate_reference(frames, weight, bias, pos_embed, prefix, ema, slot, first, th
     st = as_settings(threshold, ema_decay, floor_tokens)
     check_age_pool(st, age, ema)
     check_policy_pools(st, policy, ema)
-    h = F.conv2d(frames, weight, bias, stride=p).flatten(2).transpose(1, 2) + pos_embed
+    patches = F.conv2d(frames, weight, bias, stride=p).flatten(2).transpose(1, 2)  # [B, N, D], no PE
+    h = patches + pos_embed
     tokens = torch.cat([prefix.to(h.dtype).expand(frames.shape[0], -1, -1), h], dim=1)  # [B, P + N, D]
-    return _decide_and_pack(tokens, prefix.shape[0], ema, slot, first, st, force_active, age, policy)
+    return _decide_and_pack(tokens, prefix.shape[0], ema, slot, first, st, force_active, age, policy,
+                            signal=patches if st.signal == "patch" else None)
 
 
 def gate_features_reference(tokens, num_prefix, ema, slot, first, settings, force_active=None, age=None,
@@ -414,13 +425,15 @@ def check_feature_args(tokens, num_prefix, ema, slot, first, st: GateSettings) -
         raise ValueError("slot and first need one entry per frame")
 
 
-def _decide_and_pack(tokens, num_prefix, ema, slot, first, st: GateSettings, force_active, age, policy) -> PackedFrames:
-    """Decide on the patch rows of ``tokens`` ``[B, P + N, D]``, write the pools, pack the computed
+def _decide_and_pack(tokens, num_prefix, ema, slot, first, st: GateSettings, force_active, age, policy,
+                     signal=None) -> PackedFrames:
+    """Decide on the patch rows of ``tokens`` ``[B, P + N, D]`` (or on ``signal`` ``[B, N, D]``
+    when given: ``signal="patch"``'s embedding without PE), write the pools, pack the computed
     tokens (prefix rows first, then the active patches ascending) of the frames that run."""
     b, t, d = tokens.shape
     n = t - num_prefix
     h = tokens[:, num_prefix:]
-    decided = gate_decision_reference(h, ema[slot], first, st, force_active=force_active,
+    decided = gate_decision_reference(h if signal is None else signal, ema[slot], first, st, force_active=force_active,
                                       age=None if age is None else age[slot],
                                       since=None if policy is None else policy[0][slot, 0],
                                       drift=None if policy is None else policy[1][slot, 0])

@@ -51,6 +51,8 @@ class ServeConfig:
             budget (``neuroflow.NeuroFlow``; None: off).
         probe_layers: architecture KV: the first l layers run densely and the gate decides on
             their output (``neuroflow.NeuroFlow``; None: the engine's default 0, layer 0).
+        signal: what the gate's surprise compares, ``"embedding"`` or ``"patch"``
+            (``neuroflow.NeuroFlow``; None: the engine's default, ``"embedding"``).
         max_streams: streams each shard's engine keeps (least recently seen evicted beyond it;
             the stream's next reply says ``state_lost``); None: no bound.
         dtype: ``"float32"``, ``"float16"`` or ``"bfloat16"``.
@@ -97,6 +99,7 @@ class ServeConfig:
     keyframe_drift: float | None = None
     batch_budget: float | None = None
     probe_layers: int | None = None
+    signal: str | None = None
     max_streams: int | None = None
     dtype: str = "float32"
     device: str = "cpu"
@@ -268,7 +271,7 @@ def engine_options(config: ServeConfig) -> dict:
     out = {}
     for name in ("arch", "threshold", "ema_decay", "floor_tokens", "reference", "budget", "motion_norm",
                  "scene_cut", "kv_layers", "skip_below", "keyframe_every", "keyframe_drift", "batch_budget",
-                 "probe_layers"):
+                 "probe_layers", "signal"):
         v = getattr(config, name)
         if v is not None:
             out[name] = v
