@@ -81,10 +81,11 @@ class NeuroFlow(nn.Module):
             ``ViTModel``, ``Dinov2Model`` or ``Dinov2WithRegistersModel``, or a ``SiglipModel`` /
             ``CLIPModel`` (its vision tower is used). Its weights are used as they are.
         preset: where the settings left out come from (:data:`PRESETS`): ``"measured"`` (default:
-            the best point measured on real weights: ``arch="KV"``, ``reference="computed"``,
-            ``max_staleness=4``, ``threshold=0.05``) or ``"paper"`` (the paper's configuration:
-            ``arch="C"``, ``reference="ema"``, ``ema_decay=0.01``, ``threshold=0.35``, no
-            staleness bound). Settings given explicitly override the preset's.
+            the best point measured on real weights against frame skipping at equal compute:
+            ``arch="KV"``, ``keyframe_every=4``, ``reference="computed"``, ``threshold=0.2``, no
+            staleness bound) or ``"paper"`` (the paper's configuration: ``arch="C"``,
+            ``reference="ema"``, ``ema_decay=0.01``, ``threshold=0.35``, no staleness bound, no
+            keyframes). Settings given explicitly override the preset's.
         arch: ``"A"``, ``"B"``, ``"C"`` or ``"KV"`` (cached context; see ``neuroflow.architectures``).
         threshold: a patch is active when its surprise ``1 - cos`` is strictly above this; in
             [-1, 2] (below 0 every patch is active every frame); None only with a ``budget``.
@@ -151,7 +152,10 @@ class NeuroFlow(nn.Module):
             are exactly the stream's last computed frame's. In [0, 1]; below 1 needs a threshold.
             Streams then keep ``last_seq`` ``[T, D]`` and ``last_pooled`` ``[D_out]``.
         keyframe_every: None or K >= 1: a keyframe (dense, reference, ages and counters restarted)
-            at least every K frames, counted per stream from its first frame.
+            at least every K frames, counted per stream from its first frame (the measured
+            preset: 4). Keyframes make the packed row count data-dependent, so with
+            ``capacity="auto"`` a GPU call reads it on the host (one sync per call) and CUDA
+            graphs are not captured; an int ``capacity`` keeps the step sync-free.
         keyframe_drift: None or f >= 0: a keyframe when the sum of the frames' mean raw surprise
             since the last keyframe (this frame included) exceeds f.
             Every-k frame skipping is ``keyframe_every=k, skip_below=1.0``. See
@@ -213,7 +217,7 @@ class NeuroFlow(nn.Module):
         kv_layers: int | Sequence[int] | None = None,
         preset: str = DEFAULT_PRESET,
         skip_below: float | None = None,
-        keyframe_every: int | None = None,
+        keyframe_every: int | None = FROM_PRESET,
         keyframe_drift: float | None = None,
         batch_budget: float | None = None,
         probe_layers: int = 0,
@@ -226,11 +230,11 @@ class NeuroFlow(nn.Module):
         explicit = {name for name, v in dict(arch=arch, ema_decay=ema_decay, floor_tokens=floor_tokens,
                                              cls_readout=cls_readout, head_cache=head_cache).items() if given(v)}
         chosen = resolve(preset, arch=arch, threshold=threshold, ema_decay=ema_decay, floor_tokens=floor_tokens,
-                         reference=reference, max_staleness=max_staleness, cls_readout=cls_readout,
-                         head_cache=head_cache)
+                         reference=reference, max_staleness=max_staleness, keyframe_every=keyframe_every,
+                         cls_readout=cls_readout, head_cache=head_cache)
         arch, threshold, ema_decay = chosen["arch"], chosen["threshold"], chosen["ema_decay"]
         floor_tokens, reference, max_staleness = chosen["floor_tokens"], chosen["reference"], chosen["max_staleness"]
-        cls_readout, head_cache = chosen["cls_readout"], chosen["head_cache"]
+        cls_readout, head_cache, keyframe_every = chosen["cls_readout"], chosen["head_cache"], chosen["keyframe_every"]
         self.preset = preset
         settings = GateSettings(threshold=threshold, ema_decay=ema_decay, floor_tokens=floor_tokens,
                                 reference=reference, max_staleness=max_staleness, budget=budget,

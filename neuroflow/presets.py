@@ -8,19 +8,23 @@ it is resolved; only settings given explicitly are checked for having no effect.
 
 from __future__ import annotations
 
-PRESET_SETTINGS = ("arch", "threshold", "ema_decay", "floor_tokens", "reference", "max_staleness")
+PRESET_SETTINGS = ("arch", "threshold", "ema_decay", "floor_tokens", "reference", "max_staleness", "keyframe_every")
 """The settings a preset decides."""
 
 PRESETS: dict[str, dict] = {
-    # Chosen by measurement on real DINOv2-S weights (bench/bench_fidelity.py; README "Choosing
-    # the defaults"): cached context, surprise against the embedding as last computed, every
-    # patch refreshed at least every 5th frame, threshold 0.05.
-    "measured": dict(arch="KV", threshold=0.05, ema_decay=0.01, floor_tokens=4, reference="computed", max_staleness=4),
+    # Chosen by measurement on real DINOv2-S weights against frame skipping at equal compute
+    # (bench/results/fidelity_signal.md, docs/gate.md "Choosing the default"): cached context, a
+    # dense keyframe every 4th frame of a stream, the gated frames in between compute the patches
+    # whose embedding moved more than 0.2 (1 - cos) from its value when last computed. The
+    # keyframes bound every cached token's age, so no staleness bound is needed.
+    "measured": dict(arch="KV", threshold=0.2, ema_decay=0.01, floor_tokens=4, reference="computed",
+                     max_staleness=None, keyframe_every=4),
     # The paper's configuration: Architecture C, the EMA of every frame, threshold 0.35.
-    "paper": dict(arch="C", threshold=0.35, ema_decay=0.01, floor_tokens=4, reference="ema", max_staleness=None),
+    "paper": dict(arch="C", threshold=0.35, ema_decay=0.01, floor_tokens=4, reference="ema", max_staleness=None,
+                  keyframe_every=None),
 }
-"""Named sets of defaults for ``arch``, ``threshold``, ``ema_decay``, ``floor_tokens``, ``reference``
-and ``max_staleness``; a setting given explicitly overrides its preset value."""
+"""Named sets of defaults for ``arch``, ``threshold``, ``ema_decay``, ``floor_tokens``, ``reference``,
+``max_staleness`` and ``keyframe_every``; a setting given explicitly overrides its preset value."""
 
 DEFAULT_PRESET = "measured"
 """The preset used when none is named: by the API, the command line and serving."""

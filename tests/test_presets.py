@@ -16,10 +16,11 @@ def test_the_default_is_the_measured_preset():
     nf = NeuroFlow(make_model("siglip"))
     assert nf.preset == "measured"
     measured = PRESETS["measured"]
-    assert (nf.arch, nf.threshold, nf.ema_decay, nf.floor_tokens, nf.reference, nf.max_staleness) == (
+    assert (nf.arch, nf.threshold, nf.ema_decay, nf.floor_tokens, nf.reference, nf.max_staleness,
+            nf.keyframe_every) == (
         measured["arch"], measured["threshold"], measured["ema_decay"], measured["floor_tokens"],
-        measured["reference"], measured["max_staleness"])
-    assert "age" in nf.state_bytes_per_stream(40, 48)  # the staleness bound keeps ages
+        measured["reference"], measured["max_staleness"], measured["keyframe_every"])
+    assert "policy_since" in nf.state_bytes_per_stream(40, 48)  # the keyframe schedule keeps its counter
     with torch.inference_mode():
         out = [nf(video(3)[t : t + 1]) for t in range(3)]
     assert out[0].first_frame.all() and not out[2].first_frame.any()
@@ -95,7 +96,8 @@ def test_floor_tokens_without_a_threshold_warns_and_changes_nothing():
         plain = NeuroFlow(make_model("siglip"), threshold=None, budget=3)
         NeuroFlow(make_model("siglip"), threshold=None, budget=3, floor_tokens=0)
     got, expected = masks(floored, frames), masks(plain, frames)
-    assert torch.equal(got, expected) and (got[1:].sum(dim=1) == 3).all()
+    kinds = torch.tensor([1 if t % 4 else 2 for t in range(5)])  # the preset's keyframe every 4th frame
+    assert torch.equal(got, expected) and (got[1:].sum(dim=1) == torch.where(kinds[1:] == 2, got.shape[1], 3)).all()
 
 
 @pytest.mark.parametrize(("family", "arch"), [("siglip", "C"), ("clip", "KV"), ("clip", "A")])

@@ -66,10 +66,11 @@ def add_gate_arguments(p: argparse.ArgumentParser | argparse._ArgumentGroup, sev
 
     p.add_argument("--preset", choices=tuple(PRESETS), default=DEFAULT_PRESET,
                    help=f"where the settings not given come from (default {DEFAULT_PRESET}, as NeuroFlow(model)): "
-                        f"measured = arch {measured['arch']}, threshold {measured['threshold']}, reference "
-                        f"{measured['reference']}, max staleness {measured['max_staleness']} (best measured on real "
-                        f"weights); paper = arch {paper['arch']}, threshold {paper['threshold']}, EMA reference with "
-                        f"decay {paper['ema_decay']}, no staleness bound")
+                        f"measured = arch {measured['arch']}, a keyframe every {measured['keyframe_every']} frames, "
+                        f"threshold {measured['threshold']}, reference {measured['reference']}, max staleness "
+                        f"{_show(measured['max_staleness'])} (best measured on real weights against frame skipping); "
+                        f"paper = arch {paper['arch']}, threshold {paper['threshold']}, EMA reference with "
+                        f"decay {paper['ema_decay']}, no staleness bound, no keyframes")
     if several_archs:
         p.add_argument("--arch", nargs="+", default=argparse.SUPPRESS, choices=ARCHITECTURES, metavar="ARCH",
                        help=f"architecture(s) A, B, C, KV ({both('arch')}); with several, the first one's results "
@@ -114,9 +115,9 @@ def add_gate_arguments(p: argparse.ArgumentParser | argparse._ArgumentGroup, sev
                    help="frame policy: a later frame where at most this fraction of the patches pass the threshold "
                         "is skipped (the stream's last outputs are reused, no encoder work); 1.0 with "
                         "--keyframe-every K is frame skipping, dense every K-th frame (default off)")
-    p.add_argument("--keyframe-every", type=int, default=argparse.SUPPRESS, metavar="K",
+    p.add_argument("--keyframe-every", type=_or_none(int), default=argparse.SUPPRESS, metavar="K",
                    help="frame policy: a keyframe (dense, reference and caches refreshed) at least every K frames "
-                        "of a stream (default off)")
+                        f"of a stream; 'none': off ({both('keyframe_every')})")
     p.add_argument("--keyframe-drift", type=float, default=argparse.SUPPRESS, metavar="D",
                    help="frame policy: a keyframe once the frames' mean surprise summed since the last keyframe "
                         "exceeds D (default off)")

@@ -81,8 +81,9 @@ def _engine_fields(args) -> dict:
     if "threshold" in fields and fields["threshold"] is None:
         raise CommandError("--threshold none is not available in serve (a shard's budget alone cannot be "
                            "set per stream); give a threshold", code=2)
-    if "max_staleness" in fields and fields["max_staleness"] is None:
-        fields["max_staleness"] = 0  # ServeConfig: 0 is no bound, None is the preset's
+    for name in ("max_staleness", "keyframe_every"):
+        if name in fields and fields[name] is None:
+            fields[name] = 0  # ServeConfig: 0 is off, None is the preset's
     if "cls_readout" in fields:
         raise CommandError("--cls-readout is not available in serve", code=2)
     return fields

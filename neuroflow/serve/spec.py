@@ -42,13 +42,14 @@ class ServeConfig:
             already have it.
         preset: the engine preset (``neuroflow.presets.PRESETS``; default ``DEFAULT_PRESET``, the
             measured default of the library) that every gate option left at None comes from.
-        arch, threshold, ema_decay, floor_tokens, reference, max_staleness: the engine's gate
-            settings (``neuroflow.NeuroFlow``); None: the preset's value. ``max_staleness=0``
-            means no staleness bound (the engine's None).
+        arch, threshold, ema_decay, floor_tokens, reference, max_staleness, keyframe_every: the
+            engine's gate settings (``neuroflow.NeuroFlow``); None: the preset's value.
+            ``max_staleness=0`` means no staleness bound and ``keyframe_every=0`` no periodic
+            keyframe (the engine's None for each).
         budget, motion_norm, scene_cut, kv_layers: further engine options (None: the engine's
             default: no budget, no motion normalisation, no scene-cut test, every layer).
-        skip_below, keyframe_every, keyframe_drift, batch_budget: the frame policy and the batch
-            budget (``neuroflow.NeuroFlow``; None: off).
+        skip_below, keyframe_drift, batch_budget: the frame policy and the batch budget
+            (``neuroflow.NeuroFlow``; None: off).
         probe_layers: architecture KV: the first l layers run densely and the gate decides on
             their output (``neuroflow.NeuroFlow``; None: the engine's default 0, layer 0).
         signal: what the gate's surprise compares, ``"embedding"`` or ``"patch"``
@@ -137,7 +138,8 @@ class ServeConfig:
                                                or not isinstance(self.max_staleness, int) or self.max_staleness < 0):
             raise ValueError(f"max_staleness must be an int >= 0 (0: no bound) or None, got {self.max_staleness!r}")
         check_skip_below(self.skip_below)
-        check_keyframe_every(self.keyframe_every)
+        if self.keyframe_every != 0:
+            check_keyframe_every(self.keyframe_every)
         check_keyframe_drift(self.keyframe_drift)
         check_batch_budget(self.batch_budget)
         if self.probe_layers is not None and (isinstance(self.probe_layers, bool) or not isinstance(self.probe_layers, int)
@@ -270,13 +272,15 @@ def engine_options(config: ServeConfig) -> dict:
     so the preset or the engine's default decides them)."""
     out = {}
     for name in ("arch", "threshold", "ema_decay", "floor_tokens", "reference", "budget", "motion_norm",
-                 "scene_cut", "kv_layers", "skip_below", "keyframe_every", "keyframe_drift", "batch_budget",
+                 "scene_cut", "kv_layers", "skip_below", "keyframe_drift", "batch_budget",
                  "probe_layers", "signal"):
         v = getattr(config, name)
         if v is not None:
             out[name] = v
-    if config.max_staleness is not None:
-        out["max_staleness"] = config.max_staleness or None  # 0: no bound
+    for name in ("max_staleness", "keyframe_every"):  # 0: off, None: the preset's
+        v = getattr(config, name)
+        if v is not None:
+            out[name] = v or None
     return out
 
 
