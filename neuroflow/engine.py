@@ -23,7 +23,7 @@ from .presets import DEFAULT_PRESET, FROM_PRESET, PRESETS, Default, check_preset
 from .profiling import _active as _active_timer
 from .gate_settings import GateSettings
 from .models import VisionAdapter
-from .ops.gate import gate
+from .ops.library import gate_frames
 from .reference.cache_scatter import QUANT_MAX
 from .profiling import stage
 from .state_file import StateFileError, load_state_file, model_fingerprint, save_state_file
@@ -616,7 +616,7 @@ class NeuroFlow(nn.Module):
         a = self.adapter
         conv = a.patch_conv
         with stage("gate"):
-            gated = gate(
+            gated = gate_frames(
                 pixel_values, conv.weight, conv.bias, a.position_embeddings(grid), a.prefix_tokens(grid),
                 batch.update_in_place("ema"), batch.slot, batch.first, self._gate, force_active=active,
                 age=batch.update_in_place("age") if self._gate.max_staleness is not None else None,

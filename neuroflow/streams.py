@@ -21,7 +21,7 @@ from typing import Callable, Hashable
 
 import torch
 
-from .ops.cache_scatter import cache_scatter
+from .ops.library import cache_scatter_op
 
 Grid = tuple[int, int]
 Specs = dict[str, tuple[tuple[int, ...], torch.dtype]]
@@ -315,15 +315,15 @@ class StreamBatch:
             rows = self.slot * num_layers + layer
         old = _gather_packed(t, rows, cu_seqlens, index)
         if s is None:
-            self._undo.append(lambda: cache_scatter(t, rows, old, cu_seqlens, index))
+            self._undo.append(lambda: cache_scatter_op(t, rows, old, cu_seqlens, index, None))
         else:
             old_scale = _gather_packed(s, rows, cu_seqlens, index)
 
             def restore():  # raw copies: the old 8-bit rows and their scales, not re-quantised
-                cache_scatter(t, rows, old, cu_seqlens, index)
-                cache_scatter(s, rows, old_scale, cu_seqlens, index)
+                cache_scatter_op(t, rows, old, cu_seqlens, index, None)
+                cache_scatter_op(s, rows, old_scale, cu_seqlens, index, None)
             self._undo.append(restore)
-        cache_scatter(t, rows, src, cu_seqlens, index, s)
+        cache_scatter_op(t, rows, src, cu_seqlens, index, s)
 
     def _keep_rows(self, t: torch.Tensor) -> None:
         old = t.index_select(0, self.slot)

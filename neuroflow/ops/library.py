@@ -38,13 +38,13 @@ import torch
 
 from ..gate_settings import GateSettings
 from .cache_scatter import cache_scatter
-from .gate import gate
+from .gate import PackedFrames, gate
 from .varlen_attention import varlen_attention
 
 NAMESPACE = "neuroflow"
 
 
-@torch.library.custom_op(f"{NAMESPACE}::gate", mutates_args=("ema", "age"))
+@torch.library.custom_op(f"{NAMESPACE}::gate", mutates_args=("ema", "age", "since", "drift"))
 def gate_op(
     frames: torch.Tensor,
     weight: torch.Tensor,
@@ -58,22 +58,34 @@ def gate_op(
     ema_decay: float,
     floor_tokens: int,
     age: torch.Tensor | None,
+    since: torch.Tensor | None,
+    drift: torch.Tensor | None,
+    force_active: torch.Tensor | None = None,
     *,
     reference: str = "ema",
     max_staleness: int | None = None,
     budget: int | None = None,
     motion_norm: bool = False,
     scene_cut: float | None = None,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    skip_below: float | None = None,
+    keyframe_every: int | None = None,
+    keyframe_drift: float | None = None,
+    batch_budget: float | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     st = GateSettings(threshold=threshold, ema_decay=ema_decay, floor_tokens=floor_tokens, reference=reference,
-                      max_staleness=max_staleness, budget=budget, motion_norm=motion_norm, scene_cut=scene_cut)
-    out = gate(frames, weight, bias, pos_embed, prefix, ema, slot, first, st, age=age)
-    return out.surprise, out.active, out.cu_seqlens, out.index, out.packed
+                      max_staleness=max_staleness, budget=budget, motion_norm=motion_norm, scene_cut=scene_cut,
+                      skip_below=skip_below, keyframe_every=keyframe_every, keyframe_drift=keyframe_drift,
+                      batch_budget=batch_budget)
+    if (since is None) != (drift is None):
+        raise ValueError("the policy counters since and drift come together (both tensors or both None)")
+    out = gate(frames, weight, bias, pos_embed, prefix, ema, slot, first, st, force_active=force_active, age=age,
+               policy=None if since is None else (since, drift))
+    return out.surprise, out.active, out.cu_seqlens, out.index, out.packed, out.frame_kind
 
 
 @gate_op.register_fake
 def _gate_fake(frames, weight, bias, pos_embed, prefix, ema, slot, first, threshold, ema_decay, floor_tokens,
-               age, *, reference="ema", max_staleness=None, budget=None, motion_norm=False, scene_cut=None):
+               age, since, drift, force_active=None, **settings):
     b, _, h, w = frames.shape
     p = weight.shape[2]
     n = (h // p) * (w // p)
@@ -85,6 +97,7 @@ def _gate_fake(frames, weight, bias, pos_embed, prefix, ema, slot, first, thresh
         frames.new_empty(b + 1, dtype=torch.int32),
         frames.new_empty(cap, dtype=torch.int32),
         frames.new_empty(cap, d),
+        frames.new_empty(b, dtype=torch.int8),
     )
 
 
@@ -98,7 +111,42 @@ def gate_op_settings(settings: GateSettings, num_patches: int) -> dict:
     return dict(threshold=settings.threshold, ema_decay=float(settings.ema_decay),
                 floor_tokens=int(settings.floor_tokens), reference=settings.reference,
                 max_staleness=settings.max_staleness, budget=settings.budget_count(num_patches),
-                motion_norm=settings.motion_norm, scene_cut=settings.scene_cut)
+                motion_norm=settings.motion_norm, scene_cut=settings.scene_cut, skip_below=settings.skip_below,
+                keyframe_every=settings.keyframe_every, keyframe_drift=settings.keyframe_drift,
+                batch_budget=settings.batch_budget)
+
+
+def launcher_only(settings: GateSettings, *inputs: torch.Tensor | None) -> str | None:
+    """Why a gate call cannot go through the registered op, or None: the one place that decides it.
+
+    * per-frame tensor thresholds or decays (distillation): no schema form;
+    * gradients: the ops are forward-only (no autograd formula), and the gate's reference keeps
+      autograd to the frames and the patch-embedding weights (``differentiable=True``, or
+      ``pixel_values`` that require grad).
+
+    Such calls go to the Python launcher :func:`neuroflow.ops.gate.gate`, which makes the same
+    kernel / reference decision (:mod:`neuroflow.dispatch` records it) as the op's implementation."""
+    if isinstance(settings.threshold, torch.Tensor) or isinstance(settings.ema_decay, torch.Tensor):
+        return "per-frame tensor thresholds or decays"
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in inputs):
+        return "gradients are needed and the registered op is forward-only"
+    return None
+
+
+def gate_frames(frames, weight, bias, pos_embed, prefix, ema, slot, first, settings: GateSettings, *,
+                force_active=None, age=None, policy=None) -> PackedFrames:
+    """The gate as the engine calls it: :func:`neuroflow.ops.gate.gate`'s arguments and result
+    (:class:`PackedFrames`), through ``torch.ops.neuroflow.gate`` eagerly and under
+    ``torch.compile`` alike, unless :func:`launcher_only` names a reason (then the launcher runs)."""
+    if launcher_only(settings, frames, weight, bias, pos_embed, prefix) is not None:
+        return gate(frames, weight, bias, pos_embed, prefix, ema, slot, first, settings, force_active=force_active,
+                    age=age, policy=policy)
+    kw = gate_op_settings(settings, pos_embed.shape[0])
+    since, drift = policy if policy is not None else (None, None)
+    surprise, active, cu_seqlens, index, packed, frame_kind = gate_op(
+        frames, weight, bias, pos_embed, prefix, ema, slot, first, kw.pop("threshold"), kw.pop("ema_decay"),
+        kw.pop("floor_tokens"), age, since, drift, force_active, **kw)
+    return PackedFrames(surprise, active, cu_seqlens, index, packed, prefix.shape[0], frame_kind)
 
 
 @torch.library.custom_op(f"{NAMESPACE}::cache_scatter", mutates_args=("cache", "scale"))
