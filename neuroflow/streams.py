@@ -296,8 +296,9 @@ class StreamBatch:
 
     def scatter(self, name: str, src: torch.Tensor, cu_seqlens: torch.Tensor, index: torch.Tensor,
                 layer: int | None = None, scale: str | None = None) -> None:
-        """``state[slot[b], index[t]] = src[t]`` for each packed row t of stream b (see
-        :func:`neuroflow.ops.cache_scatter.cache_scatter`).
+        """``state[slot[b], index[t]] = src[t]`` for each packed row t of stream b, through the
+        registered op ``torch.ops.neuroflow.cache_scatter`` (see
+        :func:`neuroflow.ops.cache_scatter.cache_scatter`), as is its undo.
 
         Args:
             src: ``[T_cap, D]`` packed rows; cu_seqlens: ``[B + 1]`` int32; index: ``[T_cap]`` int32.

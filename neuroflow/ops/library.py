@@ -1,13 +1,18 @@
 """The three device ops as ``torch.library`` custom ops, so ``torch.compile`` traces through them.
 
 * ``torch.ops.neuroflow.gate(frames, weight, bias, pos_embed, prefix, ema!, slot, first, threshold,
-  ema_decay, floor_tokens, age!, *, reference="ema", max_staleness=None, budget=None,
-  motion_norm=False, scene_cut=None) -> (surprise, active, cu_seqlens, index, packed)``: mutates ``ema``
-  (and ``age``, a tensor or None: positional, for the same reason as the attention's scales, and
-  required, see below); every :class:`~neuroflow.gate_settings.GateSettings` option is an
-  argument (``budget`` as a patch count: :func:`gate_op_settings` turns a settings value, fractions
-  included, into these arguments). See :func:`neuroflow.ops.gate.gate`; the forced-mask and
-  ``config`` options and per-frame tensor thresholds stay on the Python function.
+  ema_decay, floor_tokens, age!, since!, drift!, force_active=None, *, reference="ema",
+  max_staleness=None, budget=None, motion_norm=False, scene_cut=None, skip_below=None,
+  keyframe_every=None, keyframe_drift=None, batch_budget=None) -> (surprise, active, cu_seqlens,
+  index, packed, frame_kind)``: mutates ``ema``, ``age`` and the frame policy's counters
+  ``since`` ``[S, 1]`` int32 / ``drift`` ``[S, 1]`` float32 (each a tensor or None: positional,
+  for the same reason as the attention's scales, and required, see below); every
+  :class:`~neuroflow.gate_settings.GateSettings` option is an argument (``budget`` as a patch
+  count: :func:`gate_op_settings` is the one place that turns a settings value, fractions
+  included, into these arguments); ``force_active`` ``[B, N]`` bool is the forced mask of
+  ``NeuroFlow(..., active=)`` (the gate's reference path runs it, a recorded fallback where the
+  kernel was expected). See :func:`neuroflow.ops.gate.gate`; ``config`` (a launch schedule) and
+  per-frame tensor thresholds stay on the Python function.
 * ``torch.ops.neuroflow.cache_scatter(cache!, slot, src, cu_seqlens, index, scale!) -> ()``:
   mutates ``cache`` (and ``scale``, a tensor or None: the quantising form for int8 / float8
   caches); see
@@ -19,17 +24,29 @@
   because a custom op may not take keyword-only tensors; ``out=`` and ``config=`` stay on the Python function: a custom op may not return an
   alias of an input, and a launch schedule is not a schema type).
 
-Mutated arguments have no default (``age``, ``scale``: pass None): torch 2.11's in-place
+Mutated arguments have no default (``age``, ``since``, ``drift``, ``scale``: pass None): torch 2.11's in-place
 bookkeeping indexes mutated arguments by their schema position and fails with ``IndexError`` when a
 trailing one is left out.
 
 Each real implementation is the launcher (which asks :mod:`neuroflow.dispatch` for the path, so
 the kernel or the reference runs exactly as when the function is called directly); each fake
 (meta) implementation gives the output shapes from the input shapes alone: the packed gate
-outputs have the capacity ``B * (P + N)`` rows, never the data-dependent count. The ops are
-forward-only (no autograd formula): :mod:`neuroflow.encoder` calls the varlen op while
-``torch.compile`` traces without gradients, and the Python function otherwise (eager steps skip the
-op's dispatch cost; distillation's gradient path keeps the reference's autograd).
+outputs have the capacity ``B * (P + N)`` rows, never the data-dependent count.
+
+The engine calls the gate and the stream-state cache writes through the ops, eagerly and under
+``torch.compile`` alike (one code path): :func:`gate_frames` is its gate call,
+:class:`neuroflow.streams.StreamBatch` writes (and undoes) caches with :func:`cache_scatter_op`.
+The ops are forward-only (no autograd formula), so :func:`launcher_only` (the one place that
+decides it) sends a gate call that needs gradients (``differentiable=True``, or ``pixel_values``
+that require grad) or has per-frame tensor thresholds to the Python launcher; cache writes never
+carry gradients (the caches are state), so they always take the op. The op's eager cost: a call
+through a mutating custom op pays torch's argument handling in Python (its version-bump kernel
+rebuilds the schema's argument list for every argument: quadratic in their number), measured on
+a shared 2-core CPU at about 0.9-1.3 ms per gate call (26 arguments) and 0.25 ms per cache
+scatter over the direct launcher call (docs/contributing.md).
+:mod:`neuroflow.encoder` calls the varlen op only while ``torch.compile`` traces without
+gradients (:func:`attend`), and the Python function otherwise (it runs once per layer; eager steps
+skip the op's dispatch cost; distillation's gradient path keeps the reference's autograd).
 """
 
 from __future__ import annotations
