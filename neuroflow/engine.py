@@ -3,6 +3,13 @@
 One call, top to bottom: check the frames -> open the streams' state (:class:`StreamBatch`) ->
 gate (layer-0 embedding, EMA, threshold, packing) -> architecture (encoder on the gated tokens,
 cache, readout) -> commit the state, or roll it back if anything failed.
+
+The gate and the cache writes run as the registered ops ``torch.ops.neuroflow.gate`` /
+``cache_scatter`` (:mod:`neuroflow.ops.library`) eagerly and under ``torch.compile`` alike; only a
+call that needs gradients takes the gate's Python launcher (the ops are forward-only;
+:func:`neuroflow.ops.library.launcher_only` decides). :meth:`NeuroFlow._step_body` is the
+traceable step: ``torch.compile`` of it (tested on the CPU) breaks its graph only where the CPU
+path reads the token count on the host (``Architecture.encoder_inputs``).
 """
 
 from __future__ import annotations
@@ -23,7 +30,8 @@ from .presets import DEFAULT_PRESET, FROM_PRESET, PRESETS, Default, check_preset
 from .profiling import _active as _active_timer
 from .gate_settings import GateSettings
 from .models import VisionAdapter
-from .ops.gate import gate, gate_features
+from .ops.gate import gate_features
+from .ops.library import gate_frames
 from .reference.cache_scatter import QUANT_MAX
 from .profiling import stage
 from .state_file import StateFileError, load_state_file, model_fingerprint, save_state_file
@@ -564,8 +572,8 @@ class NeuroFlow(nn.Module):
         stream_ids: B distinct hashable ids (default ``0..B-1``).
         active: optional ``[B, N]`` bool: compute exactly these patches instead of the gate's
             choice (first frames stay dense; the EMA still updates). For baselines that select
-            patches another way (random dropping, pixel differences) and for training; it runs
-            the gate's reference path.
+            patches another way (random dropping, pixel differences) and for training; it goes
+            through the gate op like any call and runs the gate's reference path there.
         """
         self.sync_errors()
         deferred = self._deferred_finite(pixel_values)
@@ -664,9 +672,11 @@ class NeuroFlow(nn.Module):
     def _step_body(self, pixel_values: torch.Tensor, grid: Grid, batch: StreamBatch, active,
                    capacity: int | None, bad: torch.Tensor | None | bool
                    ) -> tuple[NeuroFlowOutput, Fitted | None, HostCount | None]:
-        """The step itself. ``bad``: the deferred finiteness flags, or None; the counts for the
-        next call start their way to the host right after the gate (not under graph capture,
-        where ``bad`` is None and the caller copies them after the replay)."""
+        """The step itself (traceable by ``torch.compile``: gate, encoder, cache writes and readout
+        through the registered ops; see the module docstring). ``bad``: the deferred finiteness
+        flags, or None; the counts for the next call start their way to the host right after the
+        gate (not under graph capture, where ``bad`` is None and the caller copies them after the
+        replay)."""
         a = self.adapter
         conv = a.patch_conv
         probe = self.architecture.probe_layers
@@ -683,7 +693,7 @@ class NeuroFlow(nn.Module):
                                       self._gate, force_active=active, **pools)
         else:
             with stage("gate"):
-                gated = gate(
+                gated = gate_frames(
                     pixel_values, conv.weight, conv.bias, a.position_embeddings(grid), a.prefix_tokens(grid),
                     batch.update_in_place("ema"), batch.slot, batch.first, self._gate, force_active=active, **pools,
                 )

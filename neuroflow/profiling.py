@@ -41,7 +41,9 @@ class StageTimer:
 @contextlib.contextmanager
 def stage(name: str):
     """Charge the enclosed work to stage ``name`` of the active :class:`StageTimer`, if any."""
-    timer = _active.get()
+    # Under torch.compile nothing is timed (a timer syncs on the host): the stage is transparent,
+    # so the compiled step does not break its graph at every stage.
+    timer = None if torch.compiler.is_compiling() else _active.get()
     if timer is None:
         yield
         return

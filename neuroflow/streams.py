@@ -21,7 +21,7 @@ from typing import Callable, Hashable
 
 import torch
 
-from .ops.cache_scatter import cache_scatter
+from .ops.library import cache_scatter_op
 
 Grid = tuple[int, int]
 Specs = dict[str, tuple[tuple[int, ...], torch.dtype]]
@@ -296,8 +296,9 @@ class StreamBatch:
 
     def scatter(self, name: str, src: torch.Tensor, cu_seqlens: torch.Tensor, index: torch.Tensor,
                 layer: int | None = None, scale: str | None = None) -> None:
-        """``state[slot[b], index[t]] = src[t]`` for each packed row t of stream b (see
-        :func:`neuroflow.ops.cache_scatter.cache_scatter`).
+        """``state[slot[b], index[t]] = src[t]`` for each packed row t of stream b, through the
+        registered op ``torch.ops.neuroflow.cache_scatter`` (see
+        :func:`neuroflow.ops.cache_scatter.cache_scatter`), as is its undo.
 
         Args:
             src: ``[T_cap, D]`` packed rows; cu_seqlens: ``[B + 1]`` int32; index: ``[T_cap]`` int32.
@@ -315,15 +316,15 @@ class StreamBatch:
             rows = self.slot * num_layers + layer
         old = _gather_packed(t, rows, cu_seqlens, index)
         if s is None:
-            self._undo.append(lambda: cache_scatter(t, rows, old, cu_seqlens, index))
+            self._undo.append(lambda: cache_scatter_op(t, rows, old, cu_seqlens, index, None))
         else:
             old_scale = _gather_packed(s, rows, cu_seqlens, index)
 
             def restore():  # raw copies: the old 8-bit rows and their scales, not re-quantised
-                cache_scatter(t, rows, old, cu_seqlens, index)
-                cache_scatter(s, rows, old_scale, cu_seqlens, index)
+                cache_scatter_op(t, rows, old, cu_seqlens, index, None)
+                cache_scatter_op(s, rows, old_scale, cu_seqlens, index, None)
             self._undo.append(restore)
-        cache_scatter(t, rows, src, cu_seqlens, index, s)
+        cache_scatter_op(t, rows, src, cu_seqlens, index, s)
 
     def _keep_rows(self, t: torch.Tensor) -> None:
         old = t.index_select(0, self.slot)
