@@ -30,7 +30,7 @@ from ..reference.gate import (
     gate_reference,
     scene_cut_count,
 )
-from ._launch import cdiv, next_pow2
+from ._launch import CompileCase, cdiv, next_pow2
 
 __all__ = ["MAX_FLOOR", "GateSettings", "PackedFrames", "ema_dtype", "gate", "gate_reference"]
 
@@ -275,8 +275,6 @@ def compile_cases():
     token, in each dtype the kernel accepts on a GPU; plus the gate options' three-launch path
     (every option with ``reference="computed"``, and the EMA reference with a scene cut, which
     writes references only on cuts). Nothing runs: the launches are recorded."""
-    from ..compile_check import CompileCase
-
     def launcher(dtype, patch, dim, settings):
         def run():
             side = 1792 // patch * patch
