@@ -1,8 +1,9 @@
 """Compile every kernel's default configurations for real GPUs, on a machine without one.
 
-``python -m neuroflow.compile_check`` runs each :class:`CompileCase` that the op modules list
-(``compile_cases()`` in :mod:`neuroflow.ops.gate`, :mod:`neuroflow.ops.cache_scatter`,
-:mod:`neuroflow.ops.varlen_attention`): a call of the launcher itself on CPU tensors inside
+``python -m neuroflow.compile_check`` runs each :class:`CompileCase` (defined in
+:mod:`neuroflow.ops._launch`) that the op modules list (``compile_cases()`` in
+:mod:`neuroflow.ops.gate`, :mod:`neuroflow.ops.cache_scatter`, :mod:`neuroflow.ops.varlen_attention`):
+a call of the launcher itself on CPU tensors inside
 :func:`neuroflow.dispatch.recording_launches`, which records each kernel launch instead of running
 it. Each recorded launch is specialised exactly as Triton's runtime does it for a CUDA target
 (argument types from the values, constexprs, 16-byte divisibility/alignment of pointers and
@@ -31,10 +32,9 @@ import re
 import subprocess
 import sys
 import tempfile
-from dataclasses import dataclass, field
 from pathlib import Path
 
-from typing import Callable
+from .ops._launch import CompileCase  # noqa: F401  (the ops define their cases with it)
 
 SHARED_LIMIT = {80: 166_912, 90: 232_448}
 """Largest dynamic shared memory per block (bytes) that a launch may request."""
@@ -78,27 +78,6 @@ def spills_by_place(sass: str) -> tuple[int, int]:
     loops = [(labels[name], at) for at, name in branches if name in labels and labels[name] < at]
     inside = sum(any(lo <= at <= hi for lo, hi in loops) for at in spills)
     return inside, len(spills) - inside
-
-
-@dataclass
-class CompileCase:
-    """One launcher call whose kernel launches are compiled.
-
-    Attributes:
-        name: label for reports (kernel and config).
-        launch: calls the launcher on CPU tensors (run inside :func:`dispatch.recording_launches`).
-        uses_dot: whether the kernel uses ``tl.dot`` (then tensor-core instructions are required).
-        tensor_cores: architectures on which tensor-core instructions are required (default: both);
-            wgmma needs tiles of at least 64 rows, which small-tile configs do not have.
-        no_dot: names of kernels among the case's launches that use no ``tl.dot`` (the gate's
-            per-frame select kernel), exempt from the tensor-core check.
-    """
-
-    name: str
-    launch: Callable[[], None]
-    uses_dot: bool = False
-    tensor_cores: tuple[int, ...] = field(default=(80, 90))
-    no_dot: tuple[str, ...] = ()
 
 
 def recorded_launches(case: CompileCase) -> list:

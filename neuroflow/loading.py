@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from .models import UnsupportedModelError, VisionAdapter
-from .video import Preprocessor
+from .preprocess import Preprocessor
 
 # config.model_type values whose AutoModel class NeuroFlow can wrap (directly or its vision tower).
 SUPPORTED_MODEL_TYPES = (

@@ -26,52 +26,10 @@ the new pool exist together). Admitting the streams in one call allocates exactl
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-
 import torch
 from torch import nn
 
-GIB = 2**30
-
-
-@dataclass(frozen=True)
-class MemoryFit:
-    """The answer of :func:`streams_that_fit` (all sizes in bytes).
-
-    Attributes:
-        streams: streams whose state fits beside the weights and the reserve (0 when none does).
-        per_stream: state per stream by tensor name, plus ``"total"``.
-        weight_bytes: the vision model's parameters and buffers (0 with ``count_weights=False``).
-        reserve_bytes: the stated activation reserve.
-        budget_bytes: the whole budget.
-        height, width: the frame size; tokens: tokens per frame (prefix + patches).
-        settings: the architecture settings the state was computed for (as in a saved state's config).
-    """
-
-    streams: int
-    per_stream: dict[str, int]
-    weight_bytes: int
-    reserve_bytes: int
-    budget_bytes: int
-    height: int
-    width: int
-    tokens: int
-    settings: dict = field(default_factory=dict)
-
-    @property
-    def state_budget_bytes(self) -> int:
-        """What is left for stream state (negative when weights and reserve alone exceed the budget)."""
-        return self.budget_bytes - self.weight_bytes - self.reserve_bytes
-
-    def state_bytes(self, streams: int) -> int:
-        """State of ``streams`` streams (pool slots) at this size."""
-        return streams * self.per_stream["total"]
-
-    def summary(self) -> str:
-        mib = 2**20
-        return (f"{self.streams} streams at {self.height}x{self.width} ({self.tokens} tokens): "
-                f"{self.per_stream['total'] / mib:,.1f} MiB state each, weights {self.weight_bytes / mib:,.1f} MiB, "
-                f"reserve {self.reserve_bytes / mib:,.1f} MiB, budget {self.budget_bytes / GIB:g} GiB")
+from .engine import GIB, MemoryFit, NeuroFlow  # noqa: F401  (GIB, MemoryFit: re-exported)
 
 
 def streams_that_fit(model, height: int, width: int, gib: float, *, reserve_gib: float = 0.0,
@@ -92,12 +50,6 @@ def streams_that_fit(model, height: int, width: int, gib: float, *, reserve_gib:
         settings: ``NeuroFlow`` keyword arguments (``arch``, ``kv_layers``, ``cache_dtype``,
             ``head_cache``, ``cls_readout``...), validated as ``NeuroFlow`` does.
     """
-    from .engine import NeuroFlow
-
-    if not (isinstance(gib, (int, float)) and not isinstance(gib, bool) and gib > 0):
-        raise ValueError(f"gib must be a positive number, got {gib!r}")
-    if not (isinstance(reserve_gib, (int, float)) and not isinstance(reserve_gib, bool) and reserve_gib >= 0):
-        raise ValueError(f"reserve_gib must be a number >= 0, got {reserve_gib!r}")
     if isinstance(model, NeuroFlow):
         if settings:
             raise ValueError(f"pass settings to the NeuroFlow itself, not with it: {sorted(settings)}")
@@ -106,36 +58,7 @@ def streams_that_fit(model, height: int, width: int, gib: float, *, reserve_gib:
         if not isinstance(model, nn.Module):
             model = _meta_model(model, dtype or torch.float32)
         nf = NeuroFlow(model, **settings)
-    a = nf.adapter
-    if height <= 0 or width <= 0 or height % a.patch_size or width % a.patch_size:
-        raise ValueError(f"height and width must be positive multiples of the patch size {a.patch_size}, "
-                         f"got {height}x{width}")
-    per_stream = nf.state_bytes_per_stream(height, width)
-    weights = _module_bytes(a.model) if count_weights else 0
-    budget, reserve = int(gib * GIB), int(reserve_gib * GIB)
-    left = budget - weights - reserve
-    grid = a.grid(height, width)
-    return MemoryFit(
-        streams=max(0, left // per_stream["total"]),
-        per_stream=per_stream,
-        weight_bytes=weights,
-        reserve_bytes=reserve,
-        budget_bytes=budget,
-        height=height,
-        width=width,
-        tokens=a.num_prefix + grid[0] * grid[1],
-        settings=nf.architecture.config(),
-    )
-
-
-def _module_bytes(module: nn.Module) -> int:
-    """Parameters and buffers of ``module`` (each tensor once, even when shared)."""
-    seen, total = set(), 0
-    for t in [*module.parameters(), *module.buffers()]:
-        if id(t) not in seen:
-            seen.add(id(t))
-            total += t.numel() * t.element_size()
-    return total
+    return nf.streams_that_fit(height, width, gib, reserve_gib=reserve_gib, count_weights=count_weights)
 
 
 def _meta_model(config, dtype: torch.dtype) -> nn.Module:

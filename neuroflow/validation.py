@@ -99,7 +99,7 @@ def check_frames(pixel_values: torch.Tensor, adapter: VisionAdapter, check_finit
 
     Each error says how to fix the input: channels-last frames ``[B, H, W, C]`` are named as such
     (with the ``permute`` that fixes them), and raw integer pixels (uint8 0-255) are pointed to
-    :class:`neuroflow.video.Preprocessor`, since casting them to float would skip the
+    :class:`neuroflow.preprocess.Preprocessor`, since casting them to float would skip the
     normalisation the model was trained with.
     """
     if not isinstance(pixel_values, torch.Tensor):
@@ -131,7 +131,7 @@ def check_frames(pixel_values: torch.Tensor, adapter: VisionAdapter, check_finit
         raise TypeError(
             f"pixel_values dtype {pixel_values.dtype}: raw pixel values? The model expects resized, "
             f"normalised {str(adapter.dtype).removeprefix('torch.')} input, and a cast alone would feed "
-            "un-normalised 0-255 values: build the input with neuroflow.video.Preprocessor, e.g. "
+            "un-normalised 0-255 values: build the input with neuroflow.preprocess.Preprocessor, e.g. "
             "Preprocessor.from_pretrained(checkpoint_folder, family)(frames) (resize, rescale to [0, 1], "
             "normalise with the checkpoint's mean and std)"
         )

@@ -36,7 +36,8 @@ from transformers import (  # noqa: E402
 
 from neuroflow.overlay import VideoWriter  # noqa: E402
 from neuroflow.synthetic import static_camera_video  # noqa: E402
-from neuroflow.video import Preprocessor, VideoError, open_video, read_frames  # noqa: E402
+from neuroflow.preprocess import Preprocessor  # noqa: E402
+from neuroflow.video import VideoError, open_video, read_frames  # noqa: E402
 
 TINY = dict(hidden_size=48, intermediate_size=96, num_hidden_layers=2, num_attention_heads=2, image_size=32,
             patch_size=8)

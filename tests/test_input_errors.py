@@ -15,7 +15,8 @@ from neuroflow import NeuroFlow
 from neuroflow.models import VisionAdapter
 from neuroflow.pooling import dense_forward, dense_outputs, pooled_output
 from neuroflow.validation import check_frames, warn_ineffective_settings
-from neuroflow.video import Frame, Preprocessor
+from neuroflow.preprocess import Preprocessor
+from neuroflow.video import Frame
 
 
 @pytest.fixture(scope="module")
@@ -46,7 +47,7 @@ def test_uint8_frames_point_to_the_preprocessor_not_a_cast(adapter):
     with pytest.raises(TypeError) as err:
         check_frames(x, adapter)
     msg = str(err.value)
-    assert "torch.uint8" in msg and "neuroflow.video.Preprocessor" in msg and "normalise" in msg, msg
+    assert "torch.uint8" in msg and "neuroflow.preprocess.Preprocessor" in msg and "normalise" in msg, msg
     assert ".to(torch.float32)" not in msg and "un-normalised 0-255" in msg, msg
 
 

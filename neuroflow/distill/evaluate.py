@@ -25,7 +25,7 @@ from torch import nn
 from ..engine import NeuroFlow
 from ..models import VisionAdapter
 from ..pooling import dense_forward, pooled_output
-from ..video import Preprocessor
+from ..preprocess import Preprocessor
 from .losses import cosine
 
 

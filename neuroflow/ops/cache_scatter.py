@@ -15,7 +15,7 @@ import torch
 
 from .. import dispatch
 from ..reference.cache_scatter import QUANT_MAX, cache_scatter_reference, quantize_rows
-from ._launch import cdiv, next_pow2
+from ._launch import CompileCase, cdiv, next_pow2
 
 __all__ = ["cache_scatter", "cache_scatter_reference", "quantize_rows"]
 
@@ -93,8 +93,6 @@ def compile_cases():
     """Launches of the default GPU configuration (``python -m neuroflow.compile_check``): a
     SigLIP-base row width (768) for 32 streams, in every float dtype a cache can have, and the
     quantising write of fp16 / fp32 / bf16 rows into an int8 cache (12 heads of 64)."""
-    from ..compile_check import CompileCase
-
     def launcher(dtype, cache_dtype=None):
         def run():
             streams, tokens, dim = 32, 8, 768

@@ -35,7 +35,7 @@ from ..reference.gate import (
     gate_reference,
     scene_cut_count,
 )
-from ._launch import cdiv, next_pow2
+from ._launch import CompileCase, cdiv, next_pow2
 
 __all__ = ["MAX_FLOOR", "GateSettings", "PackedFrames", "ema_dtype", "gate", "gate_features", "gate_features_reference",
            "gate_reference"]
@@ -404,8 +404,6 @@ def compile_cases():
     111^2: patch and row counts not divisible by 16), because the runtime specialises each integer
     argument on its divisibility and a launch with other values compiles another kernel. Nothing
     runs: the launches are recorded."""
-    from ..compile_check import CompileCase
-
     def launcher(dtype, patch, dim, settings, odd=False):
         def run():
             side = (1792 // patch - odd) * patch

@@ -29,7 +29,7 @@ from ..reference.varlen_attention import (
     debug_checks,
     varlen_attention_reference,
 )
-from ._launch import cdiv, next_pow2
+from ._launch import CompileCase, cdiv, next_pow2
 
 __all__ = [
     "head_dim_split",
@@ -444,8 +444,6 @@ def compile_cases():
     variant for the shortest class in fp16 d64, int8 d72 and fp32 d80. Nothing runs: the
     launches are recorded.
     """
-    from ..compile_check import CompileCase
-
     def launcher(dtype, kv_dtype, head_dim, lo, hi, cfg, splits=1, odd=False):
         def run():
             heads, streams, tokens = (3, 2, 197) if odd else (2, 2, 256)

@@ -19,7 +19,7 @@ from ..gate_settings import check_batch_budget, check_keyframe_drift, check_keyf
 from ..presets import DEFAULT_PRESET
 from ..architectures import ARCHITECTURES
 from ..validation import check_ema_decay, check_floor_tokens, check_threshold
-from ..video import Preprocessor
+from ..preprocess import Preprocessor
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 SUPPORTED_MODEL_TYPES = (
