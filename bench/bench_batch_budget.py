@@ -51,7 +51,7 @@ from bench_fidelity import METRICS, WORKLOADS, Dense, dense_reference, stream_me
 from common import RESULTS, environment, markdown_table, write_results
 from fidelity_report import interpolate_at
 from neuroflow import NeuroFlow
-from neuroflow.engine import KEYFRAME
+from neuroflow.engine.engine import KEYFRAME
 from workloads import IMAGENET, load_model, workload
 
 FRACTIONS = (0.15, 0.25, 0.35)

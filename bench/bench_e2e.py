@@ -43,11 +43,12 @@ from pathlib import Path
 import torch
 
 from common import add_out_argument, environment, markdown_table, write_results
-from neuroflow import NeuroFlow, dispatch
-from neuroflow.loading import build_default_model, default_device, load_model
-from neuroflow.models import VisionAdapter
-from neuroflow.pooling import dense_forward, pooled_output
-from neuroflow.profiling import StageTimer
+from neuroflow import NeuroFlow
+from neuroflow.ops import dispatch
+from neuroflow.models.loading import build_default_model, default_device, load_model
+from neuroflow.models.families import VisionAdapter
+from neuroflow.models.pooling import dense_forward, pooled_output
+from neuroflow.engine.profiling import StageTimer
 from workloads import workload
 
 THRESHOLDS = (0.05, 0.10, 0.20, 0.35)
@@ -59,7 +60,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def build_model(name: str, device, dtype):
     """``siglip``/``clip`` (random weights, base geometry) or a local checkpoint folder (its
-    vision tower; loaded by :func:`neuroflow.loading.load_model`, never downloaded)."""
+    vision tower; loaded by :func:`neuroflow.models.loading.load_model`, never downloaded)."""
     torch.manual_seed(0)
     if name == "siglip":
         model, label = build_default_model(dtype, device).vision, "SigLIP-base/16 geometry, random weights"

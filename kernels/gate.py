@@ -16,7 +16,7 @@ The paper's gate takes three launches and no host synchronisation:
 3. :func:`gate_rows_kernel`, one program per (BLOCK_P packed rows, frame): recomputes the
    embeddings of the active patches only, read through the token index, into their packed rows.
 
-With any gate option (``neuroflow.gate_settings``) :func:`gate_select_kernel` runs between 1 and
+With any gate option (``neuroflow.reference.gate_settings``) :func:`gate_select_kernel` runs between 1 and
 2, one program per frame: the decision needs the whole frame (mean surprise for motion norm, the
 count for a scene cut, a top-k for budgets and floors, the staleness ages), so the embed kernel
 leaves it out and the pack kernel places what the select kernel chose. The rows kernel also
@@ -232,7 +232,7 @@ def gate_select_kernel(
     [B] int8, 1 on a scene cut (a keyframe that is not a first frame; with POLICY any keyframe
     that is not a first frame).
 
-    POLICY (the frame policy, ``neuroflow/gate_settings.py``): since_ptr [S] int32 and drift_ptr
+    POLICY (the frame policy, ``neuroflow/reference/gate_settings.py``): since_ptr [S] int32 and drift_ptr
     [S] float32 counters at row slot_ptr[frame], rewritten; kind_ptr out [B] int8 (0 skip, 1
     partial, 2 keyframe). A keyframe when since + 1 >= every_k or drift + mean raw surprise >
     drift_bound; else a skip when at most skip_count patches pass the threshold (raw).

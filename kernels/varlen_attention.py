@@ -31,7 +31,7 @@ HEAD_DIM_TILES = (16, 32, 48, 64, 80, 96, 128)
 # registers). Tiles of >= 64 rows keep sm_90's wgmma (64-row warpgroup tiles) in play; 16- and
 # 32-row tiles run mma.sync (HMMA) on both architectures. Chosen from the Triton fused-attention
 # tutorial's tiles and then by compiling for sm_80 and sm_90 without a GPU
-# (``python -m neuroflow.compile_check``): the largest tiles that compile without spills and
+# (``python -m neuroflow.tooling.compile_check``): the largest tiles that compile without spills and
 # within shared memory on both. Not yet timed on a GPU: tune these first when one is available.
 def _config(upper: int | None, width: int, elem: int) -> dict:
     block_m = upper or 128

@@ -1,16 +1,16 @@
 """NeuroFlow: EMA-gated sparse Vision Transformer inference for video streams.
 
-    decode -> preprocess -> gate (neuroflow.ops.gate) -> encoder (neuroflow.encoder)
-    -> cache (neuroflow.architectures, neuroflow.streams) -> readout (neuroflow.models)
+    decode -> preprocess -> gate (neuroflow.ops.gate) -> encoder (neuroflow.models.encoder)
+    -> cache (neuroflow.engine.architectures, neuroflow.engine.streams) -> readout (neuroflow.models.families)
 """
 
 from . import _source_kernels  # noqa: F401  (first: neuroflow.kernels in an uninstalled checkout)
 from .ops import library as _library  # noqa: F401  (registers torch.ops.neuroflow.*)
-from .compat import NeuroFlowSiglipVisionArchA, NeuroFlowSiglipVisionArchB, NeuroFlowSiglipVisionArchC
-from .engine import NeuroFlow, NeuroFlowOutput
-from .hf_attention import ATTENTION_NAME, packed_segments
-from .hf_attention import register as register_attention
-from .models import UnsupportedModelError, VisionAdapter
+from .engine.compat import NeuroFlowSiglipVisionArchA, NeuroFlowSiglipVisionArchB, NeuroFlowSiglipVisionArchC
+from .engine.engine import NeuroFlow, NeuroFlowOutput
+from .models.hf_attention import ATTENTION_NAME, packed_segments
+from .models.hf_attention import register as register_attention
+from .models.families import UnsupportedModelError, VisionAdapter
 
 __version__ = "0.1.0"
 

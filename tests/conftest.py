@@ -10,7 +10,7 @@ import os
 
 # Triton binds a kernel to its interpreter when the kernel's module is imported, so the
 # interpreter is switched on before anything can import one. Which path each call takes is
-# decided per call from the same variable (neuroflow.dispatch): the `triton_path` fixture turns
+# decided per call from the same variable (neuroflow.ops.dispatch): the `triton_path` fixture turns
 # the kernels on, every other test runs the PyTorch reference path.
 os.environ["TRITON_INTERPRET"] = "1"
 
@@ -31,8 +31,8 @@ from transformers import (  # noqa: E402
     ViTModel,
 )
 
-from neuroflow import dispatch  # noqa: E402
-from neuroflow.synthetic import static_camera_video  # noqa: E402
+from neuroflow.ops import dispatch  # noqa: E402
+from neuroflow.video.synthetic import static_camera_video  # noqa: E402
 
 PATCH = 8
 FAMILIES = ("siglip", "clip", "vit", "dinov2", "dinov2_registers")

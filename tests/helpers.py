@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from neuroflow import NeuroFlow
-from neuroflow.testing import allowed_error, max_error
+from neuroflow.tooling.testing import allowed_error, max_error
 
 
 def stream_tensor(nf, stream_id, name: str) -> torch.Tensor:

@@ -7,7 +7,7 @@ from conftest import make_model, video
 from helpers import assert_same_state, stream_tensor
 from helpers import PaperFlow
 from neuroflow import NeuroFlow, UnsupportedModelError
-from neuroflow.state_file import StateFileError
+from neuroflow.engine.state_file import StateFileError
 
 
 @pytest.fixture

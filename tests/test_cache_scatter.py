@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from neuroflow import dispatch
+from neuroflow.ops import dispatch
 from neuroflow.ops.cache_scatter import cache_scatter
 from neuroflow.reference.cache_scatter import cache_scatter_reference, quantize_rows
 

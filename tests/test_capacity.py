@@ -1,13 +1,14 @@
-"""Capacity buckets, the overflow cut, and the deferred finiteness check (neuroflow.capacity)."""
+"""Capacity buckets, the overflow cut, and the deferred finiteness check (neuroflow.engine.capacity)."""
 
 import pytest
 import torch
 
 from conftest import make_model, video
 from helpers import assert_same_state
-from neuroflow import NeuroFlow, dispatch
-from neuroflow.capacity import CapacityPlanner, CapacityWarning, bucket, static_patch_bound
-from neuroflow.gate_settings import GateSettings
+from neuroflow import NeuroFlow
+from neuroflow.ops import dispatch
+from neuroflow.engine.capacity import CapacityPlanner, CapacityWarning, bucket, static_patch_bound
+from neuroflow.reference.gate_settings import GateSettings
 
 
 def test_bucket_is_a_power_of_two_with_headroom_within_bounds():

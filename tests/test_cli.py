@@ -34,10 +34,10 @@ from transformers import (  # noqa: E402
     SiglipVisionModel,
 )
 
-from neuroflow.overlay import VideoWriter  # noqa: E402
-from neuroflow.synthetic import static_camera_video  # noqa: E402
-from neuroflow.preprocess import Preprocessor  # noqa: E402
-from neuroflow.video import VideoError, open_video, read_frames  # noqa: E402
+from neuroflow.video.overlay import VideoWriter  # noqa: E402
+from neuroflow.video.synthetic import static_camera_video  # noqa: E402
+from neuroflow.models.preprocess import Preprocessor  # noqa: E402
+from neuroflow.video.decode import VideoError, open_video, read_frames  # noqa: E402
 
 TINY = dict(hidden_size=48, intermediate_size=96, num_hidden_layers=2, num_attention_heads=2, image_size=32,
             patch_size=8)
@@ -321,7 +321,7 @@ def test_run_writes_every_output_for_two_streams(runs, out, data):
 
 def test_run_defaults_to_the_api_default_preset(runs, out):
     from neuroflow import NeuroFlow
-    from neuroflow.presets import DEFAULT_PRESET, PRESETS
+    from neuroflow.engine.presets import DEFAULT_PRESET, PRESETS
 
     done = runs["main"]
     assert done.returncode == 0, done.stderr
@@ -335,7 +335,7 @@ def test_run_defaults_to_the_api_default_preset(runs, out):
 
 
 def test_run_preset_paper_gives_the_papers_rule(runs, out):
-    from neuroflow.presets import PRESETS
+    from neuroflow.engine.presets import PRESETS
 
     done = runs["paper"]
     assert done.returncode == 0, done.stderr

@@ -13,7 +13,7 @@ import sys
 
 import pytest
 
-from neuroflow import compile_check
+from neuroflow.tooling import compile_check
 
 EXTRA_PYTHONS = [p for p in os.environ.get("NEUROFLOW_COMPILE_CHECK_PYTHONS", "").split(os.pathsep) if p]
 
@@ -32,7 +32,7 @@ def test_default_configs_compile_for_sm80_and_sm90(python):
     version = _triton_version(python)
     # A kernel defined under the interpreter cannot be compiled: a fresh process without it.
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    done = subprocess.run([python, "-m", "neuroflow.compile_check"], env=env, capture_output=True, text=True)
+    done = subprocess.run([python, "-m", "neuroflow.tooling.compile_check"], env=env, capture_output=True, text=True)
     reports = [json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")]
     assert reports and {r["triton"] for r in reports} == {version}, done.stderr[-2000:]
     failed = [f"{r['case']} sm_{r['sm']}: {'; '.join(r['problems'])}" for r in reports if r["problems"]]
@@ -103,7 +103,7 @@ def test_divisibility_reports_a_misaligned_launch(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "1")  # as conftest imported Triton; nothing is launched
     import torch
 
-    from neuroflow import dispatch
+    from neuroflow.ops import dispatch
     from neuroflow.ops.cache_scatter import cache_scatter
 
     cache = torch.zeros(4, 7, 24, dtype=torch.float16)

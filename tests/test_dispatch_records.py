@@ -4,7 +4,7 @@ import warnings
 
 import pytest
 
-from neuroflow import dispatch
+from neuroflow.ops import dispatch
 
 
 def test_fallback_warns_once_per_op_and_reason_and_records_stay_bounded(triton_path):

@@ -27,10 +27,10 @@ from neuroflow.distill.data import ClipShape, VideoEntry, draw_epoch, read_clip
 from neuroflow.distill.losses import frame_loss
 from neuroflow.distill.params import select_trainable
 from neuroflow.distill.sparse import SparseClips
-from neuroflow.models import VisionAdapter
-from neuroflow.overlay import VideoWriter
-from neuroflow.synthetic import static_camera_video
-from neuroflow.video import read_frames
+from neuroflow.models.families import VisionAdapter
+from neuroflow.video.overlay import VideoWriter
+from neuroflow.video.synthetic import static_camera_video
+from neuroflow.video.decode import read_frames
 
 # -- fixtures: a tiny SigLIP teacher and a few clips ---------------------------------------------------
 

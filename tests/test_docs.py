@@ -146,7 +146,7 @@ def test_generated_tables_match_the_code():
 def test_generated_gate_table_reads_presets_and_signature():
     import inspect
 
-    from neuroflow.engine import PRESETS, NeuroFlow
+    from neuroflow.engine.engine import PRESETS, NeuroFlow
 
     table = docs_tables.gate_table()
     for name in list(inspect.signature(NeuroFlow.__init__).parameters)[2:]:

@@ -9,7 +9,7 @@ from conftest import as_double, dense, make_model, video
 from helpers import PaperFlow
 from neuroflow import NeuroFlow, NeuroFlowSiglipVisionArchA, NeuroFlowSiglipVisionArchB, NeuroFlowSiglipVisionArchC
 from helpers import assert_same_up_to_rounding
-from neuroflow.testing import assert_close
+from neuroflow.tooling.testing import assert_close
 
 
 def assert_dense(out, model, model64, x, what):
@@ -196,7 +196,7 @@ def test_forced_active_mask_replaces_the_gate_decision():
 
 
 def test_stage_timer_charges_gate_encoder_and_readout():
-    from neuroflow.profiling import StageTimer
+    from neuroflow.engine.profiling import StageTimer
 
     model, frames = make_model("clip"), video(2)
     for arch in ("A", "B", "C", "KV"):

@@ -6,8 +6,9 @@ import torch
 from conftest import as_double, dense, make_model, video
 from helpers import assert_same_up_to_rounding
 from helpers import PaperFlow
-from neuroflow import NeuroFlow, dispatch
-from neuroflow.testing import assert_close
+from neuroflow import NeuroFlow
+from neuroflow.ops import dispatch
+from neuroflow.tooling.testing import assert_close
 
 
 @pytest.mark.parametrize("family,arch", [("siglip", "C"), ("siglip", "B"), ("siglip", "A"), ("clip", "C"),

@@ -6,10 +6,11 @@ import torch
 
 from conftest import as_double, dense, make_model, video
 from helpers import assert_same_state, assert_same_up_to_rounding, stream_tensor
-from neuroflow import NeuroFlow, dispatch
-from neuroflow.engine import KEYFRAME, PARTIAL, SKIP
-from neuroflow.gate_settings import GateSettings
-from neuroflow.testing import assert_close
+from neuroflow import NeuroFlow
+from neuroflow.ops import dispatch
+from neuroflow.engine.engine import KEYFRAME, PARTIAL, SKIP
+from neuroflow.reference.gate_settings import GateSettings
+from neuroflow.tooling.testing import assert_close
 
 ARCHS = [("siglip", "A"), ("siglip", "B"), ("dinov2", "C"), ("clip", "C"), ("vit", "KV"), ("siglip", "KV")]
 

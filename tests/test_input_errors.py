@@ -12,11 +12,11 @@ from conftest import make_model, video
 from helpers import assert_same_state
 from helpers import PaperFlow
 from neuroflow import NeuroFlow
-from neuroflow.models import VisionAdapter
-from neuroflow.pooling import dense_forward, dense_outputs, pooled_output
-from neuroflow.validation import check_frames, warn_ineffective_settings
-from neuroflow.preprocess import Preprocessor
-from neuroflow.video import Frame
+from neuroflow.models.families import VisionAdapter
+from neuroflow.models.pooling import dense_forward, dense_outputs, pooled_output
+from neuroflow.engine.validation import check_frames, warn_ineffective_settings
+from neuroflow.models.preprocess import Preprocessor
+from neuroflow.video.decode import Frame
 
 
 @pytest.fixture(scope="module")
@@ -47,7 +47,7 @@ def test_uint8_frames_point_to_the_preprocessor_not_a_cast(adapter):
     with pytest.raises(TypeError) as err:
         check_frames(x, adapter)
     msg = str(err.value)
-    assert "torch.uint8" in msg and "neuroflow.preprocess.Preprocessor" in msg and "normalise" in msg, msg
+    assert "torch.uint8" in msg and "neuroflow.models.preprocess.Preprocessor" in msg and "normalise" in msg, msg
     assert ".to(torch.float32)" not in msg and "un-normalised 0-255" in msg, msg
 
 
@@ -141,7 +141,7 @@ def test_preprocessor_refuses_other_input_naming_what_it_takes():
     pre = Preprocessor.for_family("siglip", image_size=32)
     bads = ([_rgb(8, 8, 0).astype(np.float32)], [torch.zeros(8, 8, 3, dtype=torch.uint8)], [_rgb(8, 8, 0)[..., :2]])
     for bad in bads:
-        with pytest.raises(ValueError, match=r"must be a neuroflow.video.Frame or a uint8 \[H, W, 3\] RGB array"):
+        with pytest.raises(ValueError, match=r"must be a neuroflow.video.decode.Frame or a uint8 \[H, W, 3\] RGB array"):
             pre(bad)
     with pytest.raises(ValueError, match="no frames"):
         pre([])

@@ -13,7 +13,7 @@ from conftest import FAMILIES, as_double, make_model, video
 from helpers import assert_same_state, stream_tensor
 from helpers import PaperFlow
 from neuroflow import NeuroFlow
-from neuroflow.testing import assert_close
+from neuroflow.tooling.testing import assert_close
 
 GATE = dict(threshold=0.02, ema_decay=0.2, floor_tokens=3)
 LAYERS = 3

@@ -8,9 +8,10 @@ import torch
 import neuroflow  # noqa: F401  (registers the ops)
 from conftest import as_double, dense, make_model, video
 from helpers import PaperFlow, assert_same_up_to_rounding
-from neuroflow import NeuroFlow, dispatch
-from neuroflow.encoder import Packed, packed_layer
-from neuroflow.models import VisionAdapter
+from neuroflow import NeuroFlow
+from neuroflow.ops import dispatch
+from neuroflow.models.encoder import Packed, packed_layer
+from neuroflow.models.families import VisionAdapter
 
 
 def _varlen_args(dtype=torch.float32):
@@ -54,7 +55,7 @@ def _varlen_int8_args():
 def _gate_options_args():
     """The gate with options (computed reference, staleness with its age pool, a budget, motion
     norm, scene cut): the settings as the op's arguments, ``age`` mutated like ``ema``."""
-    from neuroflow.gate_settings import GateSettings
+    from neuroflow.reference.gate_settings import GateSettings
     from neuroflow.ops.library import gate_op_settings
 
     frames, weight, bias, pos, prefix, ema, slot, first = _gate_args()[:8]
@@ -77,7 +78,7 @@ def _gate_policy_args(since=((2,), (0,), (1,))):
     (a first frame, and a keyframe: ``since + 1`` reaches ``keyframe_every``), because rows past
     ``cu_seqlens[-1]`` are never written and opcheck compares whole outputs; sparse outcomes are
     compared on their written rows in :func:`test_policy_and_forced_forms_match_the_launcher`."""
-    from neuroflow.gate_settings import GateSettings
+    from neuroflow.reference.gate_settings import GateSettings
     from neuroflow.ops.library import gate_op_settings
 
     frames, weight, bias, pos, prefix, ema, slot, first = _gate_args()[:8]
@@ -98,7 +99,7 @@ def _gate_forced_args(mask=(True,) * 6):
 def _gate_patch_signal_args():
     """The gate with ``signal="patch"`` (the surprise without the position embedding), the paper's
     rule otherwise: the signal as the op's keyword argument."""
-    from neuroflow.gate_settings import GateSettings
+    from neuroflow.reference.gate_settings import GateSettings
     from neuroflow.ops.library import gate_op_settings
 
     frames, weight, bias, pos, prefix, ema, slot, first = _gate_args()[:8]
@@ -176,7 +177,7 @@ def test_ops_match_the_python_functions():
 def test_option_forms_of_the_ops_match_the_python_functions():
     """The quantised attention and scatter and the gate with options, through the ops and the
     Python functions: same results and the same in-place writes (cache + scales, ema + age)."""
-    from neuroflow.gate_settings import GateSettings
+    from neuroflow.reference.gate_settings import GateSettings
     from neuroflow.ops.cache_scatter import cache_scatter
     from neuroflow.ops.gate import gate
     from neuroflow.ops.varlen_attention import varlen_attention
@@ -244,7 +245,7 @@ def test_policy_and_forced_forms_match_the_launcher():
     """The extended schema on sparse outcomes (a skipped frame, a forced sparse mask): the op and
     the launcher give the same results on every written row and the same in-place writes (ema,
     age, since, drift)."""
-    from neuroflow.gate_settings import GateSettings
+    from neuroflow.reference.gate_settings import GateSettings
     from neuroflow.ops.gate import gate
 
     def written(out):

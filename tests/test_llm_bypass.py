@@ -27,7 +27,7 @@ from neuroflow.llm import (
     token_drift,
 )
 from neuroflow.llm.ablation import _cache_kwarg, new_cache, one_pass_nll
-from neuroflow.testing import assert_close
+from neuroflow.tooling.testing import assert_close
 
 VOCAB = 160
 FAMILIES = ("llama", "phi3")

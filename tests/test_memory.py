@@ -1,4 +1,4 @@
-"""neuroflow.memory.streams_that_fit against what the engine really allocates."""
+"""neuroflow.engine.memory.streams_that_fit against what the engine really allocates."""
 
 import pytest
 import torch
@@ -6,7 +6,7 @@ from transformers import SiglipVisionConfig
 
 from conftest import make_model, video
 from neuroflow import NeuroFlow
-from neuroflow.memory import GIB, streams_that_fit
+from neuroflow.engine.memory import GIB, streams_that_fit
 
 CASES = [
     ("vit", dict(arch="KV")),

@@ -46,7 +46,7 @@ def test_uninstalled_checkout_maps_neuroflow_kernels(tmp_path):
         # Drop this environment's editable-install finder: the copy must resolve on its own.
         "sys.meta_path[:] = [f for f in sys.meta_path if 'editable' not in repr(f).lower()]\n"
         "import torch, neuroflow, neuroflow.kernels.gate\n"
-        "from neuroflow import dispatch\n"
+        "from neuroflow.ops import dispatch\n"
         "from neuroflow.ops.gate import gate\n"
         f"assert neuroflow.kernels.gate.__file__.startswith({str(src / 'kernels')!r}), neuroflow.kernels.gate.__file__\n"
         "n, d = 4, 16\n"

@@ -7,10 +7,10 @@ import torch
 import neuroflow
 import oracle
 from conftest import as_double, make_model, video
-from neuroflow import dispatch
-from neuroflow.encoder import Packed, run_packed
-from neuroflow.models import VisionAdapter
-from neuroflow.testing import assert_close
+from neuroflow.ops import dispatch
+from neuroflow.models.encoder import Packed, run_packed
+from neuroflow.models.families import VisionAdapter
+from neuroflow.tooling.testing import assert_close
 
 FAMILIES = ["siglip", "clip", "vit", "dinov2"]
 LENGTHS = [5, 1, 17]  # tokens per stream, one stream of a single token
@@ -102,7 +102,7 @@ def test_registered_attention_without_boundaries_is_plain_batched_attention():
 
 
 def test_registered_attention_rejects_masks():
-    from neuroflow.hf_attention import neuroflow_attention
+    from neuroflow.models.hf_attention import neuroflow_attention
 
     q = torch.randn(1, 2, 4, 16)
     with pytest.raises(ValueError, match="not an attention mask"):

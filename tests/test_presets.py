@@ -8,8 +8,8 @@ import torch
 
 from conftest import make_model, video
 from neuroflow import NeuroFlow
-from neuroflow.engine import PRESETS
-from neuroflow.presets import DEFAULT_PRESET
+from neuroflow.engine.engine import PRESETS
+from neuroflow.engine.presets import DEFAULT_PRESET
 
 
 def test_the_default_is_the_measured_preset():

@@ -13,13 +13,14 @@ import torch
 import oracle
 from conftest import as_double, dense, make_model, video
 from helpers import assert_same_state, assert_same_up_to_rounding, stream_tensor
-from neuroflow import NeuroFlow, dispatch
-from neuroflow.engine import KEYFRAME, PARTIAL, SKIP
+from neuroflow import NeuroFlow
+from neuroflow.ops import dispatch
+from neuroflow.engine.engine import KEYFRAME, PARTIAL, SKIP
 from neuroflow.ops import gate as gate_op
 from neuroflow.ops.gate import gate_features
 from neuroflow.reference.gate import gate_features_reference
-from neuroflow.gate_settings import GateSettings
-from neuroflow.testing import assert_close
+from neuroflow.reference.gate_settings import GateSettings
+from neuroflow.tooling.testing import assert_close
 
 LAYERS = 3
 # The measured preset's rule (last-computed reference, staleness bound) at a threshold where the

@@ -41,6 +41,8 @@ def test_readme_example_runs_as_written(tmp_path):
     assert done.returncode == 0, done.stderr[-3000:]
     lines = done.stdout.splitlines()
     assert len(lines) == 8 and lines[0] == "0 [0.0, 0.0]", done.stdout  # first frames dense
-    later = [json.loads(line.split(" ", 1)[1]) for line in lines[1:]]
-    assert all(0.0 < s < 1.0 for row in later for s in row), done.stdout  # the gate skips some patches
+    later = {int(line.split(" ", 1)[0]): json.loads(line.split(" ", 1)[1]) for line in lines[1:]}
+    assert later[4] == [0.0, 0.0], done.stdout  # the default preset's keyframe, every 4th frame
+    gated = [s for t, row in later.items() if t != 4 for s in row]
+    assert all(0.0 < s < 1.0 for s in gated), done.stdout  # the gate skips some patches between keyframes
     assert (tmp_path / "streams.pt").is_file() and (tmp_path / "tiny-siglip" / "config.json").is_file()

@@ -12,7 +12,7 @@ from conftest import as_double, make_model, video
 from helpers import stream_tensor
 from helpers import PaperFlow
 from neuroflow import NeuroFlow
-from neuroflow.testing import assert_close
+from neuroflow.tooling.testing import assert_close
 
 # (threshold, ema_decay, floor_tokens): "mixed" gives floor-triggered and threshold-decided frames
 # on the synthetic clip; "floor" makes every later frame floor-decided.

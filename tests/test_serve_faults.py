@@ -306,7 +306,7 @@ def test_sticky_device_errors_are_told_apart():
 
 
 def test_serve_spec_defaults_to_the_measured_preset_and_passes_engine_options():
-    from neuroflow.engine import PRESETS
+    from neuroflow.engine.engine import PRESETS
 
     nf = build_engine(tiny_config()).nf
     measured = PRESETS["measured"]

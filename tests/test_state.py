@@ -127,7 +127,7 @@ def _saved_engine(tmp_path, arch="C", seed=0):
 
 @pytest.mark.parametrize("damage", ["truncated", "garbage", "empty", "plain_torch_file"])
 def test_corrupt_state_file_raises_our_error_naming_the_file(tmp_path, damage):
-    from neuroflow.state_file import StateFileError
+    from neuroflow.engine.state_file import StateFileError
 
     nf, path = _saved_engine(tmp_path)
     data = path.read_bytes()
@@ -149,8 +149,8 @@ def test_corrupt_state_file_raises_our_error_naming_the_file(tmp_path, damage):
 
 
 def test_state_file_of_another_model_settings_or_version_is_refused(tmp_path):
-    import neuroflow.state_file as state_file
-    from neuroflow.state_file import StateFileError
+    import neuroflow.engine.state_file as state_file
+    from neuroflow.engine.state_file import StateFileError
 
     _, path = _saved_engine(tmp_path)
     with pytest.raises(StateFileError, match=r"model\.weights"):

@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from conftest import make_model
-from neuroflow.models import VisionAdapter
-from neuroflow.state_file import (
+from neuroflow.models.families import VisionAdapter
+from neuroflow.engine.state_file import (
     FORMAT,
     FORMAT_VERSION,
     StateFileError,

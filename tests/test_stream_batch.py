@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-import neuroflow.engine
+import neuroflow.engine.engine
 from helpers import PaperFlow
 from neuroflow import NeuroFlow
 
@@ -42,12 +42,12 @@ def _warm(nf, frames):
 def _break(nf, where, monkeypatch):
     """Make the next step fail at ``where``, after the steps before it have written state."""
     if where == "gate":
-        real = neuroflow.engine.gate
+        real = neuroflow.engine.engine.gate
 
         def gate_then_fail(*args, **kwargs):
             real(*args, **kwargs)  # the EMA has been updated in place
             raise RuntimeError("simulated failure")
-        monkeypatch.setattr(neuroflow.engine, "gate", gate_then_fail)
+        monkeypatch.setattr(neuroflow.engine.engine, "gate", gate_then_fail)
     elif where == "encoder":
         # The last layer's MLP: every earlier layer (and KV's key/value caches) has run and written.
         monkeypatch.setattr(nf.adapter.layers[-1], "mlp", _Fail())

@@ -8,7 +8,7 @@ the ``neuroflow`` package:
   numpy``, ``torch.nonzero``;
 * device-to-host copies: ``Tensor.cpu()``, ``Tensor.to(...)`` naming the CPU (a device string,
   ``torch.device``, ``device=`` or a CPU tensor), and ``Tensor.copy_`` into a CPU tensor, except a
-  ``non_blocking`` copy into pinned memory (what :class:`neuroflow.capacity.HostCount` does on
+  ``non_blocking`` copy into pinned memory (what :class:`neuroflow.engine.capacity.HostCount` does on
   CUDA). Under the interpreter the engine's device *is* the CPU, so every such move or copy counts:
   a steady-state step moves nothing between devices;
 * ops whose result size is data-dependent: indexing with a bool tensor (``x[mask]``,
@@ -20,7 +20,7 @@ the ``neuroflow`` package:
 
 Not counted: calls made inside ``neuroflow/reference/`` (the CPU reference and the interpreter-only
 offset checks; the test asserts every op took its kernel) and reads of
-:class:`neuroflow.capacity.HostCount`'s host copy (pinned memory written by a copy the host already
+:class:`neuroflow.engine.capacity.HostCount`'s host copy (pinned memory written by a copy the host already
 waited for, never a device tensor). **By design** and recorded apart (``by_design``), never in
 ``calls``: ``HostCount.wait``'s event wait, which the next call makes at its start
 (``NeuroFlow.sync_errors``) for the previous call's counts; that event was recorded right after
@@ -39,12 +39,14 @@ import torch
 
 import neuroflow
 from conftest import make_model, video
-from neuroflow import NeuroFlow, capacity, dispatch
+from neuroflow import NeuroFlow
+from neuroflow.engine import capacity
+from neuroflow.ops import dispatch
 
 PACKAGE = str(Path(neuroflow.__file__).parent)
 REFERENCE = str(Path(PACKAGE) / "reference")
 METHODS = ("item", "tolist", "__bool__", "__int__", "__float__", "__index__", "nonzero", "cpu", "numpy")
-BY_DESIGN = {("capacity.py", "HostCount.wait")}
+BY_DESIGN = {("engine/capacity.py", "HostCount.wait")}
 """(file, function) sites whose waits are by design (see the module doc)."""
 
 
@@ -190,7 +192,7 @@ CASES = [("siglip", "A"), ("siglip", "B"), ("siglip", "C"), ("siglip", "KV"), ("
 
 
 def _host_counts_with_events(monkeypatch) -> None:
-    """Give every :class:`~neuroflow.capacity.HostCount` an event, as on CUDA (on the CPU it has
+    """Give every :class:`~neuroflow.engine.capacity.HostCount` an event, as on CUDA (on the CPU it has
     none and ``wait()`` waits for nothing): the by-design wait of the next call is then seen."""
     init = capacity.HostCount.__init__
 
@@ -233,7 +235,7 @@ def _assert_sync_free(recorder) -> None:
     assert recorder.calls == []
     # The one by-design wait per call: the previous call's counts (see the module doc).
     assert len(recorder.by_design) == STEADY_CALLS, recorder.by_design
-    assert all(c.startswith("Event.synchronize at capacity.py:") for c in recorder.by_design), recorder.by_design
+    assert all(c.startswith("Event.synchronize at engine/capacity.py:") for c in recorder.by_design), recorder.by_design
 
 
 @pytest.mark.parametrize("family,arch", CASES)
@@ -275,7 +277,7 @@ def test_the_recorder_catches_the_exact_count_read(triton_path, monkeypatch):
     """``capacity="exact"`` reads the token count on the host (what every call did before the
     capacity buckets): the recorder must see it, so the test above can fail."""
     calls = _steady_state_syncs(monkeypatch, "siglip", "C", capacity="exact")[0].calls
-    assert any(c.startswith("Tensor.tolist at architectures.py") for c in calls), calls
+    assert any(c.startswith("Tensor.tolist at engine/architectures.py") for c in calls), calls
 
 
 def test_scene_cut_under_auto_capacity_packs_exactly(triton_path, monkeypatch):
@@ -283,7 +285,7 @@ def test_scene_cut_under_auto_capacity_packs_exactly(triton_path, monkeypatch):
     count (documented sync) instead of cutting the keyframe."""
     recorder, _, nf = _steady_state_syncs(monkeypatch, "siglip", "C", scene_cut=0.9)
     calls = recorder.calls
-    assert any(c.startswith("Tensor.tolist at architectures.py") for c in calls), calls
+    assert any(c.startswith("Tensor.tolist at engine/architectures.py") for c in calls), calls
     assert nf.overflowed_frames == 0
 
 
@@ -291,7 +293,7 @@ def test_the_recorder_catches_the_eager_finiteness_check(triton_path, monkeypatc
     """The eager finiteness check (a device read per call) is seen too; the default defers it on
     a GPU only, so here it is forced."""
     calls = _steady_state_syncs(monkeypatch, "siglip", "B", check_finite="eager")[0].calls
-    assert any("validation.py" in c for c in calls), calls
+    assert any("engine/validation.py" in c for c in calls), calls
 
 
 # -- the recorder itself: one tiny function per construct, in this file (watched like the package) --
@@ -395,7 +397,7 @@ def test_the_recorder_ignores_other_files(monkeypatch):
 
 
 def test_host_count_wait_is_seen_and_by_design(monkeypatch):
-    """``HostCount.wait`` with an event (as on CUDA) is intercepted, at capacity.py, and filed as
+    """``HostCount.wait`` with an event (as on CUDA) is intercepted, at engine/capacity.py, and filed as
     the by-design wait, not as a sync of the step."""
     _host_counts_with_events(monkeypatch)
     count = capacity.HostCount(torch.tensor([3, 0]))
@@ -408,4 +410,4 @@ def test_host_count_wait_is_seen_and_by_design(monkeypatch):
         recorder.uninstall()
         monkeypatch.undo()
     assert recorder.calls == []
-    assert len(recorder.by_design) == 1 and recorder.by_design[0].startswith("Event.synchronize at capacity.py:")
+    assert len(recorder.by_design) == 1 and recorder.by_design[0].startswith("Event.synchronize at engine/capacity.py:")

@@ -1,7 +1,7 @@
 """The varlen attention kernel (Triton interpreter on the CPU) against its PyTorch reference.
 
 Fresh random inputs per case; every launch writes into a NaN-filled ``out`` so an element the
-kernel forgot fails the comparison. Tolerances come from ``neuroflow.testing.assert_close`` only:
+kernel forgot fails the comparison. Tolerances come from ``neuroflow.tooling.testing.assert_close`` only:
 the kernel's error against the reference on float64 inputs may be at most twice the error of the
 reference run in the input dtype (plus an 8-ulp floor).
 
@@ -22,8 +22,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from neuroflow import dispatch
-from neuroflow.testing import assert_close
+from neuroflow.ops import dispatch
+from neuroflow.tooling.testing import assert_close
 from neuroflow.ops.cache_scatter import quantize_rows
 from neuroflow.ops.varlen_attention import (
     OP,
@@ -34,7 +34,7 @@ from neuroflow.ops.varlen_attention import (
     varlen_attention_reference,
 )
 from neuroflow.reference.varlen_attention import DEBUG_ENV
-from neuroflow.testing import round_to_tf32
+from neuroflow.tooling.testing import round_to_tf32
 
 ROOT = Path(__file__).resolve().parents[1]
 LENGTHS = [0, 1, 5, 64, 197]
@@ -58,7 +58,7 @@ def check(q, k, v, cu_q, cu_k, max_q, max_k, *, kv_start=None, scale=None, confi
     8-bit k/v (with scales): the reference dequantises them (float64 for the high-precision
     reference, q's dtype for the baseline), i.e. the quantise-then-dequantise reference. fp32 on
     a GPU runs on TF32 tensor cores: the baseline then takes TF32-rounded inputs
-    (``neuroflow.testing.round_to_tf32``)."""
+    (``neuroflow.tooling.testing.round_to_tf32``)."""
     out = torch.full(q.shape, float("nan"), dtype=q.dtype, device=q.device)
     got = varlen_attention(q, k, v, cu_q, cu_k, max_q, max_k, scale, kv_start, out=out, config=config,
                            k_scale=k_scale, v_scale=v_scale)
@@ -386,7 +386,7 @@ def test_interpreter_switched_on_after_triton_was_imported_falls_back():
     an error in strict mode) instead of crashing inside Triton."""
     probe = (
         "import os, torch, triton.language\n"
-        "from neuroflow import dispatch\n"
+        "from neuroflow.ops import dispatch\n"
         "from neuroflow.ops import varlen_attention as varlen\n"
         "os.environ['TRITON_INTERPRET'] = '1'\n"
         "cu = torch.tensor([0, 3, 7], dtype=torch.int32)\n"

@@ -4,7 +4,7 @@
     python tools/docs_tables.py --check    # exit 1 and name the blocks that differ
 
 A generated block sits between ``<!-- BEGIN GENERATED name -->`` and ``<!-- END GENERATED name -->``.
-Sources: ``neuroflow.engine.PRESETS`` and the ``NeuroFlow`` signature and docstring (``gate``), the
+Sources: ``neuroflow.engine.engine.PRESETS`` and the ``NeuroFlow`` signature and docstring (``gate``), the
 ``neuroflow`` argument parser (``cli-<subcommand>``, one per subcommand) and the ``ServeConfig`` /
 ``DistillConfig`` dataclasses (``serve-config``, ``distill-config``). New options, subcommands and
 fields appear by themselves on the next run. tests/test_docs.py asserts the committed blocks equal
@@ -71,7 +71,7 @@ def docstring_args(obj, section: str = "Args") -> dict[str, str]:
 
 
 def gate_table() -> str:
-    from neuroflow.engine import FROM_PRESET, PRESETS, NeuroFlow
+    from neuroflow.engine.engine import FROM_PRESET, PRESETS, NeuroFlow
 
     params = list(inspect.signature(NeuroFlow.__init__).parameters.values())[2:]  # self, vision_model
     docs = docstring_args(NeuroFlow)

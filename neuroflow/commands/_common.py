@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..loading import (
+from ..models.loading import (
     DTYPES,
     DeviceError,
     LoadedModel,
@@ -22,10 +22,10 @@ from ..loading import (
     one_line,
     quiet_transformers,
 )
-from ..loading import load_model as _load_model
-from ..loading import pick_device as _pick_device
-from ..output_folder import OutputFolderError
-from ..output_folder import prepare_output_folder as _prepare_output_folder
+from ..models.loading import load_model as _load_model
+from ..models.loading import pick_device as _pick_device
+from ..video.output_folder import OutputFolderError
+from ..video.output_folder import prepare_output_folder as _prepare_output_folder
 from ._gate_options import add_gate_arguments, chosen_archs, gate_kwargs
 
 __all__ = [
@@ -68,7 +68,7 @@ def synchronize(device: torch.device) -> None:
 
 
 def load_model(path: str | Path, dtype: torch.dtype, device: torch.device) -> LoadedModel:
-    """:func:`neuroflow.loading.load_model`, its :class:`ModelLoadError` as a CommandError (exit 1)."""
+    """:func:`neuroflow.models.loading.load_model`, its :class:`ModelLoadError` as a CommandError (exit 1)."""
     try:
         return _load_model(path, dtype, device)
     except ModelLoadError as exc:
@@ -76,7 +76,7 @@ def load_model(path: str | Path, dtype: torch.dtype, device: torch.device) -> Lo
 
 
 def prepare_output_folder(path: str | Path) -> Path:
-    """:func:`neuroflow.output_folder.prepare_output_folder`, its error as a CommandError (exit 1)."""
+    """:func:`neuroflow.video.output_folder.prepare_output_folder`, its error as a CommandError (exit 1)."""
     try:
         return _prepare_output_folder(path)
     except OutputFolderError as exc:

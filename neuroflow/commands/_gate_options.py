@@ -2,7 +2,7 @@
 
 :func:`add_gate_arguments` adds ``--preset`` and one option per engine setting; every option
 defaults to "not given", so what the user leaves out comes from the preset
-(:data:`neuroflow.presets.DEFAULT_PRESET` unless ``--preset`` names another), exactly as for
+(:data:`neuroflow.engine.presets.DEFAULT_PRESET` unless ``--preset`` names another), exactly as for
 ``NeuroFlow(model)``. :func:`gate_kwargs` turns the parsed options into ``NeuroFlow`` keyword
 arguments holding only what was given (so only those can warn about having no effect).
 """
@@ -11,9 +11,9 @@ from __future__ import annotations
 
 import argparse
 
-from ..architectures import ARCHITECTURES
-from ..gate_settings import SIGNALS
-from ..presets import DEFAULT_PRESET, PRESETS
+from ..engine.architectures import ARCHITECTURES
+from ..reference.gate_settings import SIGNALS
+from ..engine.presets import DEFAULT_PRESET, PRESETS
 
 _NONE = "none"
 GATE_OPTIONS = ("threshold", "ema_decay", "floor_tokens", "reference", "max_staleness", "budget", "motion_norm",

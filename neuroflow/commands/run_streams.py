@@ -12,9 +12,9 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..loading import one_line
-from ..overlay import OverlayVideo, Series
-from ..video import Frame, VideoError, VideoInfo, read_frames
+from ..models.loading import one_line
+from ..video.overlay import OverlayVideo, Series
+from ..video.decode import Frame, VideoError, VideoInfo, read_frames
 from .run_outputs import EmbeddingFiles
 
 

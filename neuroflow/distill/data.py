@@ -7,7 +7,7 @@ epochs, every frame can start a clip), optionally capped per video, and the clip
 are shuffled. Every random choice comes from the generator the trainer passes in (its state is
 checkpointed), so the order is reproducible and resumable.
 
-Decoding goes through :mod:`neuroflow.video` (PyAV); it starts at the beginning of the file, so a
+Decoding goes through :mod:`neuroflow.video.decode` (PyAV); it starts at the beginning of the file, so a
 clip deep inside a long video costs the decode of every frame before it (cut long videos into
 shorter files for speed).
 """
@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..video import VideoError, check_decodable, read_frames
+from ..video.decode import VideoError, check_decodable, read_frames
 from .config import DistillError
 
 VIDEO_EXTENSIONS = (".mp4", ".m4v", ".mov", ".mkv", ".webm", ".avi", ".mpg", ".mpeg", ".ts", ".mts", ".flv",

@@ -22,10 +22,10 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..engine import NeuroFlow
-from ..models import VisionAdapter
-from ..pooling import dense_forward, pooled_output
-from ..preprocess import Preprocessor
+from ..engine.engine import NeuroFlow
+from ..models.families import VisionAdapter
+from ..models.pooling import dense_forward, pooled_output
+from ..models.preprocess import Preprocessor
 from .losses import cosine
 
 

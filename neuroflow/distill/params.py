@@ -12,7 +12,7 @@ import re
 
 from torch import nn
 
-from ..models import VisionAdapter
+from ..models.families import VisionAdapter
 from .config import DistillError, parse_train
 
 _LAYER = re.compile(r"(?:^|\.)(?:layers|layer)\.(\d+)\.")

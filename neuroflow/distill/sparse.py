@@ -1,5 +1,5 @@
 """The student's differentiable Architecture B forward over S clips run as S parallel streams
-(both models are compared on :func:`neuroflow.pooling.pooled_output`).
+(both models are compared on :func:`neuroflow.models.pooling.pooled_output`).
 
 Per frame t of the clips (the method's sparse manifold distillation):
 
@@ -11,7 +11,7 @@ The gate's choice of tokens is not differentiated (a comparison), and neither is
 state held in a plain float32 tensor owned by :class:`SparseClips` for one step, updated in place
 under ``no_grad``. Gradients reach the packed tokens' embeddings (patch and position embeddings,
 when they train), every encoder layer and the readout. Everything here runs PyTorch's reference
-paths, which autograd differentiates; :mod:`neuroflow.dispatch` routes calls that need gradients
+paths, which autograd differentiates; :mod:`neuroflow.ops.dispatch` routes calls that need gradients
 to those paths on a GPU too (the Triton kernels are forward-only).
 """
 
@@ -21,9 +21,9 @@ from dataclasses import dataclass
 
 import torch
 
-from ..architectures import ArchB
-from ..models import VisionAdapter
-from ..pooling import pooled_output
+from ..engine.architectures import ArchB
+from ..models.families import VisionAdapter
+from ..models.pooling import pooled_output
 from ..reference.gate import ema_dtype, gate_reference
 from .config import DistillError
 

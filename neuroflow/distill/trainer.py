@@ -31,10 +31,10 @@ from pathlib import Path
 
 import torch
 
-from ..loading import DeviceError, ModelLoadError, default_device, load_model, pick_device, quiet_transformers
-from ..models import VisionAdapter
-from ..output_folder import OutputFolderError, prepare_output_folder
-from ..pooling import dense_forward
+from ..models.loading import DeviceError, ModelLoadError, default_device, load_model, pick_device, quiet_transformers
+from ..models.families import VisionAdapter
+from ..video.output_folder import OutputFolderError, prepare_output_folder
+from ..models.pooling import dense_forward
 from .checkpoint import (
     checkpoint_path,
     latest_checkpoint,

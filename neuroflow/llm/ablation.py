@@ -35,7 +35,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..loading import DTYPES, default_device, resolve_dtype
+from ..models.loading import DTYPES, default_device, resolve_dtype
 from .bypass import MODES, attach_bypass, attention_modules, validate_bypass_parameters
 
 DEFAULT_PROMPTS: dict[str, str] = {

@@ -19,7 +19,7 @@ import math
 import sys
 from contextlib import nullcontext
 
-from ..loading import DTYPES, quiet_transformers
+from ..models.loading import DTYPES, quiet_transformers
 
 
 def _threshold(text: str) -> float:

@@ -1,5 +1,5 @@
 """What the launchers share: small integer helpers, and :class:`CompileCase`, the form in which each
-op module lists the launches ``python -m neuroflow.compile_check`` compiles (here, below the ops, so
+op module lists the launches ``python -m neuroflow.tooling.compile_check`` compiles (here, below the ops, so
 that the ops never import the compile check: it imports them)."""
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ class CompileCase:
 
     Attributes:
         name: label for reports (kernel and config).
-        launch: calls the launcher on CPU tensors (run inside :func:`neuroflow.dispatch.recording_launches`).
+        launch: calls the launcher on CPU tensors (run inside :func:`neuroflow.ops.dispatch.recording_launches`).
         uses_dot: whether the kernel uses ``tl.dot`` (then tensor-core instructions are required).
         tensor_cores: architectures on which tensor-core instructions are required (default: both);
             wgmma needs tiles of at least 64 rows, which small-tile configs do not have.

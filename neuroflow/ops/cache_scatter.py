@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import torch
 
-from .. import dispatch
+from . import dispatch
 from ..reference.cache_scatter import QUANT_MAX, cache_scatter_reference, quantize_rows
 from ._launch import CompileCase, cdiv, next_pow2
 
@@ -90,7 +90,7 @@ def cache_scatter(cache: torch.Tensor, slot: torch.Tensor, src: torch.Tensor, cu
 
 
 def compile_cases():
-    """Launches of the default GPU configuration (``python -m neuroflow.compile_check``): a
+    """Launches of the default GPU configuration (``python -m neuroflow.tooling.compile_check``): a
     SigLIP-base row width (768) for 32 streams, in every float dtype a cache can have, and the
     quantising write of fp16 / fp32 / bf16 rows into an int8 cache (12 heads of 64)."""
     def launcher(dtype, cache_dtype=None):

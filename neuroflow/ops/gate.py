@@ -7,7 +7,7 @@ tokens of every frame (prefix tokens, then active patches in ascending order) in
 batch with ``cu_seqlens``: the input the packed encoder takes.
 
 The Triton path takes three launches (four with any gate option) and no host synchronisation; the reference with the same
-contract is :func:`neuroflow.reference.gate.gate_reference`. :mod:`neuroflow.dispatch` picks one
+contract is :func:`neuroflow.reference.gate.gate_reference`. :mod:`neuroflow.ops.dispatch` picks one
 and records it.
 """
 
@@ -17,8 +17,8 @@ import contextlib
 
 import torch
 
-from .. import dispatch
-from ..gate_settings import GateSettings
+from . import dispatch
+from ..reference.gate_settings import GateSettings
 from ..reference.gate import (
     AGE_MAX,
     FIRST_FRAME_SURPRISE,
@@ -394,7 +394,7 @@ def _kinds(first: torch.Tensor, cut: torch.Tensor | None) -> torch.Tensor:
 
 def compile_cases():
     """Launches of the gate's default GPU configuration to compile for sm_80/sm_90
-    (``python -m neuroflow.compile_check``) at the largest frames the engine is for, so the pack
+    (``python -m neuroflow.tooling.compile_check``) at the largest frames the engine is for, so the pack
     kernel's per-frame block tables are full size: SigLIP-base geometry at 1792 px (16-px patches,
     D 768, floor 4) and so400m geometry at 1792 px (14-px patches, D 1152, floor 16), one CLS
     token, in each dtype the kernel accepts on a GPU (fp32 too: Hugging Face loads models in

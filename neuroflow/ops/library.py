@@ -7,7 +7,7 @@
   active, cu_seqlens, index, packed, frame_kind)``: mutates ``ema``, ``age`` and the frame policy's counters
   ``since`` ``[S, 1]`` int32 / ``drift`` ``[S, 1]`` float32 (each a tensor or None: positional,
   for the same reason as the attention's scales, and required, see below); every
-  :class:`~neuroflow.gate_settings.GateSettings` option is an argument (``budget`` as a patch
+  :class:`~neuroflow.reference.gate_settings.GateSettings` option is an argument (``budget`` as a patch
   count: :func:`gate_op_settings` is the one place that turns a settings value, fractions
   included, into these arguments); ``force_active`` ``[B, N]`` bool is the forced mask of
   ``NeuroFlow(..., active=)`` (the gate's reference path runs it, a recorded fallback where the
@@ -28,14 +28,14 @@ Mutated arguments have no default (``age``, ``since``, ``drift``, ``scale``: pas
 bookkeeping indexes mutated arguments by their schema position and fails with ``IndexError`` when a
 trailing one is left out.
 
-Each real implementation is the launcher (which asks :mod:`neuroflow.dispatch` for the path, so
+Each real implementation is the launcher (which asks :mod:`neuroflow.ops.dispatch` for the path, so
 the kernel or the reference runs exactly as when the function is called directly); each fake
 (meta) implementation gives the output shapes from the input shapes alone: the packed gate
 outputs have the capacity ``B * (P + N)`` rows, never the data-dependent count.
 
 The engine calls the gate and the stream-state cache writes through the ops, eagerly and under
 ``torch.compile`` alike (one code path): :func:`gate_frames` is its gate call,
-:class:`neuroflow.streams.StreamBatch` writes (and undoes) caches with :func:`cache_scatter_op`.
+:class:`neuroflow.engine.streams.StreamBatch` writes (and undoes) caches with :func:`cache_scatter_op`.
 The ops are forward-only (no autograd formula), so :func:`launcher_only` (the one place that
 decides it) sends a gate call that needs gradients (``differentiable=True``, or ``pixel_values``
 that require grad) or has per-frame tensor thresholds to the Python launcher; cache writes never
@@ -44,7 +44,7 @@ through a mutating custom op pays torch's argument handling in Python (its versi
 rebuilds the schema's argument list for every argument: quadratic in their number), measured on
 a shared 2-core CPU at about 0.9-1.3 ms per gate call (26 arguments) and 0.25 ms per cache
 scatter over the direct launcher call (docs/contributing.md).
-:mod:`neuroflow.encoder` calls the varlen op only while ``torch.compile`` traces without
+:mod:`neuroflow.models.encoder` calls the varlen op only while ``torch.compile`` traces without
 gradients (:func:`attend`), and the Python function otherwise (it runs once per layer; eager steps
 skip the op's dispatch cost; distillation's gradient path keeps the reference's autograd).
 """
@@ -53,7 +53,7 @@ from __future__ import annotations
 
 import torch
 
-from ..gate_settings import GateSettings
+from ..reference.gate_settings import GateSettings
 from .cache_scatter import cache_scatter
 from .gate import PackedFrames, gate
 from .varlen_attention import varlen_attention
@@ -143,7 +143,7 @@ def launcher_only(settings: GateSettings, *inputs: torch.Tensor | None) -> str |
       ``pixel_values`` that require grad).
 
     Such calls go to the Python launcher :func:`neuroflow.ops.gate.gate`, which makes the same
-    kernel / reference decision (:mod:`neuroflow.dispatch` records it) as the op's implementation."""
+    kernel / reference decision (:mod:`neuroflow.ops.dispatch` records it) as the op's implementation."""
     if isinstance(settings.threshold, torch.Tensor) or isinstance(settings.ema_decay, torch.Tensor):
         return "per-frame tensor thresholds or decays"
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in inputs):

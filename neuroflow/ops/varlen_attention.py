@@ -2,7 +2,7 @@
 
 The contract (layout, conventions on empty segments and rows outside every segment, 8-bit
 key/value caches) and the reference are in :mod:`neuroflow.reference.varlen_attention`;
-:mod:`neuroflow.dispatch` picks the path and records it.
+:mod:`neuroflow.ops.dispatch` picks the path and records it.
 
 No host synchronisation on CUDA: ``max_seqlen_q``/``max_seqlen_k`` are host-side *upper bounds*
 (e.g. capacity buckets, not exact maxima); the kernel bounds its work by the device-side
@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import torch
 
-from .. import dispatch
+from . import dispatch
 from ..reference.varlen_attention import (
     KV_8BIT_DTYPES,
     check_varlen_args,
@@ -267,7 +267,7 @@ def varlen_attention(
     Args:
         q: ``[Tq, H, Dh]`` float16, bfloat16 or float32; any strides (a non-contiguous last
             dimension is copied). float32 runs on TF32 tensor cores on a GPU (10-bit mantissa
-            operands, fp32 accumulation; see ``neuroflow.testing`` for the tolerance rule).
+            operands, fp32 accumulation; see ``neuroflow.tooling.testing`` for the tolerance rule).
         k, v: ``[Tk_rows, H, Dh]``, q's dtype; or int8 / float8_e4m3fn (8-bit caches) together
             with ``k_scale``/``v_scale``.
         cu_seqlens_q, cu_seqlens_k: int32 (or int64) ``[B + 1]`` on q's device, non-decreasing.
@@ -288,7 +288,7 @@ def varlen_attention(
     Returns:
         ``[Tq, H, Dh]`` in q's dtype (``out`` when given). A segment with no keys gives zeros.
 
-    Path: see :mod:`neuroflow.dispatch`; ``dispatch.last_path["varlen_attention"]`` records it.
+    Path: see :mod:`neuroflow.ops.dispatch`; ``dispatch.last_path["varlen_attention"]`` records it.
     Head dims outside 16..128, mixed dtypes, other dtypes, bf16 under the interpreter and float8
     caches without an sm_89+ GPU take the reference (a recorded fallback; ``NEUROFLOW_STRICT=1``
     raises instead).
@@ -426,7 +426,7 @@ def _combine_splits(partial: torch.Tensor, lse: torch.Tensor, out: torch.Tensor)
 
 
 def compile_cases():
-    """Launches of the default schedule to compile for sm_80/sm_90 (``python -m neuroflow.compile_check``).
+    """Launches of the default schedule to compile for sm_80/sm_90 (``python -m neuroflow.tooling.compile_check``).
 
     One case per (dtype, head dim, length class): the launcher's own launch of that class (its
     ``_launch`` with the one-class schedule the launcher builds). Head dims 64 (tile 64), 72 and

@@ -19,7 +19,7 @@ Per stream, per patch i, frame t (``../shared/method.md``):
 The EMA is float32 (float64 for a float64 model) whatever the model dtype: with decay 0.01 a
 half-precision EMA rounds the update away.
 
-The options of :class:`neuroflow.gate_settings.GateSettings` (reference, max_staleness, budget,
+The options of :class:`neuroflow.reference.gate_settings.GateSettings` (reference, max_staleness, budget,
 motion_norm, scene_cut; their rules are in that module's docstring) change a later frame's
 decision to, in this order:
 
@@ -56,7 +56,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from ..gate_settings import GateSettings
+from .gate_settings import GateSettings
 
 COSINE_EPS = 1e-8
 """Each norm in the cosine is clamped to at least this, so an all-zero embedding has surprise 1."""

@@ -3,7 +3,7 @@
 Accepted frames (HTTP body or handle argument):
 
 - an encoded image, PNG or JPEG bytes: decoded to RGB, then resized and normalised with the
-  model's preprocessing (:class:`neuroflow.preprocess.Preprocessor`);
+  model's preprocessing (:class:`neuroflow.models.preprocess.Preprocessor`);
 - a uint8 ``[H, W, 3]`` RGB array (or ``.npy`` bytes of one): resized and normalised the same way;
 - a float ``[C, S, S]`` array of pixel values already preprocessed (or ``.npy`` bytes of one),
   where ``S`` is the served input side and ``C`` the model's channels: used as it is.
@@ -22,7 +22,7 @@ import io
 import numpy as np
 import torch
 
-from ..preprocess import Preprocessor
+from ..models.preprocess import Preprocessor
 from .errors import BadFrame
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"

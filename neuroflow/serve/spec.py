@@ -14,12 +14,12 @@ from pathlib import Path
 
 import torch
 
-from ..engine import PRESETS, NeuroFlow
-from ..gate_settings import check_batch_budget, check_keyframe_drift, check_keyframe_every, check_skip_below
-from ..presets import DEFAULT_PRESET
-from ..architectures import ARCHITECTURES
-from ..validation import check_ema_decay, check_floor_tokens, check_threshold
-from ..preprocess import Preprocessor
+from ..engine.engine import PRESETS, NeuroFlow
+from ..reference.gate_settings import check_batch_budget, check_keyframe_drift, check_keyframe_every, check_skip_below
+from ..engine.presets import DEFAULT_PRESET
+from ..engine.architectures import ARCHITECTURES
+from ..engine.validation import check_ema_decay, check_floor_tokens, check_threshold
+from ..models.preprocess import Preprocessor
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 SUPPORTED_MODEL_TYPES = (
@@ -40,7 +40,7 @@ class ServeConfig:
         image_size: model input side in pixels (a multiple of the patch size; default: the
             model config's ``image_size``). Images are resized to it; raw pixel arrays must
             already have it.
-        preset: the engine preset (``neuroflow.presets.PRESETS``; default ``DEFAULT_PRESET``, the
+        preset: the engine preset (``neuroflow.engine.presets.PRESETS``; default ``DEFAULT_PRESET``, the
             measured default of the library) that every gate option left at None comes from.
         arch, threshold, ema_decay, floor_tokens, reference, max_staleness, keyframe_every: the
             engine's gate settings (``neuroflow.NeuroFlow``); None: the preset's value.

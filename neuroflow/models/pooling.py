@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from .models import VisionAdapter
+from .families import VisionAdapter
 
 
 def pooled_output(outputs) -> torch.Tensor:

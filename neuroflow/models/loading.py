@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .models import UnsupportedModelError, VisionAdapter
+from .families import UnsupportedModelError, VisionAdapter
 from .preprocess import Preprocessor
 
 # config.model_type values whose AutoModel class NeuroFlow can wrap (directly or its vision tower).

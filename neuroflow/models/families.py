@@ -126,7 +126,7 @@ class Family:
             ``"pooler"`` (ViT's pooler on the normalised CLS token) or ``"cls"`` (DINOv2: the
             normalised CLS token).
         preprocess: what the family's published checkpoints ship in ``preprocessor_config.json``
-            (used by :class:`neuroflow.preprocess.Preprocessor` when a checkpoint has none):
+            (used by :class:`neuroflow.models.preprocess.Preprocessor` when a checkpoint has none):
             ``mean_std``, ``resize``, ``keep_aspect``, ``crop``, ``resample``.
         sigmoid_scores: zero-shot label scores are independent sigmoids (SigLIP's training loss;
             its text tower also expects ``max_length`` padding), else a softmax over the labels.
@@ -360,7 +360,7 @@ class VisionAdapter:
                                      cu_k, t, slot * t)
 
     def _map_head_attend(self, k, v, cu_k, max_k, kv_start) -> torch.Tensor:
-        from .ops.varlen_attention import varlen_attention
+        from ..ops.varlen_attention import varlen_attention
 
         head = self.head
         mha = head.attention

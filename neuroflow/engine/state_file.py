@@ -72,7 +72,7 @@ def weights_digest(model: nn.Module) -> str:
 
 
 def model_fingerprint(adapter) -> dict:
-    """The ``"model"`` part of a fingerprint for a :class:`neuroflow.models.VisionAdapter`:
+    """The ``"model"`` part of a fingerprint for a :class:`neuroflow.models.families.VisionAdapter`:
     ``{"family", "hidden_size", "layers", "patch_size", "weights"}`` (plain str/int values)."""
     return {
         "family": str(adapter.family),

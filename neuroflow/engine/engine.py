@@ -22,17 +22,17 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from . import dispatch
+from ..ops import dispatch
 from .architectures import Architecture, make_architecture
 from .capacity import CapacityPlanner, CapacityWarning, Fitted, HostCount, fit_to_capacity, static_patch_bound
 from .graphs import StepGraphs
 from .presets import DEFAULT_PRESET, FROM_PRESET, PRESETS, Default, check_preset, given, resolve  # noqa: F401  (PRESETS, FROM_PRESET: re-exported)
 from .profiling import _active as _active_timer
-from .gate_settings import GateSettings
-from .models import VisionAdapter
-from .ops.gate import gate_features
-from .ops.library import gate_frames
-from .reference.cache_scatter import QUANT_MAX
+from ..reference.gate_settings import GateSettings
+from ..models.families import VisionAdapter
+from ..ops.gate import gate_features
+from ..ops.library import gate_frames
+from ..reference.cache_scatter import QUANT_MAX
 from .profiling import stage
 from .state_file import StateFileError, load_state_file, model_fingerprint, save_state_file
 from .streams import Grid, StreamBatch, StreamStore
@@ -45,7 +45,7 @@ GIB = 2**30
 
 @dataclass(frozen=True)
 class MemoryFit:
-    """The answer of :meth:`NeuroFlow.streams_that_fit` and :func:`neuroflow.memory.streams_that_fit`
+    """The answer of :meth:`NeuroFlow.streams_that_fit` and :func:`neuroflow.engine.memory.streams_that_fit`
     (all sizes in bytes).
 
     Attributes:
@@ -137,7 +137,7 @@ class NeuroFlow(nn.Module):
             staleness bound) or ``"paper"`` (the paper's configuration: ``arch="C"``,
             ``reference="ema"``, ``ema_decay=0.01``, ``threshold=0.35``, no staleness bound, no
             keyframes). Settings given explicitly override the preset's.
-        arch: ``"A"``, ``"B"``, ``"C"`` or ``"KV"`` (cached context; see ``neuroflow.architectures``).
+        arch: ``"A"``, ``"B"``, ``"C"`` or ``"KV"`` (cached context; see ``neuroflow.engine.architectures``).
         threshold: a patch is active when its surprise ``1 - cos`` is strictly above this; in
             [-1, 2] (below 0 every patch is active every frame); None only with a ``budget``.
         ema_decay: weight of the new frame in the per-patch EMA, in [0, 1]. Unused with
@@ -165,7 +165,7 @@ class NeuroFlow(nn.Module):
             recently seen streams are evicted (their next frame is dense; :attr:`last_evicted`
             and :attr:`evictions` report it). None: no limit.
         capacity: how many packed rows the encoder runs on (the kernel path; see
-            ``neuroflow.capacity``): ``"auto"`` (default: a power-of-two bucket from the previous
+            ``neuroflow.engine.capacity``): ``"auto"`` (default: a power-of-two bucket from the previous
             call's need, no host sync; an overflow cuts the least surprising patches, is counted
             in :attr:`overflowed_frames` and warned about with ``CapacityWarning``), ``"exact"``
             (read the token count on the host: one sync per call), or an int (fixed rows for the
@@ -174,7 +174,7 @@ class NeuroFlow(nn.Module):
             then); with ``scene_cut``, ``"auto"`` packs exactly (a keyframe is dense, which no
             bucket can know in advance), and an int capacity cuts keyframes like any overflow.
         cuda_graphs: capture the steady-state step in a CUDA graph per batch size, grid,
-            capacity bucket and pool layout, and replay it (see ``neuroflow.graphs``: first
+            capacity bucket and pool layout, and replay it (see ``neuroflow.engine.graphs``: first
             frames, ``active=``, gradients and the first call of each key run eagerly; outputs
             are copies; every graph holds its own memory pool).
         differentiable: follow the ambient grad mode (for gradients through the engine). By
@@ -210,7 +210,7 @@ class NeuroFlow(nn.Module):
         keyframe_drift: None or f >= 0: a keyframe when the sum of the frames' mean raw surprise
             since the last keyframe (this frame included) exceeds f.
             Every-k frame skipping is ``keyframe_every=k, skip_below=1.0``. See
-            ``neuroflow.gate_settings`` for the whole rule; ``frame_kind`` reports each decision.
+            ``neuroflow.reference.gate_settings`` for the whole rule; ``frame_kind`` reports each decision.
         batch_budget: None or a float f in (0, 1]: one call's non-keyframe frames (M of them)
             compute at most ``floor(M * f * N)`` patches together, the first in one batch-wide
             ranking (stale first, then surprise), so a static stream leaves its share to a busy
@@ -547,7 +547,7 @@ class NeuroFlow(nn.Module):
         (``ema``; ``anchors`` for A; ``cache`` for C and KV; ``kv_k``/``kv_v``, the cached layers
         only, for KV; ``last_k``/``last_v`` for C's context readout; ``head_k``/``head_v`` for
         SigLIP's head cache), plus ``"total"``. Derived from the architecture's state specs, so it
-        is what a pool allocates per slot (see :mod:`neuroflow.memory` for a whole budget)."""
+        is what a pool allocates per slot (see :mod:`neuroflow.engine.memory` for a whole budget)."""
         grid = self.adapter.grid(height, width)
         out = {
             name: int(torch.Size(shape).numel()) * torch.empty(0, dtype=dtype).element_size()
@@ -559,8 +559,8 @@ class NeuroFlow(nn.Module):
     def streams_that_fit(self, height: int, width: int, gib: float, reserve_gib: float = 0.0,
                          count_weights: bool = True) -> MemoryFit:
         """How many streams at ``height x width`` fit in ``gib`` GiB beside this engine's model weights
-        and a stated ``reserve_gib`` for activations (see :mod:`neuroflow.memory` for exactly what is
-        counted, and :func:`neuroflow.memory.streams_that_fit` for a model or config not yet wrapped)."""
+        and a stated ``reserve_gib`` for activations (see :mod:`neuroflow.engine.memory` for exactly what is
+        counted, and :func:`neuroflow.engine.memory.streams_that_fit` for a model or config not yet wrapped)."""
         if not (isinstance(gib, (int, float)) and not isinstance(gib, bool) and gib > 0):
             raise ValueError(f"gib must be a positive number, got {gib!r}")
         if not (isinstance(reserve_gib, (int, float)) and not isinstance(reserve_gib, bool) and reserve_gib >= 0):
@@ -864,7 +864,7 @@ class NeuroFlow(nn.Module):
     def save_state(self, path: str | Path) -> None:
         """Write every stream's state to ``path`` with a format version and
         :meth:`state_fingerprint` (ids must be str, int or tuples of them); see
-        :mod:`neuroflow.state_file`."""
+        :mod:`neuroflow.engine.state_file`."""
         state = self.stream_state_dict()
         for pool in state["pools"]:
             for i in pool["ids"]:
@@ -875,7 +875,7 @@ class NeuroFlow(nn.Module):
     def load_state(self, path: str | Path) -> None:
         """Restore the streams saved by :meth:`save_state`.
 
-        Raises :class:`neuroflow.state_file.StateFileError` (naming the file and the reason) for a
+        Raises :class:`neuroflow.engine.state_file.StateFileError` (naming the file and the reason) for a
         corrupt or truncated file, another format version, another model or incompatible
         settings; nothing changes then. No code runs on load (``weights_only=True``).
         """
@@ -905,7 +905,7 @@ class NeuroFlow(nn.Module):
 
 @dataclass
 class _Counts:
-    """The device counts a replayed step leaves (as :class:`~neuroflow.capacity.Fitted` does)."""
+    """The device counts a replayed step leaves (as :class:`~neuroflow.engine.capacity.Fitted` does)."""
 
     need: torch.Tensor
     cut: torch.Tensor

@@ -1,10 +1,10 @@
 """Compile every kernel's default configurations for real GPUs, on a machine without one.
 
-``python -m neuroflow.compile_check`` runs each :class:`CompileCase` (defined in
+``python -m neuroflow.tooling.compile_check`` runs each :class:`CompileCase` (defined in
 :mod:`neuroflow.ops._launch`) that the op modules list (``compile_cases()`` in
 :mod:`neuroflow.ops.gate`, :mod:`neuroflow.ops.cache_scatter`, :mod:`neuroflow.ops.varlen_attention`):
 a call of the launcher itself on CPU tensors inside
-:func:`neuroflow.dispatch.recording_launches`, which records each kernel launch instead of running
+:func:`neuroflow.ops.dispatch.recording_launches`, which records each kernel launch instead of running
 it. Each recorded launch is specialised exactly as Triton's runtime does it for a CUDA target
 (argument types from the values, constexprs, 16-byte divisibility/alignment of pointers and
 integers), so the signature is derived from the kernel's own parameters and the launcher's own
@@ -34,7 +34,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from .ops._launch import CompileCase  # noqa: F401  (the ops define their cases with it)
+from ..ops._launch import CompileCase  # noqa: F401  (the ops define their cases with it)
 
 SHARED_LIMIT = {80: 166_912, 90: 232_448}
 """Largest dynamic shared memory per block (bytes) that a launch may request."""
@@ -81,8 +81,8 @@ def spills_by_place(sass: str) -> tuple[int, int]:
 
 
 def recorded_launches(case: CompileCase) -> list:
-    """The :class:`neuroflow.dispatch.Launch` records of one case's launcher call."""
-    from . import dispatch
+    """The :class:`neuroflow.ops.dispatch.Launch` records of one case's launcher call."""
+    from ..ops import dispatch
 
     with dispatch.recording_launches() as launches:
         case.launch()
@@ -216,7 +216,7 @@ def problems(report: dict, case: CompileCase) -> list[str]:
 
 
 def all_cases() -> list[CompileCase]:
-    from .ops import cache_scatter, gate, varlen_attention
+    from ..ops import cache_scatter, gate, varlen_attention
 
     return [*gate.compile_cases(), *cache_scatter.compile_cases(), *varlen_attention.compile_cases()]
 
@@ -240,7 +240,7 @@ def main(argv=None) -> int:
     import argparse
     from concurrent.futures import ProcessPoolExecutor
 
-    parser = argparse.ArgumentParser(prog="python -m neuroflow.compile_check", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m neuroflow.tooling.compile_check", description=__doc__.split("\n\n")[0])
     parser.add_argument("--only", default="", metavar="TEXT", help="compile only the cases whose name contains TEXT")
     parser.add_argument("--jobs", type=int, default=os.cpu_count() or 1,
                         help="cases compiled at once, one process each (default: the CPU count)")

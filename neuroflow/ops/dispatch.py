@@ -150,7 +150,7 @@ def recording_launches():
     """Inside this block the launchers take their GPU path for CPU tensors (GPU launch configs,
     no interpreter) and every launch is recorded as a :class:`Launch` instead of run.
 
-    ``neuroflow.compile_check`` compiles exactly those launches for sm_80/sm_90, so what it
+    ``neuroflow.tooling.compile_check`` compiles exactly those launches for sm_80/sm_90, so what it
     inspects is the binary the runtime would build from the launcher's own arguments (argument
     types, constexprs and the runtime's divisibility/alignment specialisation).
     """

@@ -1,8 +1,8 @@
 """Preprocess: the second step of decode -> preprocess -> gate -> encoder -> readout.
 
-:class:`Preprocessor` resizes and normalises frames (decoded :class:`neuroflow.video.Frame` or
+:class:`Preprocessor` resizes and normalises frames (decoded :class:`neuroflow.video.decode.Frame` or
 uint8 RGB arrays) as the model's own image processor does: settings from the checkpoint's
-``preprocessor_config.json``, else the model family's defaults (:data:`neuroflow.models.FAMILIES`).
+``preprocessor_config.json``, else the model family's defaults (:data:`neuroflow.models.families.FAMILIES`).
 """
 
 from __future__ import annotations
@@ -16,8 +16,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .models import FAMILY_BY_NAME
-from .video import Frame
+from .families import FAMILY_BY_NAME
+from ..video.decode import Frame
 
 # PIL resampling codes as stored in preprocessor_config.json.
 _RESAMPLE = {0: "nearest", 1: "bicubic", 2: "bilinear", 3: "bicubic", 4: "bilinear", 5: "bicubic"}
@@ -164,7 +164,7 @@ class Preprocessor:
         """Frames -> model input.
 
         Args:
-            frames: B frames, each a :class:`Frame` (as :func:`neuroflow.video.read_frames` yields) or an
+            frames: B frames, each a :class:`Frame` (as :func:`neuroflow.video.decode.read_frames` yields) or an
                 ``[H, W, 3]`` uint8 RGB array (sizes may differ between frames); a single
                 ``Frame`` or ``[H, W, 3]`` array is a batch of one, a ``[B, H, W, 3]`` array a
                 batch of B.
@@ -187,7 +187,7 @@ class Preprocessor:
         for i, f in enumerate(frames):
             if not (isinstance(f, np.ndarray) and f.dtype == np.uint8 and f.ndim == 3 and f.shape[2] == 3):
                 desc = f"{f.dtype} {f.shape}" if isinstance(f, np.ndarray) else type(f).__name__
-                raise ValueError(f"frame {i} must be a neuroflow.video.Frame or a uint8 [H, W, 3] RGB array, "
+                raise ValueError(f"frame {i} must be a neuroflow.video.decode.Frame or a uint8 [H, W, 3] RGB array, "
                                  f"got {desc}")
             groups.setdefault(f.shape, []).append(i)
         for (h, w, _), rows in groups.items():

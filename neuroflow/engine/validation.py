@@ -8,7 +8,7 @@ from collections.abc import Hashable, Sequence
 
 import torch
 
-from .gate_settings import (  # noqa: F401  (the engine's checks, re-exported)
+from ..reference.gate_settings import (  # noqa: F401  (the engine's checks, re-exported)
     check_budget,
     check_ema_decay,
     check_floor_tokens,
@@ -17,7 +17,7 @@ from .gate_settings import (  # noqa: F401  (the engine's checks, re-exported)
     check_scene_cut,
     check_threshold,
 )
-from .models import VisionAdapter
+from ..models.families import VisionAdapter
 
 
 def warn_ineffective_settings(*, threshold: float | None = None, floor_tokens: int | None = None,
@@ -99,7 +99,7 @@ def check_frames(pixel_values: torch.Tensor, adapter: VisionAdapter, check_finit
 
     Each error says how to fix the input: channels-last frames ``[B, H, W, C]`` are named as such
     (with the ``permute`` that fixes them), and raw integer pixels (uint8 0-255) are pointed to
-    :class:`neuroflow.preprocess.Preprocessor`, since casting them to float would skip the
+    :class:`neuroflow.models.preprocess.Preprocessor`, since casting them to float would skip the
     normalisation the model was trained with.
     """
     if not isinstance(pixel_values, torch.Tensor):
@@ -131,7 +131,7 @@ def check_frames(pixel_values: torch.Tensor, adapter: VisionAdapter, check_finit
         raise TypeError(
             f"pixel_values dtype {pixel_values.dtype}: raw pixel values? The model expects resized, "
             f"normalised {str(adapter.dtype).removeprefix('torch.')} input, and a cast alone would feed "
-            "un-normalised 0-255 values: build the input with neuroflow.preprocess.Preprocessor, e.g. "
+            "un-normalised 0-255 values: build the input with neuroflow.models.preprocess.Preprocessor, e.g. "
             "Preprocessor.from_pretrained(checkpoint_folder, family)(frames) (resize, rescale to [0, 1], "
             "normalise with the checkpoint's mean and std)"
         )

@@ -16,7 +16,7 @@ Segment boundaries reach the attention in one of two ways:
 
 Without either, each batch row is one sequence (ordinary batched attention). Attention runs
 through :func:`neuroflow.ops.varlen_attention.varlen_attention` (the Triton kernel on CUDA, the reference on the
-CPU, as :mod:`neuroflow.dispatch` decides).
+CPU, as :mod:`neuroflow.ops.dispatch` decides).
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .ops.varlen_attention import varlen_attention
+from ..ops.varlen_attention import varlen_attention
 
 ATTENTION_NAME = "neuroflow_varlen"
 

@@ -21,7 +21,7 @@ from typing import Callable, Hashable
 
 import torch
 
-from .ops.library import cache_scatter_op
+from ..ops.library import cache_scatter_op
 
 Grid = tuple[int, int]
 Specs = dict[str, tuple[tuple[int, ...], torch.dtype]]

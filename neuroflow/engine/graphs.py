@@ -1,7 +1,7 @@
 """CUDA graphs for the engine's steady-state step (``NeuroFlow(..., cuda_graphs=True)``).
 
 A step is captured once per **key** and replayed afterwards. The key holds everything the host
-bakes into the launches: batch size, patch grid, capacity (:mod:`neuroflow.capacity`), the gate
+bakes into the launches: batch size, patch grid, capacity (:mod:`neuroflow.engine.capacity`), the gate
 settings (threshold, decay, floor) and the addresses of the stream pools the step reads and
 writes (a pool that grows or moves is a new key). Stream ids are *not* in the key: the batch's
 slot indices are a graph input (copied into a static tensor before each replay), so any B streams
@@ -9,7 +9,7 @@ of a pool share a graph.
 
 Eager instead of a graph: calls with first frames (new, reset or moved streams: their capacity and
 state writes differ), calls with ``active=``, calls that need gradients, the CPU, an active
-:class:`neuroflow.profiling.StageTimer` (it synchronises), and the first call of each key (the
+:class:`neuroflow.engine.profiling.StageTimer` (it synchronises), and the first call of each key (the
 warm-up: Triton compiles, cuBLAS initialises, the bucket settles). Overflow is handled on the
 device by the capacity cut, so a replay never needs a different shape; a grown bucket is a new key.
 
@@ -19,7 +19,7 @@ tensors of its own); every graph keeps its own memory pool (at most :data:`MAX_G
 least recently used is dropped). The state writes' undo log (rollback, deferred finiteness check)
 is part of the graph: its gathers run in each replay into static buffers, and the replaying call
 gets the captured undo closures, which read those buffers. After a replay the next call's counts
-(:mod:`neuroflow.capacity`) are copied once the whole replay has run, so the next call waits for
+(:mod:`neuroflow.engine.capacity`) are copied once the whole replay has run, so the next call waits for
 this replay to finish (eager steps start the copy right after the gate).
 """
 

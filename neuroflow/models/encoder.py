@@ -14,14 +14,14 @@ import torch
 
 from typing import Callable
 
-from .models import LayerParts, mlp_block
-from .ops.library import attend
+from .families import LayerParts, mlp_block
+from ..ops.library import attend
 
 
 @dataclass
 class Packed:
     """Where the packed tokens of B streams belong; everything the host needs is known without
-    reading the device (see :mod:`neuroflow.capacity`).
+    reading the device (see :mod:`neuroflow.engine.capacity`).
 
     Attributes:
         cu_seqlens: ``[B + 1]`` int32 (device), offsets of each stream's rows; the real row count
@@ -110,7 +110,7 @@ def packed_layer_cached_kv(
             read in place by the attention.
         store_kv: writes the fresh keys and values ``[T, H * Dh]`` into ``k_cache``/``v_cache`` at
             the packed tokens' positions (the caller owns the state, see
-            :class:`neuroflow.streams.StreamBatch`).
+            :class:`neuroflow.engine.streams.StreamBatch`).
     """
     nx = parts.norm1(x)
     k, v = parts.k(nx), parts.v(nx)

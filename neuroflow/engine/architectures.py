@@ -3,7 +3,7 @@
 One class per architecture. Each declares its per-stream state tensors (:meth:`state_specs`),
 checks the settings it depends on (:meth:`check`), and runs its step on a batch (:meth:`step`):
 the gate's packed tokens in, the model outputs out, every state write made through the batch's
-:class:`neuroflow.streams.StreamBatch` (so a failure can be rolled back). The engine only looks an
+:class:`neuroflow.engine.streams.StreamBatch` (so a failure can be rolled back). The engine only looks an
 architecture up by name in :data:`ARCHITECTURES`.
 
 * **A** (MLP gating): attention over all tokens at every layer, the MLP only for computed tokens;
@@ -35,10 +35,10 @@ from typing import ClassVar
 import torch
 
 from .capacity import Fitted
-from .encoder import Packed, packed_layer, packed_layer_cached_kv, run_packed
-from .models import VisionAdapter, attention_block, mlp_block
-from .ops.gate import PackedFrames, ema_dtype
-from .reference.cache_scatter import QUANT_MAX
+from ..models.encoder import Packed, packed_layer, packed_layer_cached_kv, run_packed
+from ..models.families import VisionAdapter, attention_block, mlp_block
+from ..ops.gate import PackedFrames, ema_dtype
+from ..reference.cache_scatter import QUANT_MAX
 from .profiling import stage
 from .streams import Grid, Specs, StreamBatch
 
@@ -161,7 +161,7 @@ class Architecture:
     def encoder_inputs(self, gate: PackedFrames, fitted: Fitted | None = None) -> tuple[torch.Tensor, Packed]:
         """The encoder input ``[C, D]`` and where its rows belong.
 
-        With ``fitted`` (the engine's sync-free packing, :func:`neuroflow.capacity.fit_to_capacity`)
+        With ``fitted`` (the engine's sync-free packing, :func:`neuroflow.engine.capacity.fit_to_capacity`)
         nothing is read on the host. Without it (distillation, callers of :meth:`run`) the token
         count is read once: one device->host copy of the offsets. Behind a probe
         (``probe_layers``) the packed rows are layer-l hidden states, taken as they are.

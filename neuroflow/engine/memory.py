@@ -1,6 +1,6 @@
 """How many streams fit in a memory budget: weights + a stated activation reserve + per-stream state.
 
-    from neuroflow.memory import streams_that_fit
+    from neuroflow.engine.memory import streams_that_fit
     fit = streams_that_fit(model, 448, 448, gib=80, reserve_gib=8, arch="KV", kv_layers=3)
     fit.streams, fit.per_stream["total"], fit.summary()
 

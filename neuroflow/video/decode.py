@@ -3,7 +3,7 @@
 - :func:`open_video` probes a file (PyAV): size, frame rate, frame count when the container knows it.
 - :func:`read_frames` decodes it lazily, one RGB uint8 :class:`Frame` at a time.
 
-The next step, :class:`neuroflow.preprocess.Preprocessor`, is the model's: its settings come from
+The next step, :class:`neuroflow.models.preprocess.Preprocessor`, is the model's: its settings come from
 the checkpoint or the model family, so it sits with the models, above this module.
 
 Every problem with a file raises :class:`VideoError` whose one-line message names the file (and

@@ -37,8 +37,8 @@ from dataclasses import dataclass
 
 import torch
 
-from .encoder import Packed
-from .reference.gate import PackedFrames
+from ..models.encoder import Packed
+from ..reference.gate import PackedFrames
 
 HEADROOM = 1.25
 """Bucket = next power of two of the previous need times this."""
@@ -46,7 +46,7 @@ HEADROOM = 1.25
 
 class CapacityWarning(RuntimeWarning):
     """Frames needed more packed rows than their capacity bucket: their least surprising active
-    patches were not computed (see :mod:`neuroflow.capacity`)."""
+    patches were not computed (see :mod:`neuroflow.engine.capacity`)."""
 
 
 def bucket(need: int, dense: int, minimum: int) -> int:
@@ -91,7 +91,7 @@ class HostCount:
 @dataclass
 class Fitted:
     """The packed encoder input at capacity: ``x`` ``[C, D]`` (rows past the real count are zero),
-    where its rows belong (:class:`~neuroflow.encoder.Packed`), the patches really computed
+    where its rows belong (:class:`~neuroflow.models.encoder.Packed`), the patches really computed
     ``active`` ``[B, N]`` bool, and on the device: ``need`` (rows the non-first frames needed
     before any cut) and ``cut`` (frames that lost patches), int64 scalars."""
 
@@ -198,7 +198,7 @@ class CapacityPlanner:
 
 def static_patch_bound(settings, patches: int) -> int | None:
     """The most patches a later (non-first) frame can compute under gate ``settings``
-    (:class:`~neuroflow.gate_settings.GateSettings`) for frames of ``patches`` patches, or None
+    (:class:`~neuroflow.reference.gate_settings.GateSettings`) for frames of ``patches`` patches, or None
     when only the data decides. A budget caps every later frame (stale patches and the floor
     included), except a keyframe (scene cut, ``keyframe_every``, ``keyframe_drift``), which is
     dense: with any of those set there is no static bound."""
