@@ -25,7 +25,7 @@ from neuroflow.tooling.testing import assert_close
 LAYERS = 3
 # The measured preset's rule (last-computed reference, staleness bound) at a threshold where the
 # test clips' layer-l surprises give partial frames (checked in the tests that rely on it).
-GATE = dict(arch="KV", threshold=0.01, floor_tokens=2, max_staleness=2)
+GATE = dict(arch="KV", threshold=0.01, floor_tokens=2, max_staleness=2, keyframe_every=None)  # no preset keyframes
 
 
 def _run(nf, frames, ids=("a", "b")):
@@ -114,7 +114,7 @@ def test_token_layers_count_the_probe():
     model = make_model("dinov2", layers=LAYERS)
     frames = video(7)
     probe = 1
-    nf = NeuroFlow(model, probe_layers=probe, skip_below=0.05, keyframe_every=4, **GATE)
+    nf = NeuroFlow(model, probe_layers=probe, skip_below=0.05, **{**GATE, "keyframe_every": 4})
     n = 5 * 6  # 40 x 48 frames, 8-px patches
     t_tok, L = nf.adapter.num_prefix + n, LAYERS
     kinds = set()

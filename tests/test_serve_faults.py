@@ -354,4 +354,8 @@ def test_serve_command_takes_the_shared_gate_options():
     nf = build_engine(tiny_config(skip_below=0.05, keyframe_every=6, keyframe_drift=1.5, batch_budget=0.5)).nf
     assert (nf.gate_settings.skip_below, nf.gate_settings.keyframe_every, nf.gate_settings.batch_budget) == (0.05, 6, 0.5)
     with pytest.raises(ValueError, match="keyframe_every"):
-        tiny_config(keyframe_every=0).check()
+        tiny_config(keyframe_every=-1).check()
+    # 0 switches the preset's keyframes off (as max_staleness=0 its staleness bound); --keyframe-every none says so
+    assert build_engine(tiny_config(keyframe_every=0)).nf.keyframe_every is None
+    assert build_engine(tiny_config()).nf.keyframe_every == 4  # the measured preset's
+    assert serve_command._config(p.parse_args(["--keyframe-every", "none"])).keyframe_every == 0

@@ -42,12 +42,12 @@ def _warm(nf, frames):
 def _break(nf, where, monkeypatch):
     """Make the next step fail at ``where``, after the steps before it have written state."""
     if where == "gate":
-        real = neuroflow.engine.engine.gate
+        real = neuroflow.engine.engine.gate_frames  # the engine's gate call (the registered op)
 
         def gate_then_fail(*args, **kwargs):
             real(*args, **kwargs)  # the EMA has been updated in place
             raise RuntimeError("simulated failure")
-        monkeypatch.setattr(neuroflow.engine.engine, "gate", gate_then_fail)
+        monkeypatch.setattr(neuroflow.engine.engine, "gate_frames", gate_then_fail)
     elif where == "encoder":
         # The last layer's MLP: every earlier layer (and KV's key/value caches) has run and written.
         monkeypatch.setattr(nf.adapter.layers[-1], "mlp", _Fail())

@@ -210,6 +210,9 @@ STEADY_CALLS = 3
 def _steady_state_syncs(monkeypatch, family, arch, **options):
     """``(recorder, last output, engine)`` of ``STEADY_CALLS`` steady-state calls of two streams."""
     model = make_model(family)
+    # The measured preset's keyframes make a later frame dense by schedule: under capacity="auto"
+    # that call reads its count (documented, test_a_keyframe_reads_its_count_and_an_int_capacity_does_not).
+    options.setdefault("keyframe_every", None)
     nf = NeuroFlow(model, arch=arch, threshold=0.02, ema_decay=0.2, floor_tokens=3, **options)
     frames = torch.stack([video(2 + STEADY_CALLS, seed=0), video(2 + STEADY_CALLS, seed=1)], dim=1)
     _host_counts_with_events(monkeypatch)
@@ -287,6 +290,19 @@ def test_scene_cut_under_auto_capacity_packs_exactly(triton_path, monkeypatch):
     calls = recorder.calls
     assert any(c.startswith("Tensor.tolist at engine/architectures.py") for c in calls), calls
     assert nf.overflowed_frames == 0
+
+
+def test_a_keyframe_reads_its_count_and_an_int_capacity_does_not(triton_path, monkeypatch):
+    """The measured preset's ``keyframe_every=4``: the recorded calls (frames 2-4) include frame 4,
+    a dense keyframe by schedule, so ``capacity="auto"`` reads the count (documented sync); a fixed
+    ``capacity`` keeps the same steps sync-free (here it holds the keyframe; one over it is cut like
+    any overflow)."""
+    auto = _steady_state_syncs(monkeypatch, "siglip", "KV", keyframe_every=4)[0].calls
+    assert any(c.startswith("Tensor.tolist at engine/architectures.py") for c in auto), auto
+    recorder, out, nf = _steady_state_syncs(monkeypatch, "siglip", "KV", keyframe_every=4, capacity=40,
+                                            check_finite="deferred")
+    _assert_sync_free(recorder)
+    assert (out.frame_kind == 2).all()  # frame 4, the last recorded call, ran as a keyframe
 
 
 def test_the_recorder_catches_the_eager_finiteness_check(triton_path, monkeypatch):

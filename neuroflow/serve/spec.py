@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 from ..engine.engine import PRESETS, NeuroFlow
-from ..reference.gate_settings import check_batch_budget, check_keyframe_drift, check_keyframe_every, check_skip_below
+from ..reference.gate_settings import check_batch_budget, check_keyframe_drift, check_skip_below
 from ..engine.presets import DEFAULT_PRESET
 from ..engine.architectures import ARCHITECTURES
 from ..engine.validation import check_ema_decay, check_floor_tokens, check_threshold
@@ -138,8 +138,10 @@ class ServeConfig:
                                                or not isinstance(self.max_staleness, int) or self.max_staleness < 0):
             raise ValueError(f"max_staleness must be an int >= 0 (0: no bound) or None, got {self.max_staleness!r}")
         check_skip_below(self.skip_below)
-        if self.keyframe_every != 0:
-            check_keyframe_every(self.keyframe_every)
+        if self.keyframe_every is not None and (isinstance(self.keyframe_every, bool)
+                                                or not isinstance(self.keyframe_every, int) or self.keyframe_every < 0):
+            raise ValueError(f"keyframe_every must be an int >= 0 (0: no periodic keyframe) or None, "
+                             f"got {self.keyframe_every!r}")
         check_keyframe_drift(self.keyframe_drift)
         check_batch_budget(self.batch_budget)
         if self.probe_layers is not None and (isinstance(self.probe_layers, bool) or not isinstance(self.probe_layers, int)
