@@ -91,8 +91,9 @@ def settings_line(settings: dict) -> str:
     shown = ["arch", "threshold", "reference", "max_staleness", "floor_tokens"]
     if settings["reference"] == "ema":
         shown.insert(3, "ema_decay")
-    shown += [k for k in ("budget", "motion_norm", "scene_cut", "kv_layers", "probe_layers")
-              if settings.get(k) not in (None, False, 0)]
+    shown += [k for k in ("keyframe_every", "skip_below", "keyframe_drift", "batch_budget", "budget", "motion_norm",
+                          "scene_cut", "kv_layers", "probe_layers", "signal")
+              if settings.get(k) not in (None, False, 0, "embedding")]
     text = (f"preset {preset!r}{' (the default)' if preset == DEFAULT_PRESET else ''}: "
             + ", ".join(f"{k} {settings[k]}" for k in shown))
     given = settings.get("given") or []
