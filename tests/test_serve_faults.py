@@ -359,3 +359,26 @@ def test_serve_command_takes_the_shared_gate_options():
     assert build_engine(tiny_config(keyframe_every=0)).nf.keyframe_every is None
     assert build_engine(tiny_config()).nf.keyframe_every == 4  # the measured preset's
     assert serve_command._config(p.parse_args(["--keyframe-every", "none"])).keyframe_every == 0
+
+
+def test_serving_takes_the_cache_dtype_and_the_capacity():
+    """`--cache-dtype` and `--capacity` reach the engine (an int capacity keeps a GPU step sync-free
+    under the default's keyframes); bad values are refused before anything starts."""
+    import argparse
+
+    from neuroflow.commands import serve as serve_command
+    from neuroflow.serve.spec import CACHE_DTYPES
+
+    assert serve_command.CACHE_DTYPE_NAMES == tuple(CACHE_DTYPES)
+    p = argparse.ArgumentParser()
+    serve_command.add_arguments(p)
+    config = serve_command._config(p.parse_args(["--cache-dtype", "int8", "--capacity", "64"]))
+    assert (config.cache_dtype, config.capacity) == ("int8", 64)
+    nf = build_engine(tiny_config(cache_dtype="int8", capacity=64)).nf
+    assert nf.architecture.cache_dtype == torch.int8 and nf._planner.mode == 64
+    assert build_engine(tiny_config()).nf.architecture.cache_dtype is None
+    for bad in (dict(cache_dtype="int4"), dict(capacity=0), dict(capacity="sometimes"), dict(capacity=True)):
+        with pytest.raises(ValueError, match=next(iter(bad))):
+            tiny_config(**bad).check()
+    with pytest.raises(SystemExit):
+        p.parse_args(["--capacity", "-3"])

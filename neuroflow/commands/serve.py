@@ -30,6 +30,23 @@ import time
 from ._common import DTYPES, CommandError, add_gate_arguments, gate_kwargs, one_line, print_error
 
 
+CACHE_DTYPE_NAMES = ("float32", "float16", "bfloat16", "int8", "float8_e4m3fn")
+"""``--cache-dtype`` choices: ``neuroflow.serve.spec.CACHE_DTYPES``'s names (a test keeps them equal;
+this module does not import the serving package before the options are checked)."""
+
+
+def _capacity(text: str) -> str | int:
+    if text in ("auto", "exact"):
+        return text
+    try:
+        rows = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected auto, exact or a row count, got {text!r}") from None
+    if rows < 1:
+        raise argparse.ArgumentTypeError(f"a row count must be >= 1, got {rows}")
+    return rows
+
+
 def add_arguments(p: argparse.ArgumentParser) -> None:
     m = p.add_argument_group("model")
     m.add_argument("--model", default=None, metavar="PATH",
@@ -47,6 +64,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     add_gate_arguments(e)
     e.add_argument("--max-streams", type=int, default=None,
                    help="streams each shard keeps (least recently seen evicted; default: no bound)")
+    e.add_argument("--cache-dtype", choices=CACHE_DTYPE_NAMES, default=None,
+                   help="key/value cache dtype, e.g. int8 (default: the model's dtype)")
+    e.add_argument("--capacity", type=_capacity, default=None, metavar="auto|exact|ROWS",
+                   help="packed rows per engine call: auto (default), exact, or a fixed row count (keeps a GPU "
+                        "step free of host syncs under the default's keyframes)")
     s = p.add_argument_group("shards and batching")
     s.add_argument("--shards", type=int, default=None,
                    help="shard count K (default: GPUs in the cluster / --gpus-per-shard with --device cuda, else 1)")
@@ -104,7 +126,8 @@ def _config(args):
             raise CommandError("--random-config is for the random model; it cannot be combined with --model", code=2)
     config = ServeConfig(
         model_name=args.model_name, model_folder=args.model, random_config=random_config, seed=args.seed,
-        image_size=args.image_size, **_engine_fields(args), max_streams=args.max_streams, dtype=args.dtype, device=args.device, num_shards=args.shards or 1,
+        image_size=args.image_size, **_engine_fields(args), max_streams=args.max_streams, cache_dtype=args.cache_dtype,
+        capacity=args.capacity, dtype=args.dtype, device=args.device, num_shards=args.shards or 1,
         shard_cpus=args.shard_cpus, shard_gpus=args.gpus_per_shard, torch_threads=args.threads,
         max_batch=args.max_batch,
         max_wait_ms=args.max_wait_ms, max_restarts=args.max_restarts, retry_timeout_s=args.retry_timeout,

@@ -22,6 +22,8 @@ from ..engine.validation import check_ema_decay, check_floor_tokens, check_thres
 from ..models.preprocess import Preprocessor
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+CACHE_DTYPES = {**DTYPES, "int8": torch.int8, "float8_e4m3fn": torch.float8_e4m3fn}
+"""``cache_dtype`` names serving takes (``NeuroFlow``'s key/value cache dtypes)."""
 SUPPORTED_MODEL_TYPES = (
     "siglip", "siglip_vision_model", "clip", "clip_vision_model", "vit", "dinov2", "dinov2_with_registers",
 )
@@ -56,6 +58,11 @@ class ServeConfig:
             (``neuroflow.NeuroFlow``; None: the engine's default, ``"embedding"``).
         max_streams: streams each shard's engine keeps (least recently seen evicted beyond it;
             the stream's next reply says ``state_lost``); None: no bound.
+        cache_dtype: the engine's key/value cache dtype by name (:data:`CACHE_DTYPES`, e.g.
+            ``"int8"``); None: the model's dtype.
+        capacity: the engine's packed-row capacity, ``"auto"``, ``"exact"`` or an int (rows for
+            the frames that are not first frames; keeps a GPU step sync-free under the default's
+            keyframes); None: ``"auto"``.
         dtype: ``"float32"``, ``"float16"`` or ``"bfloat16"``.
         device: ``"cpu"`` or ``"cuda"`` (each GPU shard gets one GPU from Ray: ``num_gpus=1``).
         num_shards: K shard actors, one engine each.
@@ -102,6 +109,8 @@ class ServeConfig:
     probe_layers: int | None = None
     signal: str | None = None
     max_streams: int | None = None
+    cache_dtype: str | None = None
+    capacity: str | int | None = None
     dtype: str = "float32"
     device: str = "cpu"
     num_shards: int = 2
@@ -152,6 +161,11 @@ class ServeConfig:
             v = getattr(self, name)
             if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
                 raise ValueError(f"{name} must be an int >= 1 or None, got {v!r}")
+        if self.cache_dtype is not None and self.cache_dtype not in CACHE_DTYPES:
+            raise ValueError(f"cache_dtype must be one of {', '.join(CACHE_DTYPES)} or None, got {self.cache_dtype!r}")
+        if self.capacity is not None and self.capacity not in ("auto", "exact") and (
+                isinstance(self.capacity, bool) or not isinstance(self.capacity, int) or self.capacity < 1):
+            raise ValueError(f"capacity must be 'auto', 'exact', an int >= 1 or None, got {self.capacity!r}")
         if not self.shard_timeout_s > 0:
             raise ValueError(f"shard_timeout_s must be > 0, got {self.shard_timeout_s!r}")
         if self.dtype not in DTYPES:
@@ -283,6 +297,10 @@ def engine_options(config: ServeConfig) -> dict:
         v = getattr(config, name)
         if v is not None:
             out[name] = v or None
+    if config.cache_dtype is not None:
+        out["cache_dtype"] = CACHE_DTYPES[config.cache_dtype]
+    if config.capacity is not None:
+        out["capacity"] = config.capacity
     return out
 
 
