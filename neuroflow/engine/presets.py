@@ -13,8 +13,8 @@ PRESET_SETTINGS = ("arch", "threshold", "ema_decay", "floor_tokens", "reference"
 
 PRESETS: dict[str, dict] = {
     # Chosen by measurement on real DINOv2-S weights against frame skipping at equal compute
-    # (bench/results/fidelity_signal.md, docs/gate.md "Choosing the default"): cached context, a
-    # dense keyframe every 4th frame of a stream, the gated frames in between compute the patches
+    # (bench/results/fidelity.md and fidelity_signal.md; docs/gate.md "Why the default preset"):
+    # cached context, a dense keyframe every 4th frame of a stream, the gated frames in between compute the patches
     # whose embedding moved more than 0.2 (1 - cos) from its value when last computed. The
     # keyframes bound every cached token's age, so no staleness bound is needed.
     "measured": dict(arch="KV", threshold=0.2, ema_decay=0.01, floor_tokens=4, reference="computed",
