@@ -41,7 +41,7 @@ import torch
 from common import add_out_argument, environment, markdown_table, median_ms, write_results
 from neuroflow.ops import dispatch
 from neuroflow.reference.gate_settings import GateSettings
-from neuroflow.kernels.gate import GATE_CONFIG, GATE_TILES
+from neuroflow.kernels.gate import GATE_CONFIG, GATE_CONFIG_FP32, GATE_TILES
 from neuroflow.ops.gate import gate
 from neuroflow.reference.gate import gate_reference
 from neuroflow.video.synthetic import static_camera_video
@@ -87,6 +87,8 @@ def make_case(size: int, streams: int, dtype: torch.dtype, device: torch.device)
 
 
 DEFAULT_TILE = next(name for name, cfg in GATE_TILES.items() if cfg == GATE_CONFIG)
+DEFAULT_TILE_FP32 = next(name for name, cfg in GATE_TILES.items() if cfg == GATE_CONFIG_FP32)
+DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 
 
 def run(sizes, stream_counts, device: torch.device, dtype: torch.dtype, options=("paper",),
@@ -155,18 +157,24 @@ def main(argv=None) -> int:
     p.add_argument("--streams", type=int, nargs="+")
     p.add_argument("--options", nargs="+", default=["paper"], choices=[*OPTION_CONFIGS, "all_configs"],
                    help="gate option configurations (all_configs: every one)")
-    p.add_argument("--tiles", nargs="+", default=[DEFAULT_TILE], choices=[*GATE_TILES, "all"],
-                   help=f"launch configurations of the fused gate to time (all: every one; default {DEFAULT_TILE})")
+    p.add_argument("--tiles", nargs="+", default=None, choices=[*GATE_TILES, "all"],
+                   help=f"launch configurations of the fused gate to time (all: every one; default the dtype's "
+                        f"default tile: {DEFAULT_TILE}, in float32 {DEFAULT_TILE_FP32})")
+    p.add_argument("--dtype", choices=tuple(DTYPES), default=None,
+                   help="frame and weight dtype (default float16 on a GPU, float32 on the CPU)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     add_out_argument(p)
     args = p.parse_args(argv)
     device = torch.device(args.device)
     on_gpu = device.type == "cuda"
-    dtype = torch.float16 if on_gpu else torch.float32
+    dtype = DTYPES[args.dtype] if args.dtype else (torch.float16 if on_gpu else torch.float32)
     sizes = args.sizes or ([224, 448] if args.quick or not on_gpu else [224, 448, 896, 1792])
     streams = args.streams or ([1, 8] if args.quick or not on_gpu else [1, 8, 32])
     options = list(OPTION_CONFIGS) if "all_configs" in args.options else args.options
-    tiles = list(GATE_TILES) if "all" in args.tiles else args.tiles
+    if args.tiles is None:
+        tiles = [DEFAULT_TILE_FP32 if dtype == torch.float32 else DEFAULT_TILE]
+    else:
+        tiles = list(GATE_TILES) if "all" in args.tiles else args.tiles
     records = run(sizes, streams, device, dtype, options, tiles)
     columns = [("size", "px"), ("streams", "streams"), ("options", "gate options"), ("tile", "tile"), ("sparsity", "sparsity"), ("unfused_ms", "unfused ms"),
                ("unfused_gbs", "unfused GB/s"), ("fused_ms", "fused ms"), ("fused_gbs", "fused GB/s"),

@@ -55,9 +55,11 @@ GATE_TILES = {
     "p64-d128": GATE_CONFIG,
     "p64-d64": {**GATE_CONFIG, "BLOCK_D": 64},
     "p64-d32": {**GATE_CONFIG, "BLOCK_D": 32},
+    "p32-d32-fp32": GATE_CONFIG_FP32,
 }
 """Named launch configurations that compile without spills, for the tile sweep of
-``bench/bench_gate.py`` (the default first; ``p64-d32`` is the previous default)."""
+``bench/bench_gate.py`` (the fp16/bf16 default first; ``p64-d32`` is the previous default;
+``p32-d32-fp32`` is the fp32 default, the only one of them that compiles clean in fp32)."""
 
 SELECT_BLOCK = 1024
 """Patches per step of :func:`gate_select_kernel`'s passes over a frame (one program per frame)."""
