@@ -57,6 +57,13 @@ def run_layer(layer, h, **kwargs):
     return out[0] if isinstance(out, tuple) else out
 
 
+def key_of(layer, h):
+    """The layer's attention keys of ``h`` ``[1, T, D]`` (its first norm, then its key projection)."""
+    norm = next(getattr(layer, n) for n in ("norm1", "layer_norm1", "layernorm_before") if hasattr(layer, n))
+    key = next(m for name, m in layer.named_modules() if name.endswith(("k_proj", ".key")))
+    return key(norm(h))
+
+
 def readout(model, z):
     """``z [1, T, D]`` final-layer outputs -> (last_hidden_state, pooler_output) as the model defines them."""
     name = type(model).__name__
@@ -176,7 +183,7 @@ def gate_stream(embeddings, threshold, ema_decay, floor_tokens, **options):
 
 
 def run_stream(model, frames, arch, threshold, ema_decay, floor_tokens, cls_context=True, masks=None, cuts=None,
-               kv_layers=None, probe_layers=0, **options):
+               kv_layers=None, probe_layers=0, layer_threshold=None, keyframes=(), layer_keeps=None, **options):
     """Run one stream's frames ``[F, 3, H, W]``; returns one dict per frame.
 
     ``options`` are the gate options (reference, max_staleness, budget, motion_norm, scene_cut);
@@ -186,6 +193,10 @@ def run_stream(model, frames, arch, threshold, ema_decay, floor_tokens, cls_cont
     ``probe_layers`` (KV only): the first l layers run on every token of every frame and the gate
     decides on their output's patch rows (the input to layer l); the KV rule then applies from
     layer l on (its layers below l are the dense ones).
+    ``layer_threshold`` (KV only): at each layer that sees every token, a computed patch goes on
+    only while its key moved by more than this (``1 - cos`` against its key when that layer last
+    computed it); prefix tokens, first frames and the frames in ``keyframes`` always go on.
+    ``layer_keeps`` replays given per-layer decisions (a float64 run following a float32 one).
 
     ``masks`` (list of ``[N]`` bool) replays given gate decisions instead of deciding, so a
     float64 run can follow exactly the decisions of a float32 run.
@@ -228,12 +239,27 @@ def run_stream(model, frames, arch, threshold, ema_decay, floor_tokens, cls_cont
             cache = torch.zeros_like(x) if cache is None else cache
             inputs = [torch.zeros_like(x) for _ in layers] if inputs is None else inputs
             sub = x[:, idx]
+            keeps = {}
+            token_layers = x.shape[1] * probe_layers
             for l, (layer, layer_inputs) in enumerate(zip(layers, inputs)):
                 if l < probe_layers:
                     continue  # x holds their output already
+                token_layers += len(idx)  # tokens entering the layer (a dropped one computed its key)
                 if kv_layers is not None and l not in kv_layers:
                     sub = run_layer(layer, sub)  # this layer keeps no context: computed tokens only
                     continue
+                if layer_threshold is not None:
+                    if layer_keeps is not None:
+                        keep = layer_keeps[t][l]
+                    else:
+                        new, old = key_of(layer, sub)[0], key_of(layer, layer_inputs[:, idx])[0]
+                        moved = [1 - float(torch.dot(a, b) / (a.norm().clamp_min(EPS) * b.norm().clamp_min(EPS)))
+                                 for a, b in zip(new, old)]
+                        dense_frame = t == 0 or t in keyframes
+                        keep = [dense_frame or i < p or m > layer_threshold for i, m in zip(idx, moved)]
+                    keeps[l] = keep
+                    idx = [i for i, k in zip(idx, keep) if k]
+                    sub = sub[:, [j for j, k in enumerate(keep) if k]]
                 layer_inputs[:, idx] = sub
                 sub = run_layer(layer, layer_inputs)[:, idx]
             cache[:, idx] = sub
@@ -266,5 +292,7 @@ def run_stream(model, frames, arch, threshold, ema_decay, floor_tokens, cls_cont
                 h = out
             seq, pooled = readout(model, h[None])
         results.append({"cut": cut, "ages": ages, "active": active, "ema": ema.clone(), "pooled": pooled[0].clone(),
-                        "seq": seq[0].clone(), "idx": idx, "probed": probed.clone()})
+                        "seq": seq[0].clone(), "idx": idx, "probed": probed.clone(),
+                        "layer_keeps": keeps if arch == "KV" else None,
+                        "token_layers": token_layers if arch == "KV" else None})
     return results

@@ -18,7 +18,7 @@ from ..engine.presets import DEFAULT_PRESET, PRESETS
 _NONE = "none"
 GATE_OPTIONS = ("threshold", "ema_decay", "floor_tokens", "reference", "max_staleness", "budget", "motion_norm",
                 "scene_cut", "kv_layers", "cls_readout", "skip_below", "keyframe_every", "keyframe_drift",
-                "batch_budget", "probe_layers", "signal")
+                "batch_budget", "probe_layers", "signal", "layer_threshold")
 """The ``NeuroFlow`` keyword arguments (and ``args`` attributes) these options set, besides
 ``preset`` and ``arch``."""
 
@@ -111,6 +111,10 @@ def add_gate_arguments(p: argparse.ArgumentParser | argparse._ArgumentGroup, sev
                         "on their output (reference computed only; the probe counts in the compute); 0: decide on "
                         "the layer-0 embedding (default 0); in a comparison of several --arch it applies to the "
                         "KV engine")
+    p.add_argument("--layer-threshold", type=_or_none(float), default=argparse.SUPPRESS, metavar="T",
+                   help="architecture KV: the per-layer gate; at every cached layer a computed patch whose key moved "
+                        "by at most T (1 - cos against its cached key) drops out, its deeper caches and output kept "
+                        "(default none: off); in a comparison of several --arch it applies to the KV engine")
     p.add_argument("--skip-below", type=float, default=argparse.SUPPRESS, metavar="F",
                    help="frame policy: a later frame where at most this fraction of the patches pass the threshold "
                         "is skipped (the stream's last outputs are reused, no encoder work); 1.0 with "

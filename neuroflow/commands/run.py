@@ -214,7 +214,8 @@ def model_input_side(settings: Settings, loaded: LoadedModel) -> tuple[int, int]
 def make_engines(loaded: LoadedModel, settings: Settings, command: str = "run") -> list[NeuroFlow]:
     """One engine per architecture, all on the same model, each with ``settings.engine`` (the
     preset and the options given); bad settings exit with status 2. In a comparison of several
-    architectures ``kv_layers`` and ``probe_layers`` go to the KV engine only (the others reject them)."""
+    architectures ``kv_layers``, ``probe_layers`` and ``layer_threshold`` go to the KV engine only (the
+    others reject them)."""
     engines = []
     try:
         with warnings.catch_warnings(record=True) as caught:
@@ -224,6 +225,7 @@ def make_engines(loaded: LoadedModel, settings: Settings, command: str = "run") 
                 if len(settings.archs) > 1 and a != "KV":
                     kwargs.pop("kv_layers", None)
                     kwargs.pop("probe_layers", None)
+                    kwargs.pop("layer_threshold", None)
                 engines.append(NeuroFlow(loaded.model, arch=a, **kwargs))
     except ValueError as exc:
         raise CommandError(one_line(exc), code=2) from exc

@@ -29,7 +29,7 @@ def build_summary(sources, done, loaded, settings, engine, resolution, grid, sta
         "dtype": str(dtype).removeprefix("torch."),
         "settings": {"preset": engine.preset, "arch": settings.archs[0], **engine.gate_settings.as_dict(),
                      "kv_layers": list(engine.kv_layers) if engine.kv_layers is not None else None,
-                     "probe_layers": engine.probe_layers,
+                     "probe_layers": engine.probe_layers, "layer_threshold": engine.layer_threshold,
                      "given": list(settings.given), "batch": batch,
                      "stride": settings.stride, "max_frames": settings.max_frames},
         "videos": [{"video": s.name, "path": str(s.path),
@@ -92,7 +92,7 @@ def settings_line(settings: dict) -> str:
     if settings["reference"] == "ema":
         shown.insert(3, "ema_decay")
     shown += [k for k in ("keyframe_every", "skip_below", "keyframe_drift", "batch_budget", "budget", "motion_norm",
-                          "scene_cut", "kv_layers", "probe_layers", "signal")
+                          "scene_cut", "kv_layers", "probe_layers", "layer_threshold", "signal")
               if settings.get(k) not in (None, False, 0, "embedding")]
     text = (f"preset {preset!r}{' (the default)' if preset == DEFAULT_PRESET else ''}: "
             + ", ".join(f"{k} {settings[k]}" for k in shown))

@@ -35,10 +35,11 @@ from typing import ClassVar
 import torch
 
 from .capacity import Fitted
-from ..models.encoder import Packed, packed_layer, packed_layer_cached_kv, run_packed
+from ..models.encoder import Packed, packed_layer, packed_layer_cached_kv, packed_layer_cached_kv_gated, run_packed
 from ..models.families import VisionAdapter, attention_block, mlp_block
 from ..ops.gate import PackedFrames, ema_dtype
 from ..reference.cache_scatter import QUANT_MAX
+from ..reference.gate import KEYFRAME
 from .profiling import stage
 from .streams import Grid, Specs, StreamBatch
 
@@ -47,6 +48,10 @@ from .streams import Grid, Specs, StreamBatch
 class ArchResult:
     last_hidden_state: torch.Tensor
     pooler_output: torch.Tensor | None
+    entered: torch.Tensor | None = None
+    """``[B]`` int64, with the per-layer gate (``layer_threshold``, where tokens drop out inside
+    the encoder): the tokens entering each of layers ``probe_layers..L-1``, summed; else None
+    (every computed token runs every layer)."""
 
 
 class Architecture:
@@ -59,6 +64,7 @@ class Architecture:
         cls_readout: C on CLS-pooling models: ``"context"`` or ``"active"``.
         kv_layers: KV only (see :class:`ArchKV`); any other architecture rejects it.
         probe_layers: KV only (see :class:`ArchKV`); any other architecture rejects a nonzero one.
+        layer_threshold: KV only (see :class:`ArchKV`); any other architecture rejects it.
     """
 
     name: ClassVar[str]
@@ -69,9 +75,13 @@ class Architecture:
     """Layers run densely on every token before the gate decides (:class:`ArchKV` only)."""
 
     def __init__(self, adapter: VisionAdapter, cache_dtype: torch.dtype | None = None, head_cache: bool = True,
-                 cls_readout: str = "context", kv_layers=None, probe_layers: int = 0):
+                 cls_readout: str = "context", kv_layers=None, probe_layers: int = 0,
+                 layer_threshold: float | None = None):
         if kv_layers is not None and not self.takes_kv_layers:
             raise ValueError(f"kv_layers is an option of architecture KV, not {self.name!r}")
+        if layer_threshold is not None and not self.takes_kv_layers:
+            raise ValueError(f"layer_threshold is an option of architecture KV, not {self.name!r} (the per-layer "
+                             "gate compares each token's key with its cached key at that layer)")
         if probe_layers != 0 and not self.takes_kv_layers:
             raise ValueError(f"probe_layers is an option of architecture KV, not {self.name!r} "
                              "(its gate decides on layer-0 embeddings only)")
@@ -338,7 +348,7 @@ class ArchC(Architecture):
                 y = run_packed(a.layers[:-1], x, packed)
                 scales = _kv_scales(batch, "last_k_scale", "last_v_scale") if self._kv_quantized else {}
                 z = packed_layer_cached_kv(a.layers[-1], y, packed, batch.slot, batch.tensor("last_k"),
-                                           batch.tensor("last_v"), _kv_writer(batch, "last_k", "last_v", packed,
+                                           batch.tensor("last_v"), _kv_writer(batch, "last_k", "last_v",
                                                                               quantized=self._kv_quantized), **scales)
         return self._readout_from_cache(z, packed, batch)
 
@@ -358,14 +368,22 @@ class ArchKV(Architecture):
             and only the computed tokens go through layers l..L-1. The probe layers keep no
             cache (``kv_layers`` may not name them). 0 (default): the gate decides on layer-0
             embeddings.
+        layer_threshold: the per-layer gate (Eventful/STC style), None or a number in ``[0, 2)``:
+            at every cached layer each computed patch's fresh key is compared with its cached
+            key (the one it had when that layer last computed it); a patch whose key moved by at
+            most this (``1 - cos``) drops out there, its keys/values at that and deeper layers
+            and its output staying as cached. Prefix tokens and every token of a first frame or
+            keyframe continue. None (default): no per-layer gate.
     """
 
     name = "KV"
     takes_kv_layers = True
 
-    def __init__(self, adapter: VisionAdapter, kv_layers=None, probe_layers: int = 0, **options):
+    def __init__(self, adapter: VisionAdapter, kv_layers=None, probe_layers: int = 0,
+                 layer_threshold: float | None = None, **options):
         super().__init__(adapter, **options)
         self.probe_layers = check_probe_layers(probe_layers, len(adapter.layers))
+        self.layer_threshold = check_layer_threshold(layer_threshold)
         self.kv_layer_ids: tuple[int, ...] = resolve_kv_layers(kv_layers, len(adapter.layers), self.probe_layers)
         """Indices of the cached layers, ascending (every layer past the probe by default)."""
 
@@ -411,16 +429,32 @@ class ArchKV(Architecture):
             if self._kv_quantized:
                 scales = {key: t.view(s * num_kv, t_tok, -1)
                           for key, t in _kv_scales(batch, "kv_k_scale", "kv_v_scale").items()}
+        gated = self.layer_threshold is not None
+        if gated:
+            # First frames and keyframes are dense by rule: no token of theirs drops out.
+            keep_frames = batch.first if gate.frame_kind is None else batch.first | (gate.frame_kind == KEYFRAME)
+            entered = torch.zeros(packed.num_frames, dtype=torch.int64, device=x.device)
         with stage("encoder"):
             for layer, parts in enumerate(a.layers[self.probe_layers :], start=self.probe_layers):
                 j = cached.get(layer)
                 if j is None:
+                    if gated:
+                        entered = entered + packed.cu_seqlens.diff()
                     x = packed_layer(parts, x, packed)
+                    continue
+                write = _kv_writer(batch, "kv_k", "kv_v", j, quantized=self._kv_quantized)
+                if gated:
+                    x, packed, count = packed_layer_cached_kv_gated(
+                        parts, x, packed, batch.slot * num_kv + j, k_rows, v_rows, write, self.layer_threshold,
+                        keep_frames, a.num_prefix, exact=fitted is None, **scales)
+                    entered = entered + count
                 else:
-                    x = packed_layer_cached_kv(parts, x, packed, batch.slot * num_kv + j, k_rows, v_rows,
-                                               _kv_writer(batch, "kv_k", "kv_v", packed, j,
-                                                          quantized=self._kv_quantized), **scales)
-        return self._readout_from_cache(x, packed, batch)
+                    x = packed_layer_cached_kv(parts, x, packed, batch.slot * num_kv + j, k_rows, v_rows, write,
+                                               **scales)
+        result = self._readout_from_cache(x, packed, batch)
+        if gated:
+            result.entered = entered
+        return result
 
 
 def pooled_width(adapter: VisionAdapter) -> int | None:
@@ -442,6 +476,18 @@ def check_probe_layers(probe_layers, num_layers: int) -> int:
         raise ValueError(f"probe_layers must be an int in [0, {num_layers}) (the model has {num_layers} layers; "
                          f"the gate decides on the input to that layer), got {probe_layers!r}")
     return probe_layers
+
+
+def check_layer_threshold(layer_threshold) -> float | None:
+    """``layer_threshold`` must be None or a number in ``[0, 2)`` (a key surprise ``1 - cos`` lies
+    in ``[0, 2]``; from 2 on no patch would ever continue)."""
+    if layer_threshold is None:
+        return None
+    if (isinstance(layer_threshold, bool) or not isinstance(layer_threshold, (int, float))
+            or not 0.0 <= layer_threshold < 2.0):
+        raise ValueError(f"layer_threshold must be None or a number in [0, 2) (a patch continues past a layer "
+                         f"while its key moved by more than this, 1 - cos), got {layer_threshold!r}")
+    return float(layer_threshold)
 
 
 def resolve_kv_layers(kv_layers, num_layers: int, probe_layers: int = 0) -> tuple[int, ...]:
@@ -479,11 +525,11 @@ def resolve_kv_layers(kv_layers, num_layers: int, probe_layers: int = 0) -> tupl
     return tuple(sorted(ids))
 
 
-def _kv_writer(batch: StreamBatch, k_name: str, v_name: str, packed: Packed, layer: int | None = None,
-               quantized: bool = False):
-    """Writes a layer's fresh keys and values ``[T, H * Dh]`` into the batch's caches (8-bit
-    caches: quantised per token and head, the scales into ``<name>_scale``)."""
-    def write(k: torch.Tensor, v: torch.Tensor) -> None:
+def _kv_writer(batch: StreamBatch, k_name: str, v_name: str, layer: int | None = None, quantized: bool = False):
+    """Writes a layer's fresh keys and values ``[T, H * Dh]`` into the batch's caches at the
+    positions ``packed`` names (8-bit caches: quantised per token and head, the scales into
+    ``<name>_scale``)."""
+    def write(k: torch.Tensor, v: torch.Tensor, packed: Packed) -> None:
         batch.scatter(k_name, k, packed.cu_seqlens, packed.index, layer, scale=f"{k_name}_scale" if quantized else None)
         batch.scatter(v_name, v, packed.cu_seqlens, packed.index, layer, scale=f"{v_name}_scale" if quantized else None)
     return write

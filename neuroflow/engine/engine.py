@@ -33,6 +33,7 @@ from ..models.families import VisionAdapter
 from ..ops.gate import gate_features
 from ..ops.library import gate_frames
 from ..reference.cache_scatter import QUANT_MAX
+from ..reference.gate import KEYFRAME, PARTIAL, SKIP  # noqa: F401  (values of NeuroFlowOutput.frame_kind; re-exported)
 from .profiling import stage
 from .state_file import StateFileError, load_state_file, model_fingerprint, save_state_file
 from .streams import Grid, StreamBatch, StreamStore
@@ -107,7 +108,8 @@ class NeuroFlowOutput:
             compute = ``token_layers.sum() / (B * T * L)``. Architecture A also runs attention
             (not the MLP) over every token of every frame: its count is the tokens through the MLP.
             With ``probe_layers=l`` the dense probe counts too: ``T * l + (prefix tokens + active
-            patches) * (L - l)``, ``T * l`` on a skip.
+            patches) * (L - l)``, ``T * l`` on a skip. With ``layer_threshold`` the tokens
+            entering each layer, summed over the layers (patches drop out inside the encoder).
     """
 
     pooler_output: torch.Tensor | None
@@ -118,10 +120,6 @@ class NeuroFlowOutput:
     first_frame: torch.Tensor
     frame_kind: torch.Tensor
     token_layers: torch.Tensor
-
-
-SKIP, PARTIAL, KEYFRAME = 0, 1, 2
-"""Values of :attr:`NeuroFlowOutput.frame_kind`."""
 
 
 class NeuroFlow(nn.Module):
@@ -238,6 +236,16 @@ class NeuroFlow(nn.Module):
             decides on layer-0 embeddings, exactly as without the option. The kernel path runs
             the probe through the packed encoder and the gate's select and pack kernels on its
             features (no host sync; :func:`neuroflow.ops.gate.gate_features`).
+        layer_threshold: Architecture KV only: the per-layer gate (Eventful/STC style), None
+            (default: off) or a number in ``[0, 2)``. At every cached layer each computed patch's
+            fresh key is compared with its cached key, the one it had when that layer last
+            computed it; a patch whose key moved by at most this (``1 - cos``) drops out there:
+            its keys/values at that and deeper layers and its output stay as cached. Prefix tokens
+            and every token of a first frame or keyframe run every layer. ``token_layers`` then
+            counts the tokens entering each layer (a dropped token counts its last layer in full:
+            its key was computed). On the sync-free path (``capacity`` bucket, GPU) the packed
+            buffers keep their size, so a drop saves the attention over those rows, not the
+            row-wise work; ``capacity="exact"`` or the CPU shrink them (one host read per layer).
 
     Call with ``pixel_values [B, C, H, W]`` (model dtype and device; H and W multiples of the patch
     size) and ``stream_ids`` (B distinct hashable ids; default ``0..B-1``). A stream that is new,
@@ -273,6 +281,7 @@ class NeuroFlow(nn.Module):
         batch_budget: float | None = None,
         probe_layers: int = 0,
         signal: str = "embedding",
+        layer_threshold: float | None = None,
     ):
         super().__init__()
         if check_finite not in (True, False, "eager", "deferred"):
@@ -305,7 +314,8 @@ class NeuroFlow(nn.Module):
         self.vision_model = self.adapter.model
         self.architecture: Architecture = make_architecture(
             arch, self.adapter, cache_dtype=cache_dtype, head_cache=bool(head_cache), cls_readout=cls_readout,
-            probe_layers=probe_layers, **({} if kv_layers is None else {"kv_layers": kv_layers}))
+            probe_layers=probe_layers, **({} if kv_layers is None else {"kv_layers": kv_layers}),
+            **({} if layer_threshold is None else {"layer_threshold": layer_threshold}))
         _check_probe_reference(self.architecture.probe_layers, settings)
         self.architecture.check(settings.floor_tokens)
         self.architecture.track_age = max_staleness is not None
@@ -506,6 +516,11 @@ class NeuroFlow(nn.Module):
         """Layers run densely before the gate decides (Architecture KV; 0: the gate decides on
         layer-0 embeddings). Fixed for the engine's life: the references it keeps depend on it."""
         return self.architecture.probe_layers
+
+    @property
+    def layer_threshold(self) -> float | None:
+        """The per-layer gate's threshold (Architecture KV; None: off). Fixed at construction."""
+        return getattr(self.architecture, "layer_threshold", None)
 
     @property
     def max_streams(self) -> int | None:
@@ -786,8 +801,9 @@ class NeuroFlow(nn.Module):
                     batch.write_rows("last_pooled", pooled)
         ran = (kind != SKIP).to(torch.int64)
         # The probe runs on every token of every frame (a skip is decided on its output).
-        token_layers = ((computed.sum(dim=1) + a.num_prefix * ran) * (len(a.layers) - probe)
-                        + (a.num_prefix + n) * probe)
+        gated_layers = (result.entered if result.entered is not None
+                        else (computed.sum(dim=1) + a.num_prefix * ran) * (len(a.layers) - probe))
+        token_layers = gated_layers + (a.num_prefix + n) * probe
         out = NeuroFlowOutput(
             pooler_output=pooled,
             last_hidden_state=seq,
@@ -899,6 +915,7 @@ class NeuroFlow(nn.Module):
             + "".join(f", {k}={v!r}" for k, v in self._gate.as_dict().items()
                       if k not in ("threshold", "ema_decay", "floor_tokens") and v != GateSettings.__dataclass_fields__[k].default)
             + (f", probe_layers={self.probe_layers}" if self.probe_layers else "")
+            + (f", layer_threshold={self.layer_threshold}" if self.layer_threshold is not None else "")
             + f", streams={len(self._streams)}"
         )
 

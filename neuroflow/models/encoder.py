@@ -94,7 +94,7 @@ def packed_layer_cached_kv(
     rows: torch.Tensor,
     k_cache: torch.Tensor,
     v_cache: torch.Tensor,
-    store_kv: Callable[[torch.Tensor, torch.Tensor], None],
+    store_kv: Callable[[torch.Tensor, torch.Tensor, Packed], None],
     k_scale: torch.Tensor | None = None,
     v_scale: torch.Tensor | None = None,
 ) -> torch.Tensor:
@@ -108,13 +108,106 @@ def packed_layer_cached_kv(
             attention runs in it; or int8 / float8_e4m3fn with ``k_scale``/``v_scale``
             ``[R, T_tok, H]``: dequantised in the attention's loads, which run in x's dtype),
             read in place by the attention.
-        store_kv: writes the fresh keys and values ``[T, H * Dh]`` into ``k_cache``/``v_cache`` at
-            the packed tokens' positions (the caller owns the state, see
+        store_kv: ``store_kv(k, v, packed)`` writes the fresh keys and values ``[T, H * Dh]`` into
+            ``k_cache``/``v_cache`` at the packed tokens' positions (the caller owns the state, see
             :class:`neuroflow.engine.streams.StreamBatch`).
     """
     nx = parts.norm1(x)
-    k, v = parts.k(nx), parts.v(nx)
-    store_kv(k, v)
+    return _attend_cached(parts, x, nx, parts.k(nx), parts.v(nx), packed, rows, k_cache, v_cache, store_kv,
+                          k_scale, v_scale)
+
+
+def packed_layer_cached_kv_gated(
+    parts: LayerParts,
+    x: torch.Tensor,
+    packed: Packed,
+    rows: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    store_kv: Callable[[torch.Tensor, torch.Tensor, Packed], None],
+    threshold: float,
+    keep_frames: torch.Tensor,
+    num_prefix: int,
+    exact: bool,
+    k_scale: torch.Tensor | None = None,
+    v_scale: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, Packed, torch.Tensor]:
+    """:func:`packed_layer_cached_kv` behind a per-layer gate (``NeuroFlow(layer_threshold=...)``).
+
+    Each packed token's fresh key is compared with its cached key, the one it had when this layer
+    last computed it (:func:`key_surprise`). A patch whose key moved by at most ``threshold``
+    (``1 - cos``) drops out here: its keys/values at this and deeper layers and its output stay
+    as cached, and the layer runs (queries, value projection, attention, MLP) on the rest. Prefix
+    tokens (CLS, registers) and every token of a frame in ``keep_frames`` ``[B]`` bool (first
+    frames, keyframes: dense by rule) always continue.
+
+    ``exact``: shrink the packed buffers to the kept rows (one device->host read of the count;
+    free on the CPU); else keep the capacity, kept rows first (no host read; see
+    :func:`compact`). Returns ``(x' [T', D], packed', entered [B] int64)``: the layer's output
+    rows, where they belong, and how many tokens of each frame entered the layer (the dropped
+    ones too: their key was computed).
+    """
+    nx = parts.norm1(x)
+    k = parts.k(nx)
+    frame = packed.frame_of()
+    keep = ((key_surprise(k, k_cache, rows, packed, k_scale) > threshold) | (packed.index < num_prefix)
+            | keep_frames[frame])
+    entered = packed.cu_seqlens.diff().to(torch.int64)
+    packed, (x, nx, k) = compact(packed, keep, x, nx, k, exact=exact)
+    x = _attend_cached(parts, x, nx, k, parts.v(nx), packed, rows, k_cache, v_cache, store_kv, k_scale, v_scale)
+    return x, packed, entered
+
+
+def key_surprise(k: torch.Tensor, k_cache: torch.Tensor, rows: torch.Tensor, packed: Packed,
+                 k_scale: torch.Tensor | None = None) -> torch.Tensor:
+    """``1 - cos`` ``[C]`` float32 of each packed token's fresh key ``k`` ``[C, H * Dh]`` against
+    its key in ``k_cache`` ``[R, T_tok, H * Dh]`` (stream ``b``'s keys at row ``rows[b]``;
+    8-bit caches dequantised with ``k_scale`` ``[R, T_tok, H]``). A zero cached key (a position
+    never computed) gives 1. Padding rows (their index is undefined) read position 0 and get a
+    value that nothing reads."""
+    r, pos = rows[packed.frame_of()].long(), torch.where(packed.valid(), packed.index.long(), 0)
+    old = k_cache[r, pos].float()
+    if k_scale is not None:
+        heads = k_scale.shape[-1]
+        old = (old.view(old.shape[0], heads, -1) * k_scale[r, pos].unsqueeze(-1)).view(old.shape[0], -1)
+    return 1.0 - torch.nn.functional.cosine_similarity(k.float(), old, dim=-1, eps=1e-12)
+
+
+def compact(packed: Packed, keep: torch.Tensor, *tensors: torch.Tensor, exact: bool
+            ) -> tuple[Packed, list[torch.Tensor]]:
+    """Keep the packed rows where ``keep`` ``[C]`` bool is set (padding rows go whatever it says),
+    in order, so each stream's rows stay one segment. ``tensors``: ``[C, ...]`` rows to keep alike.
+
+    ``exact``: the buffers shrink to the kept rows (at least one: a padding row when none is
+    kept), which reads the count on the host. Else the capacity C stays, the kept rows first and
+    zero padding rows after, with nothing read on the host (the sync-free path; the work on the
+    padding rows is not saved).
+    """
+    keep = keep & packed.valid()
+    lengths = torch.zeros(packed.num_frames, dtype=torch.int64, device=keep.device)
+    lengths.index_add_(0, packed.frame_of(), keep.to(torch.int64))
+    cu = torch.cat([lengths.new_zeros(1), lengths.cumsum(0)]).to(torch.int32)
+    if exact:
+        picked = keep.nonzero().flatten()
+        if picked.numel() == 0:
+            picked = keep.new_zeros(1, dtype=torch.int64)
+        out = [t.index_select(0, picked) for t in (packed.index, *tensors)]
+        capacity = picked.numel()
+    else:
+        # Dropped rows all land on one dump row past the end (duplicate targets: any one wins).
+        dest = torch.where(keep, keep.to(torch.int64).cumsum(0) - 1, packed.capacity)
+        out = [t.new_zeros(packed.capacity + 1, *t.shape[1:]).index_copy_(0, dest, t)[:-1]
+               for t in (packed.index, *tensors)]
+        capacity = packed.capacity
+    return Packed(cu, out[0], packed.num_frames, packed.tokens, capacity, packed.max_seqlen), out[1:]
+
+
+def _attend_cached(parts: LayerParts, x: torch.Tensor, nx: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                   packed: Packed, rows: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                   store_kv: Callable[[torch.Tensor, torch.Tensor, Packed], None],
+                   k_scale: torch.Tensor | None, v_scale: torch.Tensor | None) -> torch.Tensor:
+    """The rest of :func:`packed_layer_cached_kv` once ``nx = norm1(x)``, ``k`` and ``v`` exist."""
+    store_kv(k, v, packed)
     t_tok = packed.tokens
     b = packed.num_frames
     cu_k = torch.arange(b + 1, dtype=torch.int32, device=x.device) * t_tok

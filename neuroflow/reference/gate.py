@@ -61,6 +61,9 @@ from .gate_settings import GateSettings
 COSINE_EPS = 1e-8
 """Each norm in the cosine is clamped to at least this, so an all-zero embedding has surprise 1."""
 
+SKIP, PARTIAL, KEYFRAME = 0, 1, 2
+"""The frame policy's ``frame_kind`` values (re-exported as ``neuroflow.engine.engine.SKIP`` etc.)."""
+
 FIRST_FRAME_SURPRISE = float("inf")
 """Surprise reported for first frames: there is no EMA to compare with, every patch is active."""
 

@@ -17,7 +17,7 @@ import torch
 from ..engine.engine import PRESETS, NeuroFlow
 from ..reference.gate_settings import check_batch_budget, check_keyframe_drift, check_skip_below
 from ..engine.presets import DEFAULT_PRESET
-from ..engine.architectures import ARCHITECTURES
+from ..engine.architectures import ARCHITECTURES, check_layer_threshold
 from ..engine.validation import check_ema_decay, check_floor_tokens, check_threshold
 from ..models.preprocess import Preprocessor
 
@@ -54,6 +54,8 @@ class ServeConfig:
             (``neuroflow.NeuroFlow``; None: off).
         probe_layers: architecture KV: the first l layers run densely and the gate decides on
             their output (``neuroflow.NeuroFlow``; None: the engine's default 0, layer 0).
+        layer_threshold: architecture KV: the per-layer gate's threshold (``neuroflow.NeuroFlow``;
+            None: off).
         signal: what the gate's surprise compares, ``"embedding"`` or ``"patch"``
             (``neuroflow.NeuroFlow``; None: the engine's default, ``"embedding"``).
         max_streams: streams each shard's engine keeps (least recently seen evicted beyond it;
@@ -108,6 +110,7 @@ class ServeConfig:
     batch_budget: float | None = None
     probe_layers: int | None = None
     signal: str | None = None
+    layer_threshold: float | None = None
     max_streams: int | None = None
     cache_dtype: str | None = None
     capacity: str | int | None = None
@@ -157,6 +160,7 @@ class ServeConfig:
                                               or self.probe_layers < 0):
             raise ValueError(f"probe_layers must be an int >= 0 (0: the gate decides on layer 0) or None, "
                              f"got {self.probe_layers!r}")
+        check_layer_threshold(self.layer_threshold)
         for name in ("max_streams",):
             v = getattr(self, name)
             if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
@@ -289,7 +293,7 @@ def engine_options(config: ServeConfig) -> dict:
     out = {}
     for name in ("arch", "threshold", "ema_decay", "floor_tokens", "reference", "budget", "motion_norm",
                  "scene_cut", "kv_layers", "skip_below", "keyframe_drift", "batch_budget",
-                 "probe_layers", "signal"):
+                 "probe_layers", "signal", "layer_threshold"):
         v = getattr(config, name)
         if v is not None:
             out[name] = v
