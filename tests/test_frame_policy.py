@@ -46,11 +46,16 @@ def test_every_k_is_dense_on_keyframes_and_repeats_them_bit_for_bit(family, arch
             assert torch.equal(out.pooler_output, want.pooler_output), f"frame {t}"
 
 
-def test_every_k_through_kernels(triton_path):
-    """Every-k under the Triton interpreter: the gate's kernels decide, no fallback, bit for bit."""
+@pytest.mark.parametrize("capacity", ["auto", 3])
+def test_every_k_through_kernels(triton_path, capacity):
+    """Every-k under the Triton interpreter: the gate's kernels decide, no fallback, bit for bit.
+    With a capacity smaller than a frame's prefix plus patches the skipped frames go through the
+    overflow repacking (which once gave a skipped frame its prefix rows) and the keyframes get the
+    dense rows the host schedule reserves."""
     model, k = make_model("dinov2"), 2
     clip = video(5, seed=2)
-    nf, fresh = NeuroFlow(model, arch="KV", keyframe_every=k, skip_below=1.0), NeuroFlow(model, arch="KV")
+    nf = NeuroFlow(model, arch="KV", keyframe_every=k, skip_below=1.0, capacity=capacity)
+    fresh = NeuroFlow(model, arch="KV")
     with torch.inference_mode():
         for t in range(5):
             out = nf(clip[t:t + 1])
@@ -65,6 +70,9 @@ def test_every_k_through_kernels(triton_path):
             assert torch.equal(out.pooler_output, want.pooler_output)
     assert dispatch.fallbacks == []
 
+
+NO_CUT = 10**6
+"""A ``capacity`` no call reaches (the planner caps it at the call's dense size)."""
 
 POLICIES = [
     dict(reference="computed", max_staleness=2, skip_below=0.2, keyframe_every=4),
@@ -84,7 +92,9 @@ def test_policy_kernel_path_matches_reference_path(monkeypatch, options, arch):
     static, busy = _static_and_busy(7)
     busy = torch.cat([busy[:4], video(3, seed=11)])
     settings = dict(arch=arch, threshold=0.01, ema_decay=0.2, floor_tokens=2, **options)
-    kernels, reference = NeuroFlow(model, **settings), NeuroFlow(model, **settings)
+    # A capacity past every frame's dense size: the sync-free path, no bucket to overflow (the
+    # decisions are compared; overflow has its own tests in test_capacity.py).
+    kernels, reference = NeuroFlow(model, capacity=NO_CUT, **settings), NeuroFlow(model, **settings)
     kinds = []
     with torch.inference_mode():
         for t in range(static.shape[0]):
@@ -262,7 +272,9 @@ def test_batch_budget_kernel_path_matches_reference_and_shares_the_budget(monkey
     quiet = 0.8 * static + 0.2 * video(6, seed=8)  # a quieter stream: smaller changes
     f = 0.3
     settings = dict(arch="KV", ema_decay=0.2, batch_budget=f, **options)
-    kernels, reference = NeuroFlow(model, **settings), NeuroFlow(model, **settings)
+    # A capacity past every frame's dense size: the sync-free path, no bucket to overflow (the
+    # decisions are compared; overflow has its own tests in test_capacity.py).
+    kernels, reference = NeuroFlow(model, capacity=NO_CUT, **settings), NeuroFlow(model, **settings)
     got = torch.zeros(2, dtype=torch.int64)
     with torch.inference_mode():
         for t in range(6):

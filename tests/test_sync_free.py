@@ -292,17 +292,62 @@ def test_scene_cut_under_auto_capacity_packs_exactly(triton_path, monkeypatch):
     assert nf.overflowed_frames == 0
 
 
-def test_a_keyframe_reads_its_count_and_an_int_capacity_does_not(triton_path, monkeypatch):
+def test_scheduled_keyframes_stay_sync_free_and_are_never_cut(triton_path, monkeypatch):
     """The measured preset's ``keyframe_every=4``: the recorded calls (frames 2-4) include frame 4,
-    a dense keyframe by schedule, so ``capacity="auto"`` reads the count (documented sync); a fixed
-    ``capacity`` keeps the same steps sync-free (here it holds the keyframe; one over it is cut like
-    any overflow)."""
-    auto = _steady_state_syncs(monkeypatch, "siglip", "KV", keyframe_every=4)[0].calls
-    assert any(c.startswith("Tensor.tolist at engine/architectures.py") for c in auto), auto
-    recorder, out, nf = _steady_state_syncs(monkeypatch, "siglip", "KV", keyframe_every=4, capacity=40,
-                                            check_finite="deferred")
-    _assert_sync_free(recorder)
-    assert (out.frame_kind == 2).all()  # frame 4, the last recorded call, ran as a keyframe
+    a dense keyframe by schedule. The host knows the schedule (neuroflow.engine.keyframes), so
+    ``capacity="auto"`` reserves its dense rows without reading anything, and so does a fixed
+    ``capacity``; the keyframe is not cut."""
+    for options in ({}, {"capacity": 40}):
+        recorder, out, nf = _steady_state_syncs(monkeypatch, "siglip", "KV", keyframe_every=4,
+                                                check_finite="deferred", **options)
+        _assert_sync_free(recorder)
+        assert (out.frame_kind == 2).all()  # frame 4, the last recorded call, ran as a keyframe
+        n = out.active_mask.shape[1]
+        assert (out.active_mask.sum(dim=1) == n).all()  # dense, nothing cut
+        nf.sync_errors()
+        assert nf.overflowed_frames == 0
+
+
+def test_data_dependent_keyframes_under_auto_capacity_read_their_count(triton_path, monkeypatch):
+    """``keyframe_drift`` (like a scene cut) makes keyframes data-dependent: the host cannot know
+    them, so ``capacity="auto"`` reads the count (documented sync) instead of cutting one."""
+    calls = _steady_state_syncs(monkeypatch, "siglip", "KV", keyframe_every=4, keyframe_drift=0.5)[0].calls
+    assert any(c.startswith("Tensor.tolist at engine/architectures.py") for c in calls), calls
+
+
+def test_the_host_schedule_follows_the_device_and_relearns_after_a_load(triton_path, monkeypatch):
+    """The host's copy of each stream's frames-since-keyframe equals the device's ``policy_since``
+    after every call (skips and staggered streams included); after a state load it reads the
+    count once, then follows again without reads."""
+    from helpers import stream_tensor
+
+    model = make_model("siglip")
+    nf = NeuroFlow(model, arch="KV", threshold=0.02, floor_tokens=3, keyframe_every=3, skip_below=0.05)
+    clip = video(9, seed=4)
+    static = video(1, seed=5).expand(9, -1, -1, -1)
+
+    def call(t, ids):
+        frames = torch.stack([static[t], clip[t]])[: len(ids)]
+        out = nf(frames, stream_ids=ids)
+        for i in ids:
+            assert nf._keyframes._since[i] == int(stream_tensor(nf, i, "policy_since")[0]), (t, i)
+        return out
+
+    kinds = set()
+    with torch.inference_mode():
+        for t in range(5):
+            kinds |= set(call(t, ["s", "b"] if t != 1 else ["s"]).frame_kind.tolist())  # "b" a frame behind
+        assert {0, 2} <= kinds  # skips and keyframes both seen
+        nf.load_stream_state_dict(nf.stream_state_dict())
+        recorder = SyncRecorder().install(monkeypatch)
+        try:
+            call(5, ["s", "b"])
+            reads = [c for c in recorder.calls if "engine/keyframes.py" in c]
+            call(6, ["s", "b"])
+            again = [c for c in recorder.calls if "engine/keyframes.py" in c]
+        finally:
+            recorder.uninstall()
+    assert len(reads) == 1 and again == reads, recorder.calls
 
 
 def test_the_recorder_catches_the_eager_finiteness_check(triton_path, monkeypatch):

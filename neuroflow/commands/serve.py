@@ -67,8 +67,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     e.add_argument("--cache-dtype", choices=CACHE_DTYPE_NAMES, default=None,
                    help="key/value cache dtype, e.g. int8 (default: the model's dtype)")
     e.add_argument("--capacity", type=_capacity, default=None, metavar="auto|exact|ROWS",
-                   help="packed rows per engine call: auto (default), exact, or a fixed row count (keeps a GPU "
-                        "step free of host syncs under the default's keyframes)")
+                   help="packed rows per engine call: auto (default), exact, or a fixed row count for the "
+                        "frames that are not first frames or scheduled keyframes")
     s = p.add_argument_group("shards and batching")
     s.add_argument("--shards", type=int, default=None,
                    help="shard count K (default: GPUs in the cluster / --gpus-per-shard with --device cuda, else 1)")

@@ -7,7 +7,9 @@ wait for the gate to finish (a host synchronisation per call). Instead the engin
 on a **capacity** ``C`` of rows that the host knows without waiting:
 
 * **first frames** (new, reset or moved streams; known on the host) always count as dense:
-  ``P + N`` rows each;
+  ``P + N`` rows each, and so do the keyframes that ``keyframe_every`` schedules (the host keeps
+  the schedule: :mod:`neuroflow.engine.keyframes`; a scene cut or ``keyframe_drift`` makes
+  keyframes data-dependent, and ``"auto"`` then reads the count);
 * the **other frames** get a bucket: the smallest power of two >= ``headroom x`` the rows those
   frames needed in the previous call with the same batch size and grid (``"auto"``), or a fixed
   number of rows (``capacity=int``), capped at their dense size. A key seen for the first time has
@@ -107,8 +109,9 @@ def fit_to_capacity(gate: PackedFrames, first: torch.Tensor, capacity: int) -> F
 
     Args:
         gate: the gate's output (``packed`` ``[B * (P + N), D]``, ``cu_seqlens`` ``[B + 1]``).
-        first: ``[B]`` bool, first frames (never cut).
-        capacity: host int >= ``B * P + (first frames) * N``.
+        first: ``[B]`` bool, frames dense by rule that the capacity reserved for: first frames
+            and, with ``keyframe_every``, scheduled keyframes (never cut; not in ``need``).
+        capacity: host int >= ``B * P + (those frames) * N``.
     """
     active, cu, p = gate.active, gate.cu_seqlens, gate.num_prefix
     b, n = active.shape
@@ -134,7 +137,8 @@ def fit_to_capacity(gate: PackedFrames, first: torch.Tensor, capacity: int) -> F
     else:
         keep = torch.zeros_like(active)
     cut = (keep.sum(dim=1) != active.sum(dim=1)).sum()
-    new_counts = keep.sum(dim=1).to(torch.int32) + p
+    # A skipped frame (frame policy) packed nothing, not even its prefix: it gets no rows.
+    new_counts = keep.sum(dim=1).to(torch.int32) + p * (counts > 0).to(torch.int32)
     new_cu = torch.zeros(b + 1, dtype=torch.int32, device=dev)
     new_cu[1:] = torch.cumsum(new_counts, 0)
     # Old row r -> its frame, position; kept rows move to their rank among kept rows.
@@ -162,7 +166,8 @@ class CapacityPlanner:
 
     Args:
         mode: ``"auto"`` (buckets from the previous call's need), ``"exact"`` (read the count:
-            one sync per call), or an int: fixed rows for the non-first frames of a call.
+            one sync per call), or an int: fixed rows for the frames of a call that are not dense
+            by rule (first frames, scheduled keyframes).
     """
 
     def __init__(self, mode="auto"):
@@ -174,7 +179,8 @@ class CapacityPlanner:
 
     def capacity(self, key: tuple, num_frames: int, num_first: int, prefix: int, patches: int, floor: int,
                  most: int | None = None) -> int:
-        """Rows for a call with ``num_frames`` frames of which ``num_first`` are first frames.
+        """Rows for a call with ``num_frames`` frames of which ``num_first`` are dense by rule
+        (first frames, scheduled keyframes).
 
         ``most``: a static bound on the patches a non-first frame computes, when the gate settings
         give one (a ``budget`` without ``scene_cut``: see :func:`static_patch_bound`); the bucket

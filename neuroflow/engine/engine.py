@@ -26,6 +26,7 @@ from ..ops import dispatch
 from .architectures import Architecture, make_architecture
 from .capacity import CapacityPlanner, CapacityWarning, Fitted, HostCount, fit_to_capacity, static_patch_bound
 from .graphs import StepGraphs
+from .keyframes import KeyframeSchedule
 from .presets import DEFAULT_PRESET, FROM_PRESET, PRESETS, Default, check_preset, given, resolve  # noqa: F401  (PRESETS, FROM_PRESET: re-exported)
 from .profiling import _active as _active_timer
 from ..reference.gate_settings import GateSettings
@@ -167,10 +168,12 @@ class NeuroFlow(nn.Module):
             call's need, no host sync; an overflow cuts the least surprising patches, is counted
             in :attr:`overflowed_frames` and warned about with ``CapacityWarning``), ``"exact"``
             (read the token count on the host: one sync per call), or an int (fixed rows for the
-            frames that are not first frames). The CPU reference path always packs exactly (its
-            reads are free). A ``budget`` without ``scene_cut`` bounds the bucket (no overflow
-            then); with ``scene_cut``, ``"auto"`` packs exactly (a keyframe is dense, which no
-            bucket can know in advance), and an int capacity cuts keyframes like any overflow.
+            frames that are not dense by rule: first frames and the keyframes ``keyframe_every``
+            schedules get dense rows on top, known on the host). The CPU reference path always
+            packs exactly (its reads are free). A ``budget`` without keyframe options bounds the
+            bucket (no overflow then); with ``scene_cut`` or ``keyframe_drift``, ``"auto"`` packs
+            exactly (such a keyframe is dense, which no bucket can know in advance), and an int
+            capacity cuts those keyframes like any overflow.
         cuda_graphs: capture the steady-state step in a CUDA graph per batch size, grid,
             capacity bucket and pool layout, and replay it (see ``neuroflow.engine.graphs``: first
             frames, ``active=``, gradients and the first call of each key run eagerly; outputs
@@ -202,9 +205,9 @@ class NeuroFlow(nn.Module):
             Streams then keep ``last_seq`` ``[T, D]`` and ``last_pooled`` ``[D_out]``.
         keyframe_every: None or K >= 1: a keyframe (dense, reference, ages and counters restarted)
             at least every K frames, counted per stream from its first frame (the measured
-            preset: 4). Keyframes make the packed row count data-dependent, so with
-            ``capacity="auto"`` a GPU call reads it on the host (one sync per call) and CUDA
-            graphs are not captured; an int ``capacity`` keeps the step sync-free.
+            preset: 4). The host keeps the schedule (:mod:`neuroflow.engine.keyframes`), so the
+            capacity reserves a scheduled keyframe's dense rows with no host sync; a call that
+            holds a keyframe or a first frame is not replayed from a CUDA graph.
         keyframe_drift: None or f >= 0: a keyframe when the sum of the frames' mean raw surprise
             since the last keyframe (this frame included) exceeds f.
             Every-k frame skipping is ``keyframe_every=k, skip_below=1.0``. See
@@ -341,6 +344,7 @@ class NeuroFlow(nn.Module):
         self._graphs = StepGraphs()
         self._streams = StreamStore(self.architecture.state_specs, self.adapter.device, max_streams)
         self._pending: _Pending | None = None
+        self._keyframes = KeyframeSchedule()
         self.overflowed_frames = 0
         """Frames whose active patches did not all fit their capacity bucket (see ``capacity``)."""
 
@@ -441,6 +445,7 @@ class NeuroFlow(nn.Module):
         self._gate = new
         self.architecture.track_policy = new.policy
         self.architecture.keep_outputs = new.skip_below is not None
+        self._keyframes.forget()
 
     @property
     def skip_below(self) -> float | None:
@@ -550,12 +555,14 @@ class NeuroFlow(nn.Module):
         self.sync_errors()
         if stream_ids is None:
             self._streams.clear()
+            self._keyframes.forget()
             return
         ids = check_stream_ids(stream_ids, len(stream_ids))
         unknown = [i for i in ids if i not in self._streams]
         if unknown:
             raise KeyError(f"unknown stream id(s): {', '.join(map(repr, unknown))}")
         self._streams.remove(ids)
+        self._keyframes.forget(ids)
 
     def state_bytes_per_stream(self, height: int, width: int) -> dict[str, int]:
         """Bytes of state one stream holds at an ``height x width`` frame size, per state tensor
@@ -633,6 +640,7 @@ class NeuroFlow(nn.Module):
             rows = [b for b, flag in enumerate(bad) if flag]
             if rows:
                 pending.batch.undo_commit()
+                self._keyframes.forget(pending.batch.ids)
                 ids = [pending.batch.ids[b] for b in rows]
                 raise ValueError(
                     f"pixel_values of the previous call contained NaN or Inf in batch row(s) {rows} "
@@ -672,17 +680,23 @@ class NeuroFlow(nn.Module):
         grad = self.differentiable or (torch.is_grad_enabled() and pixel_values.requires_grad)
         batch = self._streams.begin(ids, grid)
         try:
+            # Which frames are dense by rule, known on the host (first frames, scheduled keyframes).
+            dense = self._keyframes.plan(self._gate, batch) if active is None else None
             with torch.set_grad_enabled(torch.is_grad_enabled() and grad):
                 bad = (~torch.isfinite(pixel_values).flatten(1).all(dim=1)) if deferred else None
-                out, count, plan_key, capacity = self._step(pixel_values, grid, batch, active, bad)
+                out, count, plan_key, capacity = self._step(pixel_values, grid, batch, active, bad, dense)
                 if count is not None:
-                    self._pending = _Pending(count, plan_key, batch.first_count, capacity,
-                                             batch if bad is not None else None)
+                    num_dense = sum(dense) if dense is not None else batch.first_count
+                    self._pending = _Pending(count, plan_key, num_dense, capacity, batch if bad is not None else None)
         except BaseException:
             self._pending = None
             batch.rollback()
             raise
         batch.commit(keep_undo=deferred)
+        if dense is not None:
+            self._keyframes.commit(ids, dense, self._streams.stream_ids)
+        else:
+            self._keyframes.forget(ids)
         for i in moved:
             warnings.warn(
                 f"stream {i!r} changed resolution (patch grid {grid[0]}x{grid[1]}); it was reset and "
@@ -704,25 +718,33 @@ class NeuroFlow(nn.Module):
         need, cut = (fitted.need.reshape(1), fitted.cut.reshape(1)) if fitted is not None else (zero, zero)
         return torch.cat([need, cut] + ([bad.to(torch.int64)] if bad is not None else []))
 
-    def _packs_sync_free(self, device: torch.device) -> bool:
+    def _packs_sync_free(self, device: torch.device, scheduled: bool) -> bool:
         """Sync-free packing runs where the gate runs its kernel (CUDA, or the interpreter);
-        the CPU reference path reads its counts for free. With ``scene_cut`` and
-        ``capacity="auto"`` the count is read exactly (one sync per call): a keyframe is dense by
-        the rule, data-dependently, and a bucket learnt on sparse frames would cut it; the same
-        with ``keyframe_every`` or ``keyframe_drift``."""
-        if self._planner.mode == "auto" and self._gate.keyframe_triggers:
+        the CPU reference path reads its counts for free. With ``scene_cut`` or
+        ``keyframe_drift`` and ``capacity="auto"`` the count is read exactly (one sync per call):
+        a keyframe is dense by the rule, data-dependently, and a bucket learnt on sparse frames
+        would cut it. ``keyframe_every`` alone keeps it sync-free: the host knows the scheduled
+        keyframes (``scheduled``; :mod:`neuroflow.engine.keyframes`) and reserves dense rows."""
+        if self._planner.mode == "auto" and self._gate.keyframe_triggers and not scheduled:
             return False
         return self._planner.mode != "exact" and dispatch.wants_triton(device)
 
-    def _step(self, pixel_values: torch.Tensor, grid: Grid, batch: StreamBatch, active, bad):
-        """Returns ``(output, HostCount or None, planner key, capacity)``."""
+    def _step(self, pixel_values: torch.Tensor, grid: Grid, batch: StreamBatch, active, bad,
+              dense: list[bool] | None):
+        """Returns ``(output, HostCount or None, planner key, capacity)``. ``dense``: per frame,
+        dense by rule as the host knows it (first frames, scheduled keyframes), or None."""
         b, n = pixel_values.shape[0], grid[0] * grid[1]
         plan_key = capacity = None
-        if self._packs_sync_free(pixel_values.device):
+        num_dense = sum(dense) if dense is not None else batch.first_count
+        dense_rows = batch.first
+        if self._packs_sync_free(pixel_values.device, dense is not None):
             plan_key = (b, grid)
-            capacity = self._planner.capacity(plan_key, b, batch.first_count, self.adapter.num_prefix, n,
+            # A scheduled keyframe is reserved a dense frame's rows like a first frame: never cut.
+            capacity = self._planner.capacity(plan_key, b, num_dense, self.adapter.num_prefix, n,
                                               self._gate.floor_tokens, static_patch_bound(self._gate, n))
-        if self._graphable(pixel_values, batch, active, capacity):
+            if num_dense > batch.first_count:
+                dense_rows = torch.tensor(dense, dtype=torch.bool, device=batch.first.device)
+        if num_dense == 0 and self._graphable(pixel_values, batch, active, capacity):
             # GateSettings is frozen (hashable); the pool layout covers kv_layers, cache dtypes and
             # the age / scale tensors (their names and shapes).
             key = (b, grid, capacity, self._gate,
@@ -740,7 +762,7 @@ class NeuroFlow(nn.Module):
                 # After a replay the counts exist only once the whole step has run.
                 counts = self._counts(_Counts(need, cut), bad)
                 return out, HostCount(counts), plan_key, capacity
-        out, _, count = self._step_body(pixel_values, grid, batch, active, capacity, bad)
+        out, _, count = self._step_body(pixel_values, grid, batch, active, capacity, bad, dense_rows)
         return out, count, plan_key, capacity
 
     def _graphable(self, pixel_values, batch, active, capacity) -> bool:
@@ -749,13 +771,14 @@ class NeuroFlow(nn.Module):
                 and _active_timer.get() is None)
 
     def _step_body(self, pixel_values: torch.Tensor, grid: Grid, batch: StreamBatch, active,
-                   capacity: int | None, bad: torch.Tensor | None | bool
+                   capacity: int | None, bad: torch.Tensor | None | bool, dense_rows: torch.Tensor | None = None
                    ) -> tuple[NeuroFlowOutput, Fitted | None, HostCount | None]:
         """The step itself (traceable by ``torch.compile``: gate, encoder, cache writes and readout
         through the registered ops; see the module docstring). ``bad``: the deferred finiteness
         flags, or None; the counts for the next call start their way to the host right after the
         gate (not under graph capture, where ``bad`` is None and the caller copies them after the
-        replay)."""
+        replay). ``dense_rows``: ``[B]`` bool, the frames the capacity reserved dense rows for
+        (never cut; default the first frames)."""
         a = self.adapter
         conv = a.patch_conv
         probe = self.architecture.probe_layers
@@ -780,7 +803,7 @@ class NeuroFlow(nn.Module):
         fitted: Fitted | None = None
         if capacity is not None:
             with stage("gate"):
-                fitted = fit_to_capacity(gated, batch.first, capacity)
+                fitted = fit_to_capacity(gated, batch.first if dense_rows is None else dense_rows, capacity)
         capturing = pixel_values.device.type == "cuda" and torch.cuda.is_current_stream_capturing()
         counts = None if capturing else self._counts(fitted, bad)
         # Recorded before the encoder is queued: the next call waits for this call's gate only.
@@ -870,6 +893,7 @@ class NeuroFlow(nn.Module):
             diff = {k: (theirs.get(k), mine.get(k)) for k in {**theirs, **mine} if theirs.get(k) != mine.get(k)}
             raise ValueError(f"stream state was saved by an incompatible engine (saved vs this): {diff}")
         self._streams.load(state)
+        self._keyframes.forget()
 
     def state_fingerprint(self) -> dict:
         """What a saved state belongs to: the model (family, geometry, a digest of its weights)
@@ -931,18 +955,19 @@ class _Counts:
 @dataclass
 class _Pending:
     """What a call left for the host to learn at the next one: ``[need, cut, bad rows...]`` on
-    their way to the host, the planner key, non-first frames, the capacity used, and the batch
-    (committed with its undo log) when its finiteness check was deferred."""
+    their way to the host, the planner key, the frames dense by rule (first frames, scheduled
+    keyframes), the capacity used, and the batch (committed with its undo log) when its
+    finiteness check was deferred."""
 
     count: HostCount
     plan_key: tuple | None
-    num_first: int
+    num_dense: int
     capacity: int | None
     batch: StreamBatch | None
 
     @property
     def rest(self) -> int:
-        return (self.plan_key[0] - self.num_first) if self.plan_key is not None else 0
+        return (self.plan_key[0] - self.num_dense) if self.plan_key is not None else 0
 
 
 def _normalised(st: GateSettings) -> GateSettings:

@@ -63,8 +63,7 @@ class ServeConfig:
         cache_dtype: the engine's key/value cache dtype by name (:data:`CACHE_DTYPES`, e.g.
             ``"int8"``); None: the model's dtype.
         capacity: the engine's packed-row capacity, ``"auto"``, ``"exact"`` or an int (rows for
-            the frames that are not first frames; keeps a GPU step sync-free under the default's
-            keyframes); None: ``"auto"``.
+            the frames that are not first frames or scheduled keyframes); None: ``"auto"``.
         dtype: ``"float32"``, ``"float16"`` or ``"bfloat16"``.
         device: ``"cpu"`` or ``"cuda"`` (each GPU shard gets one GPU from Ray: ``num_gpus=1``).
         num_shards: K shard actors, one engine each.
