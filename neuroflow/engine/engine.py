@@ -176,8 +176,8 @@ class NeuroFlow(nn.Module):
             capacity cuts those keyframes like any overflow.
         cuda_graphs: capture the steady-state step in a CUDA graph per batch size, grid,
             capacity bucket and pool layout, and replay it (see ``neuroflow.engine.graphs``: first
-            frames, ``active=``, gradients and the first call of each key run eagerly; outputs
-            are copies; every graph holds its own memory pool).
+            frames, scheduled keyframes, ``active=``, gradients and the first call of each key run
+            eagerly; outputs are copies; every graph holds its own memory pool).
         differentiable: follow the ambient grad mode (for gradients through the engine). By
             default a call runs under ``torch.no_grad()`` unless ``pixel_values`` requires grad,
             so weights that require grad (as Hugging Face loads them) do not push the call off
