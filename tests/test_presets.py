@@ -17,9 +17,9 @@ def test_the_default_is_the_measured_preset():
     assert nf.preset == "measured"
     measured = PRESETS["measured"]
     assert (nf.arch, nf.threshold, nf.ema_decay, nf.floor_tokens, nf.reference, nf.max_staleness,
-            nf.keyframe_every, nf.scene_cut) == (
+            nf.keyframe_every) == (
         measured["arch"], measured["threshold"], measured["ema_decay"], measured["floor_tokens"],
-        measured["reference"], measured["max_staleness"], measured["keyframe_every"], measured["scene_cut"])
+        measured["reference"], measured["max_staleness"], measured["keyframe_every"])
     assert "policy_since" in nf.state_bytes_per_stream(40, 48)  # the keyframe schedule keeps its counter
     with torch.inference_mode():
         out = [nf(video(3)[t : t + 1]) for t in range(3)]
@@ -28,9 +28,8 @@ def test_the_default_is_the_measured_preset():
 
 def test_the_paper_is_one_argument_away_and_explicit_settings_win():
     paper = NeuroFlow(make_model("siglip"), preset="paper")
-    assert (paper.arch, paper.threshold, paper.ema_decay, paper.reference, paper.max_staleness,
-            paper.keyframe_every, paper.scene_cut) == ("C", 0.35, 0.01, "ema", None, None, None)
-    assert NeuroFlow(make_model("siglip"), scene_cut=None).scene_cut is None  # the preset's cut, turned off
+    assert (paper.arch, paper.threshold, paper.ema_decay, paper.reference, paper.max_staleness) == ("C", 0.35, 0.01,
+                                                                                                   "ema", None)
     mixed = NeuroFlow(make_model("siglip"), preset="paper", arch="KV", threshold=0.1)
     assert (mixed.arch, mixed.threshold, mixed.reference) == ("KV", 0.1, "ema")
     assert NeuroFlow(make_model("siglip"), max_staleness=None).max_staleness is None  # None is a real value

@@ -210,11 +210,9 @@ STEADY_CALLS = 3
 def _steady_state_syncs(monkeypatch, family, arch, **options):
     """``(recorder, last output, engine)`` of ``STEADY_CALLS`` steady-state calls of two streams."""
     model = make_model(family)
-    # The measured preset's scene cut makes a keyframe data-dependent: under capacity="auto" such
-    # a call reads its count (documented; test_data_dependent_keyframes_...). Its scheduled
-    # keyframes are host-known (test_scheduled_keyframes_...); off here unless a test sets them.
+    # The measured preset's keyframes make a later frame dense by schedule: under capacity="auto"
+    # that call reads its count (documented, test_a_keyframe_reads_its_count_and_an_int_capacity_does_not).
     options.setdefault("keyframe_every", None)
-    options.setdefault("scene_cut", None)
     nf = NeuroFlow(model, arch=arch, threshold=0.02, ema_decay=0.2, floor_tokens=3, **options)
     frames = torch.stack([video(2 + STEADY_CALLS, seed=0), video(2 + STEADY_CALLS, seed=1)], dim=1)
     _host_counts_with_events(monkeypatch)
@@ -324,7 +322,7 @@ def test_the_host_schedule_follows_the_device_and_relearns_after_a_load(triton_p
     from helpers import stream_tensor
 
     model = make_model("siglip")
-    nf = NeuroFlow(model, arch="KV", threshold=0.02, floor_tokens=3, keyframe_every=3, skip_below=0.05, scene_cut=None)
+    nf = NeuroFlow(model, arch="KV", threshold=0.02, floor_tokens=3, keyframe_every=3, skip_below=0.05)
     clip = video(9, seed=4)
     static = video(1, seed=5).expand(9, -1, -1, -1)
 

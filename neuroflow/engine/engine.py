@@ -197,8 +197,8 @@ class NeuroFlow(nn.Module):
             surprise is then the normalised one).
         scene_cut: None or a fraction in (0, 1]: a frame where more than this fraction of the
             patches pass the threshold (raw surprise) is a keyframe: every patch active, the
-            reference restarted (not reported as a first frame). The measured preset: 0.5 (not
-            applied with ``threshold=None``: nothing to count). Such a keyframe is data-dependent, so with ``capacity="auto"`` a call on the kernel path
+            reference restarted (not reported as a first frame). The measured preset: 0.5. Such
+            a keyframe is data-dependent, so with ``capacity="auto"`` a call on the kernel path
             reads its packed row count on the host (one sync per call); ``scene_cut=None``
             keeps the step sync-free.
         skip_below: the frame policy's skip (None: off): a later frame that is not a keyframe and
@@ -293,7 +293,6 @@ class NeuroFlow(nn.Module):
         if check_finite not in (True, False, "eager", "deferred"):
             raise ValueError(f"check_finite must be True, False, 'eager' or 'deferred', got {check_finite!r}")
         check_preset(preset)
-        scene_cut_given = given(scene_cut)
         explicit = {name for name, v in dict(arch=arch, ema_decay=ema_decay, floor_tokens=floor_tokens,
                                              cls_readout=cls_readout, head_cache=head_cache).items() if given(v)}
         chosen = resolve(preset, arch=arch, threshold=threshold, ema_decay=ema_decay, floor_tokens=floor_tokens,
@@ -302,9 +301,7 @@ class NeuroFlow(nn.Module):
         arch, threshold, ema_decay = chosen["arch"], chosen["threshold"], chosen["ema_decay"]
         floor_tokens, reference, max_staleness = chosen["floor_tokens"], chosen["reference"], chosen["max_staleness"]
         cls_readout, head_cache, keyframe_every = chosen["cls_readout"], chosen["head_cache"], chosen["keyframe_every"]
-        # The preset's scene cut counts the patches over the threshold: with none (a budget alone)
-        # it does not apply. Given explicitly, the pair is refused by GateSettings.
-        scene_cut = None if threshold is None and not scene_cut_given else chosen["scene_cut"]
+        scene_cut = chosen["scene_cut"]
         self.preset = preset
         settings = GateSettings(threshold=threshold, ema_decay=ema_decay, floor_tokens=floor_tokens,
                                 reference=reference, max_staleness=max_staleness, budget=budget,
