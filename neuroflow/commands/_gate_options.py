@@ -66,8 +66,7 @@ def add_gate_arguments(p: argparse.ArgumentParser | argparse._ArgumentGroup, sev
 
     p.add_argument("--preset", choices=tuple(PRESETS), default=DEFAULT_PRESET,
                    help=f"where the settings not given come from (default {DEFAULT_PRESET}, as NeuroFlow(model)): "
-                        f"measured = arch {measured['arch']}, a keyframe every {measured['keyframe_every']} frames "
-                        f"and at a scene cut (over {measured['scene_cut']} of the patches), "
+                        f"measured = arch {measured['arch']}, a keyframe every {measured['keyframe_every']} frames, "
                         f"threshold {measured['threshold']}, reference {measured['reference']}, max staleness "
                         f"{_show(measured['max_staleness'])} (best measured on real weights against frame skipping); "
                         f"paper = arch {paper['arch']}, threshold {paper['threshold']}, EMA reference with "
@@ -101,9 +100,9 @@ def add_gate_arguments(p: argparse.ArgumentParser | argparse._ArgumentGroup, sev
                    help="at most B patches per later frame: an int (patches) or a fraction in (0, 1] (default none)")
     p.add_argument("--motion-norm", action="store_true", default=argparse.SUPPRESS,
                    help="subtract the frame's mean surprise before the threshold (default off)")
-    p.add_argument("--scene-cut", type=_or_none(float), default=argparse.SUPPRESS, metavar="F",
+    p.add_argument("--scene-cut", type=float, default=argparse.SUPPRESS, metavar="F",
                    help="a frame where more than this fraction of the patches pass the threshold is a keyframe: "
-                        f"every patch computed, the reference restarted; 'none': off ({both('scene_cut')})")
+                        "every patch computed, the reference restarted (default off)")
     p.add_argument("--kv-layers", type=_kv_layers, default=argparse.SUPPRESS, metavar="K|I,J,...",
                    help="architecture KV: cache the last K layers, or the listed layer indices (default every "
                         "layer); in a comparison of several --arch it applies to the KV engine")

@@ -132,7 +132,7 @@ class NeuroFlow(nn.Module):
             ``CLIPModel`` (its vision tower is used). Its weights are used as they are.
         preset: where the settings left out come from (:data:`PRESETS`): ``"measured"`` (default:
             the best point measured on real weights against frame skipping at equal compute:
-            ``arch="KV"``, ``keyframe_every=4``, ``scene_cut=0.5``, ``reference="computed"``, ``threshold=0.2``, no
+            ``arch="KV"``, ``keyframe_every=4``, ``reference="computed"``, ``threshold=0.2``, no
             staleness bound) or ``"paper"`` (the paper's configuration: ``arch="C"``,
             ``reference="ema"``, ``ema_decay=0.01``, ``threshold=0.35``, no staleness bound, no
             keyframes). Settings given explicitly override the preset's.
@@ -197,10 +197,7 @@ class NeuroFlow(nn.Module):
             surprise is then the normalised one).
         scene_cut: None or a fraction in (0, 1]: a frame where more than this fraction of the
             patches pass the threshold (raw surprise) is a keyframe: every patch active, the
-            reference restarted (not reported as a first frame). The measured preset: 0.5. Such
-            a keyframe is data-dependent, so with ``capacity="auto"`` a call on the kernel path
-            reads its packed row count on the host (one sync per call); ``scene_cut=None``
-            keeps the step sync-free.
+            reference restarted (not reported as a first frame).
         skip_below: the frame policy's skip (None: off): a later frame that is not a keyframe and
             where at most ``floor(skip_below * N)`` patches pass the threshold (raw surprise) is
             skipped: no encoder work, caches and reference untouched, ages advance, the outputs
@@ -278,7 +275,7 @@ class NeuroFlow(nn.Module):
         max_staleness: int | None = FROM_PRESET,
         budget: int | float | None = None,
         motion_norm: bool = False,
-        scene_cut: float | None = FROM_PRESET,
+        scene_cut: float | None = None,
         kv_layers: int | Sequence[int] | None = None,
         preset: str = DEFAULT_PRESET,
         skip_below: float | None = None,
@@ -297,11 +294,10 @@ class NeuroFlow(nn.Module):
                                              cls_readout=cls_readout, head_cache=head_cache).items() if given(v)}
         chosen = resolve(preset, arch=arch, threshold=threshold, ema_decay=ema_decay, floor_tokens=floor_tokens,
                          reference=reference, max_staleness=max_staleness, keyframe_every=keyframe_every,
-                         scene_cut=scene_cut, cls_readout=cls_readout, head_cache=head_cache)
+                         cls_readout=cls_readout, head_cache=head_cache)
         arch, threshold, ema_decay = chosen["arch"], chosen["threshold"], chosen["ema_decay"]
         floor_tokens, reference, max_staleness = chosen["floor_tokens"], chosen["reference"], chosen["max_staleness"]
         cls_readout, head_cache, keyframe_every = chosen["cls_readout"], chosen["head_cache"], chosen["keyframe_every"]
-        scene_cut = chosen["scene_cut"]
         self.preset = preset
         settings = GateSettings(threshold=threshold, ema_decay=ema_decay, floor_tokens=floor_tokens,
                                 reference=reference, max_staleness=max_staleness, budget=budget,

@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 from ..engine.engine import PRESETS, NeuroFlow
-from ..reference.gate_settings import check_batch_budget, check_keyframe_drift, check_scene_cut, check_skip_below
+from ..reference.gate_settings import check_batch_budget, check_keyframe_drift, check_skip_below
 from ..engine.presets import DEFAULT_PRESET
 from ..engine.architectures import ARCHITECTURES, check_layer_threshold
 from ..engine.validation import check_ema_decay, check_floor_tokens, check_threshold
@@ -44,12 +44,12 @@ class ServeConfig:
             already have it.
         preset: the engine preset (``neuroflow.engine.presets.PRESETS``; default ``DEFAULT_PRESET``, the
             measured default of the library) that every gate option left at None comes from.
-        arch, threshold, ema_decay, floor_tokens, reference, max_staleness, keyframe_every,
-            scene_cut: the engine's gate settings (``neuroflow.NeuroFlow``); None: the preset's
-            value. ``max_staleness=0`` means no staleness bound, ``keyframe_every=0`` no periodic
-            keyframe and ``scene_cut=0`` no scene-cut test (the engine's None for each).
-        budget, motion_norm, kv_layers: further engine options (None: the engine's default: no
-            budget, no motion normalisation, every layer).
+        arch, threshold, ema_decay, floor_tokens, reference, max_staleness, keyframe_every: the
+            engine's gate settings (``neuroflow.NeuroFlow``); None: the preset's value.
+            ``max_staleness=0`` means no staleness bound and ``keyframe_every=0`` no periodic
+            keyframe (the engine's None for each).
+        budget, motion_norm, scene_cut, kv_layers: further engine options (None: the engine's
+            default: no budget, no motion normalisation, no scene-cut test, every layer).
         skip_below, keyframe_drift, batch_budget: the frame policy and the batch budget
             (``neuroflow.NeuroFlow``; None: off).
         probe_layers: architecture KV: the first l layers run densely and the gate decides on
@@ -149,8 +149,6 @@ class ServeConfig:
                                                or not isinstance(self.max_staleness, int) or self.max_staleness < 0):
             raise ValueError(f"max_staleness must be an int >= 0 (0: no bound) or None, got {self.max_staleness!r}")
         check_skip_below(self.skip_below)
-        if self.scene_cut is not None and self.scene_cut != 0:
-            check_scene_cut(self.scene_cut)
         if self.keyframe_every is not None and (isinstance(self.keyframe_every, bool)
                                                 or not isinstance(self.keyframe_every, int) or self.keyframe_every < 0):
             raise ValueError(f"keyframe_every must be an int >= 0 (0: no periodic keyframe) or None, "
@@ -293,12 +291,12 @@ def engine_options(config: ServeConfig) -> dict:
     so the preset or the engine's default decides them)."""
     out = {}
     for name in ("arch", "threshold", "ema_decay", "floor_tokens", "reference", "budget", "motion_norm",
-                 "kv_layers", "skip_below", "keyframe_drift", "batch_budget",
+                 "scene_cut", "kv_layers", "skip_below", "keyframe_drift", "batch_budget",
                  "probe_layers", "signal", "layer_threshold"):
         v = getattr(config, name)
         if v is not None:
             out[name] = v
-    for name in ("max_staleness", "keyframe_every", "scene_cut"):  # 0: off, None: the preset's
+    for name in ("max_staleness", "keyframe_every"):  # 0: off, None: the preset's
         v = getattr(config, name)
         if v is not None:
             out[name] = v or None
