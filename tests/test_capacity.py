@@ -46,6 +46,9 @@ def test_a_budget_without_scene_cut_bounds_the_capacity():
     assert static_patch_bound(GateSettings(threshold=None, budget=40), 16) == 16
     assert static_patch_bound(GateSettings(budget=4, scene_cut=0.5), 16) is None
     assert static_patch_bound(GateSettings(), 16) is None
+    # keyframe_every: dense keyframes break the bound, unless the host reserved their rows apart.
+    assert static_patch_bound(GateSettings(budget=4, keyframe_every=3), 16) is None
+    assert static_patch_bound(GateSettings(budget=4, keyframe_every=3), 16, scheduled=True) == 4
     planner = CapacityPlanner("auto")
     # Unseen key: dense for first frames, the budget (not N) for the other 3 frames.
     assert planner.capacity(("k",), 4, 1, 1, 16, 2, most=4) == 1 * 17 + 3 * (1 + 4)

@@ -258,6 +258,8 @@ OPTION_CASES = [
     ("siglip", "KV", dict(kv_layers=1)),
     ("dinov2_registers", "KV", dict(kv_layers=1, cache_dtype=torch.int8)),
     ("siglip", "KV", dict(cache_dtype=torch.int8, budget=0.25)),
+    # Scheduled keyframes (the default's) get dense rows apart; the budget still caps the rest.
+    ("siglip", "KV", dict(budget=0.5, keyframe_every=3)),
     # The gate on a dense probe's features (torch ops, then the select and pack kernels).
     ("dinov2", "KV", dict(reference="computed", max_staleness=2, probe_layers=1)),
     ("siglip", "KV", dict(reference="computed", probe_layers=1, budget=0.5, skip_below=0.1)),
@@ -271,9 +273,12 @@ def test_steady_state_step_with_gate_options_and_cache_layouts_makes_no_host_syn
     recorder, out, nf = _steady_state_syncs(monkeypatch, family, arch, check_finite="deferred", **options)
     _assert_sync_free(recorder)
     assert nf.overflowed_frames == 0
-    if "budget" in options:  # the budget caps every later frame: the bucket never exceeds it
+    if "budget" in options:  # the budget caps every gated frame: the bucket never exceeds it
         n = out.active_mask.shape[1]
-        assert (out.active_mask.sum(dim=1) <= nf.gate_settings.budget_count(n)).all()
+        gated = out.frame_kind != 2
+        assert gated.any() and (out.active_mask.sum(dim=1)[gated] <= nf.gate_settings.budget_count(n)).all()
+        # The last call's frames are all gated: its rows never exceed the budget's (the planner's bound).
+        assert gated.all() and nf._pending.capacity <= len(gated) * (nf.adapter.num_prefix + nf.gate_settings.budget_count(n))
 
 
 def test_the_recorder_catches_the_exact_count_read(triton_path, monkeypatch):
@@ -472,3 +477,16 @@ def test_host_count_wait_is_seen_and_by_design(monkeypatch):
         monkeypatch.undo()
     assert recorder.calls == []
     assert len(recorder.by_design) == 1 and recorder.by_design[0].startswith("Event.synchronize at engine/capacity.py:")
+
+
+def test_the_host_schedule_forgets_streams_the_engine_dropped():
+    """Under camera churn the host copy stays bounded by the streams the engine holds."""
+    from neuroflow.engine.keyframes import KeyframeSchedule
+
+    schedule, known = KeyframeSchedule(), set()
+    for i in range(1000):
+        known = {i}  # the engine keeps one stream: every earlier one was evicted
+        schedule.commit([i], [True], known)
+    assert len(schedule._since) <= 2 * len(known) + 64 + 1
+    schedule.commit([999], [False], known)
+    assert schedule._since[999] == 1

@@ -183,7 +183,7 @@ class CapacityPlanner:
         (first frames, scheduled keyframes).
 
         ``most``: a static bound on the patches a non-first frame computes, when the gate settings
-        give one (a ``budget`` without ``scene_cut``: see :func:`static_patch_bound`); the bucket
+        give one (a ``budget``: see :func:`static_patch_bound`); the bucket
         never exceeds it, so such calls cannot overflow."""
         rest = num_frames - num_first
         per_frame = patches if most is None else min(patches, most)
@@ -202,13 +202,15 @@ class CapacityPlanner:
             self._need[key] = need / rest
 
 
-def static_patch_bound(settings, patches: int) -> int | None:
-    """The most patches a later (non-first) frame can compute under gate ``settings``
+def static_patch_bound(settings, patches: int, scheduled: bool = False) -> int | None:
+    """The most patches a gated frame (not dense by rule) can compute under gate ``settings``
     (:class:`~neuroflow.reference.gate_settings.GateSettings`) for frames of ``patches`` patches, or None
-    when only the data decides. A budget caps every later frame (stale patches and the floor
-    included), except a keyframe (scene cut, ``keyframe_every``, ``keyframe_drift``), which is
-    dense: with any of those set there is no static bound."""
-    if settings.keyframe_triggers:
+    when only the data decides. A budget caps every gated frame (stale patches and the floor
+    included), not a keyframe, which is dense. ``scheduled``: the host knows this call's
+    keyframes (``keyframe_every`` alone; :mod:`neuroflow.engine.keyframes`) and reserves their rows
+    apart, so the bound holds for the rest; otherwise any keyframe option (scene cut,
+    ``keyframe_every``, ``keyframe_drift``) leaves no static bound."""
+    if settings.keyframe_triggers and not scheduled:
         return None
     bounds = []
     if settings.budget is not None:

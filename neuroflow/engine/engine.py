@@ -170,10 +170,11 @@ class NeuroFlow(nn.Module):
             (read the token count on the host: one sync per call), or an int (fixed rows for the
             frames that are not dense by rule: first frames and the keyframes ``keyframe_every``
             schedules get dense rows on top, known on the host). The CPU reference path always
-            packs exactly (its reads are free). A ``budget`` without keyframe options bounds the
-            bucket (no overflow then); with ``scene_cut`` or ``keyframe_drift``, ``"auto"`` packs
-            exactly (such a keyframe is dense, which no bucket can know in advance), and an int
-            capacity cuts those keyframes like any overflow.
+            packs exactly (its reads are free). A ``budget`` bounds the bucket of the gated frames
+            (no overflow then) unless keyframes are data-dependent: with ``scene_cut`` or
+            ``keyframe_drift``, ``"auto"`` packs exactly (such a keyframe is dense, which no
+            bucket can know in advance), and an int capacity cuts those keyframes like any
+            overflow.
         cuda_graphs: capture the steady-state step in a CUDA graph per batch size, grid,
             capacity bucket and pool layout, and replay it (see ``neuroflow.engine.graphs``: first
             frames, scheduled keyframes, ``active=``, gradients and the first call of each key run
@@ -694,7 +695,7 @@ class NeuroFlow(nn.Module):
             raise
         batch.commit(keep_undo=deferred)
         if dense is not None:
-            self._keyframes.commit(ids, dense, self._streams.stream_ids)
+            self._keyframes.commit(ids, dense, self._streams)
         else:
             self._keyframes.forget(ids)
         for i in moved:
@@ -741,7 +742,8 @@ class NeuroFlow(nn.Module):
             plan_key = (b, grid)
             # A scheduled keyframe is reserved a dense frame's rows like a first frame: never cut.
             capacity = self._planner.capacity(plan_key, b, num_dense, self.adapter.num_prefix, n,
-                                              self._gate.floor_tokens, static_patch_bound(self._gate, n))
+                                              self._gate.floor_tokens,
+                                              static_patch_bound(self._gate, n, scheduled=dense is not None))
             if num_dense > batch.first_count:
                 dense_rows = torch.tensor(dense, dtype=torch.bool, device=batch.first.device)
         if num_dense == 0 and self._graphable(pixel_values, batch, active, capacity):

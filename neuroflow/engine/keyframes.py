@@ -15,7 +15,7 @@ the streams, and the next call that needs them reads their count once from the d
 
 from __future__ import annotations
 
-from collections.abc import Hashable, Sequence
+from collections.abc import Collection, Hashable, Sequence
 
 from ..reference.gate_settings import GateSettings
 from .streams import StreamBatch
@@ -46,14 +46,14 @@ class KeyframeSchedule:
         k = settings.keyframe_every
         return [i in batch.new_slots or self._since[i] + 1 >= k for i in batch.ids]
 
-    def commit(self, ids: Sequence[Hashable], dense: Sequence[bool], known: Sequence[Hashable]) -> None:
+    def commit(self, ids: Sequence[Hashable], dense: Sequence[bool], known: Collection[Hashable]) -> None:
         """After a committed call: ``since := 0`` where ``dense``, else ``since + 1``. ``known``:
-        the streams the engine holds now (entries of others are dropped)."""
+        the streams the engine holds now (the stream store; entries of others are dropped once
+        they outnumber it, so the cost per call stays with the call's streams)."""
         for i, d in zip(ids, dense):
             self._since[i] = 0 if d else self._since[i] + 1
         if len(self._since) > 2 * len(known) + 64:  # evicted and reset streams
-            keep = set(known)
-            self._since = {i: c for i, c in self._since.items() if i in keep}
+            self._since = {i: c for i, c in self._since.items() if i in known}
 
     def forget(self, ids: Sequence[Hashable] | None = None) -> None:
         """Drop the copy for ``ids`` (all when None): it is read again when next needed."""

@@ -149,23 +149,24 @@ def packed_layer_cached_kv_gated(
     """
     nx = parts.norm1(x)
     k = parts.k(nx)
-    frame = packed.frame_of()
-    keep = ((key_surprise(k, k_cache, rows, packed, k_scale) > threshold) | (packed.index < num_prefix)
-            | keep_frames[frame])
+    frame, valid = packed.frame_of(), packed.valid()  # once per layer, for the comparison and the compaction
+    keep = ((key_surprise(k, k_cache, rows, packed, frame, valid, k_scale) > threshold)
+            | (packed.index < num_prefix) | keep_frames[frame])
     entered = packed.cu_seqlens.diff().to(torch.int64)
-    packed, (x, nx, k) = compact(packed, keep, x, nx, k, exact=exact)
+    packed, (x, nx, k) = compact(packed, keep & valid, frame, x, nx, k, exact=exact)
     x = _attend_cached(parts, x, nx, k, parts.v(nx), packed, rows, k_cache, v_cache, store_kv, k_scale, v_scale)
     return x, packed, entered
 
 
-def key_surprise(k: torch.Tensor, k_cache: torch.Tensor, rows: torch.Tensor, packed: Packed,
-                 k_scale: torch.Tensor | None = None) -> torch.Tensor:
+def key_surprise(k: torch.Tensor, k_cache: torch.Tensor, rows: torch.Tensor, packed: Packed, frame: torch.Tensor,
+                 valid: torch.Tensor, k_scale: torch.Tensor | None = None) -> torch.Tensor:
     """``1 - cos`` ``[C]`` float32 of each packed token's fresh key ``k`` ``[C, H * Dh]`` against
     its key in ``k_cache`` ``[R, T_tok, H * Dh]`` (stream ``b``'s keys at row ``rows[b]``;
-    8-bit caches dequantised with ``k_scale`` ``[R, T_tok, H]``). A zero cached key (a position
+    8-bit caches dequantised with ``k_scale`` ``[R, T_tok, H]``). ``frame``, ``valid``: the
+    packing's :meth:`Packed.frame_of` and :meth:`Packed.valid`. A zero cached key (a position
     never computed) gives 1. Padding rows (their index is undefined) read position 0 and get a
     value that nothing reads."""
-    r, pos = rows[packed.frame_of()].long(), torch.where(packed.valid(), packed.index.long(), 0)
+    r, pos = rows[frame].long(), torch.where(valid, packed.index.long(), 0)
     old = k_cache[r, pos].float()
     if k_scale is not None:
         heads = k_scale.shape[-1]
@@ -173,19 +174,19 @@ def key_surprise(k: torch.Tensor, k_cache: torch.Tensor, rows: torch.Tensor, pac
     return 1.0 - torch.nn.functional.cosine_similarity(k.float(), old, dim=-1, eps=1e-12)
 
 
-def compact(packed: Packed, keep: torch.Tensor, *tensors: torch.Tensor, exact: bool
+def compact(packed: Packed, keep: torch.Tensor, frame: torch.Tensor, *tensors: torch.Tensor, exact: bool
             ) -> tuple[Packed, list[torch.Tensor]]:
-    """Keep the packed rows where ``keep`` ``[C]`` bool is set (padding rows go whatever it says),
-    in order, so each stream's rows stay one segment. ``tensors``: ``[C, ...]`` rows to keep alike.
+    """Keep the packed rows where ``keep`` ``[C]`` bool is set (False on every padding row), in
+    order, so each stream's rows stay one segment. ``frame``: :meth:`Packed.frame_of`.
+    ``tensors``: ``[C, ...]`` rows to keep alike.
 
     ``exact``: the buffers shrink to the kept rows (at least one: a padding row when none is
     kept), which reads the count on the host. Else the capacity C stays, the kept rows first and
     zero padding rows after, with nothing read on the host (the sync-free path; the work on the
     padding rows is not saved).
     """
-    keep = keep & packed.valid()
     lengths = torch.zeros(packed.num_frames, dtype=torch.int64, device=keep.device)
-    lengths.index_add_(0, packed.frame_of(), keep.to(torch.int64))
+    lengths.index_add_(0, frame, keep.to(torch.int64))
     cu = torch.cat([lengths.new_zeros(1), lengths.cumsum(0)]).to(torch.int32)
     if exact:
         picked = keep.nonzero().flatten()
