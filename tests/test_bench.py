@@ -179,6 +179,86 @@ def test_fidelity_benchmark_compute_axis_and_baselines(tmp_path):
     assert "every-k, interpolated (k 2..5)" in page and "ms / frame (CPU)" in page
 
 
+def test_frame_skipping_benchmark_over_windows(tmp_path):
+    """bench_frame_skipping.py on a tiny random DINOv2 (labelled as such): one record per window and setting, every-k
+    read at the setting's own compute along that window's frontier, the target verdicts taken from those numbers."""
+    from transformers import Dinov2Config, Dinov2Model
+
+    sys.path.insert(0, str(ROOT / "bench"))
+    try:
+        from fidelity_report import interpolate_at
+    finally:
+        sys.path.remove(str(ROOT / "bench"))
+    Dinov2Model(Dinov2Config(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                             patch_size=14, image_size=56)).save_pretrained(tmp_path / "tiny")
+    out = tmp_path / "out"
+    frames = 7
+    records = run_script("bench_frame_skipping.py", "--frames", str(frames), "--offsets", "0", "3", "--resolution", "56",
+                         "--clips", "synthetic", "--model", str(tmp_path / "tiny"), "--every-k", "2", "3", "5",
+                         "--settings", 'low={"threshold": 0.05}', out=out)
+    assert sorted((r["offset"], r["setting"]) for r in records) == [(0, "default"), (0, "low"), (3, "default"), (3, "low")]
+    for r in records:
+        assert r["real_weights"] is False and r["bench"] == "frame_skipping"
+        assert sorted(r["every_k"], key=int) == ["2", "3", "5"]
+        for k, ek in r["every_k"].items():  # the share of dense frames among frames 1 .. F-1
+            assert ek["compute"] == sum(1 for t in range(1, frames) if t % int(k) == 0) / (frames - 1)
+        for m in ("fidelity", "patch_fidelity", "moving_fidelity"):
+            want = interpolate_at([(ek["compute"], ek[m]) for ek in r["every_k"].values()], r["compute"])
+            assert r[f"{m}_every_k"] == want
+            if want is not None:
+                assert r[f"{m}_met"] == (r[m] >= want - 0.001 if m == "fidelity" else r[m] > want)
+    # The windows are different frames: the dense model's outputs, and so every-k's numbers, differ between them.
+    ek0 = {r["offset"]: r["every_k"]["5"]["patch_fidelity"] for r in records if r["setting"] == "default"}
+    assert ek0[0] != ek0[3]
+    table = (out / "frame_skipping.md").read_text()
+    assert "**not real weights**" in table and "| synthetic | low | 2 |" in table
+
+
+def test_learned_gate_benchmark_tracks_the_engine_and_matches_its_counts(tmp_path):
+    """bench_learned_gate.py's tracker follows the engine from its outputs alone: ranking by its layer-0 surprise
+    feature at the gate's own counts picks exactly the gate's patches (tiny random DINOv2, 56 px, 16 patches);
+    end to end, every method computes the gate's counts and the table is written."""
+    from transformers import Dinov2Config, Dinov2Model
+
+    Dinov2Model(Dinov2Config(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                             patch_size=14, image_size=56)).save_pretrained(tmp_path / "tiny")
+    sys.path.insert(0, str(ROOT / "bench"))
+    try:
+        from bench_fidelity import dense_reference
+        from bench_learned_gate import FEATURES, Tracker
+        from workloads import IMAGENET, load_model, workload
+    finally:
+        sys.path.remove(str(ROOT / "bench"))
+    import torch
+
+    from neuroflow import NeuroFlow
+
+    model, _, _ = load_model(tmp_path / "tiny", None, torch.device("cpu"))
+    frames = workload("synthetic", 56, 9, 1, *IMAGENET)
+    with torch.inference_mode():
+        dense = dense_reference(model, frames, 16)
+        gate = NeuroFlow(model)
+        chosen = [gate(frames[t], stream_ids=[0]).active_mask for t in range(9)]
+        counts = [m.sum(1) for m in chosen]
+        tracker = Tracker(model, frames, dense, 4, gate.threshold, score=lambda x: x[..., 0], counts=counts)
+        forced = NeuroFlow(model)
+        for t in range(9):
+            out = forced(frames[t], stream_ids=[0], active=tracker(t) if t else None)
+            tracker.observe(out)
+            assert torch.equal(out.active_mask, chosen[t]), t
+    assert 0 < sum(m.all() for m in chosen) < 9  # keyframes and partial frames both occurred
+    assert tracker.pending is None and len(FEATURES) == 13
+
+    out = tmp_path / "out"
+    records = run_script("bench_learned_gate.py", "--test-frames", "5", "--train-frames", "6", "--resolution", "56",
+                         "--clips", "synthetic", "--model", str(tmp_path / "tiny"), out=out)
+    by = {r["method"]: r for r in records}
+    assert set(by) == {"gate", "oracle", "learned (own)", "learned (all)"}
+    assert len({r["compute"] for r in records}) == 1  # one set of per-frame counts for every method
+    assert by["learned (own)"]["train_patches"] > 0 and by["gate"]["real_weights"] is False
+    assert "| synthetic | learned (own) |" in (out / "learned_gate.md").read_text()
+
+
 def test_matched_compute_interpolation():
     """Every-k at another method's compute: linear along its frontier (dense point (1, 1) included); None below
     its cheapest point; a dominated point is not on the frontier."""
