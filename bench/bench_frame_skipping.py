@@ -18,7 +18,8 @@ Every window is a fresh stream (its first frame dense, excluded from every stati
 offsets are best kept within the clip (bikes 250 frames, carphone 120, bigbuckbunny 132).
 
 Writes ``<out>/frame_skipping.jsonl`` (one record per clip, window and setting) and
-``<out>/frame_skipping.md`` (the per-window rows and the per-clip summary).
+``<out>/frame_skipping.md`` (the per-window rows and the per-clip summary); ``frame_skipping_<px>.*``
+at another resolution than 224.
 """
 
 from __future__ import annotations
@@ -164,7 +165,8 @@ def main(argv=None) -> int:
                                                                          *COLUMNS[2:]])
              + "\n\n## Per window\n\n" + markdown_table(window_rows(records), [*COLUMNS[:2], ("offset", "offset"),
                                                                                 *COLUMNS[2:]]))
-    write_results("frame_skipping", records, table, args.out, header=head)
+    name = "frame_skipping" if args.resolution == 224 else f"frame_skipping_{args.resolution}"
+    write_results(name, records, table, args.out, header=head)
     print(table)
     return 0
 

@@ -97,7 +97,8 @@ def test_overflow_cuts_least_surprising_patches_reports_it_and_equals_the_forced
 
 def test_auto_capacity_grows_after_an_overflow(triton_path):
     model = make_model("siglip")
-    nf = NeuroFlow(model, arch="B", threshold=0.02, ema_decay=0.2, floor_tokens=3, keyframe_every=None)
+    nf = NeuroFlow(model, arch="B", threshold=0.02, ema_decay=0.2, floor_tokens=3, keyframe_every=None,
+                    keyframe_drift=None)
     frames = _frames(4)
     with torch.no_grad():
         for t in range(3):

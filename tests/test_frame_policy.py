@@ -24,12 +24,12 @@ def _static_and_busy(frames: int = 6):
 
 @pytest.mark.parametrize("family,arch", ARCHS)
 def test_every_k_is_dense_on_keyframes_and_repeats_them_bit_for_bit(family, arch):
-    """``keyframe_every=k, skip_below=1.0`` is every-k frame skipping: frame t of each stream is
+    """``keyframe_every=k, skip_below=1.0, keyframe_drift=None`` is every-k frame skipping: frame t of each stream is
     the dense model on frame ``k * (t // k)``, bit for bit the engine's own dense frame, and within
     the tolerance policy of the Hugging Face model."""
     model, k = make_model(family), 3
     clips = torch.stack([video(7, seed=0), video(7, seed=1)], dim=1)  # [F, 2, 3, H, W]
-    nf = NeuroFlow(model, arch=arch, keyframe_every=k, skip_below=1.0)
+    nf = NeuroFlow(model, arch=arch, keyframe_every=k, skip_below=1.0, keyframe_drift=None)
     fresh = NeuroFlow(model, arch=arch)  # its first frame of a stream is dense
     model64 = as_double(model)
     with torch.inference_mode():
@@ -54,7 +54,7 @@ def test_every_k_through_kernels(triton_path, capacity):
     dense rows the host schedule reserves."""
     model, k = make_model("dinov2"), 2
     clip = video(5, seed=2)
-    nf = NeuroFlow(model, arch="KV", keyframe_every=k, skip_below=1.0, capacity=capacity)
+    nf = NeuroFlow(model, arch="KV", keyframe_every=k, skip_below=1.0, keyframe_drift=None, capacity=capacity)
     fresh = NeuroFlow(model, arch="KV")
     with torch.inference_mode():
         for t in range(5):
@@ -333,7 +333,7 @@ def test_policy_and_batch_budget_on_cuda():
     frames), and the adaptive policy with a batch budget keeps its bound, with no fallback."""
     model = make_model("dinov2").cuda()
     clips = torch.stack([video(6, seed=0), video(6, seed=1)], dim=1).cuda()
-    nf, fresh = NeuroFlow(model, keyframe_every=2, skip_below=1.0), NeuroFlow(model)
+    nf, fresh = NeuroFlow(model, keyframe_every=2, skip_below=1.0, keyframe_drift=None), NeuroFlow(model)
     adaptive = NeuroFlow(model, threshold=0.01, skip_below=0.05, keyframe_every=4, batch_budget=0.3)
     with torch.inference_mode():
         for t in range(clips.shape[0]):

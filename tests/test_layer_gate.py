@@ -23,7 +23,8 @@ from neuroflow.tooling.testing import assert_close
 LAYERS = 3
 # A partial-frame gate without keyframes; the layer threshold is set where these tiny random
 # models' keys drop some patches and keep others, under transformers 5.17's and 5.25's initialisations
-GATE = dict(arch="KV", threshold=0.005, floor_tokens=2, reference="computed", max_staleness=3, keyframe_every=None)
+GATE = dict(arch="KV", threshold=0.005, floor_tokens=2, reference="computed", max_staleness=3, keyframe_every=None,
+            keyframe_drift=None)
 LAYER_THRESHOLD = 0.005
 
 

@@ -25,7 +25,8 @@ from neuroflow.tooling.testing import assert_close
 LAYERS = 3
 # The measured preset's rule (last-computed reference, staleness bound) at a threshold where the
 # test clips' layer-l surprises give partial frames (checked in the tests that rely on it).
-GATE = dict(arch="KV", threshold=0.01, floor_tokens=2, max_staleness=2, keyframe_every=None)  # no preset keyframes
+GATE = dict(arch="KV", threshold=0.01, floor_tokens=2, max_staleness=2, keyframe_every=None,
+            keyframe_drift=None)  # no preset keyframes
 
 
 def _run(nf, frames, ids=("a", "b")):

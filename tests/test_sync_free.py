@@ -41,6 +41,7 @@ import neuroflow
 from conftest import make_model, video
 from neuroflow import NeuroFlow
 from neuroflow.engine import capacity
+from neuroflow.engine.presets import FROM_PRESET
 from neuroflow.ops import dispatch
 
 PACKAGE = str(Path(neuroflow.__file__).parent)
@@ -210,9 +211,11 @@ STEADY_CALLS = 3
 def _steady_state_syncs(monkeypatch, family, arch, **options):
     """``(recorder, last output, engine)`` of ``STEADY_CALLS`` steady-state calls of two streams."""
     model = make_model(family)
-    # The measured preset's keyframes make a later frame dense by schedule: under capacity="auto"
-    # that call reads its count (documented, test_a_keyframe_reads_its_count_and_an_int_capacity_does_not).
+    # The measured preset's keyframes make a later frame dense, by schedule (keyframe_every, sync-free:
+    # test_scheduled_keyframes_stay_sync_free_and_are_never_cut) or by drift (data-dependent: one read per
+    # call, test_data_dependent_keyframes_under_auto_capacity_read_their_count); these cases test the rest.
     options.setdefault("keyframe_every", None)
+    options.setdefault("keyframe_drift", None)
     nf = NeuroFlow(model, arch=arch, threshold=0.02, ema_decay=0.2, floor_tokens=3, **options)
     frames = torch.stack([video(2 + STEADY_CALLS, seed=0), video(2 + STEADY_CALLS, seed=1)], dim=1)
     _host_counts_with_events(monkeypatch)
@@ -298,7 +301,7 @@ def test_scene_cut_under_auto_capacity_packs_exactly(triton_path, monkeypatch):
 
 
 def test_scheduled_keyframes_stay_sync_free_and_are_never_cut(triton_path, monkeypatch):
-    """The measured preset's ``keyframe_every=4``: the recorded calls (frames 2-4) include frame 4,
+    """``keyframe_every=4`` alone (the measured preset without its drift keyframes): the recorded calls (frames 2-4) include frame 4,
     a dense keyframe by schedule. The host knows the schedule (neuroflow.engine.keyframes), so
     ``capacity="auto"`` reserves its dense rows without reading anything, and so does a fixed
     ``capacity``; the keyframe is not cut."""
@@ -315,9 +318,14 @@ def test_scheduled_keyframes_stay_sync_free_and_are_never_cut(triton_path, monke
 
 def test_data_dependent_keyframes_under_auto_capacity_read_their_count(triton_path, monkeypatch):
     """``keyframe_drift`` (like a scene cut) makes keyframes data-dependent: the host cannot know
-    them, so ``capacity="auto"`` reads the count (documented sync) instead of cutting one."""
-    calls = _steady_state_syncs(monkeypatch, "siglip", "KV", keyframe_every=4, keyframe_drift=0.5)[0].calls
-    assert any(c.startswith("Tensor.tolist at engine/architectures.py") for c in calls), calls
+    them, so ``capacity="auto"`` reads the count (documented sync) instead of cutting one. The
+    measured preset has it (``keyframe_drift=0.2``), so its steady state reads once per call."""
+    preset = {"keyframe_every": FROM_PRESET, "keyframe_drift": FROM_PRESET}
+    for options in ({"keyframe_every": 4, "keyframe_drift": 0.5}, preset):
+        recorder, _, nf = _steady_state_syncs(monkeypatch, "siglip", "KV", **options)
+        assert any(c.startswith("Tensor.tolist at engine/architectures.py") for c in recorder.calls), recorder.calls
+        assert nf.overflowed_frames == 0
+    assert nf.keyframe_drift == 0.2 and nf.keyframe_every == 4
 
 
 def test_the_host_schedule_follows_the_device_and_relearns_after_a_load(triton_path, monkeypatch):

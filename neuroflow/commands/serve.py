@@ -103,7 +103,7 @@ def _engine_fields(args) -> dict:
     if "threshold" in fields and fields["threshold"] is None:
         raise CommandError("--threshold none is not available in serve (a shard's budget alone cannot be "
                            "set per stream); give a threshold", code=2)
-    for name in ("max_staleness", "keyframe_every"):
+    for name in ("max_staleness", "keyframe_every", "keyframe_drift"):
         if name in fields and fields[name] is None:
             fields[name] = 0  # ServeConfig: 0 is off, None is the preset's
     if "cls_readout" in fields:

@@ -132,8 +132,8 @@ class NeuroFlow(nn.Module):
             ``CLIPModel`` (its vision tower is used). Its weights are used as they are.
         preset: where the settings left out come from (:data:`PRESETS`): ``"measured"`` (default:
             the best point measured on real weights against frame skipping at equal compute:
-            ``arch="KV"``, ``keyframe_every=4``, ``reference="computed"``, ``threshold=0.2``, no
-            staleness bound) or ``"paper"`` (the paper's configuration: ``arch="C"``,
+            ``arch="KV"``, ``keyframe_every=4``, ``keyframe_drift=0.2``, ``reference="computed"``,
+            ``threshold=0.2``, no staleness bound) or ``"paper"`` (the paper's configuration: ``arch="C"``,
             ``reference="ema"``, ``ema_decay=0.01``, ``threshold=0.35``, no staleness bound, no
             keyframes). Settings given explicitly override the preset's.
         arch: ``"A"``, ``"B"``, ``"C"`` or ``"KV"`` (cached context; see ``neuroflow.engine.architectures``).
@@ -210,8 +210,11 @@ class NeuroFlow(nn.Module):
             capacity reserves a scheduled keyframe's dense rows with no host sync; a call that
             holds a keyframe or a first frame is not replayed from a CUDA graph.
         keyframe_drift: None or f >= 0: a keyframe when the sum of the frames' mean raw surprise
-            since the last keyframe (this frame included) exceeds f.
-            Every-k frame skipping is ``keyframe_every=k, skip_below=1.0``. See
+            since the last keyframe (this frame included) exceeds f (the measured preset: 0.2, so
+            a moving camera refreshes before its K-th frame). Such a keyframe is data-dependent:
+            on the kernel path ``capacity="auto"`` then reads the call's row count on the host
+            (one sync per call).
+            Every-k frame skipping is ``keyframe_every=k, skip_below=1.0, keyframe_drift=None``. See
             ``neuroflow.reference.gate_settings`` for the whole rule; ``frame_kind`` reports each decision.
         batch_budget: None or a float f in (0, 1]: one call's non-keyframe frames (M of them)
             compute at most ``floor(M * f * N)`` patches together, the first in one batch-wide
@@ -281,7 +284,7 @@ class NeuroFlow(nn.Module):
         preset: str = DEFAULT_PRESET,
         skip_below: float | None = None,
         keyframe_every: int | None = FROM_PRESET,
-        keyframe_drift: float | None = None,
+        keyframe_drift: float | None = FROM_PRESET,
         batch_budget: float | None = None,
         probe_layers: int = 0,
         signal: str = "embedding",
@@ -295,10 +298,11 @@ class NeuroFlow(nn.Module):
                                              cls_readout=cls_readout, head_cache=head_cache).items() if given(v)}
         chosen = resolve(preset, arch=arch, threshold=threshold, ema_decay=ema_decay, floor_tokens=floor_tokens,
                          reference=reference, max_staleness=max_staleness, keyframe_every=keyframe_every,
-                         cls_readout=cls_readout, head_cache=head_cache)
+                         keyframe_drift=keyframe_drift, cls_readout=cls_readout, head_cache=head_cache)
         arch, threshold, ema_decay = chosen["arch"], chosen["threshold"], chosen["ema_decay"]
         floor_tokens, reference, max_staleness = chosen["floor_tokens"], chosen["reference"], chosen["max_staleness"]
         cls_readout, head_cache, keyframe_every = chosen["cls_readout"], chosen["head_cache"], chosen["keyframe_every"]
+        keyframe_drift = chosen["keyframe_drift"]
         self.preset = preset
         settings = GateSettings(threshold=threshold, ema_decay=ema_decay, floor_tokens=floor_tokens,
                                 reference=reference, max_staleness=max_staleness, budget=budget,

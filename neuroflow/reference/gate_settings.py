@@ -53,7 +53,7 @@ The rules, per stream, per later frame (first frames are dense and set the refer
   Streams then keep ``policy_since`` ``[1]`` int32 (frames since the last keyframe) and
   ``policy_drift`` ``[1]`` float32 (the accumulated mean surprise); with ``skip_below`` also
   ``last_seq`` ``[T, D]`` and ``last_pooled`` ``[D_out]`` (the outputs a skip returns). Every-k
-  frame skipping is ``keyframe_every=k, skip_below=1.0``: dense on every k-th frame, the last
+  frame skipping is ``keyframe_every=k, skip_below=1.0`` (and no ``keyframe_drift``): dense on every k-th frame, the last
   keyframe's outputs in between.
 
 * ``batch_budget=f`` (a fraction in (0, 1]): one call's non-keyframe frames (partial and skipped

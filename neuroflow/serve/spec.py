@@ -44,13 +44,13 @@ class ServeConfig:
             already have it.
         preset: the engine preset (``neuroflow.engine.presets.PRESETS``; default ``DEFAULT_PRESET``, the
             measured default of the library) that every gate option left at None comes from.
-        arch, threshold, ema_decay, floor_tokens, reference, max_staleness, keyframe_every: the
-            engine's gate settings (``neuroflow.NeuroFlow``); None: the preset's value.
-            ``max_staleness=0`` means no staleness bound and ``keyframe_every=0`` no periodic
-            keyframe (the engine's None for each).
+        arch, threshold, ema_decay, floor_tokens, reference, max_staleness, keyframe_every,
+            keyframe_drift: the engine's gate settings (``neuroflow.NeuroFlow``); None: the
+            preset's value. ``max_staleness=0`` means no staleness bound, ``keyframe_every=0`` no
+            periodic keyframe and ``keyframe_drift=0`` no drift keyframe (the engine's None for each).
         budget, motion_norm, scene_cut, kv_layers: further engine options (None: the engine's
             default: no budget, no motion normalisation, no scene-cut test, every layer).
-        skip_below, keyframe_drift, batch_budget: the frame policy and the batch budget
+        skip_below, batch_budget: the frame policy's skip and the batch budget
             (``neuroflow.NeuroFlow``; None: off).
         probe_layers: architecture KV: the first l layers run densely and the gate decides on
             their output (``neuroflow.NeuroFlow``; None: the engine's default 0, layer 0).
@@ -153,7 +153,8 @@ class ServeConfig:
                                                 or not isinstance(self.keyframe_every, int) or self.keyframe_every < 0):
             raise ValueError(f"keyframe_every must be an int >= 0 (0: no periodic keyframe) or None, "
                              f"got {self.keyframe_every!r}")
-        check_keyframe_drift(self.keyframe_drift)
+        if self.keyframe_drift is not None:
+            check_keyframe_drift(self.keyframe_drift)
         check_batch_budget(self.batch_budget)
         if self.probe_layers is not None and (isinstance(self.probe_layers, bool) or not isinstance(self.probe_layers, int)
                                               or self.probe_layers < 0):
@@ -291,12 +292,12 @@ def engine_options(config: ServeConfig) -> dict:
     so the preset or the engine's default decides them)."""
     out = {}
     for name in ("arch", "threshold", "ema_decay", "floor_tokens", "reference", "budget", "motion_norm",
-                 "scene_cut", "kv_layers", "skip_below", "keyframe_drift", "batch_budget",
+                 "scene_cut", "kv_layers", "skip_below", "batch_budget",
                  "probe_layers", "signal", "layer_threshold"):
         v = getattr(config, name)
         if v is not None:
             out[name] = v
-    for name in ("max_staleness", "keyframe_every"):  # 0: off, None: the preset's
+    for name in ("max_staleness", "keyframe_every", "keyframe_drift"):  # 0: off, None: the preset's
         v = getattr(config, name)
         if v is not None:
             out[name] = v or None
