@@ -25,6 +25,7 @@ at another resolution than 224.
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
 import sys
 import time
@@ -33,7 +34,7 @@ from pathlib import Path
 import torch
 
 from bench_fidelity import EVERY_K, METRICS, WORKLOADS, dense_reference, every_k, parse_setting, run_engine, stats
-from common import add_out_argument, environment, markdown_table, write_results
+from common import add_out_argument, environment, markdown_table
 from fidelity_report import DEFAULT, METRIC_NAMES, interpolate_at
 from workloads import IMAGENET, load_model, workload
 
@@ -138,6 +139,8 @@ def main(argv=None) -> int:
     n = (args.resolution // patch) ** 2
     base = {**environment(device), "bench": "frame_skipping", "dtype": "float32", "model": label, "real_weights": real,
             "size": args.resolution, "frames": args.frames, "streams": 1}
+    name = "frame_skipping" if args.resolution == 224 else f"frame_skipping_{args.resolution}"
+    args.out.mkdir(parents=True, exist_ok=True)
     records = []
     started = time.perf_counter()
     with torch.inference_mode():
@@ -151,6 +154,8 @@ def main(argv=None) -> int:
                 for name, kw in settings.items():
                     rec = {**base, **window_record(clip, offset, name, kw, model, frames, n, args.every_k)}
                     records.append(rec)
+                    with open(args.out / f"{name}.jsonl", "a") as f:  # per window: a long run keeps what it measured
+                        f.write(json.dumps(rec) + "\n")
                     cells = "  ".join(f"{short} {rec[m]:.4f} vs {rec[f'{m}_every_k'] or float('nan'):.4f}"
                                       for m, short in zip(METRICS, ("pooled", "patch", "moving")))
                     print(f"{clip:12s} @{offset:<4d} {name:10s} compute {rec['compute']:.3f}  {cells}", flush=True)
@@ -165,8 +170,8 @@ def main(argv=None) -> int:
                                                                          *COLUMNS[2:]])
              + "\n\n## Per window\n\n" + markdown_table(window_rows(records), [*COLUMNS[:2], ("offset", "offset"),
                                                                                 *COLUMNS[2:]]))
-    name = "frame_skipping" if args.resolution == 224 else f"frame_skipping_{args.resolution}"
-    write_results(name, records, table, args.out, header=head)
+    (args.out / f"{name}.md").write_text(f"{head}\n\n{table}\n")
+    print(f"results: {args.out / f'{name}.jsonl'} (appended per window), {args.out / f'{name}.md'}", flush=True)
     print(table)
     return 0
 

@@ -17,9 +17,10 @@ def test_the_default_is_the_measured_preset():
     assert nf.preset == "measured"
     measured = PRESETS["measured"]
     assert (nf.arch, nf.threshold, nf.ema_decay, nf.floor_tokens, nf.reference, nf.max_staleness,
-            nf.keyframe_every) == (
+            nf.keyframe_every, nf.keyframe_drift) == (
         measured["arch"], measured["threshold"], measured["ema_decay"], measured["floor_tokens"],
-        measured["reference"], measured["max_staleness"], measured["keyframe_every"])
+        measured["reference"], measured["max_staleness"], measured["keyframe_every"], measured["keyframe_drift"])
+    assert measured["keyframe_drift"] is not None  # drift keyframes: what moved the handheld clip (docs/gate.md)
     assert "policy_since" in nf.state_bytes_per_stream(40, 48)  # the keyframe schedule keeps its counter
     with torch.inference_mode():
         out = [nf(video(3)[t : t + 1]) for t in range(3)]
@@ -33,6 +34,10 @@ def test_the_paper_is_one_argument_away_and_explicit_settings_win():
     mixed = NeuroFlow(make_model("siglip"), preset="paper", arch="KV", threshold=0.1)
     assert (mixed.arch, mixed.threshold, mixed.reference) == ("KV", 0.1, "ema")
     assert NeuroFlow(make_model("siglip"), max_staleness=None).max_staleness is None  # None is a real value
+    assert NeuroFlow(make_model("siglip"), keyframe_drift=None).keyframe_drift is None
+    assert paper.keyframe_drift is None and paper.keyframe_every is None
+    with pytest.raises(ValueError, match="keyframe_drift"):
+        NeuroFlow(make_model("siglip"), keyframe_drift=-0.1)
     with pytest.raises(ValueError, match="preset must be one of measured, paper"):
         NeuroFlow(make_model("siglip"), preset="fast")
 

@@ -366,6 +366,12 @@ def test_serve_command_takes_the_shared_gate_options():
     assert build_engine(tiny_config(keyframe_every=0)).nf.keyframe_every is None
     assert build_engine(tiny_config()).nf.keyframe_every == 4  # the measured preset's
     assert serve_command._config(p.parse_args(["--keyframe-every", "none"])).keyframe_every == 0
+    # the same for the preset's drift keyframes: 0 (or --keyframe-drift none) is off, None the preset's 0.2
+    assert build_engine(tiny_config(keyframe_drift=0)).nf.keyframe_drift is None
+    assert build_engine(tiny_config()).nf.keyframe_drift == 0.2
+    assert serve_command._config(p.parse_args(["--keyframe-drift", "none"])).keyframe_drift == 0
+    with pytest.raises(ValueError, match="keyframe_drift"):
+        tiny_config(keyframe_drift=-1.0).check()
 
 
 def test_serving_takes_the_cache_dtype_and_the_capacity():
