@@ -139,7 +139,7 @@ def main(argv=None) -> int:
     n = (args.resolution // patch) ** 2
     base = {**environment(device), "bench": "frame_skipping", "dtype": "float32", "model": label, "real_weights": real,
             "size": args.resolution, "frames": args.frames, "streams": 1}
-    name = "frame_skipping" if args.resolution == 224 else f"frame_skipping_{args.resolution}"
+    stem = "frame_skipping" if args.resolution == 224 else f"frame_skipping_{args.resolution}"
     args.out.mkdir(parents=True, exist_ok=True)
     records = []
     started = time.perf_counter()
@@ -154,7 +154,7 @@ def main(argv=None) -> int:
                 for name, kw in settings.items():
                     rec = {**base, **window_record(clip, offset, name, kw, model, frames, n, args.every_k)}
                     records.append(rec)
-                    with open(args.out / f"{name}.jsonl", "a") as f:  # per window: a long run keeps what it measured
+                    with open(args.out / f"{stem}.jsonl", "a") as f:  # per window: a long run keeps what it measured
                         f.write(json.dumps(rec) + "\n")
                     cells = "  ".join(f"{short} {rec[m]:.4f} vs {rec[f'{m}_every_k'] or float('nan'):.4f}"
                                       for m, short in zip(METRICS, ("pooled", "patch", "moving")))
@@ -170,8 +170,8 @@ def main(argv=None) -> int:
                                                                          *COLUMNS[2:]])
              + "\n\n## Per window\n\n" + markdown_table(window_rows(records), [*COLUMNS[:2], ("offset", "offset"),
                                                                                 *COLUMNS[2:]]))
-    (args.out / f"{name}.md").write_text(f"{head}\n\n{table}\n")
-    print(f"results: {args.out / f'{name}.jsonl'} (appended per window), {args.out / f'{name}.md'}", flush=True)
+    (args.out / f"{stem}.md").write_text(f"{head}\n\n{table}\n")
+    print(f"results: {args.out / f'{stem}.jsonl'} (appended per window), {args.out / f'{stem}.md'}", flush=True)
     print(table)
     return 0
 
