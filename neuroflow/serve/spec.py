@@ -153,8 +153,7 @@ class ServeConfig:
                                                 or not isinstance(self.keyframe_every, int) or self.keyframe_every < 0):
             raise ValueError(f"keyframe_every must be an int >= 0 (0: no periodic keyframe) or None, "
                              f"got {self.keyframe_every!r}")
-        if self.keyframe_drift is not None:
-            check_keyframe_drift(self.keyframe_drift)
+        check_keyframe_drift(self.keyframe_drift)
         check_batch_budget(self.batch_budget)
         if self.probe_layers is not None and (isinstance(self.probe_layers, bool) or not isinstance(self.probe_layers, int)
                                               or self.probe_layers < 0):
