@@ -85,7 +85,7 @@ class Tracker:
         self.t = 0
         self.reference = self.age = self.held = self.volatility = None
         self.samples: list[tuple[torch.Tensor, torch.Tensor]] = []  # (features [M, F], target [M]) per partial frame
-        self.pending = None
+        self.pending = self.h = None
 
     def embedding(self, t: int) -> torch.Tensor:
         return self.model.embeddings(self.frames[t]).float().cpu()[:, self.dense.prefix:]
@@ -96,7 +96,7 @@ class Tracker:
         x = patch_features(s, self.age, self.held, self.volatility, self.dense.prefix, self.grid, self.threshold)
         p = self.dense.prefix
         err = 1 - F.cosine_similarity(self.dense.hidden[t][:, p:], self.held[:, p:], dim=-1)
-        self.pending = (x, err)
+        self.pending, self.h = (x, err), h  # observe(out) of this frame reuses h
         if self.score is None:
             return None
         pred = self.score(x)
@@ -108,7 +108,7 @@ class Tracker:
     def observe(self, out) -> None:
         active = out.active_mask.cpu()
         new = out.last_hidden_state.float().cpu()
-        h = self.embedding(self.t)
+        h = self.embedding(self.t) if self.h is None else self.h  # frame 0 has no __call__
         if self.reference is None:
             self.reference, self.age = h.clone(), torch.zeros(active.shape, dtype=torch.int32)
             self.volatility = torch.full(active.shape, LOG_FLOOR)
@@ -123,7 +123,7 @@ class Tracker:
         self.reference[active] = h[active]
         self.age = torch.where(active, 0, self.age + 1)
         self.held = new
-        self.pending = None
+        self.pending = self.h = None
         self.t += 1
 
 
