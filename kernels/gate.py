@@ -217,7 +217,7 @@ def _chunk_keys(s_row, age_row, n0, offs, N, K, STALE: tl.constexpr):
 def gate_select_kernel(
     surprise_ptr, age_ptr, slot_ptr, first_ptr,
     active_ptr, bcount_ptr, fcount_ptr, cut_ptr,
-    since_ptr, drift_ptr, kind_ptr,
+    since_ptr, drift_ptr, texture_ptr, kind_ptr,
     N, NB, threshold, floor_k, budget_k, cut_count, K, age_max,
     skip_count, every_k, drift_bound,
     HAS_THR: tl.constexpr, MOTION: tl.constexpr, STALE: tl.constexpr, BUDGET: tl.constexpr,
@@ -235,9 +235,10 @@ def gate_select_kernel(
     that is not a first frame).
 
     POLICY (the frame policy, ``neuroflow/reference/gate_settings.py``): since_ptr [S] int32 and drift_ptr
-    [S] float32 counters at row slot_ptr[frame], rewritten; kind_ptr out [B] int8 (0 skip, 1
-    partial, 2 keyframe). A keyframe when since + 1 >= every_k or drift + mean raw surprise >
-    drift_bound; else a skip when at most skip_count patches pass the threshold (raw).
+    [S] float32 counters at row slot_ptr[frame], rewritten; texture_ptr [B] float32, the unit of
+    the frame's drift (``reference_texture`` of its reference, or 1); kind_ptr out [B] int8 (0 skip,
+    1 partial, 2 keyframe). A keyframe when since + 1 >= every_k or drift + mean raw surprise /
+    texture > drift_bound; else a skip when at most skip_count patches pass the threshold (raw).
 
     Rule: k = min(budget_k, max(floor_k, candidates)) with candidates = stale or over the
     threshold (every patch without one); active = the k first in the ranking of
@@ -276,7 +277,7 @@ def gate_select_kernel(
     skip = first_v < 0  # False
     if POLICY:
         since = tl.load(since_ptr + slot)
-        acc = tl.load(drift_ptr + slot) + raw_total / N
+        acc = tl.load(drift_ptr + slot) + raw_total / N / tl.load(texture_ptr + frame)
         keyframe = keyframe | (since + 1 >= every_k) | (acc > drift_bound)
         skip = (~keyframe) & (raw_pass <= skip_count)
         tl.store(since_ptr + slot, tl.where(keyframe, 0, since + 1))

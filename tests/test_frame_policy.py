@@ -182,22 +182,62 @@ def test_frame_kind_without_policy():
     assert kinds == [KEYFRAME, PARTIAL, PARTIAL, KEYFRAME, PARTIAL]
 
 
-def test_keyframe_drift_accumulates_mean_surprise():
+def _neighbour_spread(ref: torch.Tensor) -> float:
+    """Mean ``1 - cos`` between consecutive rows of one stream's reference ``[N, D]`` (row-major, the
+    unit of ``keyframe_drift``), written out here rather than taken from the library."""
+    a, b = ref[:-1].double(), ref[1:].double()
+    return (1 - (a * b).sum(-1) / (a.norm(dim=-1) * b.norm(dim=-1))).mean().item()
+
+
+@pytest.mark.parametrize("kernel_path", [False, True], ids=["reference", "kernels"])
+def test_keyframe_drift_accumulates_mean_surprise_over_texture(monkeypatch, kernel_path):
+    """The drift counter sums each frame's mean surprise divided by the spread between neighbouring patches'
+    references before the frame; a bound of 0 makes every frame of a moving clip a keyframe."""
+    monkeypatch.setenv("TRITON_INTERPRET", "1" if kernel_path else "0")
     model = make_model("siglip")
     clip = video(6, seed=4)
     nf = NeuroFlow(model, arch="C", threshold=0.5, floor_tokens=1, reference="computed", keyframe_drift=0.0)
     with torch.inference_mode():
         kinds = [nf(clip[t:t + 1]).frame_kind.item() for t in range(4)]
-    # Any change at all is above a zero bound: every frame of a moving clip is a keyframe.
     assert kinds == [KEYFRAME] * 4
     nf = NeuroFlow(model, arch="C", threshold=0.5, floor_tokens=1, reference="computed", keyframe_drift=1e9)
     with torch.inference_mode():
         nf(clip[0:1])
         total = 0.0
         for t in range(1, 4):
+            spread = _neighbour_spread(stream_tensor(nf, 0, "ema"))
             out = nf(clip[t:t + 1])
+            assert dispatch.last_path["gate"] == (dispatch.TRITON if kernel_path else dispatch.REFERENCE)
             assert out.frame_kind.item() == PARTIAL
-            total += out.surprise.mean().item()
+            total += out.surprise.mean().item() / spread
+            assert stream_tensor(nf, 0, "policy_drift").item() == pytest.approx(total, rel=1e-5)
+
+
+def test_reference_texture():
+    """The drift's unit: the neighbour spread of each frame's reference, floored, 1 for a single patch."""
+    from neuroflow.reference.gate import TEXTURE_FLOOR, reference_texture
+
+    ref = torch.randn(3, 7, 72, generator=torch.Generator().manual_seed(0))
+    got = reference_texture(ref)
+    assert got.dtype == torch.float32 and got.shape == (3,)
+    for b in range(3):
+        assert got[b].item() == pytest.approx(_neighbour_spread(ref[b]), rel=1e-5)
+    flat = torch.ones(2, 5, 8)  # identical rows: no texture at all
+    assert torch.equal(reference_texture(flat), torch.full((2,), TEXTURE_FLOOR))
+    assert torch.equal(reference_texture(torch.randn(2, 1, 8)), torch.ones(2))
+
+
+def test_drift_counter_is_the_raw_mean_surprise_without_keyframe_drift():
+    """Without ``keyframe_drift`` nothing reads the counter, and it is not divided by any texture."""
+    model = make_model("siglip")
+    clip = video(4, seed=4)
+    nf = NeuroFlow(model, arch="C", threshold=0.5, floor_tokens=1, reference="computed", keyframe_every=100,
+                   keyframe_drift=None)
+    with torch.inference_mode():
+        nf(clip[0:1])
+        total = 0.0
+        for t in range(1, 4):
+            total += nf(clip[t:t + 1]).surprise.mean().item()
             assert stream_tensor(nf, 0, "policy_drift").item() == pytest.approx(total, rel=1e-5)
 
 

@@ -319,7 +319,7 @@ def test_scheduled_keyframes_stay_sync_free_and_are_never_cut(triton_path, monke
 def test_data_dependent_keyframes_under_auto_capacity_read_their_count(triton_path, monkeypatch):
     """``keyframe_drift`` (like a scene cut) makes keyframes data-dependent: the host cannot know
     them, so ``capacity="auto"`` reads the count (documented sync) instead of cutting one. The
-    measured preset has it (``keyframe_drift=0.2``), so its steady state reads once per call."""
+    measured preset has it (``keyframe_drift=0.6``), so its steady state reads once per call."""
     preset = {"keyframe_every": FROM_PRESET, "keyframe_drift": FROM_PRESET}
     for options in ({"keyframe_every": 4, "keyframe_drift": 0.5}, preset):
         recorder, _, nf = _steady_state_syncs(monkeypatch, "siglip", "KV", **options)

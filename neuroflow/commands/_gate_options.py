@@ -67,7 +67,7 @@ def add_gate_arguments(p: argparse.ArgumentParser | argparse._ArgumentGroup, sev
     p.add_argument("--preset", choices=tuple(PRESETS), default=DEFAULT_PRESET,
                    help=f"where the settings not given come from (default {DEFAULT_PRESET}, as NeuroFlow(model)): "
                         f"measured = arch {measured['arch']}, a keyframe every {measured['keyframe_every']} frames "
-                        f"or once the summed mean surprise passes {measured['keyframe_drift']}, "
+                        f"or once the summed motion (mean surprise over texture) passes {measured['keyframe_drift']}, "
                         f"threshold {measured['threshold']}, reference {measured['reference']}, max staleness "
                         f"{_show(measured['max_staleness'])} (best measured on real weights against frame skipping); "
                         f"paper = arch {paper['arch']}, threshold {paper['threshold']}, EMA reference with "
@@ -124,8 +124,9 @@ def add_gate_arguments(p: argparse.ArgumentParser | argparse._ArgumentGroup, sev
                    help="frame policy: a keyframe (dense, reference and caches refreshed) at least every K frames "
                         f"of a stream; 'none': off ({both('keyframe_every')})")
     p.add_argument("--keyframe-drift", type=_or_none(float), default=argparse.SUPPRESS, metavar="D",
-                   help="frame policy: a keyframe once the frames' mean surprise summed since the last keyframe "
-                        f"exceeds D; 'none': off ({both('keyframe_drift')})")
+                   help="frame policy: a keyframe once the frames' motion summed since the last keyframe exceeds D "
+                        "(each frame's mean surprise over its reference's texture, the mean 1 - cos between "
+                        f"neighbouring patches: one D serves every resolution); 'none': off ({both('keyframe_drift')})")
     p.add_argument("--batch-budget", type=float, default=argparse.SUPPRESS, metavar="F",
                    help="one call computes at most this fraction of the non-keyframe frames' patches, shared "
                         "across streams by the gate's ranking (default off)")

@@ -132,7 +132,7 @@ class NeuroFlow(nn.Module):
             ``CLIPModel`` (its vision tower is used). Its weights are used as they are.
         preset: where the settings left out come from (:data:`PRESETS`): ``"measured"`` (default:
             the best point measured on real weights against frame skipping at equal compute:
-            ``arch="KV"``, ``keyframe_every=4``, ``keyframe_drift=0.2``, ``reference="computed"``,
+            ``arch="KV"``, ``keyframe_every=4``, ``keyframe_drift=0.6``, ``reference="computed"``,
             ``threshold=0.2``, no staleness bound) or ``"paper"`` (the paper's configuration: ``arch="C"``,
             ``reference="ema"``, ``ema_decay=0.01``, ``threshold=0.35``, no staleness bound, no
             keyframes). Settings given explicitly override the preset's.
@@ -209,9 +209,12 @@ class NeuroFlow(nn.Module):
             preset: 4). The host keeps the schedule (:mod:`neuroflow.engine.keyframes`), so the
             capacity reserves a scheduled keyframe's dense rows with no host sync; a call that
             holds a keyframe or a first frame is not replayed from a CUDA graph.
-        keyframe_drift: None or f >= 0: a keyframe when the sum of the frames' mean raw surprise
-            since the last keyframe (this frame included) exceeds f (the measured preset: 0.2, so
-            a moving camera refreshes before its K-th frame). Such a keyframe is data-dependent:
+        keyframe_drift: None or f >= 0: a keyframe when the sum, over the frames since the last
+            keyframe (this frame included), of each frame's mean raw surprise divided by its
+            reference's texture (the mean ``1 - cos`` between neighbouring patches' references:
+            motion in units of the image's own patch-to-patch change, so one f serves every
+            resolution) exceeds f (the measured preset: 0.6, so a moving camera refreshes before
+            its K-th frame). Such a keyframe is data-dependent:
             on the kernel path ``capacity="auto"`` then reads the call's row count on the host
             (one sync per call).
             Every-k frame skipping is ``keyframe_every=k, skip_below=1.0, keyframe_drift=None``. See

@@ -16,12 +16,13 @@ PRESETS: dict[str, dict] = {
     # Chosen by measurement on real DINOv2-S weights against frame skipping at equal compute
     # (bench/results/fidelity.md, frame_skipping.md and fidelity_signal.md; docs/gate.md "Why the
     # default preset"): cached context, a dense keyframe every 4th frame of a stream and sooner once
-    # the frames' mean surprise summed since the last keyframe passes 0.2 (a moving camera refreshes
-    # sooner, a static one rarely), the gated frames in between compute the patches whose embedding
+    # the frames' motion summed since the last keyframe passes 0.6 (each frame's mean surprise over
+    # its reference's texture, so the same motion counts the same at any resolution: a moving camera
+    # refreshes sooner, a static one rarely), the gated frames in between compute the patches whose embedding
     # moved more than 0.2 (1 - cos) from its value when last computed. The keyframes bound every
     # cached token's age, so no staleness bound is needed.
     "measured": dict(arch="KV", threshold=0.2, ema_decay=0.01, floor_tokens=4, reference="computed",
-                     max_staleness=None, keyframe_every=4, keyframe_drift=0.2),
+                     max_staleness=None, keyframe_every=4, keyframe_drift=0.6),
     # The paper's configuration: Architecture C, the EMA of every frame, threshold 0.35.
     "paper": dict(arch="C", threshold=0.35, ema_decay=0.01, floor_tokens=4, reference="ema", max_staleness=None,
                   keyframe_every=None, keyframe_drift=None),

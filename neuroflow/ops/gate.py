@@ -30,6 +30,7 @@ from ..reference.gate import (
     check_gate_args,
     check_policy_pools,
     cosine_surprise,
+    reference_texture,
     ema_dtype,
     gate_features_reference,
     gate_reference,
@@ -216,7 +217,9 @@ def _gate_features_triton(tokens, num_prefix: int, ema, slot, first, st: GateSet
     # The select kernel reads the raw surprise (inf on first frames) and normalises it itself.
     surprise = torch.where(first.view(-1, 1), FIRST_FRAME_SURPRISE, cosine_surprise(h, old_ref)).float().contiguous()
     bcount = _empty(b, nb, dtype=torch.int32, device=dev)
-    active, fcount, cut, kind = _select(surprise, bcount, age, slot, first, first_i8, st, policy, n, nb, cfg)
+    texture = _drift_texture(old_ref, first) if st.keyframe_drift is not None else None
+    active, fcount, cut, kind = _select(surprise, bcount, age, slot, first, first_i8, st, policy, n, nb, cfg,
+                                        texture)
     cap = b * t
     cu = _empty(b + 1, dtype=torch.int32, device=dev)
     index = _empty(cap, dtype=torch.int32, device=dev)
@@ -295,6 +298,10 @@ def _gate_triton(frames, weight, bias, pos_embed, prefix, ema, slot, first, st: 
     # A skipped frame must leave the EMA as it was, but the embed kernel updates it before the
     # decision: keep the frames' rows (a device copy, no sync) and put skipped frames' back below.
     saved = ema.index_select(0, slot) if st.skip_below is not None and st.reference == "ema" else None
+    # The drift's unit is read from the reference before the embed kernel's EMA update.
+    texture = None
+    if options and st.keyframe_drift is not None:
+        texture = _drift_texture(saved if saved is not None else ema.index_select(0, slot), first)
     embed[grid](
         frames, w2, bias_arg, pe, ema, slot, first_i8, surprise, bcount, cand_val, cand_idx,
         sx[0], sx[1], sx[2], sx[3], n, d, k, frames.shape[3] // p, nb, thr, float(ema_decay),
@@ -306,7 +313,8 @@ def _gate_triton(frames, weight, bias, pos_embed, prefix, ema, slot, first, st: 
     active = _empty(b, n, dtype=torch.int8, device=dev)
     fcount = cut = kind = bcount
     if options:
-        active, fcount, cut, kind = _select(surprise, bcount, age, slot, first, first_i8, st, policy, n, nb, cfg)
+        active, fcount, cut, kind = _select(surprise, bcount, age, slot, first, first_i8, st, policy, n, nb, cfg,
+                                            texture)
         if saved is not None:
             ema.index_copy_(0, slot, torch.where((kind == 0).view(-1, 1, 1), saved, ema.index_select(0, slot)))
     cu = _empty(b + 1, dtype=torch.int32, device=dev)
@@ -331,10 +339,19 @@ def _gate_triton(frames, weight, bias, pos_embed, prefix, ema, slot, first, st: 
     return PackedFrames(surprise, active.bool(), cu, index, packed, num_prefix, frame_kind)
 
 
-def _select(surprise, bcount, age, slot, first, first_i8, st: GateSettings, policy, n: int, nb: int, cfg: dict):
+def _drift_texture(ref: torch.Tensor, first: torch.Tensor) -> torch.Tensor:
+    """``keyframe_drift``'s unit per frame: ``reference_texture`` of the frames' reference rows
+    ``ref`` ``[B, N, D]`` as device torch ops (no sync), 1.0 on first frames (their rows hold no
+    reference yet). ``[B]`` float32."""
+    return torch.where(first, 1.0, reference_texture(ref)).contiguous()
+
+
+def _select(surprise, bcount, age, slot, first, first_i8, st: GateSettings, policy, n: int, nb: int, cfg: dict,
+            texture: torch.Tensor | None = None):
     """The gate options' decision (:func:`gate_select_kernel`, then the batch budget) on the
     frames' surprise ``[B, N]`` float32 (rewritten under motion norm); updates the age and policy
-    pools in place and writes ``bcount`` ``[B, NB]``. Returns ``(active [B, N] int8, fcount [B]
+    pools in place and writes ``bcount`` ``[B, NB]``. ``texture``: ``[B]`` float32, the unit of each
+    frame's drift (:func:`_drift_texture`; None: 1). Returns ``(active [B, N] int8, fcount [B]
     int32, cut [B] int8, kind [B] int8)`` (``kind`` is ``cut`` without the frame policy)."""
     from ..kernels.gate import SELECT_BLOCK, gate_select_kernel
 
@@ -348,10 +365,12 @@ def _select(surprise, bcount, age, slot, first, first_i8, st: GateSettings, poli
     select = dispatch.launchable(gate_select_kernel, dev)
     kind = _empty(b, dtype=torch.int8, device=dev) if st.policy else cut
     since, drift = policy if policy is not None else (bcount, surprise)
+    if texture is None:
+        texture = torch.ones(b, dtype=torch.float32, device=dev) if st.policy else surprise
     old_age = age.index_select(0, slot) if st.batch_budget is not None and age is not None else None
     select[(b,)](
         surprise, age if age is not None else bcount, slot, first_i8, active, bcount, fcount, cut,
-        since, drift, kind,
+        since, drift, texture, kind,
         n, nb, thr, min(st.floor_tokens, n), budget_k or n,
         scene_cut_count(st.scene_cut, n) if st.scene_cut else n + 1, stale_k, AGE_MAX,
         st.skip_count(n), st.keyframe_every or POLICY_NEVER, float(st.keyframe_drift) if st.keyframe_drift is not None else DRIFT_NEVER,
@@ -448,9 +467,9 @@ def compile_cases():
     features = [
         ("gate features computed+stale fp16 p14 d384", torch.float16, 14, 384,
          GateSettings(threshold=0.05, floor_tokens=4, reference="computed", max_staleness=4)),
-        ("gate features computed+policy+batch-budget bf16 p16 d768", torch.bfloat16, 16, 768,
+        ("gate features computed+policy+drift+batch-budget bf16 p16 d768", torch.bfloat16, 16, 768,
          GateSettings(threshold=0.05, floor_tokens=4, reference="computed", max_staleness=4, skip_below=0.1,
-                      keyframe_every=8, batch_budget=0.5)),
+                      keyframe_every=8, keyframe_drift=0.5, batch_budget=0.5)),
     ]
     # fp32 takes its dot in IEEE fp32 (GATE_CONFIG_FP32): no tensor-core instructions to find.
     return ([CompileCase(name, launcher(dtype, patch, dim, st, *odd), uses_dot=True,

@@ -34,7 +34,8 @@ decision to, in this order:
    0 where active, +1 elsewhere.
 
 The frame policy (``skip_below``, ``keyframe_every``, ``keyframe_drift``) runs between 1 and 2:
-``drift' = drift + mean_i s_i`` (raw); the frame is a keyframe when first, a scene cut,
+``drift' = drift + mean_i s_i / texture(R)`` (raw surprise; :func:`reference_texture`, 1 without
+``keyframe_drift``); the frame is a keyframe when first, a scene cut,
 ``since + 1 >= keyframe_every`` or ``drift' > keyframe_drift``; else it is skipped when at most
 ``floor(skip_below * N)`` patches have ``s_i > threshold`` (no patch active, R unchanged, every
 age + 1); else partial (steps 3-5). Counters after the frame: ``since := 0, drift := 0`` on a
@@ -119,6 +120,27 @@ def cosine_surprise(h: torch.Tensor, ema: torch.Tensor) -> torch.Tensor:
     dot = (h * ema).sum(-1)
     norms = h.norm(dim=-1).clamp_min(COSINE_EPS) * ema.norm(dim=-1).clamp_min(COSINE_EPS)
     return 1.0 - dot / norms
+
+
+TEXTURE_FLOOR = 0.01
+""":func:`reference_texture` is at least this, so a featureless reference cannot turn a small
+surprise into a large drift."""
+
+
+def reference_texture(ref: torch.Tensor) -> torch.Tensor:
+    """The unit ``keyframe_drift`` measures a frame's change in: how different neighbouring
+    patches' references are. ``[B, N, D]`` any float dtype -> ``[B]`` float32: the mean over
+    consecutive patches in row-major order (row ends pair with the next row's start) of
+    ``1 - cos(R_i, R_{i+1})``, at least :data:`TEXTURE_FLOOR`; 1.0 for N = 1.
+
+    Why: a frame's mean surprise depends on the resolution as much as on the motion (a larger
+    frame of the same footage has smoother patches, so the same motion moves each one less), and
+    so does this spread between neighbours; their ratio is the motion in units of the image's own
+    patch-to-patch change. On DINOv2-S/14 real weights the same ``keyframe_drift`` then fires as
+    often at 224 and 448 px on a handheld clip (``docs/gate.md``, "Why the default preset")."""
+    if ref.shape[1] < 2:
+        return torch.ones(ref.shape[0], dtype=torch.float32, device=ref.device)
+    return cosine_surprise(ref[:, 1:], ref[:, :-1]).float().mean(dim=1).clamp_min(TEXTURE_FLOOR)
 
 
 def select_active(surprise: torch.Tensor, threshold: float | torch.Tensor, floor_tokens: int) -> torch.Tensor:
@@ -270,7 +292,9 @@ def gate_decision_reference(
     if st.policy:
         if since is None or drift is None:
             raise ValueError("the frame policy needs the streams' counters (since=[B] int32, drift=[B] float32)")
-        acc = drift.float() + raw.float().mean(dim=1)
+        # The drift counts each frame's mean surprise in units of the reference's own texture.
+        texture = reference_texture(ema) if st.keyframe_drift is not None else 1.0
+        acc = drift.float() + raw.float().mean(dim=1) / texture
         if st.keyframe_every is not None:
             key = key | (since + 1 >= st.keyframe_every)
         if st.keyframe_drift is not None:

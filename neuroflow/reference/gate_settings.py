@@ -40,7 +40,9 @@ The rules, per stream, per later frame (first frames are dense and set the refer
   - **keyframe** (kind 2): a first frame, a scene cut, ``keyframe_every=K`` (the K-th frame since
     the stream's last keyframe, counted from its first frame: frames 0, K, 2K, ... when no other
     trigger fires), or ``keyframe_drift=f`` (the sum, over the frames since the last keyframe
-    this one included, of each frame's mean raw surprise is above f). Dense, the reference and
+    this one included, of each frame's mean raw surprise divided by its reference's texture,
+    :func:`neuroflow.reference.gate.reference_texture`, is above f: the motion in units of the
+    image's own patch-to-patch change, so one f serves every resolution). Dense, the reference and
     the ages restart as on a scene cut, the counters restart.
   - **skip** (kind 0), when not a keyframe and at most ``floor(skip_below * N)`` patches pass the
     threshold (raw surprise): no encoder work at all for the stream (not even its prefix tokens),
@@ -51,7 +53,8 @@ The rules, per stream, per later frame (first frames are dense and set the refer
   - **partial** (kind 1): every other frame, decided by the rule below.
 
   Streams then keep ``policy_since`` ``[1]`` int32 (frames since the last keyframe) and
-  ``policy_drift`` ``[1]`` float32 (the accumulated mean surprise); with ``skip_below`` also
+  ``policy_drift`` ``[1]`` float32 (that accumulated drift; the raw mean surprise without
+  ``keyframe_drift``); with ``skip_below`` also
   ``last_seq`` ``[T, D]`` and ``last_pooled`` ``[D_out]`` (the outputs a skip returns). Every-k
   frame skipping is ``keyframe_every=k, skip_below=1.0`` (and no ``keyframe_drift``): dense on every k-th frame, the last
   keyframe's outputs in between.
@@ -255,7 +258,7 @@ def check_keyframe_drift(f) -> None:
     if f is None:
         return
     if isinstance(f, bool) or not isinstance(f, (int, float)) or not math.isfinite(f) or f < 0:
-        raise ValueError(f"keyframe_drift must be None or a finite number >= 0 (accumulated mean surprise), got {f!r}")
+        raise ValueError(f"keyframe_drift must be None or a finite number >= 0 (accumulated mean surprise over texture), got {f!r}")
 
 
 def check_batch_budget(f) -> None:
