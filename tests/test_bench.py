@@ -8,6 +8,11 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+import torch
+
+from neuroflow.engine.presets import PRESETS
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -212,6 +217,44 @@ def test_frame_skipping_benchmark_over_windows(tmp_path):
     assert ek0[0] != ek0[3]
     table = (out / "frame_skipping_56.md").read_text()  # named by the resolution when it is not 224
     assert "**not real weights**" in table and "| synthetic | low | 2 |" in table
+
+
+def test_drift_units_benchmark(tmp_path):
+    """bench_drift_units.py on a tiny random DINOv2 (labelled as such): one record per clip and resolution, its
+    columns recomputed here from the layer-0 embeddings with the formulas written out, the ratios to the first
+    resolution."""
+    from transformers import Dinov2Config, Dinov2Model
+
+    sys.path.insert(0, str(ROOT / "bench"))
+    try:
+        from workloads import IMAGENET, workload
+    finally:
+        sys.path.remove(str(ROOT / "bench"))
+    config = Dinov2Config(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                          patch_size=14, image_size=56)
+    Dinov2Model(config).save_pretrained(tmp_path / "tiny")
+    out = tmp_path / "out"
+    records = run_script("bench_drift_units.py", "--frames", "4", "--resolutions", "42", "56", "--clips", "synthetic",
+                         "--model", str(tmp_path / "tiny"), out=out)
+    assert [(r["workload"], r["size"]) for r in records] == [("synthetic", 42), ("synthetic", 56)]
+    model = Dinov2Model.from_pretrained(tmp_path / "tiny").eval()
+
+    def cos(a, b):
+        return (a * b).sum(-1) / (a.norm(dim=-1) * b.norm(dim=-1))
+
+    for r in records:
+        assert r["real_weights"] is False and r["bench"] == "drift_units"
+        with torch.inference_mode():
+            h = model.embeddings(workload("synthetic", r["size"], 4, 1, *IMAGENET)[:, 0])[:, 1:].double()
+        s = 1 - cos(h[1:], h[:-1])  # [3, N]
+        texture = (1 - cos(h[:, 1:], h[:, :-1])).mean(dim=1)  # [4]
+        assert r["surprise"] == pytest.approx(s.mean().item(), rel=1e-4)
+        assert r["texture"] == pytest.approx(texture.mean().item(), rel=1e-4)
+        assert r["motion"] == pytest.approx((s.mean(dim=1) / texture[:-1]).mean().item(), rel=1e-4)
+        assert r["share"] == pytest.approx((s > PRESETS["measured"]["threshold"]).double().mean().item(), abs=1e-6)
+        for col in ("surprise", "texture", "motion"):
+            assert r[f"{col}_rel"] == pytest.approx(r[col] / records[0][col])
+    assert "**not real weights**" in (out / "drift_units.md").read_text()
 
 
 def test_learned_gate_benchmark_tracks_the_engine_and_matches_its_counts(tmp_path):
