@@ -212,9 +212,9 @@ class NeuroFlow(nn.Module):
         keyframe_drift: None or f >= 0: a keyframe when the sum, over the frames since the last
             keyframe (this frame included), of each frame's mean raw surprise divided by its
             reference's texture (the mean ``1 - cos`` between neighbouring patches' references:
-            motion in units of the image's own patch-to-patch change, so one f serves every
-            resolution) exceeds f (the measured preset: 0.6, so a moving camera refreshes before
-            its K-th frame). Such a keyframe is data-dependent:
+            motion in units of the image's own patch-to-patch change, which depends less on
+            the resolution than the raw surprise) exceeds f (the measured preset: 0.6, so a
+            moving camera refreshes before its K-th frame). Such a keyframe is data-dependent:
             on the kernel path ``capacity="auto"`` then reads the call's row count on the host
             (one sync per call).
             Every-k frame skipping is ``keyframe_every=k, skip_below=1.0, keyframe_drift=None``. See

@@ -17,7 +17,7 @@ PRESETS: dict[str, dict] = {
     # (bench/results/fidelity.md, frame_skipping.md and fidelity_signal.md; docs/gate.md "Why the
     # default preset"): cached context, a dense keyframe every 4th frame of a stream and sooner once
     # the frames' motion summed since the last keyframe passes 0.6 (each frame's mean surprise over
-    # its reference's texture, so the same motion counts the same at any resolution: a moving camera
+    # its reference's texture, which depends less on the resolution than the raw surprise: a moving camera
     # refreshes sooner, a static one rarely), the gated frames in between compute the patches whose embedding
     # moved more than 0.2 (1 - cos) from its value when last computed. The keyframes bound every
     # cached token's age, so no staleness bound is needed.

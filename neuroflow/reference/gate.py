@@ -136,8 +136,9 @@ def reference_texture(ref: torch.Tensor) -> torch.Tensor:
     Why: a frame's mean surprise depends on the resolution as much as on the motion (a larger
     frame of the same footage has smoother patches, so the same motion moves each one less), and
     so does this spread between neighbours; their ratio is the motion in units of the image's own
-    patch-to-patch change. On DINOv2-S/14 real weights the same ``keyframe_drift`` then fires as
-    often at 224 and 448 px on a handheld clip (``docs/gate.md``, "Why the default preset")."""
+    patch-to-patch change. On DINOv2-S/14 real weights (``bench/bench_drift_units.py``) it moves
+    less with the resolution than the raw surprise and tells a handheld camera from static ones
+    better (``docs/gate.md``, "Why the drift is measured in texture units")."""
     if ref.shape[1] < 2:
         return torch.ones(ref.shape[0], dtype=torch.float32, device=ref.device)
     return cosine_surprise(ref[:, 1:], ref[:, :-1]).float().mean(dim=1).clamp_min(TEXTURE_FLOOR)

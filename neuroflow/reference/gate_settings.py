@@ -42,7 +42,7 @@ The rules, per stream, per later frame (first frames are dense and set the refer
     trigger fires), or ``keyframe_drift=f`` (the sum, over the frames since the last keyframe
     this one included, of each frame's mean raw surprise divided by its reference's texture,
     :func:`neuroflow.reference.gate.reference_texture`, is above f: the motion in units of the
-    image's own patch-to-patch change, so one f serves every resolution). Dense, the reference and
+    image's own patch-to-patch change, which depends less on the resolution than the raw surprise). Dense, the reference and
     the ages restart as on a scene cut, the counters restart.
   - **skip** (kind 0), when not a keyframe and at most ``floor(skip_below * N)`` patches pass the
     threshold (raw surprise): no encoder work at all for the stream (not even its prefix tokens),
