@@ -29,6 +29,9 @@ token-layers / dense token-layers (each frame's computed tokens, prefix included
 ``active_mask``; ``token_layers_source`` records "engine"); and ``ms_per_frame``, the wall time
 of the engine call (CPU: shared, noisy; read ratios). Baselines, in the same architecture with the
 same caches (same kwargs, patches forced through ``active=``), at the gate run's own per-frame counts:
+its keyframes come through the mask (every patch), so the baselines run with the frame policy's own
+triggers off (:func:`forced_kwargs`): a drift keyframe would otherwise fire where the baseline's
+choice left more change behind than the gate's, and its compute would no longer be the gate's.
 
 * ``random``: that many patches drawn uniformly, over several seeds (``--seeds``, default 0 1 2):
   every number is the mean over the draws, ``<metric>_sd`` their spread, ``<metric>_seeds`` each;
@@ -238,6 +241,16 @@ def token_layers(out, nf) -> tuple[torch.Tensor, str]:
     return reported.to("cpu", torch.int64), "engine"
 
 
+POLICY_TRIGGERS = ("keyframe_every", "keyframe_drift", "skip_below", "scene_cut")
+
+
+def forced_kwargs(kwargs: dict) -> dict:
+    """The engine arguments of a baseline that copies a gate run's per-frame counts: the gate run's, with
+    the frame policy's triggers off (its keyframes are in the counts: every patch). A gate run's skipped
+    frame (count 0) becomes a partial frame of no patch, which still computes the prefix tokens."""
+    return {**kwargs, **dict.fromkeys(POLICY_TRIGGERS)}
+
+
 def run_engine(model, frames, dense: Dense, kwargs: dict, masks=None) -> Run:
     """One engine over all frames. ``masks``: None (the gate decides) or a callable ``t -> [S, N] bool``
     forcing the active patches of frame t >= 1 through ``active=``; a ``masks.observe(out)`` method, when
@@ -370,9 +383,11 @@ def run_workload(name: str, model, args, env: dict, base: dict, settings: dict[s
                 if gate.arch not in BASELINE_ARCHS or (args.baselines == DEFAULT and setting != DEFAULT):
                     continue
                 paired = {"paired_setting": setting, **extra, "swept": swept or None}
-                rnd = [run_engine(model, frames, dense, kw, masks=random_masks(gate.counts, n, seed=s)) for s in args.seeds]
-                pix = run_engine(model, frames, dense, kw, masks=pixel_diff_masks(frames, gate.counts, patch))
-                ora = run_engine(model, frames, dense, kw, masks=OracleMasks(dense, gate.counts))
+                forced = forced_kwargs(kw)
+                rnd = [run_engine(model, frames, dense, forced, masks=random_masks(gate.counts, n, seed=s))
+                       for s in args.seeds]
+                pix = run_engine(model, frames, dense, forced, masks=pixel_diff_masks(frames, gate.counts, patch))
+                ora = run_engine(model, frames, dense, forced, masks=OracleMasks(dense, gate.counts))
                 for method, st in (("random", seed_stats(rnd, list(args.seeds))), ("pixel-diff", stats(pix)),
                                    ("oracle", stats(ora))):
                     done[key][method] = (st, extra)

@@ -184,6 +184,27 @@ def test_fidelity_benchmark_compute_axis_and_baselines(tmp_path):
     assert "every-k, interpolated (k 2..5)" in page and "ms / frame (CPU)" in page
 
 
+def test_fidelity_baselines_copy_the_gate_runs_keyframes(tmp_path):
+    """A baseline forced through ``active=`` at the gate run's counts gets the gate's keyframes through the mask
+    and none of its own: with drift keyframes (which fire on this tiny model's synthetic clip at 0.05) a random
+    choice leaves more change behind than the gate's, and with the policy on it would fire more of them and
+    spend more (seed 0 here: 0.615 against the gate's 0.487)."""
+    from transformers import Dinov2Config, Dinov2Model
+
+    torch.manual_seed(0)
+    Dinov2Model(Dinov2Config(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                             patch_size=14, image_size=56)).save_pretrained(tmp_path / "tiny")
+    records = run_script("bench_fidelity.py", "--quick", "--frames", "12", "--resolution", "56", "--clips", "synthetic",
+                         "--model", str(tmp_path / "tiny"), "--settings",
+                         'drift={"keyframe_drift": 0.05, "keyframe_every": 100}', "--only", "drift", "--baselines",
+                         "all", "--every-k", "2", "--seeds", "0", out=tmp_path / "out")
+    by = {r["method"]: r for r in records if r["method"] != "every-k"}
+    assert set(by) == {"gate", "random", "pixel-diff", "oracle"}
+    assert 1.0 in by["gate"]["fidelity_frames"]  # a drift keyframe fired (a dense frame: cosine 1 to the dense model)
+    for m in ("random", "pixel-diff", "oracle"):
+        assert by[m]["compute"] == pytest.approx(by["gate"]["compute"], abs=1e-9), m
+
+
 def test_frame_skipping_benchmark_over_windows(tmp_path):
     """bench_frame_skipping.py on a tiny random DINOv2 (labelled as such): one record per window and setting, every-k
     read at the setting's own compute along that window's frontier, the target verdicts taken from those numbers."""
