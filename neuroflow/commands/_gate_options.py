@@ -126,7 +126,8 @@ def add_gate_arguments(p: argparse.ArgumentParser | argparse._ArgumentGroup, sev
     p.add_argument("--keyframe-drift", type=_or_none(float), default=argparse.SUPPRESS, metavar="D",
                    help="frame policy: a keyframe once the frames' motion summed since the last keyframe exceeds D "
                         "(each frame's mean surprise over its reference's texture, the mean 1 - cos between "
-                        f"neighbouring patches, less dependent on the resolution than the surprise); 'none': off ({both('keyframe_drift')})")
+                        "neighbouring patches, less dependent on the resolution than the surprise); 'none': off "
+                        f"({both('keyframe_drift')})")
     p.add_argument("--batch-budget", type=float, default=argparse.SUPPRESS, metavar="F",
                    help="one call computes at most this fraction of the non-keyframe frames' patches, shared "
                         "across streams by the gate's ranking (default off)")

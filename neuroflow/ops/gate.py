@@ -30,10 +30,10 @@ from ..reference.gate import (
     check_gate_args,
     check_policy_pools,
     cosine_surprise,
-    reference_texture,
     ema_dtype,
     gate_features_reference,
     gate_reference,
+    reference_texture,
     scene_cut_count,
 )
 from ._launch import CompileCase, cdiv, next_pow2
