@@ -18,6 +18,7 @@ pytest.importorskip("ray", reason="Ray is not installed (pip install 'neuroflow[
 
 from ray.exceptions import ActorDiedError, ActorUnavailableError  # noqa: E402
 
+from neuroflow.engine.presets import PRESETS  # noqa: E402
 from neuroflow.serve.frames import FrameChecker  # noqa: E402
 from neuroflow.serve.front import Front  # noqa: E402
 from neuroflow.serve.routing import HashRing, moves, shard_names  # noqa: E402
@@ -368,7 +369,7 @@ def test_serve_command_takes_the_shared_gate_options():
     assert serve_command._config(p.parse_args(["--keyframe-every", "none"])).keyframe_every == 0
     # the same for the preset's drift keyframes: 0 (or --keyframe-drift none) is off, None the preset's 0.2
     assert build_engine(tiny_config(keyframe_drift=0)).nf.keyframe_drift is None
-    assert build_engine(tiny_config()).nf.keyframe_drift == 0.2
+    assert build_engine(tiny_config()).nf.keyframe_drift == PRESETS["measured"]["keyframe_drift"]
     assert serve_command._config(p.parse_args(["--keyframe-drift", "none"])).keyframe_drift == 0
     with pytest.raises(ValueError, match="keyframe_drift"):
         tiny_config(keyframe_drift=-1.0).check()

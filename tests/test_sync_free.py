@@ -41,7 +41,7 @@ import neuroflow
 from conftest import make_model, video
 from neuroflow import NeuroFlow
 from neuroflow.engine import capacity
-from neuroflow.engine.presets import FROM_PRESET
+from neuroflow.engine.presets import FROM_PRESET, PRESETS
 from neuroflow.ops import dispatch
 
 PACKAGE = str(Path(neuroflow.__file__).parent)
@@ -319,13 +319,14 @@ def test_scheduled_keyframes_stay_sync_free_and_are_never_cut(triton_path, monke
 def test_data_dependent_keyframes_under_auto_capacity_read_their_count(triton_path, monkeypatch):
     """``keyframe_drift`` (like a scene cut) makes keyframes data-dependent: the host cannot know
     them, so ``capacity="auto"`` reads the count (documented sync) instead of cutting one. The
-    measured preset has it (``keyframe_drift=0.6``), so its steady state reads once per call."""
+    measured preset has it, so its steady state reads once per call."""
     preset = {"keyframe_every": FROM_PRESET, "keyframe_drift": FROM_PRESET}
     for options in ({"keyframe_every": 4, "keyframe_drift": 0.5}, preset):
         recorder, _, nf = _steady_state_syncs(monkeypatch, "siglip", "KV", **options)
         assert any(c.startswith("Tensor.tolist at engine/architectures.py") for c in recorder.calls), recorder.calls
         assert nf.overflowed_frames == 0
-    assert nf.keyframe_drift == 0.2 and nf.keyframe_every == 4
+    measured = PRESETS["measured"]
+    assert (nf.keyframe_drift, nf.keyframe_every) == (measured["keyframe_drift"], measured["keyframe_every"])
 
 
 def test_the_host_schedule_follows_the_device_and_relearns_after_a_load(triton_path, monkeypatch):
