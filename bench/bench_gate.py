@@ -20,7 +20,7 @@ per D tile).
 
 ``--options`` adds configurations of the gate options (``OPTION_CONFIGS``: last-computed
 reference, staleness bound, budgets with and without a threshold, motion norm, scene cut, all of
-them); each runs the fused three-launch path against the reference with the same settings; the
+them, and the measured preset's gate with and without its drift keyframe); each runs the fused three-launch path against the reference with the same settings; the
 default is the paper's gate alone.
 
 The fused result is checked against the reference (masks equal, offsets equal) before it is
@@ -39,6 +39,7 @@ from pathlib import Path
 import torch
 
 from common import add_out_argument, environment, markdown_table, median_ms, write_results
+from neuroflow.engine.presets import PRESETS
 from neuroflow.ops import dispatch
 from neuroflow.reference.gate_settings import GateSettings
 from neuroflow.kernels.gate import GATE_CONFIG, GATE_CONFIG_FP32, GATE_TILES
@@ -49,6 +50,7 @@ from neuroflow.video.synthetic import static_camera_video
 PATCH, DIM = 16, 768
 
 PAPER = GateSettings(threshold=0.35, ema_decay=0.01, floor_tokens=4)
+MEASURED = GateSettings(**{k: v for k, v in PRESETS["measured"].items() if k != "arch"})
 OPTION_CONFIGS = {
     "paper": PAPER,
     "computed": PAPER.replace(reference="computed"),
@@ -58,6 +60,10 @@ OPTION_CONFIGS = {
     "motion_norm": PAPER.replace(motion_norm=True),
     "scene_cut": PAPER.replace(scene_cut=0.5),
     "all": PAPER.replace(reference="computed", max_staleness=8, budget=0.1, motion_norm=True, scene_cut=0.5),
+    # NeuroFlow(model)'s gate (the measured preset's frame policy), and the same without its drift keyframe:
+    # side by side they show what the drift's texture unit (one more pass over the reference rows) costs.
+    "measured": MEASURED,
+    "measured_no_drift": MEASURED.replace(keyframe_drift=None),
 }
 """Gate settings per benchmark configuration (name -> settings)."""
 
@@ -110,20 +116,29 @@ def run_one(size, streams, device, dtype, name, env, copy_gbs, tiles=(DEFAULT_TI
     st = OPTION_CONFIGS[name]
     frames, weight, bias, pos, prefix, ema, slot, first = make_case(size, streams, dtype, device)
     n = pos.shape[0]
-    age = None
+    age = policy = None
     if st.max_staleness is not None:
         # Ages as a stream's first frame leaves them (staggered), one frame in.
         age = (torch.arange(n, device=device) % (st.max_staleness + 1) + 1).to(torch.int32).repeat(streams, 1)
-    fresh_age = lambda: None if age is None else age.clone()  # noqa: E731
+    if st.policy:  # one frame after a keyframe, no drift yet
+        policy = (torch.ones(streams, 1, dtype=torch.int32, device=device), torch.zeros(streams, 1, device=device))
+
+    def fresh_state():
+        """The age and policy pools, fresh for a run (the gate rewrites them in place)."""
+        return {"age": None if age is None else age.clone(),
+                "policy": None if policy is None else tuple(c.clone() for c in policy)}
+
     args = lambda e: (frames, weight, bias, pos, prefix, e, slot, first, st)  # noqa: E731
-    ref = gate_reference(*args(ema.clone()), age=fresh_age())
+    ref = gate_reference(*args(ema.clone()), **fresh_state())
     survivors = int(ref.cu_seqlens[-1])
     bytes_moved = frames.numel() * frames.element_size() + 2 * ema.numel() * 4 + survivors * DIM * frames.element_size()
     rec = {**env, "bench": "gate", "dtype": str(dtype).removeprefix("torch."), "size": size, "streams": streams,
            "options": name, "settings": st.as_dict(),
            "patches": n, "sparsity": 1 - survivors / (streams * n), "bytes": bytes_moved}
-    work, work_age = ema.clone(), fresh_age()
-    rec["unfused_ms"] = median_ms(lambda: gate_reference(*args(work), age=work_age), device)
+    # Timed calls carry their state from one to the next, as a stream's frames do (a keyframe every
+    # keyframe_every calls under the frame policy).
+    work, work_state = ema.clone(), fresh_state()
+    rec["unfused_ms"] = median_ms(lambda: gate_reference(*args(work), **work_state), device)
     rec["unfused_gbs"] = bytes_moved / (rec["unfused_ms"] * 1e-3) / 1e9
     if not (on_gpu or dispatch.interpreting()):
         print(f"{size:5d} px x {streams:2d} streams, {name}: unfused {rec['unfused_ms']:.2f} ms", flush=True)
@@ -133,12 +148,13 @@ def run_one(size, streams, device, dtype, name, env, copy_gbs, tiles=(DEFAULT_TI
     for tile in tiles:
         config = GATE_TILES[tile]
         trec = {**rec, "tile": tile, "config": config}
-        out = gate(*args(ema.clone()), age=fresh_age(), config=config)
+        out = gate(*args(ema.clone()), **fresh_state(), config=config)
         ok = dispatch.last_path["gate"] == dispatch.TRITON and torch.equal(out.active, ref.active) \
             and torch.equal(out.cu_seqlens, ref.cu_seqlens)
         trec["check"] = "ok" if ok else "FAILED"
         if ok and on_gpu:
-            trec["fused_ms"] = median_ms(lambda: gate(*args(work), age=work_age, config=config), device)
+            work, work_state = ema.clone(), fresh_state()
+            trec["fused_ms"] = median_ms(lambda: gate(*args(work), **work_state, config=config), device)
             trec["fused_gbs"] = bytes_moved / (trec["fused_ms"] * 1e-3) / 1e9
             trec["copy_gbs"] = copy_gbs
             trec["share_of_copy_bw"] = trec["fused_gbs"] / copy_gbs

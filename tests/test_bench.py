@@ -44,6 +44,17 @@ def test_gate_benchmark_option_configurations(tmp_path):
     assert records[1]["sparsity"] == 1 - 2 / 16
 
 
+def test_gate_benchmark_times_the_measured_preset_with_and_without_drift(tmp_path):
+    """The measured preset's gate (frame policy with its pools) and the same without the drift keyframe, checked
+    against the chain under the interpreter: the microbenchmark of the select kernel's drift path."""
+    records = run_script("bench_gate.py", "--sizes", "64", "--streams", "2", "--device", "cpu", "--options",
+                         "measured", "measured_no_drift", out=tmp_path, interpret=True)
+    assert [r["options"] for r in records] == ["measured", "measured_no_drift"]
+    assert records[0]["settings"]["keyframe_drift"] == PRESETS["measured"]["keyframe_drift"]
+    assert records[1]["settings"]["keyframe_drift"] is None
+    assert all(r["check"] == "ok" and r["unfused_ms"] > 0 for r in records)
+
+
 def test_gate_benchmark_checks_every_launch_tile_under_the_interpreter(tmp_path):
     """``--tiles all`` under TRITON_INTERPRET=1 (the GPU suite's dry run): every tile of
     GATE_TILES runs the fused gate with its own launch configuration and matches the chain."""

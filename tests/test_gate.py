@@ -772,3 +772,59 @@ def test_patch_signal_in_kernel_matches_reference(triton_path, poisoned, case, t
     assert counts[1] == n
     if case.endswith("none_active") or case.endswith("none_beyond_floor"):
         assert counts[0] == counts[2] == 0 and out.cu_seqlens.tolist() == [0, 1, 2 + n, 3 + n]
+
+
+# -- the frame policy's drift keyframe in the fused kernels (Triton interpreter) -----------------
+
+DRIFT_CASES = {
+    # name: (grid, settings besides threshold and keyframe_drift)
+    "computed_n35": ((5, 7), dict(floor_tokens=3, reference="computed")),
+    "ema_skip_n35": ((5, 7), dict(floor_tokens=3, skip_below=0.3)),
+    "computed_none_active": ((3, 5), dict(threshold=2.0, floor_tokens=0, reference="computed")),
+    "one_patch": ((1, 1), dict(floor_tokens=1, reference="computed")),
+}
+
+
+@pytest.mark.parametrize("case", sorted(DRIFT_CASES))
+@pytest.mark.parametrize("tiles", ["one_tile", "small_tiles"])
+def test_drift_keyframe_in_kernel_matches_reference(triton_path, poisoned, case, tiles):
+    """``keyframe_drift`` through the select kernel (its texture unit computed from the reference rows before
+    the embed kernel's update) against the reference: NaN-poisoned outputs, D = 72, awkward shapes (N = 35,
+    N = 15 with nothing active, N = 1); the bound sits between two frames' accumulated drift, so one of them
+    must become a keyframe and the other must not, decided by the texture as much as by the surprise."""
+    from neuroflow.reference.gate import reference_texture
+
+    grid, opts = DRIFT_CASES[case]
+    config = {"BLOCK_P": 8, "BLOCK_D": 16, "BLOCK_K": 16, "BLOCK_S": 8} if tiles == "small_tiles" else None
+    frames, weight, bias, pos, pre, ema, slot = make_inputs(3, grid, 72, torch.float32, prefix=1, seed=33)
+    n = grid[0] * grid[1]
+    first = torch.tensor([False, True, False])
+    opts = dict(opts)
+    probe = gate_reference(frames, weight, bias, pos, pre, ema.clone(), slot, first, 0.0, 0.1, 0)
+    opts.setdefault("threshold", gap_threshold(probe.surprise))
+    # Each later frame's drift increment, as the rule defines it; the bound halves the two.
+    raw = probe.surprise.double().mean(dim=1)
+    step = raw / reference_texture(ema[slot]).double()
+    since = torch.zeros(5, 1, dtype=torch.int32)
+    drift = torch.zeros(5, 1)
+    drift[slot[0]], drift[slot[2]] = 0.25, 0.05
+    acc = [drift[slot[b]].item() + step[b].item() for b in (0, 2)]
+    bound = sum(acc) / 2
+    assert abs(acc[0] - acc[1]) > 1e-3 * max(acc), "the test's drift bound is a rounding call"
+    st = GateSettings(ema_decay=0.1, keyframe_every=100, keyframe_drift=bound, **opts)
+    pools = [(since.clone(), drift.clone()) for _ in range(2)]
+    emas = (ema.clone(), ema.clone(), ema.double())
+    out = gate(frames, weight, bias, pos, pre, emas[0], slot, first, st, config=config, policy=pools[0])
+    assert dispatch.last_path["gate"] == dispatch.TRITON and not dispatch.fallbacks
+    ref = gate_reference(frames, weight, bias, pos, pre, emas[1], slot, first, st, policy=pools[1])
+    hp = gate_reference(frames.double(), weight.double(), bias.double(), pos.double(), pre.double(), emas[2], slot,
+                        first, st, policy=(since.clone(), drift.clone()))
+    assert torch.equal(ref.frame_kind, hp.frame_kind), "the test's decision is a rounding call"
+    check(out, ref, hp, emas, slot)
+    assert torch.equal(out.frame_kind, ref.frame_kind)
+    assert torch.equal(pools[0][0], pools[1][0]), "frames since the last keyframe differ"
+    assert_close(pools[0][1], pools[1][1].double(), pools[1][1], "drift counters")
+    kinds = out.frame_kind.tolist()
+    assert kinds[1] == 2 and sorted([kinds[0] == 2, kinds[2] == 2]) == [False, True]
+    keyed = 0 if acc[0] > bound else 2
+    assert kinds[keyed] == 2 and out.active[keyed].all() and pools[0][1][slot[keyed]].item() == 0.0
