@@ -172,9 +172,9 @@ class NeuroFlow(nn.Module):
             schedules get dense rows on top, known on the host). The CPU reference path always
             packs exactly (its reads are free). A ``budget`` bounds the bucket of the gated frames
             (no overflow then) unless keyframes are data-dependent: with ``scene_cut`` or
-            ``keyframe_drift`` (the measured preset sets it), ``"auto"`` packs exactly (such a keyframe is dense, which no
-            bucket can know in advance), and an int capacity cuts those keyframes like any
-            overflow.
+            ``keyframe_drift`` (the measured preset sets it), ``"auto"`` packs exactly (such a
+            keyframe is dense, which no bucket can know in advance), and an int capacity cuts
+            those keyframes like any overflow.
         cuda_graphs: capture the steady-state step in a CUDA graph per batch size, grid,
             capacity bucket and pool layout, and replay it (see ``neuroflow.engine.graphs``: first
             frames, scheduled keyframes, ``active=``, gradients and the first call of each key run

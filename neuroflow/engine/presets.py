@@ -19,8 +19,8 @@ PRESETS: dict[str, dict] = {
     # the frames' motion summed since the last keyframe passes 0.6 (each frame's mean surprise over
     # its reference's texture, which depends less on the resolution than the raw surprise: a moving
     # camera refreshes sooner, a static one rarely), the gated frames in between compute the patches
-    # whose embedding moved more than 0.2 (1 - cos) from its value when last computed. The keyframes bound every
-    # cached token's age, so no staleness bound is needed.
+    # whose embedding moved more than 0.2 (1 - cos) from its value when last computed. The keyframes
+    # bound every cached token's age, so no staleness bound is needed.
     "measured": dict(arch="KV", threshold=0.2, ema_decay=0.01, floor_tokens=4, reference="computed",
                      max_staleness=None, keyframe_every=4, keyframe_drift=0.6),
     # The paper's configuration: Architecture C, the EMA of every frame, threshold 0.35.
