@@ -11,6 +11,18 @@ from what a deployed engine could know, and its top patches are forced through `
 gate's counts, in the same architecture, with the same settings and caches: only the choice of
 patches differs between gate, learned and oracle.
 
+Two predictors, two rows each:
+
+* ``learned``: the exploration. A GELU MLP on ``FEATURES``, which include what the engine holds
+  (its held outputs, how far each patch moved when last recomputed), forced at the gate's counts
+  (as the oracle: with the frame policy's triggers off, the gate's keyframes being in its counts,
+  so the compute is the gate's; ``bench_fidelity.forced_kwargs``).
+* ``ranker``: the shipped option, ``NeuroFlow(model, ranker=...)``. The library's collector and
+  fit (:mod:`neuroflow.distill.gate_ranker`, as ``neuroflow distill-gate`` runs them) on the
+  gate-time features of :data:`neuroflow.reference.patch_ranker.RANKER_FEATURES`, and the engine
+  choosing its own patches: as many as the gate's rule decides on the states the ranker's choices
+  leave, so its compute can differ from the gate's (the table prints it).
+
 Footage: per clip, the model is trained on frames ``[T, T + train)`` (``T`` = ``--test-frames``)
 and tested on frames ``[0, T)``, so it never sees its test frames: ``own`` is trained on the clip's
 own later footage (a user training on their own camera), ``all`` on every clip's later footage.
@@ -35,10 +47,14 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from bench_fidelity import METRICS, WORKLOADS, Dense, OracleMasks, dense_reference, run_engine, stats
+from bench_fidelity import METRICS, WORKLOADS, Dense, OracleMasks, dense_reference, forced_kwargs, run_engine, stats
 from common import add_out_argument, environment, markdown_table, write_results
 from fidelity_report import METRIC_NAMES
 from workloads import IMAGENET, load_model, workload
+
+from neuroflow import NeuroFlow
+from neuroflow.distill.gate_ranker import collect_ranker_data, fit_ranker, r_squared
+from neuroflow.reference.patch_ranker import RANKER_FEATURES
 
 FEATURES = ("log surprise", "log 3x3 max surprise", "log 3x3 mean surprise", "log 5x5 max surprise",
             "log frame mean surprise", "share over threshold", "log(1 + age)", "cos(held patch, held CLS)",
@@ -189,11 +205,10 @@ def main(argv=None) -> int:
         p.error(f"--resolution {args.resolution} is not a multiple of the patch size {patch}")
     grid = args.resolution // patch
     n = grid * grid
-    from neuroflow import NeuroFlow
     threshold = NeuroFlow(model).threshold
     base = {**environment(device), "bench": "learned_gate", "dtype": "float32", "model": label, "real_weights": real,
             "size": args.resolution, "test_frames": args.test_frames, "train_frames": args.train_frames,
-            "features": list(FEATURES), "hidden": HIDDEN, "steps": STEPS}
+            "features": list(FEATURES), "hidden": HIDDEN, "steps": STEPS, "ranker_features": list(RANKER_FEATURES)}
     started = time.perf_counter()
     clips = {}
     with torch.inference_mode():
@@ -207,15 +222,17 @@ def main(argv=None) -> int:
             gate = run_engine(model, test, dense, {})
             recorder = Tracker(model, train, dense_train, grid, threshold)
             run_engine(model, train, dense_train, {}, masks=recorder)
-            clips[clip] = (test, dense, gate, recorder.samples)
+            # The shipped option's data: the library's collector on the same training frames.
+            data = collect_ranker_data(NeuroFlow(model), [train[:, s] for s in range(train.shape[1])])
+            clips[clip] = (test, dense, gate, recorder.samples, data)
             print(f"{clip}: {sum(len(y) for _, y in recorder.samples)} training patches", flush=True)
     if not clips:
         print("nothing ran (no workload installed)", file=sys.stderr)
         return 1
     records = []
-    for clip, (test, dense, gate, samples) in clips.items():
+    for clip, (test, dense, gate, samples, data) in clips.items():
         with torch.inference_mode():
-            oracle = stats(run_engine(model, test, dense, {}, masks=OracleMasks(dense, gate.counts)))
+            oracle = stats(run_engine(model, test, dense, forced_kwargs({}), masks=OracleMasks(dense, gate.counts)))
         rows = {"gate": (stats(gate), None), "oracle": (oracle, None)}
         pools = {"own": samples, "all": [s for c in clips.values() for s in c[3]]}
         for name, pool in pools.items():
@@ -223,9 +240,18 @@ def main(argv=None) -> int:
                 continue
             score = fit(pool)
             with torch.inference_mode():
-                run = run_engine(model, test, dense, {}, masks=Tracker(model, test, dense, grid, threshold, score,
-                                                                       gate.counts))
+                run = run_engine(model, test, dense, forced_kwargs({}),
+                                 masks=Tracker(model, test, dense, grid, threshold, score, gate.counts))
             rows[f"learned ({name})"] = (stats(run), score)
+        shipped = {"own": [data], "all": [c[4] for c in clips.values()]}
+        for name, parts in shipped.items():
+            features, target = torch.cat([d.features for d in parts]), torch.cat([d.target for d in parts])
+            ranker = fit_ranker(features, target)
+            with torch.inference_mode():
+                run = run_engine(model, test, dense, {"ranker": ranker})
+            score = lambda: None  # noqa: E731  (carries the record's training figures)
+            score.r2, score.samples = r_squared(ranker, features, target), len(target)
+            rows[f"ranker ({name})"] = (stats(run), score)
         g = rows["gate"][0]
         for method, (st, score) in rows.items():
             rec = {**base, "workload": clip, "method": method, "compute": st["compute"],
@@ -249,11 +275,13 @@ def main(argv=None) -> int:
     head = (f"# Learned patch choice against the gate and the oracle\n\n{label}, "
             f"{'' if real else '(**not real weights**), '}{args.resolution} px, Architecture KV (the "
             f"default), trained on frames {args.test_frames}..{args.test_frames + args.train_frames - 1}, tested on "
-            f"frames 0..{args.test_frames - 1} (first excluded) at the gate's own per-frame counts, {base['device']}, "
+            f"frames 0..{args.test_frames - 1} (first excluded) at the gate's own per-frame counts (the `ranker` rows: "
+            f"`NeuroFlow(model, ranker=...)` deciding its own counts by the gate's rule), {base['device']}, "
             f"torch {base['torch']}, commit {base['commit']}, {time.perf_counter() - started:.0f} s.\n\n"
             f"Cosines to dense, mean over frames; in brackets, the share of the gate-to-oracle gap the learned choice "
             f"closes (negative: worse than the gate; none where the gap is below {GAP_FLOOR}). `own`: trained on the "
-            f"clip's own later frames; `all`: on every clip's. train R^2: in-sample, of the target 10 sqrt(1 - cos). Features: {', '.join(FEATURES)}.")
+            f"clip's own later frames; `all`: on every clip's. train R^2: in-sample, of the target 10 sqrt(1 - cos). Features of "
+            f"`learned`: {', '.join(FEATURES)}. Features of `ranker` (the shipped option): {', '.join(RANKER_FEATURES)}.")
     write_results("learned_gate", records, markdown_table(rows, columns), args.out, header=head)
     return 0
 

@@ -219,10 +219,10 @@ def gate_select_kernel(
     active_ptr, bcount_ptr, fcount_ptr, cut_ptr,
     since_ptr, drift_ptr, texture_ptr, kind_ptr,
     N, NB, threshold, floor_k, budget_k, cut_count, K, age_max,
-    skip_count, every_k, drift_bound,
+    skip_count, every_k, drift_bound, rank_ptr,
     HAS_THR: tl.constexpr, MOTION: tl.constexpr, STALE: tl.constexpr, BUDGET: tl.constexpr,
     SCENE_CUT: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_P: tl.constexpr,
-    POLICY: tl.constexpr = False,
+    POLICY: tl.constexpr = False, RANKED: tl.constexpr = False,
 ):
     """The gate options' decision for one frame (program = frame), after :func:`gate_embed_kernel`.
 
@@ -240,17 +240,21 @@ def gate_select_kernel(
     1 partial, 2 keyframe). A keyframe when since + 1 >= every_k or drift + mean raw surprise /
     texture > drift_bound; else a skip when at most skip_count patches pass the threshold (raw).
 
+    RANKED (a learned ranking, ``neuroflow/reference/patch_ranker.py``): rank_ptr [B, N] fp32
+    scores order the patches in place of the surprise; k is still counted on the surprise.
+
     Rule: k = min(budget_k, max(floor_k, candidates)) with candidates = stale or over the
     threshold (every patch without one); active = the k first in the ranking of
-    :func:`_priority_key` (ties: lower index). Candidates are a prefix of that ranking, so when
-    k equals their count the mask is theirs; otherwise the k-th key is found by bisection over
-    the frame's key range (about 31 passes, 36 with stale patches) and ties at it are taken in
-    index order. No host synchronisation anywhere.
+    :func:`_priority_key` (ties: lower index). Candidates are a prefix of that ranking (not under
+    RANKED), so when k equals their count the mask is theirs; otherwise the k-th key is found by
+    bisection over the frame's key range (about 31 passes, 36 with stale patches) and ties at it
+    are taken in index order. No host synchronisation anywhere.
     """
     frame = tl.program_id(0).to(tl.int64)
     first_v = tl.load(first_ptr + frame)
     first = first_v != 0
     s_row = surprise_ptr + frame * N
+    r_row = rank_ptr + frame * N if RANKED else s_row  # the row the ranking keys are read from
     slot = tl.load(slot_ptr + frame)
     age_row = age_ptr + slot * N
     offs = tl.arange(0, BLOCK_S)
@@ -305,7 +309,10 @@ def gate_select_kernel(
         if STALE:
             c = c | (age >= K)
         cand_v += (m & c).to(tl.int32)
-        key = _priority_key(s, age, K, STALE)
+        if RANKED:
+            key = _priority_key(tl.load(r_row + n0 + offs, mask=m, other=0.0), age, K, STALE)
+        else:
+            key = _priority_key(s, age, K, STALE)
         lo_v = tl.minimum(lo_v, tl.where(m, key, 9223372036854775807))
         hi_v = tl.maximum(hi_v, tl.where(m, key, -1))
     cand = tl.sum(cand_v, axis=0)
@@ -318,14 +325,16 @@ def gate_select_kernel(
     # the answer: bisection, invariant count(key >= lo) >= k and count(key >= hi) < k.
     lo = tl.min(lo_v, axis=0)
     hi = tl.max(hi_v, axis=0) + 1
-    use_cand = (k == cand) | keyframe
+    use_cand = keyframe
+    if not RANKED:
+        use_cand = use_cand | (k == cand)
     if use_cand | (k == 0):
         hi = lo + 1
     while hi - lo > 1:
         mid = lo + (hi - lo) // 2
         cnt_v = tl.zeros((BLOCK_S,), dtype=tl.int32)
         for n0 in range(0, N, BLOCK_S):
-            m, key = _chunk_keys(s_row, age_row, n0, offs, N, K, STALE)
+            m, key = _chunk_keys(r_row, age_row, n0, offs, N, K, STALE)
             cnt_v += (m & (key >= mid)).to(tl.int32)
         if tl.sum(cnt_v, axis=0) >= k:
             lo = mid
@@ -337,7 +346,7 @@ def gate_select_kernel(
     gt_v = tl.zeros((BLOCK_S,), dtype=tl.int32)
     if not use_cand:
         for n0 in range(0, N, BLOCK_S):
-            m, key = _chunk_keys(s_row, age_row, n0, offs, N, K, STALE)
+            m, key = _chunk_keys(r_row, age_row, n0, offs, N, K, STALE)
             gt_v += (m & (key > v)).to(tl.int32)
     need = k - tl.sum(gt_v, axis=0)  # patches taken among the ties at v
     offs_p = tl.arange(0, BLOCK_P)
@@ -355,7 +364,10 @@ def gate_select_kernel(
             c = m
         if STALE:
             c = c | (age >= K)
-        key = _priority_key(s, age, K, STALE)
+        if RANKED:
+            key = _priority_key(tl.load(r_row + p, mask=m, other=0.0), age, K, STALE)
+        else:
+            key = _priority_key(s, age, K, STALE)
         eq = m & (key == v)
         rank = ties + tl.cumsum(eq.to(tl.int32), axis=0) - 1
         ties += tl.sum(eq.to(tl.int32), axis=0)

@@ -14,6 +14,7 @@ SUBCOMMANDS = {
     "demo": "neuroflow.commands.demo",
     "run": "neuroflow.commands.run",
     "distill": "neuroflow.commands.distill",
+    "distill-gate": "neuroflow.commands.distill_gate",
     "build-dinov2": "neuroflow.commands.build_dinov2",
     "serve": "neuroflow.commands.serve",
     "llm-ablation": "neuroflow.llm.cli",

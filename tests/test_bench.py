@@ -328,10 +328,13 @@ def test_learned_gate_benchmark_tracks_the_engine_and_matches_its_counts(tmp_pat
     records = run_script("bench_learned_gate.py", "--test-frames", "5", "--train-frames", "6", "--resolution", "56",
                          "--clips", "synthetic", "--model", str(tmp_path / "tiny"), out=out)
     by = {r["method"]: r for r in records}
-    assert set(by) == {"gate", "oracle", "learned (own)", "learned (all)"}
-    assert len({r["compute"] for r in records}) == 1  # one set of per-frame counts for every method
+    assert set(by) == {"gate", "oracle", "learned (own)", "learned (all)", "ranker (own)", "ranker (all)"}
+    # One set of per-frame counts for every forced method; the shipped ranker decides its own.
+    assert len({by[m]["compute"] for m in ("gate", "oracle", "learned (own)", "learned (all)")}) == 1
     assert by["learned (own)"]["train_patches"] > 0 and by["gate"]["real_weights"] is False
-    assert "| synthetic | learned (own) |" in (out / "learned_gate.md").read_text()
+    assert by["ranker (own)"]["train_patches"] > 0 and 0 < by["ranker (own)"]["compute"] <= 1
+    text = (out / "learned_gate.md").read_text()
+    assert "| synthetic | learned (own) |" in text and "| synthetic | ranker (own) |" in text
 
 
 def test_matched_compute_interpolation():

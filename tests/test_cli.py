@@ -608,3 +608,34 @@ def test_npy_rows_file_reads_back_after_every_sync(tmp_path):
     with pytest.raises(ValueError, match="shape"):
         other.append(np.zeros(4))
     other.close()
+
+
+# -- neuroflow distill-gate ------------------------------------------------------------------------
+
+def test_distill_gate_trains_a_ranker_that_run_loads(data, tmp_path):
+    """``neuroflow distill-gate`` writes a ranker trained on the clips' partial frames; ``neuroflow run
+    --ranker`` runs with it (its summary names it); bad options exit 2 with one line."""
+    from neuroflow.reference.patch_ranker import PatchRanker
+
+    siglip, a, b = str(data / "siglip"), str(data / "a.mp4"), str(data / "b.mp4")
+    ranker = tmp_path / "ranker.pt"
+    done = neuroflow(["distill-gate", a, b, "--model", siglip, "--out", str(ranker), "--steps", "30",
+                      "--threshold", "0.01"], cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert "partial frames of 2 video(s)" in done.stdout and str(ranker) in done.stdout
+    loaded = PatchRanker.load(ranker)
+    assert loaded.meta["samples"] > 0 and loaded.meta["settings"]["threshold"] == 0.01
+    assert loaded.meta["videos"] == [a, b] and "train_r2" in loaded.meta
+    ran = neuroflow(["run", a, "--model", siglip, "--ranker", str(ranker), "--no-overlay", "--out",
+                     str(tmp_path / "run")], cwd=tmp_path)
+    assert ran.returncode == 0, ran.stderr
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["settings"]["ranker"] == "PatchRanker(8 -> 16 -> 1)"
+    bad = neuroflow(["distill-gate", a, "--model", siglip, "--out", str(tmp_path / "r2.pt"), "--ranker",
+                     str(ranker)], cwd=tmp_path)
+    assert bad.returncode == 2 and error_lines(bad, "neuroflow distill-gate: error: ")
+    assert not (tmp_path / "r2.pt").exists()
+    wrong = neuroflow(["run", a, "--model", siglip, "--ranker", str(data / "a.mp4"), "--out",
+                       str(tmp_path / "run2")], cwd=tmp_path)
+    assert wrong.returncode == 2 and "Traceback" not in wrong.stderr  # a bad option value
+    assert len(errors := error_lines(wrong)) == 1 and "cannot be read" in errors[0], wrong.stderr

@@ -828,3 +828,82 @@ def test_drift_keyframe_in_kernel_matches_reference(triton_path, poisoned, case,
     assert kinds[1] == 2 and sorted([kinds[0] == 2, kinds[2] == 2]) == [False, True]
     keyed = 0 if acc[0] > bound else 2
     assert kinds[keyed] == 2 and out.active[keyed].all() and pools[0][1][slot[keyed]].item() == 0.0
+
+
+# -- the learned ranking (ranker) in the select kernel (Triton interpreter) ----------------------
+
+RANKER_CASES = {
+    # name: (grid, settings besides threshold and ranker)
+    "computed_n35": ((5, 7), dict(floor_tokens=3, reference="computed")),
+    "ema_stale_batch_budget_n35": ((5, 7), dict(floor_tokens=2, max_staleness=2, batch_budget=0.2)),
+    "budget_only_n15": ((3, 5), dict(threshold=None, floor_tokens=0, budget=4, reference="computed")),
+    "policy_skip_none_active_n15": ((3, 5), dict(threshold=2.0, floor_tokens=0, skip_below=0.5, keyframe_every=9)),
+    "one_patch": ((1, 1), dict(floor_tokens=1, reference="computed")),
+}
+
+
+def random_ranker(seed: int):
+    """An untrained ranker with random weights: an order unlike the surprise's."""
+    from neuroflow.reference.patch_ranker import RANKER_FEATURES, PatchRanker
+
+    g = torch.Generator().manual_seed(seed)
+    f, h = len(RANKER_FEATURES), 6
+    return PatchRanker(torch.randn(f, h, generator=g), torch.randn(h, generator=g), torch.randn(h, generator=g),
+                       torch.zeros(()), torch.randn(f, generator=g), torch.rand(f, generator=g) + 0.5)
+
+
+@pytest.mark.parametrize("case", sorted(RANKER_CASES))
+@pytest.mark.parametrize("tiles", ["one_tile", "small_tiles"])
+def test_ranker_order_in_kernel_matches_reference(triton_path, poisoned, case, tiles):
+    """``ranker`` through the select kernel (RANKED: k counted on the surprise, the patches taken in the
+    ranker's order) against the reference: NaN-poisoned outputs, D = 72, N = 35 / 15 (nothing active on a
+    skipped frame) / 1, with staleness and the batch budget; the ranker's choice must differ from the
+    surprise's somewhere, so the test cannot pass by ignoring it."""
+    from neuroflow.reference.patch_ranker import ranker_scores
+
+    grid, opts = RANKER_CASES[case]
+    config = {"BLOCK_P": 8, "BLOCK_D": 16, "BLOCK_K": 16, "BLOCK_S": 8} if tiles == "small_tiles" else None
+    inputs = make_inputs(3, grid, 72, torch.float32, prefix=1, seed=41)
+    frames, weight, bias, pos, pre, ema, slot = inputs
+    n = grid[0] * grid[1]
+    first = torch.tensor([False, True, False])
+    opts = dict(opts)
+    probe = gate_reference(*inputs[:5], ema.clone(), slot, first, 0.0, 0.1, 0)
+    opts.setdefault("threshold", gap_threshold(probe.surprise))
+    ranker = random_ranker(7)
+    st = GateSettings(ema_decay=0.1, ranker=ranker, **opts)
+    # No decision may be a rounding call: distinct scores, well apart, on the frames that rank.
+    scores = ranker_scores(ranker, probe.surprise, first, grid, opts["threshold"])
+    for b in (0, 2):
+        s = torch.sort(scores[b].double()).values
+        assert n == 1 or (s[1:] - s[:-1]).min() > 1e-4 * s.abs().max(), "the test's ranking is a rounding call"
+    age = (torch.arange(n) % 3).to(torch.int32).repeat(5, 1) if st.max_staleness else None
+    policy = (torch.zeros(5, 1, dtype=torch.int32), torch.zeros(5, 1)) if st.policy else None
+    emas = (ema.clone(), ema.clone(), ema.double())
+    ages = [None if age is None else age.clone() for _ in range(3)]
+    pools = [None if policy is None else (policy[0].clone(), policy[1].clone()) for _ in range(3)]
+    out = gate(frames, weight, bias, pos, pre, emas[0], slot, first, st, config=config, age=ages[0], policy=pools[0])
+    assert dispatch.last_path["gate"] == dispatch.TRITON and not dispatch.fallbacks
+    ref = gate_reference(frames, weight, bias, pos, pre, emas[1], slot, first, st, age=ages[1], policy=pools[1])
+    hp = gate_reference(frames.double(), weight.double(), bias.double(), pos.double(), pre.double(), emas[2], slot,
+                        first, st, age=ages[2], policy=pools[2])
+    assert torch.equal(ref.active, hp.active), "the test's decision is a rounding call: pick other settings"
+    check(out, ref, hp, emas, slot)
+    if age is not None:
+        assert torch.equal(ages[0], ages[1]), "ages differ"
+    if policy is not None:
+        assert torch.equal(out.frame_kind, ref.frame_kind) and torch.equal(pools[0][0], pools[1][0])
+    # The count is the deterministic gate's; the choice is the ranker's.
+    plain = gate_reference(frames, weight, bias, pos, pre, ema.clone(), slot, first, st.replace(ranker=None),
+                           age=None if age is None else age.clone(),
+                           policy=None if policy is None else (policy[0].clone(), policy[1].clone()))
+    counts = out.active.sum(1)
+    if st.batch_budget is None:
+        assert torch.equal(counts, plain.active.sum(1))
+    else:
+        assert counts.sum() <= plain.active.sum() + n  # the keyframe's n plus at most the shared budget
+    assert counts[1] == n
+    if case.startswith("policy_skip"):
+        assert out.frame_kind.tolist() == [0, 2, 0] and counts[0] == counts[2] == 0
+    elif n > 1:
+        assert not torch.equal(out.active, plain.active), "the ranker chose the surprise's patches: a weak test"

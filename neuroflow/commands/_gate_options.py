@@ -18,7 +18,7 @@ from ..engine.presets import DEFAULT_PRESET, PRESETS
 _NONE = "none"
 GATE_OPTIONS = ("threshold", "ema_decay", "floor_tokens", "reference", "max_staleness", "budget", "motion_norm",
                 "scene_cut", "kv_layers", "cls_readout", "skip_below", "keyframe_every", "keyframe_drift",
-                "batch_budget", "probe_layers", "signal", "layer_threshold")
+                "batch_budget", "probe_layers", "signal", "layer_threshold", "ranker")
 """The ``NeuroFlow`` keyword arguments (and ``args`` attributes) these options set, besides
 ``preset`` and ``arch``."""
 
@@ -51,13 +51,15 @@ def _show(value) -> str:
     return "none" if value is None else str(value)
 
 
-def add_gate_arguments(p: argparse.ArgumentParser | argparse._ArgumentGroup, several_archs: bool = False) -> None:
+def add_gate_arguments(p: argparse.ArgumentParser | argparse._ArgumentGroup, several_archs: bool = False,
+                       ranker: bool = True) -> None:
     """Add ``--preset``, ``--arch`` and the gate options to ``p`` (a parser or an argument group).
 
     An option not given leaves no attribute in the parsed namespace (``argparse.SUPPRESS``):
     its value comes from the preset (or is the engine's default, for the settings no preset
     decides), and ``--threshold none`` stays distinguishable from "not given". ``several_archs``: ``--arch`` takes one or more
-    architectures (a list), else exactly one.
+    architectures (a list), else exactly one. ``ranker``: offer ``--ranker FILE`` (serving does not: a
+    shard would need the file).
     """
     measured, paper = PRESETS["measured"], PRESETS["paper"]
 
@@ -131,6 +133,11 @@ def add_gate_arguments(p: argparse.ArgumentParser | argparse._ArgumentGroup, sev
     p.add_argument("--batch-budget", type=float, default=argparse.SUPPRESS, metavar="F",
                    help="one call computes at most this fraction of the non-keyframe frames' patches, shared "
                         "across streams by the gate's ranking (default off)")
+    if ranker:
+        p.add_argument("--ranker", default=argparse.SUPPRESS, metavar="FILE",
+                       help="a learned patch ranking trained by `neuroflow distill-gate`: partial frames compute as "
+                            "many patches as without it, chosen by its predicted output error (default none: the "
+                            "deterministic gate)")
     p.add_argument("--cls-readout", choices=("context", "active"), default=argparse.SUPPRESS,
                    help="architecture C on CLS-pooling models (CLIP, ViT, DINOv2): the last layer attends to "
                         "every token's cached input (context, default) or to the computed tokens only (active)")

@@ -61,7 +61,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     m.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
                    help="cpu: shards are CPU workers; cuda: each shard gets one GPU (num_gpus=1)")
     e = p.add_argument_group("engine (options left out come from --preset)")
-    add_gate_arguments(e)
+    add_gate_arguments(e, ranker=False)
     e.add_argument("--max-streams", type=int, default=None,
                    help="streams each shard keeps (least recently seen evicted; default: no bound)")
     e.add_argument("--cache-dtype", choices=CACHE_DTYPE_NAMES, default=None,

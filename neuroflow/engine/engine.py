@@ -14,6 +14,7 @@ path reads the token count on the host (``Architecture.encoder_inputs``).
 
 from __future__ import annotations
 
+import os
 import warnings
 from collections.abc import Hashable, Sequence
 from dataclasses import dataclass, field
@@ -30,6 +31,7 @@ from .keyframes import KeyframeSchedule
 from .presets import DEFAULT_PRESET, FROM_PRESET, PRESETS, Default, check_preset, given, resolve  # noqa: F401  (PRESETS, FROM_PRESET: re-exported)
 from .profiling import _active as _active_timer
 from ..reference.gate_settings import GateSettings
+from ..reference.patch_ranker import PatchRanker
 from ..models.families import VisionAdapter
 from ..ops.gate import gate_features
 from ..ops.library import gate_frames
@@ -256,6 +258,14 @@ class NeuroFlow(nn.Module):
             its key was computed). On the sync-free path (``capacity`` bucket, GPU) the packed
             buffers keep their size, so a drop saves the attention over those rows, not the
             row-wise work; ``capacity="exact"`` or the CPU shrink them (one host read per layer).
+        ranker: the learned patch ranking (issue #20 part 4): a
+            :class:`~neuroflow.reference.patch_ranker.PatchRanker` or the path of one saved by
+            ``neuroflow distill-gate``. A partial frame computes as many patches as the gate
+            decides without it, chosen in the ranker's order (its predicted output error, from
+            the surprise map and the frames since the last keyframe) instead of the surprise's;
+            frame kinds, references and budgets are unchanged. None (default): the deterministic
+            gate. Not with ``probe_layers``. Measured on real weights in ``docs/gate.md``
+            ("A learned ranking"): not better than the deterministic gate on every clip.
 
     Call with ``pixel_values [B, C, H, W]`` (model dtype and device; H and W multiples of the patch
     size) and ``stream_ids`` (B distinct hashable ids; default ``0..B-1``). A stream that is new,
@@ -292,6 +302,7 @@ class NeuroFlow(nn.Module):
         probe_layers: int = 0,
         signal: str = "embedding",
         layer_threshold: float | None = None,
+        ranker: PatchRanker | str | os.PathLike | None = None,
     ):
         super().__init__()
         if check_finite not in (True, False, "eager", "deferred"):
@@ -307,11 +318,13 @@ class NeuroFlow(nn.Module):
         cls_readout, head_cache, keyframe_every = chosen["cls_readout"], chosen["head_cache"], chosen["keyframe_every"]
         keyframe_drift = chosen["keyframe_drift"]
         self.preset = preset
+        if ranker is not None and not isinstance(ranker, PatchRanker):
+            ranker = PatchRanker.load(ranker) if isinstance(ranker, (str, os.PathLike)) else ranker
         settings = GateSettings(threshold=threshold, ema_decay=ema_decay, floor_tokens=floor_tokens,
                                 reference=reference, max_staleness=max_staleness, budget=budget,
                                 motion_norm=motion_norm, scene_cut=scene_cut, skip_below=skip_below,
                                 keyframe_every=keyframe_every, keyframe_drift=keyframe_drift,
-                                batch_budget=batch_budget, signal=signal)
+                                batch_budget=batch_budget, signal=signal, ranker=ranker)
         if cls_readout not in ("context", "active"):
             raise ValueError(f"cls_readout must be 'context' or 'active', got {cls_readout!r}")
         if cache_dtype is not None and not (isinstance(cache_dtype, torch.dtype)
@@ -333,6 +346,8 @@ class NeuroFlow(nn.Module):
         self.architecture.track_policy = settings.policy
         self.architecture.keep_outputs = settings.skip_below is not None
         self._gate = _normalised(settings)
+        if ranker is not None:
+            self._gate = self._gate.replace(ranker=ranker.to(self.adapter.device))
         warn_ineffective_settings(threshold=self._gate.threshold)
         g = self._gate
         warn_ineffective_settings(
@@ -366,6 +381,20 @@ class NeuroFlow(nn.Module):
         new = _normalised(self._gate.replace(**changes))
         _check_probe_reference(self.probe_layers, new)
         self._gate = new
+
+    @property
+    def ranker(self) -> PatchRanker | None:
+        """The learned patch ranking, or None (the deterministic gate); settable (a
+        :class:`PatchRanker`, a path, or None), on the engine's device."""
+        return self._gate.ranker
+
+    @ranker.setter
+    def ranker(self, value: PatchRanker | str | os.PathLike | None) -> None:
+        if isinstance(value, (str, os.PathLike)):
+            value = PatchRanker.load(value)
+        self._set_gate(ranker=value)
+        if value is not None:
+            self._gate = self._gate.replace(ranker=value.to(self.adapter.device))
 
     @property
     def threshold(self) -> float | None:
@@ -993,6 +1022,9 @@ def _check_probe_reference(probe_layers: int, settings: GateSettings) -> None:
         raise ValueError(f"probe_layers={probe_layers} needs reference='computed' (the gate compares each patch's "
                          f"layer-{probe_layers} state with its state when last computed), got "
                          f"reference={settings.reference!r}")
+    if probe_layers and settings.ranker is not None:
+        raise ValueError(f"a ranker orders patches by their layer-0 surprise; with probe_layers={probe_layers} the "
+                         f"gate decides on layer-{probe_layers} states: drop ranker or probe_layers")
     if probe_layers and settings.signal != "embedding":
         raise ValueError(f"signal={settings.signal!r} chooses a layer-0 signal; with probe_layers={probe_layers} the "
                          f"gate decides on layer-{probe_layers} states: drop signal or probe_layers")

@@ -36,6 +36,7 @@ from ..reference.gate import (
     reference_texture,
     scene_cut_count,
 )
+from ..reference.patch_ranker import ranker_scores
 from ._launch import CompileCase, cdiv, next_pow2
 
 __all__ = ["MAX_FLOOR", "GateSettings", "PackedFrames", "ema_dtype", "gate", "gate_features", "gate_features_reference",
@@ -314,7 +315,7 @@ def _gate_triton(frames, weight, bias, pos_embed, prefix, ema, slot, first, st: 
     fcount = cut = kind = bcount
     if options:
         active, fcount, cut, kind = _select(surprise, bcount, age, slot, first, first_i8, st, policy, n, nb, cfg,
-                                            texture)
+                                            texture, (frames.shape[2] // p, frames.shape[3] // p))
         if saved is not None:
             ema.index_copy_(0, slot, torch.where((kind == 0).view(-1, 1, 1), saved, ema.index_select(0, slot)))
     cu = _empty(b + 1, dtype=torch.int32, device=dev)
@@ -347,12 +348,13 @@ def _drift_texture(ref: torch.Tensor, first: torch.Tensor) -> torch.Tensor:
 
 
 def _select(surprise, bcount, age, slot, first, first_i8, st: GateSettings, policy, n: int, nb: int, cfg: dict,
-            texture: torch.Tensor | None = None):
+            texture: torch.Tensor | None = None, grid: tuple[int, int] | None = None):
     """The gate options' decision (:func:`gate_select_kernel`, then the batch budget) on the
     frames' surprise ``[B, N]`` float32 (rewritten under motion norm); updates the age and policy
     pools in place and writes ``bcount`` ``[B, NB]``. ``texture``: ``[B]`` float32, the unit of each
-    frame's drift (:func:`_drift_texture`; None: 1). Returns ``(active [B, N] int8, fcount [B]
-    int32, cut [B] int8, kind [B] int8)`` (``kind`` is ``cut`` without the frame policy)."""
+    frame's drift (:func:`_drift_texture`; None: 1). ``grid``: the patch grid, for a ranker's
+    features. Returns ``(active [B, N] int8, fcount [B] int32, cut [B] int8, kind [B] int8)``
+    (``kind`` is ``cut`` without the frame policy)."""
     from ..kernels.gate import SELECT_BLOCK, gate_select_kernel
 
     b, dev = surprise.shape[0], surprise.device
@@ -368,19 +370,26 @@ def _select(surprise, bcount, age, slot, first, first_i8, st: GateSettings, poli
     if texture is None:
         texture = torch.ones(b, dtype=torch.float32, device=dev) if st.policy else surprise
     old_age = age.index_select(0, slot) if st.batch_budget is not None and age is not None else None
+    order_by = surprise
+    if st.ranker is not None:
+        # The learned ranking's scores, as device torch ops from the raw surprise (before the
+        # select kernel rewrites it under motion norm) and the counters before this frame.
+        since_before = policy[0].index_select(0, slot).view(-1) if policy is not None else None
+        thr_f = None if st.threshold is None else float(st.threshold)
+        order_by = ranker_scores(st.ranker, surprise, first, grid, thr_f, since_before)
     select[(b,)](
         surprise, age if age is not None else bcount, slot, first_i8, active, bcount, fcount, cut,
         since, drift, texture, kind,
         n, nb, thr, min(st.floor_tokens, n), budget_k or n,
         scene_cut_count(st.scene_cut, n) if st.scene_cut else n + 1, stale_k, AGE_MAX,
         st.skip_count(n), st.keyframe_every or POLICY_NEVER, float(st.keyframe_drift) if st.keyframe_drift is not None else DRIFT_NEVER,
-        HAS_THR=st.threshold is not None, MOTION=st.motion_norm, STALE=st.max_staleness is not None,
+        order_by, HAS_THR=st.threshold is not None, MOTION=st.motion_norm, STALE=st.max_staleness is not None,
         BUDGET=budget_k is not None, SCENE_CUT=st.scene_cut is not None,
         BLOCK_S=min(cfg.get("BLOCK_S", SELECT_BLOCK), next_pow2(n)), BLOCK_P=cfg["BLOCK_P"], POLICY=st.policy,
-        num_warps=4,
+        RANKED=st.ranker is not None, num_warps=4,
     )
     if st.batch_budget is not None:
-        _apply_batch_budget(st, surprise, active, bcount, fcount, age, old_age, slot, first, kind, cut, n, nb,
+        _apply_batch_budget(st, order_by, active, bcount, fcount, age, old_age, slot, first, kind, cut, n, nb,
                             cfg["BLOCK_P"])
     return active, fcount, cut, kind
 
@@ -388,7 +397,8 @@ def _select(surprise, bcount, age, slot, first, first_i8, st: GateSettings, poli
 def _apply_batch_budget(st: GateSettings, surprise, active, bcount, fcount, age, old_age, slot, first, kind, cut,
                         n: int, nb: int, block_p: int) -> None:
     """The batch budget between the select and pack kernels, as torch ops on the device (no sync):
-    the batch-wide ranking of :func:`batch_budget_mask` over the select kernel's masks, then the
+    the batch-wide ranking of :func:`batch_budget_mask` (on ``surprise``, or a ranker's scores)
+    over the select kernel's masks, then the
     mask, the per-block and per-frame counts and the ages of the patches it cut rewritten."""
     keyframe = (kind == 2) if st.policy else _kinds(first, cut if st.scene_cut is not None else None) == 2
     chosen = active.bool()
@@ -411,6 +421,14 @@ def _kinds(first: torch.Tensor, cut: torch.Tensor | None) -> torch.Tensor:
     return torch.where(key, 2, 1).to(torch.int8)
 
 
+def _compile_ranker():
+    """A fixed, untrained ranker for the compile cases (only its shapes matter there)."""
+    from ..reference.patch_ranker import RANKER_FEATURES, PatchRanker
+
+    f, h = len(RANKER_FEATURES), 4
+    return PatchRanker(torch.ones(f, h), torch.zeros(h), torch.ones(h), torch.zeros(()), torch.zeros(f), torch.ones(f))
+
+
 def compile_cases():
     """Launches of the gate's default GPU configuration to compile for sm_80/sm_90
     (``python -m neuroflow.tooling.compile_check``) at the largest frames the engine is for, so the pack
@@ -428,9 +446,11 @@ def compile_cases():
             side = (1792 // patch - odd) * patch
             n = (side // patch) ** 2
             age = torch.zeros(3, n, dtype=torch.int32) if settings.max_staleness is not None else None
+            policy = (torch.zeros(3, 1, dtype=torch.int32), torch.zeros(3, 1)) if settings.policy else None
             gate(torch.empty(2, 3, side, side, dtype=dtype), torch.empty(dim, 3, patch, patch, dtype=dtype),
                  torch.empty(dim, dtype=dtype), torch.empty(n, dim, dtype=dtype), torch.empty(1, dim, dtype=dtype),
-                 torch.empty(3, n, dim), torch.tensor([0, 2]), torch.tensor([False, True]), settings, age=age)
+                 torch.empty(3, n, dim), torch.tensor([0, 2]), torch.tensor([False, True]), settings, age=age,
+                 policy=policy)
         return run
 
     paper = [(f"gate {str(dtype).removeprefix('torch.')} p{patch} d{dim} floor{floor}", dtype, patch, dim,
@@ -454,6 +474,13 @@ def compile_cases():
          GateSettings(threshold=0.1, ema_decay=0.01, floor_tokens=4, signal="patch")),
         ("gate options patch-signal computed+stale bf16 p14 d1152", torch.bfloat16, 14, 1152,
          GateSettings(threshold=0.1, floor_tokens=4, reference="computed", max_staleness=4, signal="patch")),
+        # The learned ranking (RANKED) with the measured preset's frame policy.
+        ("gate options ranker+policy+drift fp16 p16 d768", torch.float16, 16, 768,
+         GateSettings(threshold=0.2, floor_tokens=4, reference="computed", keyframe_every=4, keyframe_drift=0.6,
+                      ranker=_compile_ranker())),
+        ("gate options ranker+stale+batch-budget fp32 p14 d1152 odd", torch.float32, 14, 1152,
+         GateSettings(threshold=0.2, floor_tokens=4, reference="computed", max_staleness=4, batch_budget=0.3,
+                      ranker=_compile_ranker()), True),
     ]
     def features_launcher(dtype, patch, dim, settings):
         def run():  # the gate on probe features (probe_layers): select and pack kernels only

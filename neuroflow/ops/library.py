@@ -4,7 +4,9 @@
   ema_decay, floor_tokens, age!, since!, drift!, force_active=None, *, reference="ema",
   max_staleness=None, budget=None, motion_norm=False, scene_cut=None, skip_below=None,
   keyframe_every=None, keyframe_drift=None, batch_budget=None, signal="embedding") -> (surprise,
-  active, cu_seqlens, index, packed, frame_kind)``: mutates ``ema``, ``age`` and the frame policy's counters
+  active, cu_seqlens, index, packed, frame_kind)`` (``ranker``: positional after ``force_active``,
+  None or a :class:`~neuroflow.reference.patch_ranker.PatchRanker` as one flat float32 tensor,
+  :meth:`~neuroflow.reference.patch_ranker.PatchRanker.flat`): mutates ``ema``, ``age`` and the frame policy's counters
   ``since`` ``[S, 1]`` int32 / ``drift`` ``[S, 1]`` float32 (each a tensor or None: positional,
   for the same reason as the attention's scales, and required, see below); every
   :class:`~neuroflow.reference.gate_settings.GateSettings` option is an argument (``budget`` as a patch
@@ -54,6 +56,7 @@ from __future__ import annotations
 import torch
 
 from ..reference.gate_settings import GateSettings
+from ..reference.patch_ranker import PatchRanker
 from .cache_scatter import cache_scatter
 from .gate import PackedFrames, gate
 from .varlen_attention import varlen_attention
@@ -78,6 +81,7 @@ def gate_op(
     since: torch.Tensor | None,
     drift: torch.Tensor | None,
     force_active: torch.Tensor | None = None,
+    ranker: torch.Tensor | None = None,
     *,
     reference: str = "ema",
     max_staleness: int | None = None,
@@ -93,7 +97,8 @@ def gate_op(
     st = GateSettings(threshold=threshold, ema_decay=ema_decay, floor_tokens=floor_tokens, reference=reference,
                       max_staleness=max_staleness, budget=budget, motion_norm=motion_norm, scene_cut=scene_cut,
                       skip_below=skip_below, keyframe_every=keyframe_every, keyframe_drift=keyframe_drift,
-                      batch_budget=batch_budget, signal=signal)
+                      batch_budget=batch_budget, signal=signal,
+                      ranker=None if ranker is None else PatchRanker.from_flat(ranker))
     if (since is None) != (drift is None):
         raise ValueError("the policy counters since and drift come together (both tensors or both None)")
     out = gate(frames, weight, bias, pos_embed, prefix, ema, slot, first, st, force_active=force_active, age=age,
@@ -103,7 +108,7 @@ def gate_op(
 
 @gate_op.register_fake
 def _gate_fake(frames, weight, bias, pos_embed, prefix, ema, slot, first, threshold, ema_decay, floor_tokens,
-               age, since, drift, force_active=None, **settings):
+               age, since, drift, force_active=None, ranker=None, **settings):
     b, _, h, w = frames.shape
     p = weight.shape[2]
     n = (h // p) * (w // p)
@@ -163,7 +168,8 @@ def gate_frames(frames, weight, bias, pos_embed, prefix, ema, slot, first, setti
     since, drift = policy if policy is not None else (None, None)
     surprise, active, cu_seqlens, index, packed, frame_kind = gate_op(
         frames, weight, bias, pos_embed, prefix, ema, slot, first, kw.pop("threshold"), kw.pop("ema_decay"),
-        kw.pop("floor_tokens"), age, since, drift, force_active, **kw)
+        kw.pop("floor_tokens"), age, since, drift, force_active,
+        None if settings.ranker is None else settings.ranker.flat(), **kw)
     return PackedFrames(surprise, active, cu_seqlens, index, packed, prefix.shape[0], frame_kind)
 
 

@@ -29,7 +29,8 @@ decision to, in this order:
 3. motion norm: ``s_i -= mean_i s_i`` (the surprise reported);
 4. candidates: ``s_i > threshold`` (every patch without a threshold) or stale (``age_i >= K``);
    ``k = min(budget, max(min(floor, N), #candidates))``; active = the first k patches ranked stale
-   first (older first), then surprise descending, then index ascending;
+   first (older first), then surprise descending (with a ``ranker``: its score descending,
+   :mod:`neuroflow.reference.patch_ranker`), then index ascending;
 5. R update: EMA of every patch (``"ema"``), or R_i := h_i where active (``"computed"``); ages:
    0 where active, +1 elsewhere.
 
@@ -58,6 +59,7 @@ import torch
 import torch.nn.functional as F
 
 from .gate_settings import GateSettings
+from .patch_ranker import ranker_scores
 
 COSINE_EPS = 1e-8
 """Each norm in the cosine is clamped to at least this, so an all-zero embedding has surprise 1."""
@@ -241,6 +243,7 @@ def gate_decision_reference(
     age: torch.Tensor | None = None,
     since: torch.Tensor | None = None,
     drift: torch.Tensor | None = None,
+    grid: tuple[int, int] | None = None,
 ) -> GateDecision:
     """Gate a batch of frames, one frame per stream.
 
@@ -262,6 +265,8 @@ def gate_decision_reference(
             ``max_staleness`` (ignored on first frames, where the staggered ages start).
         since, drift: ``[B]`` int32 frames since the last keyframe and ``[B]`` float32 accumulated
             mean surprise; needed with the frame policy (ignored on first frames).
+        grid: the patch grid ``(gh, gw)``, ``gh * gw = N``; needed with a ``ranker`` (its
+            features pool the surprise over patch neighbourhoods).
     """
     st = as_settings(threshold, ema_decay, floor_tokens)
     b, n = h.shape[:2]
@@ -313,6 +318,12 @@ def gate_decision_reference(
     if k_stale is not None and age is None:
         raise ValueError("max_staleness needs the streams' ages (age=[B, N] int32)")
     stale = age >= k_stale if k_stale is not None else None
+    # What orders the patches: the surprise, or the learned ranking (the count k stays the surprise's).
+    order_by = surprise
+    if st.ranker is not None:
+        if grid is None:
+            raise ValueError("a ranker needs the frames' patch grid (grid=(gh, gw))")
+        order_by = ranker_scores(st.ranker, raw, first, grid, None if thr is None else float(st.threshold), since)
     if force_active is not None:
         chosen = force_active
     else:
@@ -323,10 +334,10 @@ def gate_decision_reference(
         budget = st.budget_count(n)
         if budget is not None:
             k = k.clamp_max(budget)
-        chosen = priority_rank(surprise, stale, age) < k.view(-1, 1)
+        chosen = priority_rank(order_by, stale, age) < k.view(-1, 1)
     active = key_rows | (chosen & ~skip.view(-1, 1))
     if st.batch_budget is not None and force_active is None:
-        active = batch_budget_mask(surprise, active, key, st.batch_budget, stale, age)
+        active = batch_budget_mask(order_by, active, key, st.batch_budget, stale, age)
 
     if st.reference == "computed":
         new_ema = torch.where(active.unsqueeze(-1), hf, ema)
@@ -418,7 +429,8 @@ def gate_reference(frames, weight, bias, pos_embed, prefix, ema, slot, first, th
     h = patches + pos_embed
     tokens = torch.cat([prefix.to(h.dtype).expand(frames.shape[0], -1, -1), h], dim=1)  # [B, P + N, D]
     return _decide_and_pack(tokens, prefix.shape[0], ema, slot, first, st, force_active, age, policy,
-                            signal=patches if st.signal == "patch" else None)
+                            signal=patches if st.signal == "patch" else None,
+                            grid=(frames.shape[2] // p, frames.shape[3] // p))
 
 
 def gate_features_reference(tokens, num_prefix, ema, slot, first, settings, force_active=None, age=None,
@@ -439,6 +451,9 @@ def gate_features_reference(tokens, num_prefix, ema, slot, first, settings, forc
 
 def check_feature_args(tokens, num_prefix, ema, slot, first, st: GateSettings) -> None:
     """The arguments of the gate on features: shapes, and the one reference it implements."""
+    if st.ranker is not None:
+        raise ValueError("the gate on layer features (probe_layers) takes no ranker: its features are the layer-0 "
+                         "surprise's")
     if st.reference != "computed":
         raise ValueError(f"the gate on layer features keeps last-computed references only (reference='computed'), "
                          f"got reference={st.reference!r}")
@@ -454,7 +469,7 @@ def check_feature_args(tokens, num_prefix, ema, slot, first, st: GateSettings) -
 
 
 def _decide_and_pack(tokens, num_prefix, ema, slot, first, st: GateSettings, force_active, age, policy,
-                     signal=None) -> PackedFrames:
+                     signal=None, grid=None) -> PackedFrames:
     """Decide on the patch rows of ``tokens`` ``[B, P + N, D]`` (or on ``signal`` ``[B, N, D]``
     when given: ``signal="patch"``'s embedding without PE), write the pools, pack the computed
     tokens (prefix rows first, then the active patches ascending) of the frames that run."""
@@ -464,7 +479,7 @@ def _decide_and_pack(tokens, num_prefix, ema, slot, first, st: GateSettings, for
     decided = gate_decision_reference(h if signal is None else signal, ema[slot], first, st, force_active=force_active,
                                       age=None if age is None else age[slot],
                                       since=None if policy is None else policy[0][slot, 0],
-                                      drift=None if policy is None else policy[1][slot, 0])
+                                      drift=None if policy is None else policy[1][slot, 0], grid=grid)
     with torch.no_grad():
         ema.index_copy_(0, slot, decided.ema.to(ema.dtype))
         if age is not None:

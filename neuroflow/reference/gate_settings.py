@@ -68,6 +68,13 @@ The rules, per stream, per later frame (first frames are dense and set the refer
   So a static stream, choosing few patches or being skipped, leaves its share to a busy one. It
   caps everything, the floor included; with ``threshold=None`` the batch budget alone decides.
 
+* ``ranker`` (a :class:`neuroflow.reference.patch_ranker.PatchRanker`): the learned ranking. A
+  partial frame computes as many patches as it would without it (the ``k`` below, and the batch
+  budget's total), but takes them in the ranker's order instead of the surprise's: stale patches
+  first (older first), then the ranker's score descending, then index ascending. The candidates are
+  then no longer a prefix of the ranking: a patch under the threshold can be taken in place of one
+  over it. Frame kinds, the drift and the references follow the same rules as without it.
+
 The decision of a later frame, in one rule: patches are ranked stale first (older first), then by
 surprise (descending), then by index (ascending); candidates are the stale patches and those over
 the threshold (all patches when there is no threshold), which is always a prefix of that ranking;
@@ -82,6 +89,8 @@ import math
 from dataclasses import dataclass, replace
 
 import torch
+
+from .patch_ranker import RANKER_FEATURES, PatchRanker
 
 REFERENCES = ("ema", "computed")
 SIGNALS = ("embedding", "patch")
@@ -109,6 +118,7 @@ class GateSettings:
     keyframe_drift: float | None = None
     batch_budget: float | None = None
     signal: str = "embedding"
+    ranker: PatchRanker | None = None
 
     def __post_init__(self):
         self.check()
@@ -141,6 +151,10 @@ class GateSettings:
         check_keyframe_drift(self.keyframe_drift)
         check_batch_budget(self.batch_budget)
         check_signal(self.signal)
+        if self.ranker is not None and not isinstance(self.ranker, PatchRanker):
+            raise ValueError(f"ranker must be None or a PatchRanker (PatchRanker.load(path)), got {type(self.ranker).__name__}")
+        if self.ranker is not None and isinstance(thr, torch.Tensor):
+            raise ValueError("a ranker takes one threshold for the batch, not one per frame")
 
     @property
     def policy(self) -> bool:
@@ -166,7 +180,7 @@ class GateSettings:
         ``signal``: the signal changes what the surprise compares, not the decision rule)."""
         return (self.reference == "ema" and self.max_staleness is None and self.budget is None
                 and not self.motion_norm and self.scene_cut is None and not self.policy
-                and self.batch_budget is None)
+                and self.batch_budget is None and self.ranker is None)
 
     def budget_count(self, n: int) -> int | None:
         """The budget as a patch count for frames of ``n`` patches (None: no budget)."""
@@ -179,6 +193,7 @@ class GateSettings:
                      "motion_norm", "scene_cut", "skip_below", "keyframe_every", "keyframe_drift", "batch_budget", "signal"):
             v = getattr(self, name)
             out[name] = v.tolist() if isinstance(v, torch.Tensor) else v
+        out["ranker"] = None if self.ranker is None else f"PatchRanker({len(RANKER_FEATURES)} -> {self.ranker.hidden} -> 1)"
         return out
 
 
