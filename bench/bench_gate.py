@@ -20,7 +20,8 @@ per D tile).
 
 ``--options`` adds configurations of the gate options (``OPTION_CONFIGS``: last-computed
 reference, staleness bound, budgets with and without a threshold, motion norm, scene cut, all of
-them, and the measured preset's gate with and without its drift keyframe); each runs the fused three-launch path against the reference with the same settings; the
+them, and the measured preset's gate with and without its drift keyframe, and with a learned
+ranking); each runs the fused three-launch path against the reference with the same settings; the
 default is the paper's gate alone.
 
 The fused result is checked against the reference (masks equal, offsets equal) before it is
@@ -45,9 +46,17 @@ from neuroflow.reference.gate_settings import GateSettings
 from neuroflow.kernels.gate import GATE_CONFIG, GATE_CONFIG_FP32, GATE_TILES
 from neuroflow.ops.gate import gate
 from neuroflow.reference.gate import gate_reference
+from neuroflow.reference.patch_ranker import RANKER_FEATURES, PatchRanker
 from neuroflow.video.synthetic import static_camera_video
 
 PATCH, DIM = 16, 768
+
+def _timing_ranker(hidden: int = 16) -> PatchRanker:
+    g = torch.Generator().manual_seed(0)
+    f = len(RANKER_FEATURES)
+    return PatchRanker(torch.randn(f, hidden, generator=g), torch.randn(hidden, generator=g),
+                       torch.randn(hidden, generator=g), torch.zeros(()), torch.zeros(f), torch.ones(f))
+
 
 PAPER = GateSettings(threshold=0.35, ema_decay=0.01, floor_tokens=4)
 MEASURED = GateSettings(**{k: v for k, v in PRESETS["measured"].items() if k != "arch"})
@@ -64,6 +73,8 @@ OPTION_CONFIGS = {
     # side by side they show what the drift's texture unit (one more pass over the reference rows) costs.
     "measured": MEASURED,
     "measured_no_drift": MEASURED.replace(keyframe_drift=None),
+    # ... and with a learned ranking of the default size (untrained, seeded weights: its cost, not its choice).
+    "measured_ranker": MEASURED.replace(ranker=_timing_ranker()),
 }
 """Gate settings per benchmark configuration (name -> settings)."""
 
@@ -114,6 +125,8 @@ def run_one(size, streams, device, dtype, name, env, copy_gbs, tiles=(DEFAULT_TI
     """One record per tile (on the CPU one record: only the unfused chain runs)."""
     on_gpu = device.type == "cuda"
     st = OPTION_CONFIGS[name]
+    if st.ranker is not None:
+        st = st.replace(ranker=st.ranker.to(device))
     frames, weight, bias, pos, prefix, ema, slot, first = make_case(size, streams, dtype, device)
     n = pos.shape[0]
     age = policy = None

@@ -45,13 +45,15 @@ def test_gate_benchmark_option_configurations(tmp_path):
 
 
 def test_gate_benchmark_times_the_measured_preset_with_and_without_drift(tmp_path):
-    """The measured preset's gate (frame policy with its pools) and the same without the drift keyframe, checked
-    against the chain under the interpreter: the microbenchmark of the select kernel's drift path."""
+    """The measured preset's gate (frame policy with its pools), the same without the drift keyframe and with a
+    learned ranking, checked against the chain under the interpreter: the microbenchmark of the select kernel's
+    drift path and of its RANKED mode."""
     records = run_script("bench_gate.py", "--sizes", "64", "--streams", "2", "--device", "cpu", "--options",
-                         "measured", "measured_no_drift", out=tmp_path, interpret=True)
-    assert [r["options"] for r in records] == ["measured", "measured_no_drift"]
+                         "measured", "measured_no_drift", "measured_ranker", out=tmp_path, interpret=True)
+    assert [r["options"] for r in records] == ["measured", "measured_no_drift", "measured_ranker"]
     assert records[0]["settings"]["keyframe_drift"] == PRESETS["measured"]["keyframe_drift"]
     assert records[1]["settings"]["keyframe_drift"] is None
+    assert records[0]["settings"]["ranker"] is None and records[2]["settings"]["ranker"].startswith("PatchRanker")
     assert all(r["check"] == "ok" and r["unfused_ms"] > 0 for r in records)
 
 

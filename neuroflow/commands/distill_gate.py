@@ -42,7 +42,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", required=True, type=Path, metavar="PATH",
                    help="local checkpoint folder: SigLIP, CLIP (vision or full model), ViT or DINOv2")
     p.add_argument("--out", required=True, type=Path, metavar="FILE", help="the ranker file to write")
-    add_gate_arguments(p.add_argument_group("gate and architecture, as for neuroflow run (not given: from --preset)"))
+    # No --ranker: the training data comes from the deterministic gate.
+    add_gate_arguments(p.add_argument_group("gate and architecture, as for neuroflow run (not given: from --preset)"),
+                       ranker=False)
     p.add_argument("--resolution", type=int, default=None, metavar="PIXELS",
                    help="side of the square model input (default: the checkpoint's preprocessing size); train at "
                         "the resolution you will run")
@@ -60,8 +62,6 @@ def _check_options(args: argparse.Namespace) -> None:
     for name, low in (("stride", 1), ("max_frames", 2), ("hidden", 1), ("steps", 1)):
         if getattr(args, name) < low:
             raise CommandError(f"--{name.replace('_', '-')} must be at least {low}, got {getattr(args, name)}", code=2)
-    if hasattr(args, "ranker"):
-        raise CommandError("--ranker: the training data comes from the deterministic gate; leave it out", code=2)
     if args.out.exists() and args.out.is_dir():
         raise CommandError(f"--out {args.out} is a folder; name the ranker file to write", code=2)
 
