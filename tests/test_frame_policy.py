@@ -390,3 +390,31 @@ def test_policy_and_batch_budget_on_cuda():
             n = o.active_mask.shape[1]
             assert o.active_mask[rest].sum().item() <= int(rest.sum().item() * (0.3 * n))
     assert dispatch.fallbacks == []
+
+
+def test_batch_budget_ranks_across_frames_in_texture_units():
+    """Across frames the batch budget compares each frame's surprise divided by its reference's texture: a frame
+    whose reference is smooth (small neighbour spread) outranks a textured one with the same raw surprise, and
+    inside a frame the surprise order holds."""
+    from neuroflow.reference.gate import batch_budget_mask, cosine_surprise, gate_decision_reference, reference_texture
+
+    surprise = torch.tensor([[0.30, 0.20, 0.10, 0.05], [0.12, 0.11, 0.10, 0.01]])
+    chosen = torch.ones(2, 4, dtype=torch.bool)
+    none = torch.tensor([False, False])
+    raw = batch_budget_mask(surprise, chosen, none, 0.5)  # 4 of 8 kept
+    assert raw.tolist() == [[True, True, False, False], [True, True, False, False]]
+    scaled = batch_budget_mask(surprise, chosen, none, 0.5, unit=torch.tensor([1.0, 0.1]))
+    assert scaled.tolist() == [[True, False, False, False], [True, True, True, False]]
+    # Through the reference decision: the texture comes from the frames' references.
+    g = torch.Generator().manual_seed(3)
+    smooth = torch.randn(1, 1, 8, generator=g).expand(1, 9, 8) + 0.05 * torch.randn(1, 9, 8, generator=g)
+    textured = torch.randn(1, 9, 8, generator=g)
+    ema = torch.cat([textured, smooth])
+    h = ema + 0.6 * torch.randn(2, 9, 8, generator=g)
+    st = GateSettings(threshold=None, floor_tokens=0, reference="computed", batch_budget=0.25)
+    out = gate_decision_reference(h, ema, none, st)
+    unit = reference_texture(ema)
+    assert unit[1] < unit[0] / 5
+    s = cosine_surprise(h, ema).float()
+    assert torch.equal(out.active, batch_budget_mask(s, torch.ones(2, 9, dtype=torch.bool), none, 0.25, unit=unit))
+    assert not torch.equal(out.active, batch_budget_mask(s, torch.ones(2, 9, dtype=torch.bool), none, 0.25))

@@ -223,8 +223,9 @@ class NeuroFlow(nn.Module):
             ``neuroflow.reference.gate_settings`` for the whole rule; ``frame_kind`` reports each decision.
         batch_budget: None or a float f in (0, 1]: one call's non-keyframe frames (M of them)
             compute at most ``floor(M * f * N)`` patches together, the first in one batch-wide
-            ranking (stale first, then surprise), so a static stream leaves its share to a busy
-            one; keyframes (first frames included) are dense and count against nothing.
+            ranking (stale first, then surprise in units of each frame's reference texture, as
+            for ``keyframe_drift``), so a static stream leaves its share to a busy one; keyframes
+            (first frames included) are dense and count against nothing.
         signal: what the surprise compares: ``"embedding"`` (default; the layer-0 embedding
             ``h = W x + b + PE``) or ``"patch"`` (the patch projection ``p = W x + b`` without the
             position embedding: a change of content alone, however large PE is). The ``"ema"``

@@ -218,7 +218,7 @@ def _gate_features_triton(tokens, num_prefix: int, ema, slot, first, st: GateSet
     # The select kernel reads the raw surprise (inf on first frames) and normalises it itself.
     surprise = torch.where(first.view(-1, 1), FIRST_FRAME_SURPRISE, cosine_surprise(h, old_ref)).float().contiguous()
     bcount = _empty(b, nb, dtype=torch.int32, device=dev)
-    texture = _drift_texture(old_ref, first) if st.keyframe_drift is not None else None
+    texture = _drift_texture(old_ref, first) if _needs_texture(st) else None
     active, fcount, cut, kind = _select(surprise, bcount, age, slot, first, first_i8, st, policy, n, nb, cfg,
                                         texture)
     cap = b * t
@@ -299,9 +299,9 @@ def _gate_triton(frames, weight, bias, pos_embed, prefix, ema, slot, first, st: 
     # A skipped frame must leave the EMA as it was, but the embed kernel updates it before the
     # decision: keep the frames' rows (a device copy, no sync) and put skipped frames' back below.
     saved = ema.index_select(0, slot) if st.skip_below is not None and st.reference == "ema" else None
-    # The drift's unit is read from the reference before the embed kernel's EMA update.
+    # The drift's (and the batch budget's) unit is read from the reference before the embed kernel's EMA update.
     texture = None
-    if options and st.keyframe_drift is not None:
+    if options and _needs_texture(st):
         texture = _drift_texture(saved if saved is not None else ema.index_select(0, slot), first)
     embed[grid](
         frames, w2, bias_arg, pe, ema, slot, first_i8, surprise, bcount, cand_val, cand_idx,
@@ -340,10 +340,16 @@ def _gate_triton(frames, weight, bias, pos_embed, prefix, ema, slot, first, st: 
     return PackedFrames(surprise, active.bool(), cu, index, packed, num_prefix, frame_kind)
 
 
+def _needs_texture(st: GateSettings) -> bool:
+    """Whether the decision needs the reference's texture: the unit of ``keyframe_drift`` and of the
+    batch budget's cross-frame ranking of the surprise (not of a ranker's scores)."""
+    return st.keyframe_drift is not None or (st.batch_budget is not None and st.ranker is None)
+
+
 def _drift_texture(ref: torch.Tensor, first: torch.Tensor) -> torch.Tensor:
-    """``keyframe_drift``'s unit per frame: ``reference_texture`` of the frames' reference rows
-    ``ref`` ``[B, N, D]`` as device torch ops (no sync), 1.0 on first frames (their rows hold no
-    reference yet). ``[B]`` float32."""
+    """The texture unit per frame (``keyframe_drift``, the batch budget): ``reference_texture`` of
+    the frames' reference rows ``ref`` ``[B, N, D]`` as device torch ops (no sync), 1.0 on first
+    frames (their rows hold no reference yet). ``[B]`` float32."""
     return torch.where(first, 1.0, reference_texture(ref)).contiguous()
 
 
@@ -367,6 +373,9 @@ def _select(surprise, bcount, age, slot, first, first_i8, st: GateSettings, poli
     select = dispatch.launchable(gate_select_kernel, dev)
     kind = _empty(b, dtype=torch.int8, device=dev) if st.policy else cut
     since, drift = policy if policy is not None else (bcount, surprise)
+    unit = texture  # the batch budget's
+    if st.keyframe_drift is None:
+        texture = None  # without it the drift counter is the raw sum
     if texture is None:
         texture = torch.ones(b, dtype=torch.float32, device=dev) if st.policy else surprise
     old_age = age.index_select(0, slot) if st.batch_budget is not None and age is not None else None
@@ -390,12 +399,12 @@ def _select(surprise, bcount, age, slot, first, first_i8, st: GateSettings, poli
     )
     if st.batch_budget is not None:
         _apply_batch_budget(st, order_by, active, bcount, fcount, age, old_age, slot, first, kind, cut, n, nb,
-                            cfg["BLOCK_P"])
+                            cfg["BLOCK_P"], unit if st.ranker is None else None)
     return active, fcount, cut, kind
 
 
 def _apply_batch_budget(st: GateSettings, surprise, active, bcount, fcount, age, old_age, slot, first, kind, cut,
-                        n: int, nb: int, block_p: int) -> None:
+                        n: int, nb: int, block_p: int, unit: torch.Tensor | None = None) -> None:
     """The batch budget between the select and pack kernels, as torch ops on the device (no sync):
     the batch-wide ranking of :func:`batch_budget_mask` (on ``surprise``, or a ranker's scores)
     over the select kernel's masks, then the
@@ -403,7 +412,7 @@ def _apply_batch_budget(st: GateSettings, surprise, active, bcount, fcount, age,
     keyframe = (kind == 2) if st.policy else _kinds(first, cut if st.scene_cut is not None else None) == 2
     chosen = active.bool()
     stale = old_age >= st.max_staleness if old_age is not None else None
-    keep = batch_budget_mask(surprise, chosen, keyframe, st.batch_budget, stale, old_age)
+    keep = batch_budget_mask(surprise, chosen, keyframe, st.batch_budget, stale, old_age, unit=unit)
     active.copy_(keep.to(torch.int8))
     padded = torch.nn.functional.pad(keep.to(torch.int32), (0, nb * block_p - n))
     bcount.copy_(padded.view(-1, nb, block_p).sum(dim=2).to(torch.int32))

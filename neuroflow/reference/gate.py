@@ -207,21 +207,26 @@ def priority_rank(surprise: torch.Tensor, stale: torch.Tensor | None, age: torch
 
 
 def batch_budget_mask(surprise: torch.Tensor, active: torch.Tensor, keyframe: torch.Tensor, fraction: float,
-                      stale: torch.Tensor | None = None, age: torch.Tensor | None = None) -> torch.Tensor:
+                      stale: torch.Tensor | None = None, age: torch.Tensor | None = None,
+                      unit: torch.Tensor | None = None) -> torch.Tensor:
     """The batch budget (``GateSettings.batch_budget``) on the frames' chosen patches, without a
-    host sync: ``surprise`` ``[B, N]`` float32 (as ranked, i.e. normalised under motion norm),
-    ``active`` ``[B, N]`` bool (each frame's own choice), ``keyframe`` ``[B]`` bool (dense, never
-    cut), ``stale``/``age`` ``[B, N]`` (the ages before this frame) with ``max_staleness``.
+    host sync: ``surprise`` ``[B, N]`` float32 (as ranked, i.e. normalised under motion norm; a
+    ranker's scores under ``ranker``), ``active`` ``[B, N]`` bool (each frame's own choice),
+    ``keyframe`` ``[B]`` bool (dense, never cut), ``stale``/``age`` ``[B, N]`` (the ages before
+    this frame) with ``max_staleness``, ``unit`` ``[B]`` float32 > 0 or None: each frame's scores
+    are compared across frames as ``surprise / unit`` (the order inside a frame is unchanged).
     Returns the kept ``[B, N]`` bool: keyframes as they were, and of the other frames' chosen
     patches the first ``floor(M * fraction * N)`` of the batch-wide ranking (stale first, older
-    first, then surprise descending, then frame, then patch index ascending), M = non-keyframes."""
+    first, then surprise / unit descending, then frame, then patch index ascending), M =
+    non-keyframes."""
     b, n = surprise.shape
     cand = (active & ~keyframe.view(-1, 1)).flatten()
     # Float64 product in the order the host writes it, (fraction * N) * M, then floor.
     limit = torch.floor((~keyframe).sum().to(torch.float64) * (fraction * n)).to(torch.int64)
+    score = surprise if unit is None else surprise / unit.to(surprise.dtype).view(-1, 1)
     # Stable sorts from the least significant key to the most significant one; flattening keeps
     # frame-major, patch-ascending order for the ties.
-    order = torch.sort(surprise.flatten(), descending=True, stable=True).indices
+    order = torch.sort(score.flatten(), descending=True, stable=True).indices
     if stale is not None:
         key = torch.where(stale, age.to(torch.int64), -1).flatten()[order]
         order = order[torch.sort(key, descending=True, stable=True).indices]
@@ -295,12 +300,15 @@ def gate_decision_reference(
     key = first | cut
     skip = torch.zeros_like(first)
     new_since = new_drift = None
+    # The reference's texture: the unit of the drift and of the batch budget's cross-frame ranking.
+    texture = None
+    if st.keyframe_drift is not None or (st.batch_budget is not None and st.ranker is None):
+        texture = torch.where(first, 1.0, reference_texture(ema))
     if st.policy:
         if since is None or drift is None:
             raise ValueError("the frame policy needs the streams' counters (since=[B] int32, drift=[B] float32)")
         # The drift counts each frame's mean surprise in units of the reference's own texture.
-        texture = reference_texture(ema) if st.keyframe_drift is not None else 1.0
-        acc = drift.float() + raw.float().mean(dim=1) / texture
+        acc = drift.float() + raw.float().mean(dim=1) / (texture if st.keyframe_drift is not None else 1.0)
         if st.keyframe_every is not None:
             key = key | (since + 1 >= st.keyframe_every)
         if st.keyframe_drift is not None:
@@ -337,7 +345,9 @@ def gate_decision_reference(
         chosen = priority_rank(order_by, stale, age) < k.view(-1, 1)
     active = key_rows | (chosen & ~skip.view(-1, 1))
     if st.batch_budget is not None and force_active is None:
-        active = batch_budget_mask(order_by, active, key, st.batch_budget, stale, age)
+        # Across frames the surprise counts in texture units (a ranker's scores are comparable as they are).
+        active = batch_budget_mask(order_by, active, key, st.batch_budget, stale, age,
+                                   unit=texture if st.ranker is None else None)
 
     if st.reference == "computed":
         new_ema = torch.where(active.unsqueeze(-1), hf, ema)

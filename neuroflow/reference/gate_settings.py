@@ -62,7 +62,10 @@ The rules, per stream, per later frame (first frames are dense and set the refer
 * ``batch_budget=f`` (a fraction in (0, 1]): one call's non-keyframe frames (partial and skipped
   ones) together compute at most ``floor(M * f * N)`` patches, M the number of those frames:
   after each frame's own decision, the chosen patches of all of them are ranked together (stale
-  first, older first, then surprise descending, then frame and patch index ascending) and the
+  first, older first, then surprise in units of the frame's reference texture descending, i.e.
+  ``s_i / texture(R)`` with :func:`neuroflow.reference.gate.reference_texture` as for the drift, so
+  that a textured static scene does not outrank a moving camera by its texture alone; under a
+  ``ranker`` its scores as they are; then frame and patch index ascending) and the
   first ``floor(M * f * N)`` are kept; the others are treated as not chosen (their age grows, the
   reference keeps them). Keyframes (first frames included) are dense and count against nothing.
   So a static stream, choosing few patches or being skipped, leaves its share to a busy one. It
