@@ -358,8 +358,8 @@ def _select(surprise, bcount, age, slot, first, first_i8, st: GateSettings, poli
     """The gate options' decision (:func:`gate_select_kernel`, then the batch budget) on the
     frames' surprise ``[B, N]`` float32 (rewritten under motion norm); updates the age and policy
     pools in place and writes ``bcount`` ``[B, NB]``. ``texture``: ``[B]`` float32, the unit of each
-    frame's drift (:func:`_drift_texture`; None: 1). ``grid``: the patch grid, for a ranker's
-    features. Returns ``(active [B, N] int8, fcount [B] int32, cut [B] int8, kind [B] int8)``
+    frame's drift and of the batch budget's cross-frame ranking (:func:`_drift_texture`; None: 1).
+    ``grid``: the patch grid, for a ranker's features. Returns ``(active [B, N] int8, fcount [B] int32, cut [B] int8, kind [B] int8)``
     (``kind`` is ``cut`` without the frame policy)."""
     from ..kernels.gate import SELECT_BLOCK, gate_select_kernel
 
