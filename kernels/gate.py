@@ -47,9 +47,11 @@ GATE_CONFIG = {"BLOCK_P": 64, "BLOCK_D": 128, "BLOCK_K": 64, "num_warps": 8, "nu
 # reference computes it: no tensor cores, every product on the FMA units, operands in registers.
 # GATE_CONFIG's tile then needs 255 registers and spills hundreds of bytes inside the K loop
 # (sm_80 and sm_90, Triton 3.9); 64 x 32 tiles still spill a slot inside the loop on sm_90 under
-# Triton 3.6. 32 x 32 tiles over 32-wide K steps on 4 warps, one stage, compile clean under both
-# (69-96 registers).
-GATE_CONFIG_FP32 = {"BLOCK_P": 32, "BLOCK_D": 32, "BLOCK_K": 32, "num_warps": 4, "num_stages": 1}
+# Triton 3.6. 32 x 32 tiles over 32-wide K steps, one stage: on 4 warps the rows kernel still
+# spilled a slot inside its loop on sm_80 under Triton 3.6 when it also stores references
+# (reference="computed", the measured preset) at D 1152; on 8 warps every case compiles clean
+# under both (at most 96 registers). Not timed on a GPU.
+GATE_CONFIG_FP32 = {"BLOCK_P": 32, "BLOCK_D": 32, "BLOCK_K": 32, "num_warps": 8, "num_stages": 1}
 
 GATE_TILES = {
     "p64-d128": GATE_CONFIG,
@@ -354,19 +356,22 @@ def gate_select_kernel(
     for b in range(0, NB):
         p = b * BLOCK_P + offs_p
         m = p < N
-        s = tl.load(s_row + p, mask=m, other=0.0)
         age = tl.zeros((BLOCK_P,), dtype=tl.int32)
         if STALE:
             age = tl.load(age_row + p, mask=m, other=0)
-        if HAS_THR:
-            c = s > threshold
-        else:
-            c = m
-        if STALE:
-            c = c | (age >= K)
         if RANKED:
+            # No candidate mask: use_cand is the keyframe alone here, which takes every patch
+            # (fewer live registers: no surprise row in this loop).
+            c = m
             key = _priority_key(tl.load(r_row + p, mask=m, other=0.0), age, K, STALE)
         else:
+            s = tl.load(s_row + p, mask=m, other=0.0)
+            if HAS_THR:
+                c = s > threshold
+            else:
+                c = m
+            if STALE:
+                c = c | (age >= K)
             key = _priority_key(s, age, K, STALE)
         eq = m & (key == v)
         rank = ties + tl.cumsum(eq.to(tl.int32), axis=0) - 1
