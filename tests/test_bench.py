@@ -330,7 +330,13 @@ def test_learned_gate_benchmark_tracks_the_engine_and_matches_its_counts(tmp_pat
     records = run_script("bench_learned_gate.py", "--test-frames", "5", "--train-frames", "6", "--resolution", "56",
                          "--clips", "synthetic", "--model", str(tmp_path / "tiny"), out=out)
     by = {r["method"]: r for r in records}
-    assert set(by) == {"gate", "oracle", "learned (own)", "learned (all)", "ranker (own)", "ranker (all)"}
+    assert set(by) == {"gate", "oracle", "learned (own)", "learned (all)", "ranker (own)", "ranker (all)",
+                       "random at ranker (own) counts", "random at ranker (all) counts"}
+    # Random selection runs at the ranker run's own counts, so at its compute.
+    assert by["random at ranker (own) counts"]["compute"] == pytest.approx(by["ranker (own)"]["compute"])
+    # Frame skipping at each row's compute: k = 2..4 run (< 5 test frames), interpolated along their frontier.
+    assert all(r["every_k_fidelity"] is None or 0 < r["every_k_fidelity"] <= 1 for r in records)
+    assert by["gate"]["every_k_fidelity"] is not None
     # One set of per-frame counts for every forced method; the shipped ranker decides its own.
     assert len({by[m]["compute"] for m in ("gate", "oracle", "learned (own)", "learned (all)")}) == 1
     assert by["learned (own)"]["train_patches"] > 0 and by["gate"]["real_weights"] is False
