@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 from neuroflow import NeuroFlow
+from neuroflow.reference.patch_ranker import RANKER_FEATURES, PatchRanker
 from neuroflow.tooling.testing import allowed_error, max_error
 
 
@@ -49,3 +50,12 @@ class PaperFlow(NeuroFlow):
 
     def __init__(self, *args, preset: str = "paper", **kwargs):
         super().__init__(*args, preset=preset, **kwargs)
+
+
+def random_ranker(seed: int, hidden: int = 8) -> PatchRanker:
+    """An untrained ranker with seeded random weights: an order unlike the surprise's."""
+    g = torch.Generator().manual_seed(seed)
+    f = len(RANKER_FEATURES)
+    return PatchRanker(torch.randn(f, hidden, generator=g), torch.randn(hidden, generator=g),
+                       torch.randn(hidden, generator=g), torch.zeros(()), torch.randn(f, generator=g),
+                       torch.rand(f, generator=g) + 0.5)

@@ -842,16 +842,6 @@ RANKER_CASES = {
 }
 
 
-def random_ranker(seed: int):
-    """An untrained ranker with random weights: an order unlike the surprise's."""
-    from neuroflow.reference.patch_ranker import RANKER_FEATURES, PatchRanker
-
-    g = torch.Generator().manual_seed(seed)
-    f, h = len(RANKER_FEATURES), 6
-    return PatchRanker(torch.randn(f, h, generator=g), torch.randn(h, generator=g), torch.randn(h, generator=g),
-                       torch.zeros(()), torch.randn(f, generator=g), torch.rand(f, generator=g) + 0.5)
-
-
 @pytest.mark.parametrize("case", sorted(RANKER_CASES))
 @pytest.mark.parametrize("tiles", ["one_tile", "small_tiles"])
 def test_ranker_order_in_kernel_matches_reference(triton_path, poisoned, case, tiles):
@@ -859,6 +849,7 @@ def test_ranker_order_in_kernel_matches_reference(triton_path, poisoned, case, t
     ranker's order) against the reference: NaN-poisoned outputs, D = 72, N = 35 / 15 (nothing active on a
     skipped frame) / 1, with staleness and the batch budget; the ranker's choice must differ from the
     surprise's somewhere, so the test cannot pass by ignoring it."""
+    from helpers import random_ranker
     from neuroflow.reference.patch_ranker import ranker_scores
 
     grid, opts = RANKER_CASES[case]
@@ -870,7 +861,7 @@ def test_ranker_order_in_kernel_matches_reference(triton_path, poisoned, case, t
     opts = dict(opts)
     probe = gate_reference(*inputs[:5], ema.clone(), slot, first, 0.0, 0.1, 0)
     opts.setdefault("threshold", gap_threshold(probe.surprise))
-    ranker = random_ranker(7)
+    ranker = random_ranker(7, hidden=6)
     st = GateSettings(ema_decay=0.1, ranker=ranker, **opts)
     # No decision may be a rounding call: distinct scores, well apart, on the frames that rank.
     scores = ranker_scores(ranker, probe.surprise, first, grid, opts["threshold"])

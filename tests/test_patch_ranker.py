@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from conftest import make_model, video
-from helpers import assert_same_state, assert_same_up_to_rounding, stream_tensor
+from helpers import assert_same_state, assert_same_up_to_rounding, random_ranker, stream_tensor
 from neuroflow import NeuroFlow
 from neuroflow.distill.gate_ranker import collect_ranker_data, fit_ranker, output_error, r_squared
 from neuroflow.engine.engine import PARTIAL
@@ -27,12 +27,6 @@ def linear_ranker(weights: list[float], device="cpu") -> PatchRanker:
     w = torch.tensor(weights, dtype=torch.float32).view(F, 1)
     return PatchRanker(w, torch.tensor([100.0]), torch.tensor([1.0]), torch.tensor(-100.0), torch.zeros(F),
                        torch.ones(F)).to(device)
-
-
-def random_ranker(seed: int) -> PatchRanker:
-    g = torch.Generator().manual_seed(seed)
-    return PatchRanker(torch.randn(F, 8, generator=g), torch.randn(8, generator=g), torch.randn(8, generator=g),
-                       torch.zeros(()), torch.randn(F, generator=g), torch.rand(F, generator=g) + 0.5)
 
 
 # -- the rule --------------------------------------------------------------------------------------

@@ -319,8 +319,7 @@ class NeuroFlow(nn.Module):
         cls_readout, head_cache, keyframe_every = chosen["cls_readout"], chosen["head_cache"], chosen["keyframe_every"]
         keyframe_drift = chosen["keyframe_drift"]
         self.preset = preset
-        if ranker is not None and not isinstance(ranker, PatchRanker):
-            ranker = PatchRanker.load(ranker) if isinstance(ranker, (str, os.PathLike)) else ranker
+        ranker = _ranker_on(ranker, None)
         settings = GateSettings(threshold=threshold, ema_decay=ema_decay, floor_tokens=floor_tokens,
                                 reference=reference, max_staleness=max_staleness, budget=budget,
                                 motion_norm=motion_norm, scene_cut=scene_cut, skip_below=skip_below,
@@ -346,9 +345,7 @@ class NeuroFlow(nn.Module):
         self.architecture.track_age = max_staleness is not None
         self.architecture.track_policy = settings.policy
         self.architecture.keep_outputs = settings.skip_below is not None
-        self._gate = _normalised(settings)
-        if ranker is not None:
-            self._gate = self._gate.replace(ranker=ranker.to(self.adapter.device))
+        self._gate = _normalised(settings.replace(ranker=_ranker_on(ranker, self.adapter.device)))
         warn_ineffective_settings(threshold=self._gate.threshold)
         g = self._gate
         warn_ineffective_settings(
@@ -391,11 +388,7 @@ class NeuroFlow(nn.Module):
 
     @ranker.setter
     def ranker(self, value: PatchRanker | str | os.PathLike | None) -> None:
-        if isinstance(value, (str, os.PathLike)):
-            value = PatchRanker.load(value)
-        self._set_gate(ranker=value)
-        if value is not None:
-            self._gate = self._gate.replace(ranker=value.to(self.adapter.device))
+        self._set_gate(ranker=_ranker_on(value, self.adapter.device))
 
     @property
     def threshold(self) -> float | None:
@@ -1014,6 +1007,14 @@ def _normalised(st: GateSettings) -> GateSettings:
     compare and print the same however they were given."""
     return st.replace(threshold=None if st.threshold is None else float(st.threshold),
                       ema_decay=float(st.ema_decay), floor_tokens=int(st.floor_tokens))
+
+
+def _ranker_on(value, device: torch.device | None):
+    """``NeuroFlow``'s ``ranker`` argument as a :class:`PatchRanker` on ``device`` (None: where it is): a
+    path is loaded; None and anything else pass through (:class:`GateSettings` refuses a wrong type)."""
+    if isinstance(value, (str, os.PathLike)):
+        value = PatchRanker.load(value)
+    return value.to(device) if isinstance(value, PatchRanker) and device is not None else value
 
 
 def _check_probe_reference(probe_layers: int, settings: GateSettings) -> None:
