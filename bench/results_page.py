@@ -165,11 +165,16 @@ def write_results_page(out: Path = RESULTS, figures: list[str] | None = None) ->
         lines += [f"![{f}]({figure_dir}{f})" for f in figures] + [""]
     for name, title in (("gate", "Gate microbenchmark"), ("varlen_attention", "Varlen attention microbenchmark"),
                         ("cache_memory", "Cache memory vs fidelity, real weights (bench_cache_memory.py)"),
+                        ("learned_gate", "Learned patch ranking vs the gate, the oracle, random selection and frame "
+                                         "skipping, real weights (bench_learned_gate.py)"),
+                        ("batch_budget", "Shared batch budget vs even split vs frame skipping, real weights "
+                                         "(bench_batch_budget.py)"),
                         ("gpu_suite", "GPU suite (bench/gpu_suite.py)")):
         md = out / f"{name}.md"
         if md.is_file():
             body = md.read_text().strip().splitlines()
-            body = "\n".join(l for l in body if not l.startswith("# ")).strip()
+            # The file's title goes, its sections nest under this one.
+            body = "\n".join("#" + l if l.startswith("## ") else l for l in body if not l.startswith("# ")).strip()
             lines += [f"## {title} (latest run)", "", body, ""]
     page.write_text("\n".join(lines).rstrip() + "\n")
     return page
