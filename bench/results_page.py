@@ -165,6 +165,8 @@ def write_results_page(out: Path = RESULTS, figures: list[str] | None = None) ->
         lines += [f"![{f}]({figure_dir}{f})" for f in figures] + [""]
     for name, title in (("gate", "Gate microbenchmark"), ("varlen_attention", "Varlen attention microbenchmark"),
                         ("cache_memory", "Cache memory vs fidelity, real weights (bench_cache_memory.py)"),
+                        ("gap_closure", "The gap between the issue-day default and the oracle, closed at equal "
+                                        "compute, real weights (bench_gap_closure.py)"),
                         ("learned_gate", "Learned patch ranking vs the gate, the oracle, random selection and frame "
                                          "skipping, real weights (bench_learned_gate.py)"),
                         ("batch_budget", "Shared batch budget vs even split vs frame skipping, real weights "

@@ -253,6 +253,61 @@ def test_frame_skipping_benchmark_over_windows(tmp_path):
     assert "**not real weights**" in table and "| synthetic | low | 2 |" in table
 
 
+def test_gap_closure_benchmark_over_windows(tmp_path):
+    """bench_gap_closure.py on a tiny random DINOv2 (labelled as such): the issue-day rule swept cheapest first until
+    it costs more than the setting, read along its frontier at the setting's compute; the oracle at the setting's
+    own counts costs what the setting costs, the oracle at the issue rule's counts runs at the two bracketing
+    thresholds; the closures follow from the recorded numbers."""
+    from transformers import Dinov2Config, Dinov2Model
+
+    sys.path.insert(0, str(ROOT / "bench"))
+    try:
+        from bench_gap_closure import GAP_FLOOR, ISSUE_DEFAULT, closure
+        from fidelity_report import interpolate_at
+    finally:
+        sys.path.remove(str(ROOT / "bench"))
+    assert closure(0.98, 0.96, 1.0) == pytest.approx(0.5) and closure(1.0, 0.96, 0.98) == pytest.approx(2.0)
+    assert closure(0.95, 0.96, 0.98) == pytest.approx(-0.5)
+    assert closure(0.99, 0.96, 0.96 + GAP_FLOOR / 2) is None and closure(0.99, None, 0.98) is None
+    # The issue's baseline is the preset of the day #20 was filed: no keyframes, staleness bound 4.
+    assert ISSUE_DEFAULT["keyframe_every"] is None and ISSUE_DEFAULT["max_staleness"] == 4
+    assert PRESETS["measured"]["keyframe_every"] is not None
+    Dinov2Model(Dinov2Config(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                             patch_size=14, image_size=56)).save_pretrained(tmp_path / "tiny")
+    out = tmp_path / "out"
+    thresholds = ["0.5", "0.05", "0.0", "-1.0"]  # 0.0 computes every patch: -1.0 must not run
+    records = run_script("bench_gap_closure.py", "--frames", "7", "--offsets", "0", "3", "--resolution", "56",
+                         "--clips", "synthetic", "--model", str(tmp_path / "tiny"), "--thresholds", *thresholds,
+                         "--settings", 'kf2={"keyframe_every": 2}', out=out)
+    assert sorted((r["offset"], r["setting"]) for r in records) == [(0, "default"), (0, "kf2"), (3, "default"),
+                                                                     (3, "kf2")]
+    dearest = {}  # offset -> the dearest setting so far in that window (its runs are shared by the settings)
+    for r in records:
+        assert r["real_weights"] is False and r["bench"] == "gap_closure"
+        dearest[r["offset"]] = max(dearest.get(r["offset"], 0.0), r["compute"])
+        points = r["issue_points"]
+        ran = list(points)  # cheapest first, a prefix of the sweep, stopped once one costs at least the settings
+        assert ran == [str(float(t)) for t in thresholds[:len(ran)]]
+        assert all(p["compute"] < dearest[r["offset"]] for p in list(points.values())[:-1])
+        assert len(ran) == len(thresholds) or max(p["compute"] for p in points.values()) >= r["compute"]
+        assert r["oracle_own_compute"] == pytest.approx(r["compute"])
+        oracle_points = r["oracle_issue_points"]
+        assert 1 <= len(oracle_points) <= 2 and set(oracle_points) <= set(points)
+        for t, o in oracle_points.items():  # the oracle copies that run's counts, so it costs what the run costs
+            assert o["compute"] == pytest.approx(points[t]["compute"])
+        computes = sorted(o["compute"] for o in oracle_points.values())
+        assert computes[0] <= r["compute"] + 1e-9 and (len(computes) == 1 or computes[-1] >= r["compute"] - 1e-9)
+        for m in ("fidelity", "patch_fidelity", "moving_fidelity"):
+            assert r[f"{m}_issue"] == interpolate_at([(p["compute"], p[m]) for p in points.values()], r["compute"])
+            for key in ("oracle_issue", "oracle_own"):
+                assert r[f"{m}_closure_{key}"] == closure(r[m], r[f"{m}_issue"], r[f"{m}_{key}"])
+    table = (out / "gap_closure_56.md").read_text()
+    assert "**not real weights**" in table and "| synthetic | kf2 | oracle (own counts) | 2 |" in table
+    (out / "gap_closure_56.md").unlink()  # --report-only rebuilds the tables from the records alone
+    run_script("bench_gap_closure.py", "--report-only", "--resolution", "56", out=out)
+    assert (out / "gap_closure_56.md").read_text().split("## Per clip")[1] == table.split("## Per clip")[1]
+
+
 def test_drift_units_benchmark(tmp_path):
     """bench_drift_units.py on a tiny random DINOv2 (labelled as such): one record per clip and resolution, its
     columns recomputed here from the layer-0 embeddings with the formulas written out, the ratios to the first
