@@ -204,6 +204,19 @@ def _priority_key(s, age, K, STALE: tl.constexpr):
 
 
 @triton.jit
+def _candidates(s, m, age, threshold, K, HAS_THR: tl.constexpr, STALE: tl.constexpr):
+    """The patches the rule must consider: over the threshold (every patch without one), or
+    stale (``age >= K``); ``m`` masks the chunk's valid lanes."""
+    if HAS_THR:
+        c = s > threshold
+    else:
+        c = m
+    if STALE:
+        c = c | (age >= K)
+    return c
+
+
+@triton.jit
 def _chunk_keys(s_row, age_row, n0, offs, N, K, STALE: tl.constexpr):
     """In-frame mask and :func:`_priority_key` of the patches ``n0 + offs`` of one frame (surprise
     row s_row, age row age_row, read only with STALE)."""
@@ -304,12 +317,7 @@ def gate_select_kernel(
         age = tl.zeros((BLOCK_S,), dtype=tl.int32)
         if STALE:
             age = tl.load(age_row + n0 + offs, mask=m, other=0)
-        if HAS_THR:
-            c = s > threshold
-        else:
-            c = m
-        if STALE:
-            c = c | (age >= K)
+        c = _candidates(s, m, age, threshold, K, HAS_THR, STALE)
         cand_v += (m & c).to(tl.int32)
         if RANKED:
             key = _priority_key(tl.load(r_row + n0 + offs, mask=m, other=0.0), age, K, STALE)
@@ -366,12 +374,7 @@ def gate_select_kernel(
             key = _priority_key(tl.load(r_row + p, mask=m, other=0.0), age, K, STALE)
         else:
             s = tl.load(s_row + p, mask=m, other=0.0)
-            if HAS_THR:
-                c = s > threshold
-            else:
-                c = m
-            if STALE:
-                c = c | (age >= K)
+            c = _candidates(s, m, age, threshold, K, HAS_THR, STALE)
             key = _priority_key(s, age, K, STALE)
         eq = m & (key == v)
         rank = ties + tl.cumsum(eq.to(tl.int32), axis=0) - 1
