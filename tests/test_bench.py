@@ -556,3 +556,48 @@ def test_batch_budget_benchmark_end_to_end(tmp_path):
     assert all(r["real_weights"] is False and r["frames"] == 4 and r["streams"] == ["synthetic"] for r in records)
     md = (out / "batch_budget.md").read_text()
     assert "not real-weight figures" in md and "## Per stream" in md and "ms / call (CPU)" in md
+
+
+def test_context_joins_benchmark(tmp_path):
+    """bench_context_joins.py on a tiny random DINOv2 (labelled as such): the simulator without joins reproduces
+    the engine (the bench stops otherwise), a tau no context change reaches is that run, joins add token-layers
+    and their decision costs attention queries, and each joins row is read against the threshold frontier."""
+    from transformers import Dinov2Config, Dinov2Model
+
+    sys.path.insert(0, str(ROOT / "bench"))
+    try:
+        from bench_context_joins import CHECK_TOLERANCE
+        from fidelity_report import interpolate_at
+    finally:
+        sys.path.remove(str(ROOT / "bench"))
+    Dinov2Model(Dinov2Config(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                             patch_size=14, image_size=56)).save_pretrained(tmp_path / "tiny")
+    common = ("--frames", "6", "--resolution", "56", "--clips", "synthetic", "--model", str(tmp_path / "tiny"))
+    out = tmp_path / "out"
+    records = run_script("bench_context_joins.py", *common, "--thresholds", "0.5", "0.05", "--taus", "1e9", "0",
+                         "--join-layers", "all", "1", out=out)
+    assert {r["real_weights"] for r in records} == {False}
+    frontier = [r for r in records if r["kind"] == "frontier"]
+    (check,) = [r for r in records if r["kind"] == "check"]
+    joins = {(r["join_layers"], r["tau"]): r for r in records if r["kind"] == "joins"}
+    assert [r["threshold"] for r in frontier] == [0.5, 0.05] and len(joins) == 4
+    assert check["max_cosine_difference"] <= CHECK_TOLERANCE and check["compute"] == pytest.approx(
+        check["engine_compute"])
+    for layers in ("all", "1"):
+        never, always = joins[(layers, 1e9)], joins[(layers, 0.0)]
+        for m in ("fidelity", "patch_fidelity", "moving_fidelity"):
+            assert never[m] == pytest.approx(check[m], abs=1e-6)
+        assert never["compute_token_layers"] == pytest.approx(check["compute_token_layers"])
+        assert always["compute_token_layers"] > check["compute_token_layers"]  # some held patch joined
+        assert never["compute_decision"] > 0 and never["compute"] == pytest.approx(
+            never["compute_token_layers"] + never["compute_decision"])
+    # Layer 1 alone asks the held patches once per frame, every layer asks them at layer 0 too.
+    assert joins[("1", 1e9)]["compute_decision"] < joins[("all", 1e9)]["compute_decision"]
+    for r in joins.values():
+        for m in ("fidelity", "patch_fidelity", "moving_fidelity"):
+            assert r[f"{m}_frontier"] == interpolate_at([(f["compute"], f[m]) for f in frontier], r["compute"])
+    table = (out / "context_joins_56.md").read_text()
+    assert "**not real weights**" in table and "| synthetic | joins at layers 1, tau 0.0 |" in table
+    done = subprocess.run([sys.executable, str(ROOT / "bench" / "bench_context_joins.py"), *common,
+                           "--join-layers", "2", "--out", str(tmp_path / "bad")], capture_output=True, text=True)
+    assert done.returncode == 2 and "--join-layers '2'" in done.stderr
