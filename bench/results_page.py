@@ -167,6 +167,8 @@ def write_results_page(out: Path = RESULTS, figures: list[str] | None = None) ->
                         ("cache_memory", "Cache memory vs fidelity, real weights (bench_cache_memory.py)"),
                         ("gap_closure", "The gap between the issue-day default and the oracle, closed at equal "
                                         "compute, real weights (bench_gap_closure.py)"),
+                        ("context_joins", "Held patches joining deeper (Eventful-style) vs a lower layer-0 threshold, "
+                                          "real weights (bench_context_joins.py)"),
                         ("learned_gate", "Learned patch ranking vs the gate, the oracle, random selection and frame "
                                          "skipping, real weights (bench_learned_gate.py)"),
                         ("batch_budget", "Shared batch budget vs even split vs frame skipping, real weights "

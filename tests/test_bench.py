@@ -26,6 +26,16 @@ def run_script(script: str, *args: str, out: Path, interpret: bool = False) -> l
     return [json.loads(line) for f in out.glob("*.jsonl") for line in f.read_text().splitlines()]
 
 
+def tiny_dinov2(folder: Path, layers: int = 2) -> Path:
+    """Saves a tiny random DINOv2 (width 32, 2 heads, patch 14, 56 px: 16 patches) to ``folder`` for a bench's
+    ``--model``; its records must say ``real_weights: false``."""
+    from transformers import Dinov2Config, Dinov2Model
+
+    Dinov2Model(Dinov2Config(hidden_size=32, intermediate_size=64, num_hidden_layers=layers, num_attention_heads=2,
+                             patch_size=14, image_size=56)).save_pretrained(folder)
+    return folder
+
+
 def test_gate_benchmark_writes_records(tmp_path):
     records = run_script("bench_gate.py", "--sizes", "64", "--streams", "2", "--device", "cpu", out=tmp_path)
     assert len(records) == 1
@@ -125,10 +135,7 @@ def test_default_results_folder_is_git_ignored_and_tracked_results_need_out(tmp_
 def test_fidelity_benchmark_end_to_end_on_a_tiny_model(tmp_path):
     """bench_fidelity.py on a tiny random DINOv2 (labelled as not the real build): every method's
     records, the frontier figure, the results page's Real weights section with the targets."""
-    from transformers import Dinov2Config, Dinov2Model
-
-    Dinov2Model(Dinov2Config(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
-                             patch_size=14, image_size=56)).save_pretrained(tmp_path / "tiny")
+    tiny_dinov2(tmp_path / "tiny", layers=1)
     out = tmp_path / "out"
     records = run_script("bench_fidelity.py", "--quick", "--frames", "4", "--resolution", "56", "--clips", "synthetic",
                          "--model", str(tmp_path / "tiny"), "--settings",
@@ -160,10 +167,7 @@ def test_fidelity_benchmark_end_to_end_on_a_tiny_model(tmp_path):
 def test_fidelity_benchmark_compute_axis_and_baselines(tmp_path):
     """The new columns on a tiny random DINOv2 (2 layers, 16 patches, 12 frames of the synthetic clip): patch-token
     and moving-patch cosines, compute = computed token-layers / dense, wall time, random over seeds, the oracle."""
-    from transformers import Dinov2Config, Dinov2Model
-
-    Dinov2Model(Dinov2Config(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
-                             patch_size=14, image_size=56)).save_pretrained(tmp_path / "tiny")
+    tiny_dinov2(tmp_path / "tiny")
     out = tmp_path / "out"
     frames = 12
     records = run_script("bench_fidelity.py", "--quick", "--frames", str(frames), "--resolution", "56", "--clips",
@@ -202,11 +206,8 @@ def test_fidelity_baselines_copy_the_gate_runs_keyframes(tmp_path):
     and none of its own: with drift keyframes (which fire on this tiny model's synthetic clip at 0.05) a random
     choice leaves more change behind than the gate's, and with the policy on it would fire more of them and
     spend more (seed 0 here: 0.615 against the gate's 0.487)."""
-    from transformers import Dinov2Config, Dinov2Model
-
     torch.manual_seed(0)
-    Dinov2Model(Dinov2Config(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
-                             patch_size=14, image_size=56)).save_pretrained(tmp_path / "tiny")
+    tiny_dinov2(tmp_path / "tiny")
     records = run_script("bench_fidelity.py", "--quick", "--frames", "12", "--resolution", "56", "--clips", "synthetic",
                          "--model", str(tmp_path / "tiny"), "--settings",
                          'drift={"keyframe_drift": 0.05, "keyframe_every": 100}', "--only", "drift", "--baselines",
@@ -221,15 +222,12 @@ def test_fidelity_baselines_copy_the_gate_runs_keyframes(tmp_path):
 def test_frame_skipping_benchmark_over_windows(tmp_path):
     """bench_frame_skipping.py on a tiny random DINOv2 (labelled as such): one record per window and setting, every-k
     read at the setting's own compute along that window's frontier, the target verdicts taken from those numbers."""
-    from transformers import Dinov2Config, Dinov2Model
-
     sys.path.insert(0, str(ROOT / "bench"))
     try:
         from fidelity_report import interpolate_at
     finally:
         sys.path.remove(str(ROOT / "bench"))
-    Dinov2Model(Dinov2Config(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
-                             patch_size=14, image_size=56)).save_pretrained(tmp_path / "tiny")
+    tiny_dinov2(tmp_path / "tiny")
     out = tmp_path / "out"
     frames = 7
     records = run_script("bench_frame_skipping.py", "--frames", str(frames), "--offsets", "0", "3", "--resolution", "56",
@@ -258,8 +256,6 @@ def test_gap_closure_benchmark_over_windows(tmp_path):
     it costs more than the setting, read along its frontier at the setting's compute; the oracle at the setting's
     own counts costs what the setting costs, the oracle at the issue rule's counts runs at the two bracketing
     thresholds; the closures follow from the recorded numbers."""
-    from transformers import Dinov2Config, Dinov2Model
-
     sys.path.insert(0, str(ROOT / "bench"))
     try:
         from bench_gap_closure import GAP_FLOOR, ISSUE_DEFAULT, closure
@@ -272,8 +268,7 @@ def test_gap_closure_benchmark_over_windows(tmp_path):
     # The issue's baseline is the preset of the day #20 was filed: no keyframes, staleness bound 4.
     assert ISSUE_DEFAULT["keyframe_every"] is None and ISSUE_DEFAULT["max_staleness"] == 4
     assert PRESETS["measured"]["keyframe_every"] is not None
-    Dinov2Model(Dinov2Config(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
-                             patch_size=14, image_size=56)).save_pretrained(tmp_path / "tiny")
+    tiny_dinov2(tmp_path / "tiny")
     out = tmp_path / "out"
     thresholds = ["0.5", "0.05", "0.0", "-1.0"]  # 0.0 computes every patch: -1.0 must not run
     records = run_script("bench_gap_closure.py", "--frames", "7", "--offsets", "0", "3", "--resolution", "56",
@@ -312,16 +307,14 @@ def test_drift_units_benchmark(tmp_path):
     """bench_drift_units.py on a tiny random DINOv2 (labelled as such): one record per clip and resolution, its
     columns recomputed here from the layer-0 embeddings with the formulas written out, the ratios to the first
     resolution."""
-    from transformers import Dinov2Config, Dinov2Model
+    from transformers import Dinov2Model
 
     sys.path.insert(0, str(ROOT / "bench"))
     try:
         from workloads import IMAGENET, workload
     finally:
         sys.path.remove(str(ROOT / "bench"))
-    config = Dinov2Config(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
-                          patch_size=14, image_size=56)
-    Dinov2Model(config).save_pretrained(tmp_path / "tiny")
+    tiny_dinov2(tmp_path / "tiny", layers=1)
     out = tmp_path / "out"
     records = run_script("bench_drift_units.py", "--frames", "4", "--resolutions", "42", "56", "--clips", "synthetic",
                          "--model", str(tmp_path / "tiny"), out=out)
@@ -350,10 +343,7 @@ def test_learned_gate_benchmark_tracks_the_engine_and_matches_its_counts(tmp_pat
     """bench_learned_gate.py's tracker follows the engine from its outputs alone: ranking by its layer-0 surprise
     feature at the gate's own counts picks exactly the gate's patches (tiny random DINOv2, 56 px, 16 patches);
     end to end, every method computes the gate's counts and the table is written."""
-    from transformers import Dinov2Config, Dinov2Model
-
-    Dinov2Model(Dinov2Config(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
-                             patch_size=14, image_size=56)).save_pretrained(tmp_path / "tiny")
+    tiny_dinov2(tmp_path / "tiny")
     sys.path.insert(0, str(ROOT / "bench"))
     try:
         from bench_fidelity import dense_reference
@@ -543,10 +533,7 @@ def test_batch_budget_benchmark_compute_accounting():
 
 def test_batch_budget_benchmark_end_to_end(tmp_path):
     """bench_batch_budget.py --quick writes its records and table (tiny random DINOv2, labelled as such)."""
-    from transformers import Dinov2Config, Dinov2Model
-
-    Dinov2Model(Dinov2Config(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
-                             patch_size=14, image_size=56)).save_pretrained(tmp_path / "tiny")
+    tiny_dinov2(tmp_path / "tiny", layers=1)
     out = tmp_path / "out"
     records = run_script("bench_batch_budget.py", "--quick", "--frames", "4", "--resolution", "56", "--clips",
                          "synthetic", "--model", str(tmp_path / "tiny"), "--every-k", "2", out=out)
@@ -562,16 +549,13 @@ def test_context_joins_benchmark(tmp_path):
     """bench_context_joins.py on a tiny random DINOv2 (labelled as such): the simulator without joins reproduces
     the engine (the bench stops otherwise), a tau no context change reaches is that run, joins add token-layers
     and their decision costs attention queries, and each joins row is read against the threshold frontier."""
-    from transformers import Dinov2Config, Dinov2Model
-
     sys.path.insert(0, str(ROOT / "bench"))
     try:
         from bench_context_joins import CHECK_TOLERANCE
         from fidelity_report import interpolate_at
     finally:
         sys.path.remove(str(ROOT / "bench"))
-    Dinov2Model(Dinov2Config(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
-                             patch_size=14, image_size=56)).save_pretrained(tmp_path / "tiny")
+    tiny_dinov2(tmp_path / "tiny")
     common = ("--frames", "6", "--resolution", "56", "--clips", "synthetic", "--model", str(tmp_path / "tiny"))
     out = tmp_path / "out"
     records = run_script("bench_context_joins.py", *common, "--thresholds", "0.5", "0.05", "--taus", "1e9", "0",
