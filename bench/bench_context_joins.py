@@ -144,8 +144,8 @@ def default_masks(model, frames) -> list[torch.Tensor | None]:
 def simulate(model, frames, dense, masks, tau=None, join_layers=()) -> dict:
     """The simulator over all frames on ``masks``; the three mean cosines and the compute split."""
     sim, cfg = JoinSimulator(model), model.config
-    T, D, inner = dense.hidden[0].shape[1], cfg.hidden_size, cfg.intermediate_size if hasattr(
-        cfg, "intermediate_size") else cfg.mlp_ratio * cfg.hidden_size
+    # The MLP's width from the layer itself: DINOv2's config gives it as mlp_ratio, not intermediate_size.
+    T, D, inner = dense.hidden[0].shape[1], cfg.hidden_size, model.encoder.layer[0].mlp.fc1.out_features
     per_token = 4 * D * D + 2 * D * inner + 2 * T * D  # multiply-adds of one token through one layer
     query_cost, join_discount = 2 * T * D / per_token, 3 * D * D / per_token
     dense_tl = T * sim.L
