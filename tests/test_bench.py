@@ -495,7 +495,7 @@ def test_batch_budget_benchmark_compute_accounting():
     for method, r in by.items():
         counts, kinds = torch.tensor(r["counts"]), torch.tensor(r["kinds"])
         assert counts.shape == (frames_n, 3) and (kinds[0] == 2).all() and (counts[0] == n).all()
-        # [F - 1, S] non-keyframes: the preset's keyframes (every 4th frame) are dense and count against nothing
+        # [F - 1, S] non-keyframes: the preset's keyframes are dense and count against nothing
         rest = kinds[1:] != 2
         later = counts[1:]
         assert (later[~rest] == n).all() and rest.any()

@@ -365,9 +365,9 @@ def test_serve_command_takes_the_shared_gate_options():
         tiny_config(keyframe_every=-1).check()
     # 0 switches the preset's keyframes off (as max_staleness=0 its staleness bound); --keyframe-every none says so
     assert build_engine(tiny_config(keyframe_every=0)).nf.keyframe_every is None
-    assert build_engine(tiny_config()).nf.keyframe_every == 4  # the measured preset's
+    assert build_engine(tiny_config()).nf.keyframe_every == PRESETS["measured"]["keyframe_every"]
     assert serve_command._config(p.parse_args(["--keyframe-every", "none"])).keyframe_every == 0
-    # the same for the preset's drift keyframes: 0 (or --keyframe-drift none) is off, None the preset's 0.2
+    # the same for the preset's drift keyframes: 0 (or --keyframe-drift none) is off, None the preset's
     assert build_engine(tiny_config(keyframe_drift=0)).nf.keyframe_drift is None
     assert build_engine(tiny_config()).nf.keyframe_drift == PRESETS["measured"]["keyframe_drift"]
     assert serve_command._config(p.parse_args(["--keyframe-drift", "none"])).keyframe_drift == 0

@@ -84,7 +84,7 @@ def summary_lines(summary: dict) -> list[str]:
 
 
 def settings_line(settings: dict) -> str:
-    """``preset 'measured' (default): arch KV, threshold 0.2, ..., keyframe_every 4; given: threshold``."""
+    """``preset 'measured' (default): arch KV, threshold 0.1, ..., keyframe_every 8; given: threshold``."""
     from ..engine.presets import DEFAULT_PRESET
 
     preset = settings["preset"]

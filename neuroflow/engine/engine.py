@@ -134,8 +134,8 @@ class NeuroFlow(nn.Module):
             ``CLIPModel`` (its vision tower is used). Its weights are used as they are.
         preset: where the settings left out come from (:data:`PRESETS`): ``"measured"`` (default:
             the best point measured on real weights against frame skipping at equal compute:
-            ``arch="KV"``, ``keyframe_every=4``, ``keyframe_drift=0.6``, ``reference="computed"``,
-            ``threshold=0.2``, no staleness bound) or ``"paper"`` (the paper's configuration: ``arch="C"``,
+            ``arch="KV"``, ``keyframe_every=8``, ``keyframe_drift=0.6``, ``reference="computed"``,
+            ``threshold=0.1``, no staleness bound) or ``"paper"`` (the paper's configuration: ``arch="C"``,
             ``reference="ema"``, ``ema_decay=0.01``, ``threshold=0.35``, no staleness bound, no
             keyframes). Settings given explicitly override the preset's.
         arch: ``"A"``, ``"B"``, ``"C"`` or ``"KV"`` (cached context; see ``neuroflow.engine.architectures``).

@@ -485,7 +485,7 @@ def compile_cases():
          GateSettings(threshold=0.1, floor_tokens=4, reference="computed", max_staleness=4, signal="patch")),
         # The learned ranking (RANKED) with the measured preset's frame policy.
         ("gate options ranker+policy+drift fp16 p16 d768", torch.float16, 16, 768,
-         GateSettings(threshold=0.2, floor_tokens=4, reference="computed", keyframe_every=4, keyframe_drift=0.6,
+         GateSettings(threshold=0.1, floor_tokens=4, reference="computed", keyframe_every=8, keyframe_drift=0.6,
                       ranker=_compile_ranker())),
         ("gate options ranker+stale+batch-budget fp32 p14 d1152 odd", torch.float32, 14, 1152,
          GateSettings(threshold=0.2, floor_tokens=4, reference="computed", max_staleness=4, batch_budget=0.3,
