@@ -208,7 +208,7 @@ class NeuroFlow(nn.Module):
             Streams then keep ``last_seq`` ``[T, D]`` and ``last_pooled`` ``[D_out]``.
         keyframe_every: None or K >= 1: a keyframe (dense, reference, ages and counters restarted)
             at least every K frames, counted per stream from its first frame (the measured
-            preset: 4). The host keeps the schedule (:mod:`neuroflow.engine.keyframes`), so the
+            preset: 8). The host keeps the schedule (:mod:`neuroflow.engine.keyframes`), so the
             capacity reserves a scheduled keyframe's dense rows with no host sync; a call that
             holds a keyframe or a first frame is not replayed from a CUDA graph.
         keyframe_drift: None or f >= 0: a keyframe when the sum, over the frames since the last
