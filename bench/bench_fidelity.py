@@ -54,7 +54,9 @@ one figure per clip ``bench/results/fidelity_<clip>.png`` (the three metrics aga
 and regenerates
 ``bench/RESULTS.md`` (section "Real weights": per clip, the sparsity each method reaches at
 fidelity 0.99 and 0.98, interpolated linearly along the method's Pareto frontier, and the
-targets of issue #12 checked for the ``default`` setting).
+targets of issue #12 checked for the ``default`` setting). The names do not carry the resolution, so a
+run into a folder whose ``fidelity.jsonl`` holds another resolution's records is refused: give it its
+own ``--out`` (``bench/results/fidelity_448.*`` are such a run's files, moved).
 """
 
 from __future__ import annotations
@@ -507,6 +509,15 @@ def main(argv=None) -> int:
                    help="measure nothing: rewrite fidelity.md, the figures and the page from the latest full run "
                         "(else the latest quick run) in --out/fidelity.jsonl")
     args = p.parse_args(argv)
+    jsonl = args.out / "fidelity.jsonl"
+    recorded = {json.loads(line)["size"] for line in jsonl.read_text().splitlines() if line.strip()} \
+        if jsonl.is_file() and not args.report_only else set()
+    if recorded - {args.resolution}:
+        # The file names do not carry the resolution: this run would overwrite the other resolution's
+        # fidelity.md, figures and results page, and mix both in one jsonl.
+        p.error(f"--resolution {args.resolution}: {jsonl} holds {', '.join(map(str, sorted(recorded)))} px runs; "
+                "give this run its own --out folder (and --no-results-page), e.g. move its fidelity.* to "
+                f"bench/results/fidelity_{args.resolution}.* as bench/README.md says")
     if args.report_only:
         path = args.out / "fidelity.jsonl"
         if not path.is_file():

@@ -164,6 +164,21 @@ def test_fidelity_benchmark_end_to_end_on_a_tiny_model(tmp_path):
     assert "Matched compute: default vs every-k vs oracle vs random" in page
 
 
+def test_fidelity_benchmark_keeps_resolutions_apart(tmp_path):
+    """The file names do not carry the resolution, so a run at another resolution into a folder that holds
+    records of one (bench/results: 224 px) would overwrite its fidelity.md, figures and page: refused before
+    anything is measured or written."""
+    out = tmp_path / "out"
+    out.mkdir()
+    held = json.dumps({"bench": "fidelity", "size": 224}) + "\n"
+    (out / "fidelity.jsonl").write_text(held)
+    done = subprocess.run([sys.executable, str(ROOT / "bench" / "bench_fidelity.py"), "--quick", "--resolution", "56",
+                           "--clips", "synthetic", "--model", str(tiny_dinov2(tmp_path / "tiny", layers=1)),
+                           "--out", str(out)], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 2 and "holds 224 px runs" in done.stderr, done.stderr[-2000:]
+    assert sorted(f.name for f in out.iterdir()) == ["fidelity.jsonl"] and (out / "fidelity.jsonl").read_text() == held
+
+
 def test_fidelity_benchmark_compute_axis_and_baselines(tmp_path):
     """The new columns on a tiny random DINOv2 (2 layers, 16 patches, 12 frames of the synthetic clip): patch-token
     and moving-patch cosines, compute = computed token-layers / dense, wall time, random over seeds, the oracle."""
