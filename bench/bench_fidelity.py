@@ -519,10 +519,9 @@ def main(argv=None) -> int:
                 "give this run its own --out folder (and --no-results-page), e.g. move its fidelity.* to "
                 f"bench/results/fidelity_{args.resolution}.* as bench/README.md says")
     if args.report_only:
-        path = args.out / "fidelity.jsonl"
-        if not path.is_file():
-            p.error(f"--report-only: {path} does not exist")
-        runs = latest_runs([json.loads(line) for line in path.read_text().splitlines() if line.strip()])
+        if not jsonl.is_file():
+            p.error(f"--report-only: {jsonl} does not exist")
+        runs = latest_runs([json.loads(line) for line in jsonl.read_text().splitlines() if line.strip()])
         full = [recs for (_, quick), recs in runs.items() if not quick]
         pick = max(full or list(runs.values()), key=lambda recs: recs[0]["time"])
         write_report(pick, args.out, results_page=not args.no_results_page)
@@ -568,7 +567,7 @@ def main(argv=None) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     for clip in args.clips:
         done = run_workload(clip, model, args, env, base, settings)
-        with open(args.out / "fidelity.jsonl", "a") as f:  # per clip, so a long run keeps what it measured
+        with open(jsonl, "a") as f:  # per clip, so a long run keeps what it measured
             f.writelines(json.dumps(r) + "\n" for r in done)
         records += done
     if not records:
